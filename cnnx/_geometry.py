@@ -1,0 +1,85 @@
+"""Geometry helpers shared by functional, layers and tests.
+
+One place turns user-facing ``kernel_size`` / ``stride`` / ``padding`` arguments into the
+explicit integers the kernels take, so nothing re-derives output sizes inline.
+"""
+from __future__ import annotations
+
+import numbers
+
+
+def _pair(value, name="value"):
+    """Return ``value`` as a pair of ints: ``3 -> (3, 3)``, ``(2, 3) -> (2, 3)``."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return (int(value), int(value))
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value
+    ):
+        return (int(value[0]), int(value[1]))
+    raise TypeError(f"Expected {name} to be an int or a pair of ints, received: {name}={value!r}")
+
+
+def positive_pair(value, name):
+    """``_pair`` that also refuses values below 1 (kernel sizes, strides)."""
+    pair = _pair(value, name)
+    if pair[0] < 1 or pair[1] < 1:
+        raise ValueError(f"Expected {name} >= 1, received: {name}={value!r}")
+    return pair
+
+
+def conv_output_size(size, k, s, p_before, p_after=None):
+    """Output length of a convolution/pooling window sliding over ``size`` elements.
+
+    ``p_after`` defaults to ``p_before`` (symmetric padding).
+    """
+    if p_after is None:
+        p_after = p_before
+    return (size + p_before + p_after - k) // s + 1
+
+
+def explicit_padding(padding, kernel_size=None, stride=(1, 1), input_size=None):
+    """Normalise ``padding`` to ``((top, bottom), (left, right))``.
+
+    Accepts an int, a pair ``(ph, pw)``, a pair of pairs, ``"valid"`` or ``"same"``.
+    ``"same"`` needs ``kernel_size``; like PyTorch and Keras it puts the extra row/column of an
+    even kernel at the bottom/right. With ``stride > 1`` it follows Keras/TensorFlow
+    (output = ceil(input / stride)) and therefore needs ``input_size``.
+    """
+    if isinstance(padding, str):
+        mode = padding.lower()
+        if mode == "valid":
+            return ((0, 0), (0, 0))
+        if mode != "same":
+            raise ValueError(f"Expected padding 'valid', 'same', an int or pairs, received: padding={padding!r}")
+        if kernel_size is None:
+            raise ValueError("padding='same' needs the kernel size")
+        kh, kw = _pair(kernel_size, "kernel_size")
+        sy, sx = _pair(stride, "stride")
+        pads = []
+        for k, s, axis in ((kh, sy, 0), (kw, sx, 1)):
+            if s == 1:
+                total = k - 1
+            else:
+                if input_size is None:
+                    raise ValueError("padding='same' with stride > 1 needs the input size")
+                n = input_size[axis]
+                out = -(-n // s)
+                total = max((out - 1) * s + k - n, 0)
+            pads.append((total // 2, total - total // 2))
+        return (pads[0], pads[1])
+    if isinstance(padding, numbers.Integral) and not isinstance(padding, bool):
+        result = ((int(padding), int(padding)), (int(padding), int(padding)))
+    elif isinstance(padding, (tuple, list)) and len(padding) == 2:
+        if all(isinstance(p, (tuple, list)) for p in padding):
+            result = (_pair(tuple(padding[0]), "padding"), _pair(tuple(padding[1]), "padding"))
+        else:
+            ph, pw = _pair(tuple(padding), "padding")
+            result = ((ph, ph), (pw, pw))
+    else:
+        raise TypeError(
+            "Expected padding as an int, (ph, pw), ((top, bottom), (left, right)), 'valid' or 'same', "
+            f"received: padding={padding!r}"
+        )
+    if min(result[0] + result[1]) < 0:
+        raise ValueError(f"Expected padding >= 0, received: padding={padding!r}")
+    return result

@@ -1,0 +1,356 @@
+# cython: language_level=3
+"""cnnx's compiled hot path: arithmetic only.
+
+Owns im2col / col2im in the "channels-rows" layout the convolution GEMMs want, the NCHW <-> GEMM
+layout passes (with the bias add fused in), and pooling forward/backward. Callers
+(``cnnx.functional``) validate shapes, dtypes and geometry and allocate every output; the only
+checks here are the ones memory safety needs at run time (argmax indices from the caller).
+
+Column layout: ``cols[r, j, p]`` with ``r = (ci * kh + ki) * kw + kj`` the kernel row,
+``j`` the image within the group and ``p = oy * out_w + ox`` the output pixel, so that a group of
+images is one GEMM: ``(out_c, K) @ (K, g * P)``.
+
+Every parallel loop runs over images (or image planes): each thread owns whole images, so
+scatters (col2im, pooling backward) never race and results do not depend on the thread count.
+"""
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.math cimport INFINITY
+
+ctypedef long long int64
+
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #define CNNX_OPENMP 1
+    #else
+    #define CNNX_OPENMP 0
+    #endif
+    """
+    int CNNX_OPENMP
+
+
+def openmp_enabled():
+    """True when this build was compiled with OpenMP (``prange`` runs threads)."""
+    return bool(CNNX_OPENMP)
+
+
+def im2col(
+    const floating[:, :, :, ::1] x,
+    Py_ssize_t first,
+    Py_ssize_t kh,
+    Py_ssize_t kw,
+    Py_ssize_t sy,
+    Py_ssize_t sx,
+    Py_ssize_t pad_top,
+    Py_ssize_t pad_left,
+    Py_ssize_t out_h,
+    Py_ssize_t out_w,
+    floating[:, :, ::1] cols,
+    int n_threads,
+):
+    """Unfold images ``x[first : first + g]`` into ``cols`` of shape ``(c*kh*kw, g, out_h*out_w)``.
+
+    Padding is applied by a bounds test: positions outside the input read as zero.
+    """
+    cdef Py_ssize_t g = cols.shape[1]
+    cdef Py_ssize_t c = x.shape[1], h = x.shape[2], w = x.shape[3]
+    cdef Py_ssize_t j, img, ci, ki, kj, r, oy, ox, iy, ix, p, ox_lo, ox_hi
+    if g == 0 or cols.shape[0] == 0 or cols.shape[2] == 0:
+        return
+    for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
+        img = first + j
+        for ci in range(c):
+            for ki in range(kh):
+                for kj in range(kw):
+                    r = (ci * kh + ki) * kw + kj
+                    # The output columns whose input column lies inside the image: ox in [ox_lo, ox_hi).
+                    ox_lo = 0
+                    while ox_lo < out_w and ox_lo * sx - pad_left + kj < 0:
+                        ox_lo = ox_lo + 1
+                    ox_hi = out_w
+                    while ox_hi > ox_lo and (ox_hi - 1) * sx - pad_left + kj >= w:
+                        ox_hi = ox_hi - 1
+                    for oy in range(out_h):
+                        iy = oy * sy - pad_top + ki
+                        p = oy * out_w
+                        if iy < 0 or iy >= h:
+                            for ox in range(out_w):
+                                cols[r, j, p + ox] = 0
+                            continue
+                        for ox in range(ox_lo):
+                            cols[r, j, p + ox] = 0
+                        for ox in range(ox_lo, ox_hi):
+                            ix = ox * sx - pad_left + kj
+                            cols[r, j, p + ox] = x[img, ci, iy, ix]
+                        for ox in range(ox_hi, out_w):
+                            cols[r, j, p + ox] = 0
+
+
+def col2im(
+    const floating[:, :, ::1] cols,
+    Py_ssize_t first,
+    Py_ssize_t kh,
+    Py_ssize_t kw,
+    Py_ssize_t sy,
+    Py_ssize_t sx,
+    Py_ssize_t pad_top,
+    Py_ssize_t pad_left,
+    Py_ssize_t out_h,
+    Py_ssize_t out_w,
+    floating[:, :, :, ::1] x,
+    int n_threads,
+):
+    """Adjoint of ``im2col``: overwrite ``x[first : first + g]`` with the sum of ``cols`` folded back.
+
+    Contributions that fall into the padding are dropped.
+    """
+    cdef Py_ssize_t g = cols.shape[1]
+    cdef Py_ssize_t c = x.shape[1], h = x.shape[2], w = x.shape[3]
+    cdef Py_ssize_t j, img, ci, ki, kj, r, oy, ox, iy, ix, p, ox_lo, ox_hi, yy, xx
+    if g == 0:
+        return
+    for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
+        img = first + j
+        for ci in range(c):
+            for yy in range(h):
+                for xx in range(w):
+                    x[img, ci, yy, xx] = 0
+            for ki in range(kh):
+                for kj in range(kw):
+                    r = (ci * kh + ki) * kw + kj
+                    ox_lo = 0
+                    while ox_lo < out_w and ox_lo * sx - pad_left + kj < 0:
+                        ox_lo = ox_lo + 1
+                    ox_hi = out_w
+                    while ox_hi > ox_lo and (ox_hi - 1) * sx - pad_left + kj >= w:
+                        ox_hi = ox_hi - 1
+                    for oy in range(out_h):
+                        iy = oy * sy - pad_top + ki
+                        if iy < 0 or iy >= h:
+                            continue
+                        p = oy * out_w
+                        for ox in range(ox_lo, ox_hi):
+                            ix = ox * sx - pad_left + kj
+                            x[img, ci, iy, ix] += cols[r, j, p + ox]
+
+
+def gemm_to_nchw(
+    const floating[:, :, ::1] y_gemm,
+    const floating[::1] bias,
+    bint has_bias,
+    Py_ssize_t first,
+    floating[:, :, ::1] y,
+    int n_threads,
+):
+    """Write the GEMM result ``y_gemm (out_c, g, P)`` into ``y[first : first + g]`` of shape
+    ``(n, out_c, P)``, adding ``bias[out_c]`` in the same sweep."""
+    cdef Py_ssize_t oc = y_gemm.shape[0], g = y_gemm.shape[1], P = y_gemm.shape[2]
+    cdef Py_ssize_t j, o, p
+    cdef floating b
+    if g == 0 or oc == 0 or P == 0:
+        return
+    for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
+        for o in range(oc):
+            b = bias[o] if has_bias else 0
+            for p in range(P):
+                y[first + j, o, p] = y_gemm[o, j, p] + b
+
+
+def nchw_to_gemm(
+    const floating[:, :, ::1] y,
+    Py_ssize_t first,
+    floating[:, :, ::1] y_gemm,
+    int n_threads,
+):
+    """Inverse layout pass: ``y_gemm[o, j, p] = y[first + j, o, p]`` for the ``g`` images of a group."""
+    cdef Py_ssize_t oc = y_gemm.shape[0], g = y_gemm.shape[1], P = y_gemm.shape[2]
+    cdef Py_ssize_t j, o, p
+    if g == 0 or oc == 0 or P == 0:
+        return
+    for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
+        for o in range(oc):
+            for p in range(P):
+                y_gemm[o, j, p] = y[first + j, o, p]
+
+
+def max_pool2d(
+    const floating[:, :, :, ::1] x,
+    Py_ssize_t kh,
+    Py_ssize_t kw,
+    Py_ssize_t sy,
+    Py_ssize_t sx,
+    Py_ssize_t pad_top,
+    Py_ssize_t pad_left,
+    floating[:, :, :, ::1] y,
+    int64[:, :, :, ::1] indices,
+    int n_threads,
+):
+    """Max over each window; ``indices`` gets the flat ``iy * w + ix`` of the (first) maximum.
+
+    Padding never wins (it acts as -inf); a NaN in a window propagates to the output.
+    The caller guarantees every window holds at least one real input position.
+    """
+    cdef Py_ssize_t n = x.shape[0], c = x.shape[1], h = x.shape[2], w = x.shape[3]
+    cdef Py_ssize_t out_h = y.shape[2], out_w = y.shape[3]
+    cdef Py_ssize_t plane, img, ch, oy, ox, ki, kj, iy, ix, best_idx, y0, x0
+    cdef floating v, best
+    if n == 0 or c == 0 or out_h == 0 or out_w == 0:
+        return
+    if kh == 2 and kw == 2 and sy == 2 and sx == 2 and pad_top == 0 and pad_left == 0:
+        # Fast path for the 2x2 / stride-2 pool every classic CNN uses: no bounds tests.
+        for plane in prange(n * c, nogil=True, schedule="static", num_threads=n_threads):
+            img = plane // c
+            ch = plane % c
+            for oy in range(out_h):
+                y0 = 2 * oy
+                for ox in range(out_w):
+                    x0 = 2 * ox
+                    best = x[img, ch, y0, x0]
+                    best_idx = y0 * w + x0
+                    v = x[img, ch, y0, x0 + 1]
+                    if v > best or v != v:
+                        best = v
+                        best_idx = y0 * w + x0 + 1
+                    v = x[img, ch, y0 + 1, x0]
+                    if v > best or v != v:
+                        best = v
+                        best_idx = (y0 + 1) * w + x0
+                    v = x[img, ch, y0 + 1, x0 + 1]
+                    if v > best or v != v:
+                        best = v
+                        best_idx = (y0 + 1) * w + x0 + 1
+                    y[img, ch, oy, ox] = best
+                    indices[img, ch, oy, ox] = best_idx
+        return
+    for plane in prange(n * c, nogil=True, schedule="static", num_threads=n_threads):
+        img = plane // c
+        ch = plane % c
+        for oy in range(out_h):
+            for ox in range(out_w):
+                best = -INFINITY
+                best_idx = -1
+                for ki in range(kh):
+                    iy = oy * sy - pad_top + ki
+                    if iy < 0 or iy >= h:
+                        continue
+                    for kj in range(kw):
+                        ix = ox * sx - pad_left + kj
+                        if ix < 0 or ix >= w:
+                            continue
+                        v = x[img, ch, iy, ix]
+                        # best != best keeps a NaN once found; v != v takes a NaN.
+                        if best_idx < 0 or ((v > best or v != v) and best == best):
+                            best = v
+                            best_idx = iy * w + ix
+                y[img, ch, oy, ox] = best
+                indices[img, ch, oy, ox] = best_idx
+
+
+def max_pool2d_backward(
+    const floating[:, :, :, ::1] dy,
+    const int64[:, :, :, ::1] indices,
+    floating[:, :, ::1] dx,
+    int n_threads,
+):
+    """Scatter ``dy`` to the argmax positions: ``dx`` has shape ``(n, c, h * w)`` and is overwritten.
+
+    Returns the number of out-of-range indices found (those are skipped, never written).
+    """
+    cdef Py_ssize_t n = dy.shape[0], c = dy.shape[1], out_h = dy.shape[2], out_w = dy.shape[3]
+    cdef Py_ssize_t hw = dx.shape[2]
+    cdef Py_ssize_t plane, img, ch, oy, ox, k
+    cdef int64 idx
+    cdef Py_ssize_t bad = 0
+    if n == 0 or c == 0:
+        return 0
+    for plane in prange(n * c, nogil=True, schedule="static", num_threads=n_threads):
+        img = plane // c
+        ch = plane % c
+        for k in range(hw):
+            dx[img, ch, k] = 0
+        for oy in range(out_h):
+            for ox in range(out_w):
+                idx = indices[img, ch, oy, ox]
+                if idx < 0 or idx >= hw:
+                    bad += 1
+                else:
+                    dx[img, ch, idx] += dy[img, ch, oy, ox]
+    return bad
+
+
+def avg_pool2d(
+    const floating[:, :, :, ::1] x,
+    Py_ssize_t kh,
+    Py_ssize_t kw,
+    Py_ssize_t sy,
+    Py_ssize_t sx,
+    Py_ssize_t pad_top,
+    Py_ssize_t pad_left,
+    floating[:, :, :, ::1] y,
+    int n_threads,
+):
+    """Mean over each window, padding counted as zeros (PyTorch's ``count_include_pad=True``)."""
+    cdef Py_ssize_t n = x.shape[0], c = x.shape[1], h = x.shape[2], w = x.shape[3]
+    cdef Py_ssize_t out_h = y.shape[2], out_w = y.shape[3]
+    cdef Py_ssize_t plane, img, ch, oy, ox, ki, kj, iy, ix
+    cdef floating acc
+    cdef floating scale = 1.0 / (kh * kw)
+    if n == 0 or c == 0 or out_h == 0 or out_w == 0:
+        return
+    for plane in prange(n * c, nogil=True, schedule="static", num_threads=n_threads):
+        img = plane // c
+        ch = plane % c
+        for oy in range(out_h):
+            for ox in range(out_w):
+                acc = 0
+                for ki in range(kh):
+                    iy = oy * sy - pad_top + ki
+                    if iy < 0 or iy >= h:
+                        continue
+                    for kj in range(kw):
+                        ix = ox * sx - pad_left + kj
+                        if ix < 0 or ix >= w:
+                            continue
+                        acc = acc + x[img, ch, iy, ix]
+                y[img, ch, oy, ox] = acc * scale
+
+
+def avg_pool2d_backward(
+    const floating[:, :, :, ::1] dy,
+    Py_ssize_t kh,
+    Py_ssize_t kw,
+    Py_ssize_t sy,
+    Py_ssize_t sx,
+    Py_ssize_t pad_top,
+    Py_ssize_t pad_left,
+    floating[:, :, :, ::1] dx,
+    int n_threads,
+):
+    """Spread each ``dy`` evenly over its window; ``dx`` is overwritten."""
+    cdef Py_ssize_t n = dx.shape[0], c = dx.shape[1], h = dx.shape[2], w = dx.shape[3]
+    cdef Py_ssize_t out_h = dy.shape[2], out_w = dy.shape[3]
+    cdef Py_ssize_t plane, img, ch, oy, ox, ki, kj, iy, ix
+    cdef floating g
+    cdef floating scale = 1.0 / (kh * kw)
+    if n == 0 or c == 0:
+        return
+    for plane in prange(n * c, nogil=True, schedule="static", num_threads=n_threads):
+        img = plane // c
+        ch = plane % c
+        for iy in range(h):
+            for ix in range(w):
+                dx[img, ch, iy, ix] = 0
+        for oy in range(out_h):
+            for ox in range(out_w):
+                g = dy[img, ch, oy, ox] * scale
+                for ki in range(kh):
+                    iy = oy * sy - pad_top + ki
+                    if iy < 0 or iy >= h:
+                        continue
+                    for kj in range(kw):
+                        ix = ox * sx - pad_left + kj
+                        if ix < 0 or ix >= w:
+                            continue
+                        dx[img, ch, iy, ix] += g

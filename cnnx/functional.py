@@ -1,0 +1,403 @@
+"""Validated kernels: the only caller of the compiled module ``cnnx._ops``.
+
+Owns validation (ndim, dtypes, channel counts, geometry), contiguity, output allocation and the
+convolution's im2col + GEMM schedule: images are processed in groups small enough that a group's
+column matrix stays in cache, and each group is one BLAS GEMM over all its output pixels.
+Layers pass a ``Workspace`` so buffers are allocated once per batch shape, not once per call.
+"""
+from __future__ import annotations
+
+
+import numpy as np
+
+from . import _ops
+from ._geometry import conv_output_size, explicit_padding, positive_pair
+from .parallel import get_num_threads
+
+__all__ = [
+    "Workspace",
+    "conv2d",
+    "conv2d_backward",
+    "max_pool2d",
+    "max_pool2d_backward",
+    "avg_pool2d",
+    "avg_pool2d_backward",
+    "im2col",
+    "col2im",
+]
+
+# Target size of one group's column matrix. Measured on the project's 2-core machines: larger
+# groups keep the GEMM efficient, smaller ones keep the columns in L2 (see benchmarks/README.md).
+COLUMN_BUFFER_BYTES = 4 << 20
+
+
+class Workspace:
+    """Grow-only scratch buffers, reused from call to call (one per layer).
+
+    ``get(name, shape, dtype)`` returns a C-contiguous array of ``shape`` that views a flat buffer
+    kept under ``name``; the buffer is reallocated only when it is too small or of another dtype.
+    Its contents are undefined on return.
+    """
+
+    def __init__(self):
+        self._buffers = {}
+
+    def get(self, name, shape, dtype):
+        size = 1
+        for s in shape:
+            size *= s
+        buf = self._buffers.get(name)
+        if buf is None or buf.dtype != dtype or buf.size < size:
+            buf = np.empty(max(size, 1), dtype=dtype)
+            self._buffers[name] = buf
+        return buf[:size].reshape(shape)
+
+    def clear(self):
+        self._buffers.clear()
+
+    @property
+    def nbytes(self):
+        return sum(b.nbytes for b in self._buffers.values())
+
+
+# --- validation helpers ----------------------------------------------------------------------
+
+def _float_array(a, name, ndim, dtype=None):
+    """Return ``a`` as a C-contiguous float32/float64 array of ``ndim`` dimensions.
+
+    Integer and boolean input becomes float32 (float16 too); complex and object input is refused.
+    ``dtype`` forces the result dtype (used to bring weights to the input's dtype).
+    """
+    if not isinstance(a, np.ndarray):
+        try:
+            a = np.asarray(a)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"Expected {name} to be an array of numbers, received: {type(a).__name__}") from exc
+    kind = a.dtype.kind
+    if kind not in "fiub":
+        raise TypeError(
+            f"Expected {name} with a real floating or integer dtype, received: {name}.dtype={a.dtype}"
+        )
+    if a.ndim != ndim:
+        raise ValueError(f"Expected {name} with {ndim} dimensions, received: {name}.shape={a.shape}")
+    if dtype is None:
+        dtype = a.dtype if a.dtype in (np.float32, np.float64) else np.float32
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def _common_dtype(*arrays):
+    """float64 if any input is float64, else float32."""
+    for a in arrays:
+        if a is not None and getattr(a, "dtype", None) == np.float64:
+            return np.dtype(np.float64)
+    return np.dtype(np.float32)
+
+
+def _check_out(out, shape, dtype, name="out"):
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if not isinstance(out, np.ndarray) or out.shape != tuple(shape) or out.dtype != dtype:
+        got = (getattr(out, "shape", None), getattr(out, "dtype", type(out).__name__))
+        raise ValueError(f"Expected {name} of shape {tuple(shape)} and dtype {dtype}, received: {got}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"Expected {name} to be a writeable C-contiguous array")
+    return out
+
+
+def _geometry(in_hw, kernel_size, stride, padding):
+    """Resolve window geometry; return ``(kh, kw), (sy, sx), ((pt, pb), (pl, pr)), (out_h, out_w)``."""
+    kh, kw = positive_pair(kernel_size, "kernel_size")
+    sy, sx = positive_pair(stride, "stride")
+    pads = explicit_padding(padding, (kh, kw), (sy, sx), in_hw)
+    (pt, pb), (pl, pr) = pads
+    h, w = in_hw
+    if kh > h + pt + pb or kw > w + pl + pr:
+        raise ValueError(
+            f"Expected a kernel no larger than the padded input ({h + pt + pb}, {w + pl + pr}), "
+            f"received: kernel_size={(kh, kw)}"
+        )
+    out_h = conv_output_size(h, kh, sy, pt, pb)
+    out_w = conv_output_size(w, kw, sx, pl, pr)
+    return (kh, kw), (sy, sx), pads, (out_h, out_w)
+
+
+def _group_size(n, bytes_per_image):
+    return int(max(1, min(n, COLUMN_BUFFER_BYTES // max(1, bytes_per_image))))
+
+
+def _pool_geometry(x_shape, kernel_size, stride, padding):
+    kh, kw = positive_pair(kernel_size, "kernel_size")
+    stride = (kh, kw) if stride is None else stride
+    geo = _geometry(x_shape[2:], (kh, kw), stride, padding)
+    (pt, pb), (pl, pr) = geo[2]
+    if max(pt, pb) > kh // 2 or max(pl, pr) > kw // 2:
+        # Also guarantees every window overlaps the input, so max-pool always finds a real maximum.
+        raise ValueError(
+            f"Expected pooling padding at most half the kernel ({kh // 2}, {kw // 2}), received: padding={padding!r}"
+        )
+    return geo
+
+
+# --- convolution -----------------------------------------------------------------------------
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, out=None, workspace=None):
+    """2-D cross-correlation (PyTorch's ``conv2d``).
+
+    Parameters
+    ----------
+    x : ndarray of shape (n, c, h, w)
+    weight : ndarray of shape (out_c, c, kh, kw)
+    bias : ndarray of shape (out_c,) or None
+    stride : int or (sy, sx)
+    padding : int, (ph, pw), ((top, bottom), (left, right)), "valid" or "same"
+    out : ndarray of shape (n, out_c, out_h, out_w), optional, written in place
+    workspace : Workspace, optional, scratch buffers reused across calls
+
+    Returns
+    -------
+    y : ndarray of shape (n, out_c, out_h, out_w), the dtype of ``x`` (float64 if either is)
+    """
+    dtype = _common_dtype(x, weight, bias)
+    x = _float_array(x, "x", 4, dtype)
+    weight = _float_array(weight, "weight", 4, dtype)
+    n, c, h, w = x.shape
+    oc = weight.shape[0]
+    if weight.shape[1] != c:
+        raise ValueError(
+            f"Expected weight with {c} input channels to match x.shape={x.shape}, received: weight.shape={weight.shape}"
+        )
+    if bias is not None:
+        bias = _float_array(bias, "bias", 1, dtype)
+        if bias.shape[0] != oc:
+            raise ValueError(f"Expected bias of shape ({oc},), received: bias.shape={bias.shape}")
+    (kh, kw), (sy, sx), ((pt, _), (pl, _)), (out_h, out_w) = _geometry((h, w), weight.shape[2:], stride, padding)
+    y = _check_out(out, (n, oc, out_h, out_w), dtype)
+    if y.size == 0:
+        return y
+    ws = workspace if workspace is not None else Workspace()
+    k = c * kh * kw
+    p = out_h * out_w
+    g = _group_size(n, (k + oc) * p * dtype.itemsize)
+    w2 = weight.reshape(oc, k)
+    has_bias = bias is not None
+    b = bias if has_bias else np.empty(0, dtype=dtype)
+    y3 = y.reshape(n, oc, p)
+    nt = get_num_threads()
+    for first in range(0, n, g):
+        m = min(g, n - first)
+        cols = ws.get("cols", (k, m, p), dtype)
+        _ops.im2col(x, first, kh, kw, sy, sx, pt, pl, out_h, out_w, cols, nt)
+        y_gemm = ws.get("y_gemm", (oc, m, p), dtype)
+        np.matmul(w2, cols.reshape(k, m * p), out=y_gemm.reshape(oc, m * p))
+        _ops.gemm_to_nchw(y_gemm, b, has_bias, first, y3, nt)
+    return y
+
+
+def conv2d_backward(dy, x, weight, stride=1, padding=0, need_dx=True, out=None, workspace=None):
+    """Gradients of ``conv2d`` with respect to its input, weight and bias.
+
+    Parameters
+    ----------
+    dy : ndarray of shape (n, out_c, out_h, out_w), upstream gradient
+    x : ndarray of shape (n, c, h, w), the forward input
+    weight : ndarray of shape (out_c, c, kh, kw)
+    need_dx : bool, skip the input gradient when False (a network's first layer)
+    out : ndarray of shape (n, c, h, w), optional, receives dx
+
+    Returns
+    -------
+    dx : ndarray of shape (n, c, h, w), or None when ``need_dx`` is False
+    dweight : ndarray of shape (out_c, c, kh, kw)
+    dbias : ndarray of shape (out_c,)
+    """
+    dtype = _common_dtype(dy, x, weight)
+    x = _float_array(x, "x", 4, dtype)
+    weight = _float_array(weight, "weight", 4, dtype)
+    dy = _float_array(dy, "dy", 4, dtype)
+    n, c, h, w = x.shape
+    oc = weight.shape[0]
+    if weight.shape[1] != c:
+        raise ValueError(
+            f"Expected weight with {c} input channels to match x.shape={x.shape}, received: weight.shape={weight.shape}"
+        )
+    (kh, kw), (sy, sx), ((pt, _), (pl, _)), (out_h, out_w) = _geometry((h, w), weight.shape[2:], stride, padding)
+    if dy.shape != (n, oc, out_h, out_w):
+        raise ValueError(f"Expected dy of shape {(n, oc, out_h, out_w)}, received: dy.shape={dy.shape}")
+    dx = _check_out(out, x.shape, dtype, "out") if need_dx else None
+    k = c * kh * kw
+    p = out_h * out_w
+    dweight = np.zeros((oc, k), dtype=dtype)
+    dbias = dy.sum(axis=(0, 2, 3))
+    if n == 0 or p == 0 or k == 0:
+        if dx is not None:
+            dx[...] = 0
+        return dx, dweight.reshape(weight.shape), dbias
+    ws = workspace if workspace is not None else Workspace()
+    g = _group_size(n, (2 * k + oc) * p * dtype.itemsize)
+    w2 = weight.reshape(oc, k)
+    dy3 = dy.reshape(n, oc, p)
+    nt = get_num_threads()
+    for first in range(0, n, g):
+        m = min(g, n - first)
+        cols = ws.get("cols", (k, m, p), dtype)
+        _ops.im2col(x, first, kh, kw, sy, sx, pt, pl, out_h, out_w, cols, nt)
+        dy_gemm = ws.get("dy_gemm", (oc, m, p), dtype)
+        _ops.nchw_to_gemm(dy3, first, dy_gemm, nt)
+        dy2 = dy_gemm.reshape(oc, m * p)
+        if first == 0:
+            np.matmul(dy2, cols.reshape(k, m * p).T, out=dweight)
+        else:
+            partial = ws.get("dweight", (oc, k), dtype)
+            np.matmul(dy2, cols.reshape(k, m * p).T, out=partial)
+            dweight += partial
+        if need_dx:
+            dcols = ws.get("dcols", (k, m, p), dtype)
+            np.matmul(w2.T, dy2, out=dcols.reshape(k, m * p))
+            _ops.col2im(dcols, first, kh, kw, sy, sx, pt, pl, out_h, out_w, dx, nt)
+    return dx, dweight.reshape(weight.shape), dbias
+
+
+# --- im2col / col2im (public, image-major layout) ---------------------------------------------
+
+def im2col(x, kernel_size, stride=1, padding=0, out=None):
+    """Unfold sliding windows into columns.
+
+    Parameters
+    ----------
+    x : ndarray of shape (n, c, h, w)
+
+    Returns
+    -------
+    cols : ndarray of shape (n, c*kh*kw, out_h*out_w); row ``(ci*kh + ki)*kw + kj``, column
+        ``oy*out_w + ox`` (PyTorch's ``unfold`` layout)
+    """
+    x = _float_array(x, "x", 4)
+    n, c, h, w = x.shape
+    (kh, kw), (sy, sx), ((pt, _), (pl, _)), (out_h, out_w) = _geometry((h, w), kernel_size, stride, padding)
+    k, p = c * kh * kw, out_h * out_w
+    result = _check_out(out, (n, k, p), x.dtype)
+    cols = np.empty((k, n, p), dtype=x.dtype)
+    _ops.im2col(x, 0, kh, kw, sy, sx, pt, pl, out_h, out_w, cols, get_num_threads())
+    result[...] = cols.transpose(1, 0, 2)
+    return result
+
+
+def col2im(cols, x_shape, kernel_size, stride=1, padding=0, out=None):
+    """Adjoint of ``im2col``: sum each column entry back into the image position it came from.
+
+    Parameters
+    ----------
+    cols : ndarray of shape (n, c*kh*kw, out_h*out_w)
+    x_shape : tuple (n, c, h, w)
+
+    Returns
+    -------
+    x : ndarray of shape ``x_shape``
+    """
+    x_shape = _shape4(x_shape, "x_shape")
+    cols = _float_array(cols, "cols", 3)
+    n, c, h, w = x_shape
+    (kh, kw), (sy, sx), ((pt, _), (pl, _)), (out_h, out_w) = _geometry((h, w), kernel_size, stride, padding)
+    expected = (n, c * kh * kw, out_h * out_w)
+    if cols.shape != expected:
+        raise ValueError(f"Expected cols of shape {expected} for x_shape={x_shape}, received: cols.shape={cols.shape}")
+    x = _check_out(out, x_shape, cols.dtype)
+    gemm_layout = np.ascontiguousarray(cols.transpose(1, 0, 2))
+    _ops.col2im(gemm_layout, 0, kh, kw, sy, sx, pt, pl, out_h, out_w, x, get_num_threads())
+    return x
+
+
+def _shape4(shape, name):
+    try:
+        shape = tuple(int(s) for s in shape)
+    except TypeError as exc:
+        raise TypeError(f"Expected {name} as a tuple of 4 ints, received: {name}={shape!r}") from exc
+    if len(shape) != 4 or min(shape) < 0:
+        raise ValueError(f"Expected {name} as 4 non-negative ints (n, c, h, w), received: {name}={shape!r}")
+    return shape
+
+
+# --- pooling -----------------------------------------------------------------------------------
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, out=None):
+    """Max pooling with argmax indices.
+
+    Parameters
+    ----------
+    x : ndarray of shape (n, c, h, w)
+    kernel_size : int or (kh, kw)
+    stride : int or (sy, sx), default ``kernel_size``
+    padding : int or pairs, at most half the kernel; padding never wins the max
+    out : (y, indices) pair of arrays to write into, optional
+
+    Returns
+    -------
+    y : ndarray of shape (n, c, out_h, out_w)
+    indices : int64 ndarray of shape (n, c, out_h, out_w), flat ``iy * w + ix`` of each window's
+        first maximum (PyTorch's convention)
+    """
+    x = _float_array(x, "x", 4)
+    n, c, h, w = x.shape
+    (kh, kw), (sy, sx), ((pt, _), (pl, _)), (out_h, out_w) = _pool_geometry(x.shape, kernel_size, stride, padding)
+    y_out, idx_out = (None, None) if out is None else out
+    y = _check_out(y_out, (n, c, out_h, out_w), x.dtype, "out[0]")
+    indices = _check_out(idx_out, (n, c, out_h, out_w), np.dtype(np.int64), "out[1]")
+    _ops.max_pool2d(x, kh, kw, sy, sx, pt, pl, y, indices, get_num_threads())
+    return y, indices
+
+
+def max_pool2d_backward(dy, indices, x_shape, out=None):
+    """Route each output gradient to its window's argmax (``indices`` from ``max_pool2d``).
+
+    Returns
+    -------
+    dx : ndarray of shape ``x_shape``
+    """
+    x_shape = _shape4(x_shape, "x_shape")
+    dy = _float_array(dy, "dy", 4)
+    if not isinstance(indices, np.ndarray) or indices.dtype.kind not in "iu":
+        raise TypeError(f"Expected integer indices from max_pool2d, received: {getattr(indices, 'dtype', type(indices))}")
+    indices = np.ascontiguousarray(indices, dtype=np.int64)
+    if indices.shape != dy.shape:
+        raise ValueError(f"Expected indices of the shape of dy {dy.shape}, received: indices.shape={indices.shape}")
+    n, c, h, w = x_shape
+    if dy.shape[:2] != (n, c):
+        raise ValueError(f"Expected dy with batch and channels {(n, c)} of x_shape, received: dy.shape={dy.shape}")
+    dx = _check_out(out, x_shape, dy.dtype)
+    bad = _ops.max_pool2d_backward(dy, indices, dx.reshape(n, c, h * w), get_num_threads())
+    if bad:
+        raise ValueError(f"Expected indices in [0, {h * w}) for x_shape={x_shape}, received: {bad} out of range")
+    return dx
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0, out=None):
+    """Average pooling; zero padding counts toward the mean (PyTorch's ``count_include_pad=True``).
+
+    Returns
+    -------
+    y : ndarray of shape (n, c, out_h, out_w)
+    """
+    x = _float_array(x, "x", 4)
+    n, c, h, w = x.shape
+    (kh, kw), (sy, sx), ((pt, _), (pl, _)), (out_h, out_w) = _pool_geometry(x.shape, kernel_size, stride, padding)
+    y = _check_out(out, (n, c, out_h, out_w), x.dtype)
+    _ops.avg_pool2d(x, kh, kw, sy, sx, pt, pl, y, get_num_threads())
+    return y
+
+
+def avg_pool2d_backward(dy, x_shape, kernel_size, stride=None, padding=0, out=None):
+    """Gradient of ``avg_pool2d``: each output gradient spread evenly over its window.
+
+    Returns
+    -------
+    dx : ndarray of shape ``x_shape``
+    """
+    x_shape = _shape4(x_shape, "x_shape")
+    dy = _float_array(dy, "dy", 4)
+    n, c, h, w = x_shape
+    (kh, kw), (sy, sx), ((pt, _), (pl, _)), (out_h, out_w) = _pool_geometry(x_shape, kernel_size, stride, padding)
+    if dy.shape != (n, c, out_h, out_w):
+        raise ValueError(f"Expected dy of shape {(n, c, out_h, out_w)}, received: dy.shape={dy.shape}")
+    dx = _check_out(out, x_shape, dy.dtype)
+    _ops.avg_pool2d_backward(dy, kh, kw, sy, sx, pt, pl, dx, get_num_threads())
+    return dx

@@ -1,0 +1,98 @@
+"""Naive, obviously-correct references the compiled kernels are checked against.
+
+Explicit padding with np.pad and a Python loop over output positions; nothing here is fast.
+"""
+import numpy as np
+
+
+def pad_input(x, pads, value=0.0):
+    (pt, pb), (pl, pr) = pads
+    return np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=value)
+
+
+def windows(xp, kh, kw, sy, sx):
+    """Yield ``(oy, ox, window)`` with window of shape (n, c, kh, kw) over an already padded input."""
+    out_h = (xp.shape[2] - kh) // sy + 1
+    out_w = (xp.shape[3] - kw) // sx + 1
+    for oy in range(out_h):
+        for ox in range(out_w):
+            yield oy, ox, xp[:, :, oy * sy: oy * sy + kh, ox * sx: ox * sx + kw]
+
+
+def out_size(xp_shape, kh, kw, sy, sx):
+    return (xp_shape[2] - kh) // sy + 1, (xp_shape[3] - kw) // sx + 1
+
+
+def conv2d(x, weight, bias, stride, pads):
+    sy, sx = stride
+    oc, _, kh, kw = weight.shape
+    xp = pad_input(x, pads)
+    out_h, out_w = out_size(xp.shape, kh, kw, sy, sx)
+    y = np.zeros((x.shape[0], oc, out_h, out_w), dtype=np.float64)
+    for oy, ox, win in windows(xp, kh, kw, sy, sx):
+        y[:, :, oy, ox] = np.einsum("nckl,ockl->no", win, weight)
+    if bias is not None:
+        y += bias[None, :, None, None]
+    return y
+
+
+def conv2d_backward(dy, x, weight, stride, pads):
+    sy, sx = stride
+    _, _, kh, kw = weight.shape
+    (pt, pb), (pl, pr) = pads
+    xp = pad_input(x, pads)
+    dxp = np.zeros_like(xp, dtype=np.float64)
+    dw = np.zeros(weight.shape, dtype=np.float64)
+    for oy, ox, win in windows(xp, kh, kw, sy, sx):
+        g = dy[:, :, oy, ox]
+        dw += np.einsum("no,nckl->ockl", g, win)
+        dxp[:, :, oy * sy: oy * sy + kh, ox * sx: ox * sx + kw] += np.einsum("no,ockl->nckl", g, weight)
+    dx = dxp[:, :, pt: pt + x.shape[2], pl: pl + x.shape[3]]
+    return dx, dw, dy.sum(axis=(0, 2, 3))
+
+
+def im2col(x, kernel_size, stride, pads):
+    kh, kw = kernel_size
+    xp = pad_input(x, pads)
+    out_h, out_w = out_size(xp.shape, kh, kw, *stride)
+    n, c = x.shape[:2]
+    cols = np.zeros((n, c * kh * kw, out_h * out_w), dtype=np.float64)
+    for oy, ox, win in windows(xp, kh, kw, *stride):
+        cols[:, :, oy * out_w + ox] = win.reshape(n, -1)
+    return cols
+
+
+def max_pool2d(x, kernel_size, stride, pads):
+    kh, kw = kernel_size
+    xp = pad_input(x, pads, value=-np.inf)
+    out_h, out_w = out_size(xp.shape, kh, kw, *stride)
+    return np.stack(
+        [np.stack([win.max(axis=(2, 3)) for oy, ox, win in windows(xp, kh, kw, *stride) if oy == r], axis=-1)
+         for r in range(out_h)],
+        axis=-2,
+    )
+
+
+def avg_pool2d(x, kernel_size, stride, pads):
+    kh, kw = kernel_size
+    xp = pad_input(x, pads)
+    out_h, out_w = out_size(xp.shape, kh, kw, *stride)
+    y = np.zeros(x.shape[:2] + (out_h, out_w))
+    for oy, ox, win in windows(xp, kh, kw, *stride):
+        y[:, :, oy, ox] = win.mean(axis=(2, 3))
+    return y
+
+
+def numerical_gradient(f, x, eps=1e-6):
+    """Central differences of the scalar function ``f`` with respect to the float64 array ``x``."""
+    grad = np.zeros_like(x)
+    flat, gflat = x.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + eps
+        up = f()
+        flat[i] = old - eps
+        down = f()
+        flat[i] = old
+        gflat[i] = (up - down) / (2 * eps)
+    return grad
