@@ -1,0 +1,29 @@
+# Type stubs for the compiled module cnnx._ops (see _ops.pyx). Arrays are C-contiguous float32 or
+# float64 (one dtype per call); indices are int64. Validation happens in cnnx.functional.
+import numpy as np
+from numpy.typing import NDArray
+
+Float = NDArray[np.float32] | NDArray[np.float64]
+
+def openmp_enabled() -> bool: ...
+def im2col(
+    x: Float, first: int, kh: int, kw: int, sy: int, sx: int, pad_top: int, pad_left: int,
+    out_h: int, out_w: int, cols: Float, n_threads: int,
+) -> None: ...
+def col2im(
+    cols: Float, first: int, kh: int, kw: int, sy: int, sx: int, pad_top: int, pad_left: int,
+    out_h: int, out_w: int, x: Float, n_threads: int,
+) -> None: ...
+def gemm_to_nchw(y_gemm: Float, bias: Float, has_bias: bool, first: int, y: Float, n_threads: int) -> None: ...
+def nchw_to_gemm(y: Float, first: int, y_gemm: Float, n_threads: int) -> None: ...
+def max_pool2d(
+    x: Float, kh: int, kw: int, sy: int, sx: int, pad_top: int, pad_left: int,
+    y: Float, indices: NDArray[np.int64], n_threads: int,
+) -> None: ...
+def max_pool2d_backward(dy: Float, indices: NDArray[np.int64], dx: Float, n_threads: int) -> int: ...
+def avg_pool2d(
+    x: Float, kh: int, kw: int, sy: int, sx: int, pad_top: int, pad_left: int, y: Float, n_threads: int,
+) -> None: ...
+def avg_pool2d_backward(
+    dy: Float, kh: int, kw: int, sy: int, sx: int, pad_top: int, pad_left: int, dx: Float, n_threads: int,
+) -> None: ...
