@@ -7,24 +7,19 @@ OUT ?= runs/lenet5-fashion-mnist
 .PHONY: train test install dataset bench clean
 
 $(VENV)/bin/python:
+	@PYTHON=$(PYTHON) bash .ci/system-packages.sh
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 
 install: $(VENV)/bin/python
 	$(VENV)/bin/pip install -q ".[plot]"
 
-# Real Fashion-MNIST from Debian when we may install packages; otherwise the sample in the package.
+# System packages (compiler, Python headers, venv) and real Fashion-MNIST from Debian when we may
+# install them; otherwise training uses the Fashion-MNIST sample shipped in the package.
 dataset:
-	@if [ -d /usr/share/datasets/fashion-mnist ]; then :; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null \
-	  || echo "note: could not install dataset-fashion-mnist; training on the embedded sample"; \
-	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
-	  sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null \
-	  || echo "note: could not install dataset-fashion-mnist; training on the embedded sample"; \
-	else echo "note: no root to apt-get install dataset-fashion-mnist; training on the embedded sample"; fi
+	@PYTHON=$(PYTHON) bash .ci/system-packages.sh
 
-train: install dataset
+train: dataset install
 	@if [ -d /usr/share/datasets/fashion-mnist ]; then data=fashion-mnist; else data=fashion-mnist-sample; fi; \
 	$(VENV)/bin/cnnx train --model lenet5 --dataset $$data --epochs $(EPOCHS) --out $(OUT)
 

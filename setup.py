@@ -84,5 +84,10 @@ directives = {
 }
 
 setup(
-    ext_modules=cythonize([extension], compiler_directives=directives, compile_time_env={"CNNX_DEBUG": DEBUG}),
+    ext_modules=cythonize(
+        [extension],
+        compiler_directives=directives,
+        # Separate generated C for the two builds, so switching CNNX_DEBUG always recompiles.
+        build_dir="build/cython-debug" if DEBUG else "build/cython-release",
+    ),
 )
