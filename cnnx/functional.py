@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _ops
 from ._geometry import conv_output_size, explicit_padding, positive_pair
-from .parallel import get_num_threads
+from .parallel import threads_for
 
 __all__ = [
     "Workspace",
@@ -182,7 +182,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, out=None, workspace=None):
     has_bias = bias is not None
     b = bias if has_bias else np.empty(0, dtype=dtype)
     y3 = y.reshape(n, oc, p)
-    nt = get_num_threads()
+    nt = threads_for(min(g, n) * (k + oc) * p)
     for first in range(0, n, g):
         m = min(g, n - first)
         cols = ws.get("cols", (k, m, p), dtype)
@@ -236,7 +236,7 @@ def conv2d_backward(dy, x, weight, stride=1, padding=0, need_dx=True, out=None, 
     g = _group_size(n, (2 * k + oc) * p * dtype.itemsize)
     w2 = weight.reshape(oc, k)
     dy3 = dy.reshape(n, oc, p)
-    nt = get_num_threads()
+    nt = threads_for(min(g, n) * (k + oc) * p)
     for first in range(0, n, g):
         m = min(g, n - first)
         cols = ws.get("cols", (k, m, p), dtype)
@@ -277,7 +277,7 @@ def im2col(x, kernel_size, stride=1, padding=0, out=None):
     k, p = c * kh * kw, out_h * out_w
     result = _check_out(out, (n, k, p), x.dtype)
     cols = np.empty((k, n, p), dtype=x.dtype)
-    _ops.im2col(x, 0, kh, kw, sy, sx, pt, pl, out_h, out_w, cols, get_num_threads())
+    _ops.im2col(x, 0, kh, kw, sy, sx, pt, pl, out_h, out_w, cols, threads_for(cols.size))
     result[...] = cols.transpose(1, 0, 2)
     return result
 
@@ -303,7 +303,7 @@ def col2im(cols, x_shape, kernel_size, stride=1, padding=0, out=None):
         raise ValueError(f"Expected cols of shape {expected} for x_shape={x_shape}, received: cols.shape={cols.shape}")
     x = _check_out(out, x_shape, cols.dtype)
     gemm_layout = np.ascontiguousarray(cols.transpose(1, 0, 2))
-    _ops.col2im(gemm_layout, 0, kh, kw, sy, sx, pt, pl, out_h, out_w, x, get_num_threads())
+    _ops.col2im(gemm_layout, 0, kh, kw, sy, sx, pt, pl, out_h, out_w, x, threads_for(cols.size))
     return x
 
 
@@ -342,7 +342,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, out=None):
     y_out, idx_out = (None, None) if out is None else out
     y = _check_out(y_out, (n, c, out_h, out_w), x.dtype, "out[0]")
     indices = _check_out(idx_out, (n, c, out_h, out_w), np.dtype(np.int64), "out[1]")
-    _ops.max_pool2d(x, kh, kw, sy, sx, pt, pl, y, indices, get_num_threads())
+    _ops.max_pool2d(x, kh, kw, sy, sx, pt, pl, y, indices, threads_for(x.size))
     return y, indices
 
 
@@ -364,7 +364,7 @@ def max_pool2d_backward(dy, indices, x_shape, out=None):
     if dy.shape[:2] != (n, c):
         raise ValueError(f"Expected dy with batch and channels {(n, c)} of x_shape, received: dy.shape={dy.shape}")
     dx = _check_out(out, x_shape, dy.dtype)
-    bad = _ops.max_pool2d_backward(dy, indices, dx.reshape(n, c, h * w), get_num_threads())
+    bad = _ops.max_pool2d_backward(dy, indices, dx.reshape(n, c, h * w), threads_for(dx.size))
     if bad:
         raise ValueError(f"Expected indices in [0, {h * w}) for x_shape={x_shape}, received: {bad} out of range")
     return dx
@@ -381,7 +381,7 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, out=None):
     n, c, h, w = x.shape
     (kh, kw), (sy, sx), ((pt, _), (pl, _)), (out_h, out_w) = _pool_geometry(x.shape, kernel_size, stride, padding)
     y = _check_out(out, (n, c, out_h, out_w), x.dtype)
-    _ops.avg_pool2d(x, kh, kw, sy, sx, pt, pl, y, get_num_threads())
+    _ops.avg_pool2d(x, kh, kw, sy, sx, pt, pl, y, threads_for(x.size))
     return y
 
 
@@ -399,5 +399,5 @@ def avg_pool2d_backward(dy, x_shape, kernel_size, stride=None, padding=0, out=No
     if dy.shape != (n, c, out_h, out_w):
         raise ValueError(f"Expected dy of shape {(n, c, out_h, out_w)}, received: dy.shape={dy.shape}")
     dx = _check_out(out, x_shape, dy.dtype)
-    _ops.avg_pool2d_backward(dy, kh, kw, sy, sx, pt, pl, dx, get_num_threads())
+    _ops.avg_pool2d_backward(dy, kh, kw, sy, sx, pt, pl, dx, threads_for(dx.size))
     return dx

@@ -28,6 +28,18 @@ def _from_environment():
 _num_threads = _from_environment() or _available_cores()
 
 
+# Below this many elements of work a kernel runs serial: waking a second thread costs more than
+# it saves (see benchmarks/README.md for the measurement).
+MIN_WORK_PER_THREAD = 1 << 15
+
+
+def threads_for(work):
+    """Threads to use for a kernel call touching about ``work`` elements."""
+    if work < 2 * MIN_WORK_PER_THREAD:
+        return 1
+    return max(1, min(_num_threads, work // MIN_WORK_PER_THREAD))
+
+
 def get_num_threads():
     """Threads the compiled kernels use (``CNNX_NUM_THREADS``, else ``OMP_NUM_THREADS``, else the cores)."""
     return _num_threads

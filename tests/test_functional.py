@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import cnnx.functional as F
+import cnnx.parallel
 from cnnx.parallel import num_threads
 import reference as ref
 
@@ -177,7 +178,9 @@ def test_max_pool_propagates_nan():
 
 
 @pytest.mark.parametrize("threads", [2, 3])
-def test_results_identical_with_one_thread_and_several(threads, rng):
+def test_results_identical_with_one_thread_and_several(threads, rng, monkeypatch):
+    # Small calls normally run serial; lower the threshold so these really run threaded.
+    monkeypatch.setattr(cnnx.parallel, "MIN_WORK_PER_THREAD", 1)
     x = rng.standard_normal((7, 3, 11, 10)).astype(np.float32)
     w = rng.standard_normal((5, 3, 3, 2)).astype(np.float32)
 

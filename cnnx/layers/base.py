@@ -24,7 +24,8 @@ class Layer:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        LAYER_CLASSES[cls.__name__] = cls
+        if not cls.__name__.startswith("_"):  # private helper bases are never saved by name
+            LAYER_CLASSES[cls.__name__] = cls
 
     def __init__(self):
         self.params: dict[str, np.ndarray] = {}

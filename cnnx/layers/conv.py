@@ -1,0 +1,172 @@
+"""Conv2D: parameters, padding resolution, caches and the fused activation around
+``cnnx.functional.conv2d`` / ``conv2d_backward`` (which own the arithmetic)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import functional as F
+from .._geometry import conv_output_size, explicit_padding, positive_pair
+from ..init import check_initializer, initialize_bias, initialize_weight
+from .activations import ACTIVATIONS, activation_kwargs, check_activation, check_negative_slope
+from .base import Layer, default_rng
+from .dense import _check_floating, _grad_buffer, _positive_int
+
+
+def canonical_padding(padding, kernel_size, stride):
+    """Validate ``padding`` and return the form ``get_config`` reports.
+
+    ``"valid"``/``"same"`` stay strings (``"same"`` with stride > 1 depends on the input size);
+    anything else becomes ``(ph, pw)`` when symmetric, else ``((top, bottom), (left, right))``.
+    """
+    if isinstance(padding, str):
+        mode = padding.lower()
+        explicit_padding(mode, kernel_size, (1, 1))  # validates the name only
+        return mode
+    (pt, pb), (pl, pr) = explicit_padding(padding, kernel_size, stride)
+    return (pt, pl) if (pt == pb and pl == pr) else ((pt, pb), (pl, pr))
+
+
+class Conv2D(Layer):
+    """2-D convolution (cross-correlation, as PyTorch) over NCHW batches.
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+    kernel_size : int or (kh, kw)
+    stride : int or (sy, sx), default 1
+    padding : int, (ph, pw), ((top, bottom), (left, right)), "valid" or "same", default 0
+        ``"same"`` keeps ``ceil(size / stride)`` outputs; an even kernel's extra row/column goes
+        at the bottom/right (PyTorch, Keras).
+    bias : bool, default True
+    activation : {None, "relu", "leaky_relu", "sigmoid", "tanh", "gelu"}, default None
+        Fused activation applied after the bias.
+    negative_slope : float, default 0.01
+        Slope of ``"leaky_relu"`` (ignored otherwise).
+    weight_init : str, default "default"
+        One of ``cnnx.init.INITIALIZERS``; ``"default"`` is PyTorch's ``nn.Conv2d`` rule
+        (fan_in = in_channels * kh * kw).
+    rng : None, int or numpy.random.Generator
+        Source of the initial weights; ``None`` uses the generator ``cnnx.manual_seed`` seeds.
+
+    Attributes
+    ----------
+    params : dict
+        ``"weight"`` of shape (out_channels, in_channels, kh, kw), ``"bias"`` of shape (out_channels,).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
+                 activation=None, negative_slope=0.01, weight_init="default", rng=None):
+        super().__init__()
+        self.in_channels = _positive_int(in_channels, "in_channels")
+        self.out_channels = _positive_int(out_channels, "out_channels")
+        self.kernel_size = positive_pair(kernel_size, "kernel_size")
+        self.stride = positive_pair(stride, "stride")
+        self.padding = canonical_padding(padding, self.kernel_size, self.stride)
+        if not isinstance(bias, (bool, np.bool_)):
+            raise TypeError(f"Expected bias to be a bool, received: bias={bias!r}")
+        self.use_bias = bool(bias)
+        self.activation = check_activation(activation)
+        self.negative_slope = check_negative_slope(negative_slope)
+        self.weight_init = check_initializer(weight_init)
+        self.needs_input_grad = True
+
+        gen = default_rng(rng)
+        shape = (self.out_channels, self.in_channels) + self.kernel_size
+        self.params["weight"] = initialize_weight(self.weight_init, shape, gen)
+        if self.use_bias:
+            self.params["bias"] = initialize_bias(self.weight_init, shape, gen)
+        self.zero_grads()
+
+        self._act = ACTIVATIONS[self.activation] if self.activation else None
+        self._act_kw = activation_kwargs(self.activation, self.negative_slope)
+        self._workspace = F.Workspace()
+        self._x = self._z = self._y = self._pads = None
+
+    def explicit_padding(self, hw):
+        """``((top, bottom), (left, right))`` for an input of spatial size ``hw = (h, w)``."""
+        return explicit_padding(self.padding, self.kernel_size, self.stride, tuple(hw))
+
+    def output_shape(self, input_shape):
+        input_shape = tuple(input_shape)
+        if len(input_shape) != 3 or input_shape[0] != self.in_channels:
+            raise ValueError(
+                f"Conv2D expected input of shape ({self.in_channels}, h, w) per sample, received: {input_shape}"
+            )
+        _, h, w = input_shape
+        (pt, pb), (pl, pr) = self.explicit_padding((h, w))
+        kh, kw = self.kernel_size
+        if kh > h + pt + pb or kw > w + pl + pr:
+            raise ValueError(
+                f"Conv2D expected a padded input at least as large as the kernel {self.kernel_size}, "
+                f"received: input {(h, w)} padded to {(h + pt + pb, w + pl + pr)}"
+            )
+        sy, sx = self.stride
+        return (self.out_channels, conv_output_size(h, kh, sy, pt, pb), conv_output_size(w, kw, sx, pl, pr))
+
+    def forward(self, x, training=False):
+        """Parameters
+        ----------
+        x : ndarray of shape (n, in_channels, h, w), floating (cast to the parameters' dtype)
+
+        Returns
+        -------
+        y : ndarray of shape (n, out_channels, out_h, out_w)
+        """
+        self._check_input(x, (self.in_channels, None, None))
+        _check_floating(self, x)
+        self.output_shape(x.shape[1:])
+        w = self.params["weight"]
+        x = x.astype(w.dtype, copy=False)
+        pads = self.explicit_padding(x.shape[2:])
+        z = F.conv2d(x, w, self.params.get("bias"), self.stride, pads, workspace=self._workspace)
+        self._x, self._pads = x, pads
+        if self._act is None:
+            self._z = None
+            y = z
+        elif self._act.needs_input(**self._act_kw):
+            self._z = z
+            y = self._act.forward(z, **self._act_kw)
+        else:
+            # The activation's backward reads only its output: overwrite z, keep one buffer.
+            self._z = None
+            y = self._act.forward(z, out=z, **self._act_kw)
+        self._y = y
+        return y
+
+    def backward(self, dy):
+        """Parameters
+        ----------
+        dy : ndarray of shape (n, out_channels, out_h, out_w)
+
+        Returns
+        -------
+        dx : ndarray of shape (n, in_channels, h, w), or None when ``needs_input_grad`` is False
+        """
+        if self._x is None:
+            raise RuntimeError("Conv2D.backward called before forward")
+        if not isinstance(dy, np.ndarray) or dy.shape != self._y.shape:
+            received = dy.shape if isinstance(dy, np.ndarray) else type(dy).__name__
+            raise ValueError(f"Conv2D expected dy of shape {self._y.shape}, received: {received}")
+        w = self.params["weight"]
+        dz = dy.astype(w.dtype, copy=False)
+        if self._act is not None:
+            dz = self._act.backward(dz, self._z, self._y, **self._act_kw)
+        dx, dw, db = F.conv2d_backward(dz, self._x, w, self.stride, self._pads,
+                                       need_dx=self.needs_input_grad, workspace=self._workspace)
+        np.copyto(_grad_buffer(self, "weight"), dw)
+        if self.use_bias:
+            np.copyto(_grad_buffer(self, "bias"), db)
+        return dx if self.needs_input_grad else None
+
+    def get_config(self):
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": self.kernel_size,
+            "stride": self.stride,
+            "padding": self.padding,
+            "bias": self.use_bias,
+            "activation": self.activation,
+            "negative_slope": self.negative_slope,
+            "weight_init": self.weight_init,
+        }

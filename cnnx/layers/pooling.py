@@ -1,0 +1,154 @@
+"""Pooling layers: geometry, validation and caches around ``cnnx.functional``'s pooling kernels."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import functional as F
+from .._geometry import conv_output_size, explicit_padding, positive_pair
+from .base import Layer
+from .dense import _check_floating
+
+
+class _Pool2D(Layer):
+    """Shared geometry of MaxPool2D and AvgPool2D (PyTorch semantics, floor output size)."""
+
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__()
+        self.kernel_size = positive_pair(kernel_size, "kernel_size")
+        self.stride = self.kernel_size if stride is None else positive_pair(stride, "stride")
+        if isinstance(padding, str):
+            raise TypeError(
+                f"Expected padding as an int, (ph, pw) or ((top, bottom), (left, right)), received: padding={padding!r}"
+            )
+        (pt, pb), (pl, pr) = explicit_padding(padding, self.kernel_size, self.stride)
+        kh, kw = self.kernel_size
+        # As PyTorch: a window must always overlap the input (max-pool would otherwise see only padding).
+        if max(pt, pb) > kh // 2 or max(pl, pr) > kw // 2:
+            raise ValueError(
+                f"Expected padding at most half the kernel ({kh // 2}, {kw // 2}), received: padding={padding!r}"
+            )
+        self._pads = ((pt, pb), (pl, pr))
+        self.padding = (pt, pl) if (pt == pb and pl == pr) else self._pads
+        self.needs_input_grad = True
+        self._x_shape = None
+
+    def output_shape(self, input_shape):
+        input_shape = tuple(input_shape)
+        if len(input_shape) != 3:
+            raise ValueError(
+                f"{type(self).__name__} expected input of shape (c, h, w) per sample, received: {input_shape}"
+            )
+        c, h, w = input_shape
+        (pt, pb), (pl, pr) = self._pads
+        kh, kw = self.kernel_size
+        if kh > h + pt + pb or kw > w + pl + pr:
+            raise ValueError(
+                f"{type(self).__name__} expected a padded input at least as large as the kernel {self.kernel_size}, "
+                f"received: input {(h, w)} padded to {(h + pt + pb, w + pl + pr)}"
+            )
+        sy, sx = self.stride
+        return (c, conv_output_size(h, kh, sy, pt, pb), conv_output_size(w, kw, sx, pl, pr))
+
+    def _check_forward_input(self, x):
+        self._check_input(x, (None, None, None))
+        _check_floating(self, x)
+        self.output_shape(x.shape[1:])
+
+    def _check_dy(self, dy):
+        if self._x_shape is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+        expected = (self._x_shape[0],) + self.output_shape(self._x_shape[1:])
+        if not isinstance(dy, np.ndarray) or dy.shape != expected:
+            received = dy.shape if isinstance(dy, np.ndarray) else type(dy).__name__
+            raise ValueError(f"{type(self).__name__} expected dy of shape {expected}, received: {received}")
+
+    def get_config(self):
+        return {"kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding}
+
+
+class MaxPool2D(_Pool2D):
+    """Max pooling over NCHW batches; padding never wins the max.
+
+    Parameters
+    ----------
+    kernel_size : int or (kh, kw)
+    stride : int or (sy, sx), default ``kernel_size``
+    padding : int, (ph, pw) or ((top, bottom), (left, right)), default 0
+        At most half the kernel on each side.
+
+    Notes
+    -----
+    With ties the gradient goes to the first maximum of the window (row-major), as in PyTorch.
+    """
+
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__(kernel_size, stride, padding)
+        self._indices = None
+
+    def forward(self, x, training=False):
+        """Parameters
+        ----------
+        x : ndarray of shape (n, c, h, w), floating
+
+        Returns
+        -------
+        y : ndarray of shape (n, c, out_h, out_w)
+        """
+        self._check_forward_input(x)
+        y, self._indices = F.max_pool2d(x, self.kernel_size, self.stride, self._pads)
+        self._x_shape = x.shape
+        return y
+
+    def backward(self, dy):
+        """Parameters
+        ----------
+        dy : ndarray of shape (n, c, out_h, out_w)
+
+        Returns
+        -------
+        dx : ndarray of shape (n, c, h, w), or None when ``needs_input_grad`` is False
+        """
+        self._check_dy(dy)
+        if not self.needs_input_grad:
+            return None
+        return F.max_pool2d_backward(dy, self._indices, self._x_shape)
+
+
+class AvgPool2D(_Pool2D):
+    """Average pooling over NCHW batches; zero padding counts toward the mean (PyTorch's default
+    ``count_include_pad=True``).
+
+    Parameters
+    ----------
+    kernel_size : int or (kh, kw)
+    stride : int or (sy, sx), default ``kernel_size``
+    padding : int, (ph, pw) or ((top, bottom), (left, right)), default 0
+        At most half the kernel on each side.
+    """
+
+    def forward(self, x, training=False):
+        """Parameters
+        ----------
+        x : ndarray of shape (n, c, h, w), floating
+
+        Returns
+        -------
+        y : ndarray of shape (n, c, out_h, out_w)
+        """
+        self._check_forward_input(x)
+        self._x_shape = x.shape
+        return F.avg_pool2d(x, self.kernel_size, self.stride, self._pads)
+
+    def backward(self, dy):
+        """Parameters
+        ----------
+        dy : ndarray of shape (n, c, out_h, out_w)
+
+        Returns
+        -------
+        dx : ndarray of shape (n, c, h, w), or None when ``needs_input_grad`` is False
+        """
+        self._check_dy(dy)
+        if not self.needs_input_grad:
+            return None
+        return F.avg_pool2d_backward(dy, self._x_shape, self.kernel_size, self.stride, self._pads)
