@@ -1,0 +1,753 @@
+"""The ``Network``: a chain of layers with compile / fit / evaluate / predict / summary.
+
+This module owns the training loop. Everything a user can get wrong (shapes, labels, non-finite
+inputs, a missing ``compile``) is checked once per call, before any work; the per-batch loop then
+runs without validation and without avoidable allocation: shuffled batches are gathered into
+buffers allocated once per ``fit`` call, in-order batches are views.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+
+import numpy as np
+
+from .layers.base import Layer
+
+__all__ = ["Network", "NonFiniteLossError"]
+
+_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+# The progress bar's postfix (running loss / accuracy) is refreshed every this many batches:
+# formatting it is cheap but not free, and nobody reads it faster than that.
+_POSTFIX_EVERY = 10
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite.
+
+    Attributes
+    ----------
+    epoch, batch : int
+        Zero-based indices (as callbacks see them) of the epoch and batch where it happened.
+    value : float
+        The offending loss value.
+    """
+
+    def __init__(self, message, epoch, batch, value):
+        super().__init__(message)
+        self.epoch = epoch
+        self.batch = batch
+        self.value = value
+
+
+class Network:
+    """A feed-forward chain of layers.
+
+    Parameters
+    ----------
+    layers : sequence of Layer
+        The layers, applied in order. Each layer instance may appear only once.
+    input_shape : tuple of int
+        Per-sample input shape, without the batch axis: ``(c, h, w)`` for images.
+    dtype : {"float32", "float64"}, default "float32"
+        Dtype of parameters and activations; layers are cast to it.
+
+    Raises
+    ------
+    ValueError
+        If a layer cannot take the output of the layer before it (the message names the layer
+        index and class) or an argument is out of range.
+    TypeError
+        If ``layers`` holds something that is not a ``cnnx.layers.Layer``.
+
+    Examples
+    --------
+    >>> net = Network([Conv2D(1, 16, 2, padding="same"), ...], input_shape=(1, 28, 28))
+    >>> net.compile("SoftmaxCrossEntropy", "Adam")
+    >>> history = net.fit(x_train, y_train, epochs=15, batch_size=256)
+    """
+
+    def __init__(self, layers, input_shape, dtype="float32"):
+        if isinstance(layers, Layer) or not isinstance(layers, (list, tuple)):
+            raise TypeError(f"Expected layers to be a list of Layer instances, received: {type(layers).__name__}")
+        if len(layers) == 0:
+            raise ValueError("Expected at least one layer, received: an empty list")
+        seen = set()
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(
+                    f"Expected every element of layers to be a cnnx Layer, received at index {i}: "
+                    f"{type(layer).__name__}"
+                )
+            # A layer used twice would share (and overwrite) its cache and its parameter keys.
+            if id(layer) in seen:
+                raise ValueError(f"Layer {i} ({type(layer).__name__}) appears more than once in layers")
+            seen.add(id(layer))
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"Expected dtype 'float32' or 'float64', received: dtype={dtype!r}") from None
+        if dtype not in _DTYPES:
+            raise ValueError(f"Expected dtype 'float32' or 'float64', received: dtype={dtype.name!r}")
+
+        self.layers = list(layers)
+        self.input_shape = _as_shape(input_shape)
+        self.dtype = dtype
+        self.shapes = self._infer_shapes()
+        self.output_shape = self.shapes[-1]
+        for i, layer in enumerate(self.layers):
+            layer.astype(dtype)
+            # The input of the network needs no gradient (backward(need_input_grad=True) turns it on).
+            layer.needs_input_grad = i > 0
+
+        self.loss = None
+        self.optimizer = None
+        self.history: dict[str, list] = {"loss": [], "accuracy": []}
+        self.stop_training = False
+
+    # ------------------------------------------------------------------ construction ----
+    def _infer_shapes(self):
+        """Per-sample output shape of every layer; a mismatch names the layer that refused it."""
+        shapes = []
+        shape = self.input_shape
+        for i, layer in enumerate(self.layers):
+            try:
+                shape = _as_shape(layer.output_shape(shape))
+            except (ValueError, TypeError) as exc:
+                source = "the network input" if i == 0 else f"layer {i - 1} ({type(self.layers[i - 1]).__name__})"
+                raise ValueError(
+                    f"Layer {i} ({type(layer).__name__}) cannot take input of shape {shape} "
+                    f"coming from {source}: {exc}"
+                ) from exc
+            shapes.append(shape)
+        return shapes
+
+    @property
+    def num_params(self):
+        """Total number of trainable scalars."""
+        return int(sum(p.size for _, p, _ in self.parameters()))
+
+    @property
+    def compiled(self):
+        return self.loss is not None and self.optimizer is not None
+
+    def parameters(self):
+        """List of ``(key, param, grad)`` with keys ``f"{i}.{name}"``.
+
+        Rebuilt on every call: a layer's ``backward`` may assign new gradient arrays.
+        """
+        return [
+            (f"{i}.{name}", p, g)
+            for i, layer in enumerate(self.layers)
+            for name, p, g in layer.named_parameters()
+        ]
+
+    def buffers(self):
+        """List of ``(key, array)`` for non-trainable state (BatchNorm running statistics).
+
+        Keys are ``f"{i}.{name}"`` like parameters' (``"3.running_mean"``).
+        """
+        return [
+            (f"{i}.{name}", b) for i, layer in enumerate(self.layers) for name, b in layer.named_buffers()
+        ]
+
+    def get_weights(self):
+        """Copies of every parameter and buffer, as a dict ``key -> ndarray``."""
+        weights = {key: p.copy() for key, p, _ in self.parameters()}
+        weights.update((key, b.copy()) for key, b in self.buffers())
+        return weights
+
+    def set_weights(self, weights):
+        """Copy ``weights`` (as returned by ``get_weights``) into the network, in place.
+
+        Arrays are overwritten rather than replaced, so an optimizer's references (and its state,
+        keyed by the same names) stay valid.
+        """
+        targets = {key: p for key, p, _ in self.parameters()}
+        targets.update(self.buffers())
+        missing = sorted(set(targets) - set(weights))
+        unexpected = sorted(set(weights) - set(targets))
+        if missing or unexpected:
+            raise ValueError(f"Expected weights for keys {sorted(targets)}, missing: {missing}, unexpected: {unexpected}")
+        for key, target in targets.items():
+            value = np.asarray(weights[key])
+            if value.shape != target.shape:
+                raise ValueError(f"Expected {key} of shape {target.shape}, received: {value.shape}")
+            target[...] = value
+
+    def get_config(self):
+        """JSON-serialisable description: input shape, dtype and each layer's class and config."""
+        return {
+            "input_shape": list(self.input_shape),
+            "dtype": self.dtype.name,
+            "layers": [{"class": type(layer).__name__, "config": layer.get_config()} for layer in self.layers],
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        """Rebuild an (uncompiled, freshly initialised) network from ``get_config()``."""
+        from .layers.base import LAYER_CLASSES
+
+        layers = []
+        for entry in config["layers"]:
+            name = entry["class"]
+            if name not in LAYER_CLASSES:
+                raise ValueError(f"Expected a known layer class {sorted(LAYER_CLASSES)}, received: {name!r}")
+            layers.append(LAYER_CLASSES[name].from_config(entry["config"]))
+        return cls(layers, tuple(config["input_shape"]), dtype=config.get("dtype", "float32"))
+
+    # ------------------------------------------------------------------ forward / backward
+    def forward(self, x, training=False):
+        """Run the layers on a batch.
+
+        Parameters
+        ----------
+        x : ndarray of shape (n, *input_shape)
+            Cast to the network dtype when it differs.
+        training : bool
+            Training mode (Dropout, BatchNorm). Caches for ``backward`` are kept either way.
+
+        Returns
+        -------
+        ndarray of shape (n, *output_shape)
+            May be a buffer the last layer reuses on its next call: copy it to keep it.
+        """
+        x = self._check_x(x, "x", check_finite=False)
+        return self._forward(x, training)
+
+    __call__ = forward
+
+    def _forward(self, x, training):
+        for layer in self.layers:
+            x = layer.forward(x, training)
+        return x
+
+    def backward(self, dloss, need_input_grad=False):
+        """Back-propagate ``dloss`` (the gradient w.r.t. the last ``forward``'s output).
+
+        Fills every layer's ``grads``. Returns the gradient w.r.t. the network input when
+        ``need_input_grad`` is true (saliency maps), else None.
+        """
+        if not need_input_grad:
+            return self._backward(dloss)
+        first = self.layers[0]
+        first.needs_input_grad = True
+        try:
+            return self._backward(dloss)
+        finally:
+            first.needs_input_grad = False
+
+    def _backward(self, d):
+        for layer in reversed(self.layers):
+            d = layer.backward(d)
+        return d
+
+    # ------------------------------------------------------------------ training ----------
+    def compile(self, loss, optimizer):
+        """Set the loss and the optimizer (instances, or names for ``cnnx.losses.get`` /
+        ``cnnx.optimizers.get``). Returns the network."""
+        from . import losses, optimizers
+
+        self.loss = losses.get(loss)
+        self.optimizer = optimizers.get(optimizer)
+        return self
+
+    def fit(self, x, y, epochs=1, batch_size=32, validation_data=None, shuffle=True, seed=None,
+            callbacks=None, verbose=1):
+        """Train for ``epochs`` passes over ``(x, y)``.
+
+        Parameters
+        ----------
+        x : ndarray of shape (n, *input_shape)
+            Finite inputs; cast once to the network dtype (no copy when it already matches).
+        y : ndarray of shape (n,) or (n, k)
+            Integer class ids in ``[0, k)`` or one-hot / probability rows of width ``k``, where
+            ``k`` is the network's number of outputs.
+        epochs : int
+        batch_size : int
+            The last batch of an epoch may be smaller.
+        validation_data : tuple (x_val, y_val), optional
+            Evaluated at the end of every epoch.
+        shuffle : bool
+            Visit samples in a new random order each epoch; False visits them in order, so a run
+            can be reproduced step for step.
+        seed : int or None
+            Seed of the shuffling: epoch ``e`` of the network's history is shuffled by
+            ``default_rng([seed, e])``, so resuming a saved network continues the same sequence
+            (None: not reproducible).
+        callbacks : list of Callback, optional
+        verbose : {0, 1, 2}
+            0 silent, 1 a progress bar per epoch, 2 one line per epoch.
+
+        Returns
+        -------
+        dict of lists
+            ``self.history``: per-epoch ``loss``, ``accuracy`` and, once validation data has been
+            given, ``val_loss``, ``val_accuracy``. It grows across ``fit`` calls; all its lists
+            have one entry per epoch trained (NaN where an epoch had no validation).
+
+        Raises
+        ------
+        NonFiniteLossError
+            (a FloatingPointError) when the loss becomes NaN or infinite; names epoch and batch.
+        """
+        # ---- validation: everything before any work ----
+        self._require_compiled("fit")
+        epochs = _check_int(epochs, "epochs", minimum=0)
+        batch_size = _check_int(batch_size, "batch_size", minimum=1)
+        if verbose not in (0, 1, 2):
+            raise ValueError(f"Expected verbose 0, 1 or 2, received: verbose={verbose!r}")
+        x = self._check_x(x, "x")
+        targets, ids = self._check_y(y, len(x), "y")
+        if validation_data is not None:
+            if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+                raise TypeError(
+                    "Expected validation_data to be a tuple (x_val, y_val), received: "
+                    f"{type(validation_data).__name__}"
+                    + (f" of length {len(validation_data)}" if isinstance(validation_data, (tuple, list)) else "")
+                )
+            x_val = self._check_x(validation_data[0], "x_val")
+            val_targets, val_ids = self._check_y(validation_data[1], len(x_val), "y_val")
+        callbacks = _check_callbacks(callbacks)
+        if seed is not None:
+            seed = _check_int(seed, "seed", minimum=0)
+        # With a seed, epoch e's order comes from (seed, e) counted over the whole history, so a
+        # network saved after 2 epochs and loaded again shuffles epoch 3 as an unbroken run would.
+        fresh_rng = np.random.default_rng() if shuffle and seed is None else None
+
+        n = len(x)
+        n_batches = -(-n // batch_size)
+        if shuffle:
+            # Gather buffers, allocated once per call; np.take(..., mode="clip") writes straight
+            # into them (mode="raise" would go through a temporary).
+            bs = min(batch_size, n)
+            x_buf = np.empty((bs,) + x.shape[1:], dtype=x.dtype)
+            t_buf = np.empty((bs,) + targets.shape[1:], dtype=targets.dtype)
+            i_buf = t_buf if ids is targets else (None if ids is None else np.empty(bs, dtype=ids.dtype))
+
+        history = self.history
+        _ensure_keys(history, ("loss", "accuracy"))
+        if validation_data is not None:
+            _ensure_keys(history, ("val_loss", "val_accuracy"))
+        self.stop_training = False
+        for cb in callbacks:
+            cb.set_network(self)
+        for cb in callbacks:
+            cb.on_train_begin({})
+
+        forward, backward = self._forward, self._backward
+        loss_fn, step, parameters = self.loss, self.optimizer.step, self.parameters
+        count_correct = self._correct_counter()
+
+        epochs_done = len(history["loss"])
+        for epoch in range(epochs):
+            for cb in callbacks:
+                cb.on_epoch_begin(epoch, {})
+            bar = _progress_bar(n_batches, epoch, epochs) if verbose == 1 else None
+            if shuffle:
+                rng = fresh_rng if seed is None else np.random.default_rng([seed, epochs_done + epoch])
+                order = rng.permutation(n)
+            loss_sum = 0.0
+            correct = 0
+            seen = 0
+            try:
+                for b in range(n_batches):
+                    lo = b * batch_size
+                    hi = min(lo + batch_size, n)
+                    m = hi - lo
+                    if shuffle:
+                        idx = order[lo:hi]
+                        xb = np.take(x, idx, axis=0, out=x_buf[:m], mode="clip")
+                        tb = np.take(targets, idx, axis=0, out=t_buf[:m], mode="clip")
+                        if i_buf is t_buf:
+                            ib = tb
+                        elif i_buf is not None:
+                            ib = np.take(ids, idx, out=i_buf[:m], mode="clip")
+                        else:
+                            ib = None
+                    else:
+                        xb, tb = x[lo:hi], targets[lo:hi]
+                        ib = None if ids is None else ids[lo:hi]
+                    if callbacks:
+                        for cb in callbacks:
+                            cb.on_batch_begin(b, {"batch": b, "size": m})
+
+                    out = forward(xb, True)
+                    value = float(loss_fn.forward(out, tb))
+                    if not math.isfinite(value):
+                        raise NonFiniteLossError(
+                            f"Loss became {value} at epoch {epoch + 1}/{epochs}, batch {b + 1}/{n_batches} "
+                            "(1-based); check the inputs' scale or lower the learning rate",
+                            epoch, b, value,
+                        )
+                    batch_correct = count_correct(out, ib)
+                    backward(loss_fn.backward())
+                    step(parameters())
+
+                    loss_sum += value * m
+                    correct += batch_correct
+                    seen += m
+                    if bar is not None:
+                        bar.update(1)
+                        if b % _POSTFIX_EVERY == 0:
+                            bar.set_postfix_str(_format_metrics(loss_sum / seen, correct / seen), refresh=False)
+                    if callbacks:
+                        logs = {"batch": b, "size": m, "loss": value,
+                                "accuracy": batch_correct / m if ib is not None else math.nan}
+                        for cb in callbacks:
+                            cb.on_batch_end(b, logs)
+                        if self.stop_training:
+                            break
+
+                logs = {"loss": loss_sum / seen, "accuracy": correct / seen if ids is not None else math.nan}
+                if validation_data is not None:
+                    val = self._evaluate(x_val, val_targets, val_ids, 256)
+                    logs["val_loss"], logs["val_accuracy"] = val["loss"], val["accuracy"]
+                for key in history:
+                    history[key].append(logs.get(key, math.nan))
+                if bar is not None:
+                    bar.set_postfix_str(_format_metrics(**logs), refresh=False)
+            finally:
+                if bar is not None:
+                    bar.close()
+            if verbose == 2:
+                print(f"Epoch {epoch + 1}/{epochs}: {_format_metrics(**logs)}", file=sys.stderr)
+            for cb in callbacks:
+                cb.on_epoch_end(epoch, logs)
+            if self.stop_training:
+                break
+
+        for cb in callbacks:
+            cb.on_train_end({key: values[-1] for key, values in history.items() if values})
+        return history
+
+    def evaluate(self, x, y, batch_size=256):
+        """Mean loss and accuracy over ``(x, y)`` in eval mode.
+
+        Returns
+        -------
+        dict
+            ``{"loss": float, "accuracy": float}`` (accuracy is NaN for outputs that are not
+            class scores).
+        """
+        self._require_compiled("evaluate")
+        batch_size = _check_int(batch_size, "batch_size", minimum=1)
+        x = self._check_x(x, "x")
+        targets, ids = self._check_y(y, len(x), "y")
+        return self._evaluate(x, targets, ids, batch_size)
+
+    def _evaluate(self, x, targets, ids, batch_size):
+        n = len(x)
+        loss_fn = self.loss
+        count_correct = self._correct_counter()
+        loss_sum = 0.0
+        correct = 0
+        for lo in range(0, n, batch_size):
+            hi = min(lo + batch_size, n)
+            out = self._forward(x[lo:hi], False)
+            loss_sum += float(loss_fn.forward(out, targets[lo:hi])) * (hi - lo)
+            if ids is not None:
+                correct += count_correct(out, ids[lo:hi])
+        return {"loss": loss_sum / n, "accuracy": correct / n if ids is not None else math.nan}
+
+    def predict(self, x, batch_size=256):
+        """Outputs for ``x`` in eval mode, as class probabilities where the loss says how.
+
+        With a softmax cross-entropy (on logits) loss, the softmax of the outputs; with a binary
+        cross-entropy on logits, their sigmoid; otherwise (or before ``compile``) the raw outputs.
+
+        Returns
+        -------
+        ndarray of shape (n, *output_shape)
+        """
+        out = self._predict_raw(x, batch_size)
+        kind = _output_activation(self.loss)
+        if kind == "softmax" and out.ndim == 2:
+            out -= out.max(axis=1, keepdims=True)
+            np.exp(out, out=out)
+            out /= out.sum(axis=1, keepdims=True)
+        elif kind == "sigmoid":
+            # 1 / (1 + e^-z) written through tanh: no overflow for large |z|.
+            out *= 0.5
+            np.tanh(out, out=out)
+            out += 1.0
+            out *= 0.5
+        return out
+
+    def predict_classes(self, x, batch_size=256):
+        """Predicted class ids, shape ``(n,)`` (a threshold for a single output)."""
+        out = self._predict_raw(x, batch_size)
+        if out.ndim != 2:
+            raise ValueError(f"predict_classes expects class scores of shape (n, k), the network outputs {out.shape}")
+        if out.shape[1] == 1:
+            threshold = 0.0 if _output_activation(self.loss) == "sigmoid" else 0.5
+            return (out[:, 0] > threshold).astype(np.intp)
+        return out.argmax(axis=1)
+
+    def _predict_raw(self, x, batch_size):
+        batch_size = _check_int(batch_size, "batch_size", minimum=1)
+        x = self._check_x(x, "x", check_finite=False)
+        n = len(x)
+        out = np.empty((n,) + self.output_shape, dtype=self.dtype)
+        for lo in range(0, n, batch_size):
+            hi = min(lo + batch_size, n)
+            # Copy: the last layer may hand back a buffer it reuses on the next batch.
+            out[lo:hi] = self._forward(x[lo:hi], False)
+        return out
+
+    # ------------------------------------------------------------------ display ------------
+    def summary(self, print_fn=print):
+        """Print (with ``print_fn``; None to skip) and return a table of the layers.
+
+        Columns: index, layer (with a fused activation shown), output shape, parameter count.
+        """
+        rows = [("#", "Layer", "Output shape", "Params")]
+        rows.append(("", "Input", _shape_str(self.input_shape), ""))
+        for i, (layer, shape) in enumerate(zip(self.layers, self.shapes)):
+            rows.append((str(i), _describe(layer), _shape_str(shape), f"{layer_params(layer):,}"))
+        widths = [max(len(r[c]) for r in rows) for c in range(4)]
+
+        def fmt(r):
+            return (f"{r[0]:>{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>{widths[3]}}").rstrip()
+
+        rule = "-" * len(fmt(tuple("x" * w for w in widths)))
+        lines = [f"Network ({self.dtype.name})", rule, fmt(rows[0]), rule]
+        lines += [fmt(r) for r in rows[1:]]
+        lines += [rule, f"Total params: {self.num_params:,}", f"Output shape: {_shape_str(self.output_shape)}"]
+        if self.compiled:
+            lines.append(f"Loss: {self.loss!r}    Optimizer: {self.optimizer!r}")
+        text = "\n".join(lines)
+        if print_fn is not None:
+            print_fn(text)
+        return text
+
+    def __repr__(self):
+        body = "".join(f"\n  ({i}) {layer!r}," for i, layer in enumerate(self.layers))
+        return f"Network(input_shape={self.input_shape}, dtype={self.dtype.name!r}, layers=[{body}\n])"
+
+    def __len__(self):
+        return len(self.layers)
+
+    # ------------------------------------------------------------------ checks --------------
+    def _require_compiled(self, what):
+        if not self.compiled:
+            raise RuntimeError(
+                f"Network.{what}() needs a loss and an optimizer: call net.compile(loss, optimizer) first"
+            )
+
+    def _check_x(self, x, name, check_finite=True):
+        """``x`` as a contiguous array of the network dtype, shaped ``(n, *input_shape)``."""
+        if not isinstance(x, np.ndarray):
+            try:
+                x = np.asarray(x)
+            except Exception:
+                raise TypeError(f"Expected {name} to be a numpy array, received: {type(x).__name__}") from None
+        if x.dtype.kind not in "biuf":
+            raise TypeError(f"Expected {name} to hold real numbers, received: dtype={x.dtype}")
+        expected = self.input_shape
+        if x.shape[1:] != expected or x.ndim != len(expected) + 1:
+            msg = f"Expected {name} of shape (n, {', '.join(map(str, expected))}), received: {x.shape}"
+            if len(expected) >= 2 and expected[0] == 1 and x.shape[1:] == expected[1:]:
+                msg += f"; add the channel axis with {name}[:, None]"
+            elif len(expected) == 3 and x.ndim == 4 and x.shape[1:] == expected[1:] + expected[:1]:
+                msg += f"; channels-last input needs {name}.transpose(0, 3, 1, 2) (cnnx is NCHW)"
+            raise ValueError(msg)
+        if len(x) == 0:
+            raise ValueError(f"Expected {name} to hold at least one sample, received: {x.shape}")
+        cast = x.dtype != self.dtype
+        # No copy when x is already a contiguous array of the network dtype. Values too large for
+        # the dtype become inf here, which the finite check below reports (no cast warning).
+        with np.errstate(over="ignore"):
+            x = np.ascontiguousarray(x, dtype=self.dtype)
+        if check_finite and not np.isfinite(x.sum(dtype=np.float64)):
+            # The sum is one pass without a temporary; only a non-finite sum pays for the search.
+            bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
+            if len(bad):
+                raise ValueError(
+                    f"Expected {name} to be finite, received NaN or inf in {len(bad)} sample(s), the first at "
+                    f"index {bad[0]}" + (f" (after the cast to {self.dtype.name})" if cast else "")
+                )
+        return x
+
+    def _check_y(self, y, n, name):
+        """Targets for the loss and class ids for accuracy (None when outputs are not class scores)."""
+        if not isinstance(y, np.ndarray):
+            y = np.asarray(y)
+        if y.dtype.kind not in "biuf":
+            raise TypeError(f"Expected {name} to hold class ids or one-hot rows, received: dtype={y.dtype}")
+        if y.ndim == 0 or len(y) != n:
+            raise ValueError(f"Expected {name} to have {n} rows (one per sample), received: shape {y.shape}")
+        out_shape = self.output_shape
+        k = out_shape[0] if len(out_shape) == 1 else None
+        if y.ndim == 1 and k is not None:
+            if y.dtype.kind == "f":
+                if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
+                    raise ValueError(
+                        f"Expected {name} as integer class ids or one-hot rows of width {k}, received: "
+                        f"non-integer values in a 1-D {y.dtype} array"
+                    )
+            lo, hi = (int(y.min()), int(y.max())) if len(y) else (0, 0)
+            n_classes = max(k, 2)  # a single output is a binary classifier: ids 0 and 1
+            if lo < 0 or hi >= n_classes:
+                raise ValueError(
+                    f"Expected {name} class ids in [0, {n_classes}) for a network with {k} output(s), "
+                    f"received: values in [{lo}, {hi}]"
+                )
+            ids = np.ascontiguousarray(y, dtype=np.intp)
+            if k == 1:
+                # Binary targets go to the loss with pred's shape (n, 1).
+                return np.ascontiguousarray(ids.reshape(n, 1), dtype=self.dtype), ids
+            if _wants_dense_targets(self.loss):
+                # MSE / binary cross-entropy compare element-wise: give them one-hot rows.
+                rows = np.zeros((n, k), dtype=self.dtype)
+                rows[np.arange(n), ids] = 1
+                return rows, ids
+            return ids, ids
+        if y.shape[1:] == out_shape:
+            targets = np.ascontiguousarray(y, dtype=self.dtype)
+            if not np.isfinite(targets.sum(dtype=np.float64)):
+                raise ValueError(f"Expected {name} to be finite, received NaN or inf")
+            if k is None:
+                return targets, None
+            ids = (targets[:, 0] >= 0.5).astype(np.intp) if k == 1 else targets.argmax(axis=1)
+            return targets, ids
+        if k is not None:
+            expected = f"(n,) class ids or (n, {k}) one-hot rows"
+        else:
+            expected = f"(n, {', '.join(map(str, out_shape))})"
+        raise ValueError(f"Expected {name} of shape {expected}, received: {y.shape}")
+
+    def _correct_counter(self):
+        """A function ``(outputs, ids) -> number of correct predictions`` for the output kind."""
+        if len(self.output_shape) != 1:
+            return lambda out, ids: 0
+        if self.output_shape[0] == 1:
+            threshold = 0.0 if _output_activation(self.loss) == "sigmoid" else 0.5
+
+            def count(out, ids):
+                return 0 if ids is None else int(np.count_nonzero((out[:, 0] > threshold) == ids))
+        else:
+            def count(out, ids):
+                return 0 if ids is None else int(np.count_nonzero(out.argmax(axis=1) == ids))
+        return count
+
+    # ------------------------------------------------------------------ persistence (cnnx.io)
+    def save(self, path):
+        """Save architecture, weights, loss, optimizer state and history into directory ``path``
+        (atomically); ``cnnx.load(path)`` rebuilds the network. See :func:`cnnx.io.save`."""
+        from . import io  # lazily: io imports this module
+
+        io.save(self, path)
+
+    def save_weights(self, path):
+        """Write parameters and buffers into one .npz file. See :func:`cnnx.io.save_weights`."""
+        from . import io
+
+        io.save_weights(self, path)
+
+    def load_weights(self, path):
+        """Load a :meth:`save_weights` file into this network, all or nothing. See
+        :func:`cnnx.io.load_weights`."""
+        from . import io
+
+        io.load_weights(self, path)
+
+
+# ---------------------------------------------------------------------- helpers --------------
+def layer_params(layer):
+    """Number of trainable scalars of one layer."""
+    return int(sum(p.size for _, p, _ in layer.named_parameters()))
+
+
+def _describe(layer):
+    """Class name, plus a fused activation so the summary says what the layer computes."""
+    name = type(layer).__name__
+    try:
+        config = layer.get_config()
+    except Exception:  # a summary must not fail because of a half-written layer
+        config = {}
+    activation = config.get("activation") if isinstance(config, dict) else None
+    if activation:
+        extra = ""
+        if activation == "leaky_relu" and "negative_slope" in config:
+            extra = f"({config['negative_slope']:g})"
+        name += f" + {activation}{extra}"
+    return name
+
+
+def _output_activation(loss):
+    """"softmax" / "sigmoid" when the loss works on logits of that kind, else None."""
+    if loss is None or not getattr(loss, "from_logits", False):
+        return None
+    name = type(loss).__name__.lower()
+    return "sigmoid" if ("binary" in name or "bce" in name) else "softmax"
+
+
+def _wants_dense_targets(loss):
+    """True for element-wise losses (MSE, binary cross-entropy) that take targets of pred's shape."""
+    from . import losses
+
+    return isinstance(loss, (losses.MSE, losses.BinaryCrossEntropy, losses.BinaryCrossEntropyWithLogits))
+
+
+def _as_shape(shape):
+    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
+        shape = (shape,)
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        raise TypeError(f"Expected a shape (tuple of ints), received: {shape!r}") from None
+    if not shape or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1 for s in shape):
+        raise ValueError(f"Expected a shape of positive ints, received: {shape!r}")
+    return tuple(int(s) for s in shape)
+
+
+def _shape_str(shape):
+    return str(tuple(shape))
+
+
+def _check_int(value, name, minimum):
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"Expected {name} to be an int, received: {name}={value!r}")
+    if value < minimum:
+        raise ValueError(f"Expected {name} >= {minimum}, received: {name}={value!r}")
+    return int(value)
+
+
+def _check_callbacks(callbacks):
+    if callbacks is None:
+        return []
+    from .callbacks import Callback
+
+    if isinstance(callbacks, Callback):
+        callbacks = [callbacks]
+    callbacks = list(callbacks)
+    for i, cb in enumerate(callbacks):
+        if not isinstance(cb, Callback):
+            raise TypeError(f"Expected callbacks to be Callback instances, received at index {i}: {type(cb).__name__}")
+    return callbacks
+
+
+def _ensure_keys(history, keys):
+    """Add missing lists, padded with NaN for the epochs already recorded (a history set by
+    ``cnnx.load`` or by hand may lack some), so that every list has one entry per epoch."""
+    length = max((len(v) for v in history.values()), default=0)
+    for key in keys:
+        if key not in history:
+            history[key] = [math.nan] * length
+
+
+def _format_metrics(loss, accuracy, val_loss=None, val_accuracy=None):
+    text = f"loss={loss:.4f}, acc={accuracy:.4f}"
+    if val_loss is not None:
+        text += f", val_loss={val_loss:.4f}, val_acc={val_accuracy:.4f}"
+    return text
+
+
+def _progress_bar(total, epoch, epochs):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="batch", desc=f"Epoch {epoch + 1}/{epochs}", leave=True,
+                dynamic_ncols=True)
