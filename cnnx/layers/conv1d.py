@@ -1,0 +1,356 @@
+"""1-D layers on ``(batch, channels, length)``: Conv1D, MaxPool1D, AvgPool1D.
+
+They own no arithmetic of their own: a length-``L`` signal is an image of height 1, so each layer
+views its input as ``x[:, :, None, :]`` (and Conv1D its weight as ``weight[:, :, None, :]``), runs
+``cnnx.functional``'s 2-D kernels with padding ``((0, 0), (left, right))`` and drops the height
+axis again. The views cost nothing and the compiled kernels stay the only hot path.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from .. import functional as F
+from .._geometry import conv_output_size, explicit_padding
+from ..init import check_initializer, initialize_bias, initialize_weight
+from .activations import ACTIVATIONS, activation_kwargs, check_activation, check_negative_slope
+from .base import Layer, default_rng
+from .dense import _check_floating, _grad_buffer, _positive_int
+
+
+def _positive_length(value, name):
+    """A kernel size or stride of a 1-D layer: an int >= 1 (a 1-tuple is accepted too)."""
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"Expected {name} to be an int, received: {name}={value!r}")
+    if value < 1:
+        raise ValueError(f"Expected {name} >= 1, received: {name}={value!r}")
+    return int(value)
+
+
+def canonical_padding_1d(padding, allow_strings=True):
+    """Validate a 1-D ``padding`` and return the form ``get_config`` reports.
+
+    ``"valid"``/``"same"`` stay (lower-case) strings; an int stays an int; a pair ``(left, right)``
+    becomes an int when both sides agree.
+    """
+    if isinstance(padding, str):
+        if not allow_strings:
+            raise TypeError(f"Expected padding as an int or (left, right), received: padding={padding!r}")
+        mode = padding.lower()
+        if mode not in ("valid", "same"):
+            raise ValueError(
+                f"Expected padding 'valid', 'same', an int or (left, right), received: padding={padding!r}"
+            )
+        return mode
+    if isinstance(padding, numbers.Integral) and not isinstance(padding, bool):
+        left = right = int(padding)
+    elif (isinstance(padding, (tuple, list)) and len(padding) == 2
+          and all(isinstance(p, numbers.Integral) and not isinstance(p, bool) for p in padding)):
+        left, right = int(padding[0]), int(padding[1])
+    else:
+        expected = "'valid', 'same', an int or (left, right)" if allow_strings else "an int or (left, right)"
+        raise TypeError(f"Expected padding as {expected}, received: padding={padding!r}")
+    if left < 0 or right < 0:
+        raise ValueError(f"Expected padding >= 0, received: padding={padding!r}")
+    return left if left == right else (left, right)
+
+
+def _explicit_pads(padding, kernel_size, stride, length):
+    """``(left, right)`` for a canonical 1-D ``padding`` and an input of ``length`` samples."""
+    if isinstance(padding, str):
+        return explicit_padding(padding, (1, kernel_size), (1, stride), (1, length))[1]
+    if isinstance(padding, int):
+        return (padding, padding)
+    return tuple(padding)
+
+
+def _check_dy(layer, dy, expected):
+    if not isinstance(dy, np.ndarray) or dy.shape != expected:
+        received = dy.shape if isinstance(dy, np.ndarray) else type(dy).__name__
+        raise ValueError(f"{type(layer).__name__} expected dy of shape {expected}, received: {received}")
+
+
+class Conv1D(Layer):
+    """1-D convolution (cross-correlation, as PyTorch's ``nn.Conv1d``) over ``(n, c, length)``.
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+    kernel_size : int
+    stride : int, default 1
+    padding : int, (left, right), "valid" or "same", default 0
+        ``"same"`` keeps ``ceil(length / stride)`` outputs; an even kernel's extra sample goes on
+        the right (PyTorch, Keras).
+    bias : bool, default True
+    activation : {None, "relu", "leaky_relu", "sigmoid", "tanh", "gelu"}, default None
+        Fused activation applied after the bias.
+    negative_slope : float, default 0.01
+        Slope of ``"leaky_relu"`` (ignored otherwise).
+    weight_init : str, default "default"
+        One of ``cnnx.init.INITIALIZERS``; ``"default"`` is PyTorch's rule (fan_in = in_channels * k).
+    rng : None, int or numpy.random.Generator
+        Source of the initial weights; ``None`` uses the generator ``cnnx.manual_seed`` seeds.
+
+    Attributes
+    ----------
+    params : dict
+        ``"weight"`` of shape (out_channels, in_channels, kernel_size), ``"bias"`` of shape (out_channels,).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
+                 activation=None, negative_slope=0.01, weight_init="default", rng=None):
+        super().__init__()
+        self.in_channels = _positive_int(in_channels, "in_channels")
+        self.out_channels = _positive_int(out_channels, "out_channels")
+        self.kernel_size = _positive_length(kernel_size, "kernel_size")
+        self.stride = _positive_length(stride, "stride")
+        self.padding = canonical_padding_1d(padding)
+        if not isinstance(bias, (bool, np.bool_)):
+            raise TypeError(f"Expected bias to be a bool, received: bias={bias!r}")
+        self.use_bias = bool(bias)
+        self.activation = check_activation(activation)
+        self.negative_slope = check_negative_slope(negative_slope)
+        self.weight_init = check_initializer(weight_init)
+        self.needs_input_grad = True
+
+        gen = default_rng(rng)
+        shape = (self.out_channels, self.in_channels, self.kernel_size)
+        self.params["weight"] = initialize_weight(self.weight_init, shape, gen)
+        if self.use_bias:
+            self.params["bias"] = initialize_bias(self.weight_init, shape, gen)
+        self.zero_grads()
+
+        self._act = ACTIVATIONS[self.activation] if self.activation else None
+        self._act_kw = activation_kwargs(self.activation, self.negative_slope)
+        self._workspace = F.Workspace()
+        self._x4 = self._z = self._y = self._pads = None
+
+    def explicit_padding(self, length):
+        """``(left, right)`` for an input of ``length`` samples."""
+        return _explicit_pads(self.padding, self.kernel_size, self.stride, length)
+
+    def output_shape(self, input_shape):
+        input_shape = tuple(input_shape)
+        if len(input_shape) != 2 or input_shape[0] != self.in_channels:
+            raise ValueError(
+                f"Conv1D expected input of shape ({self.in_channels}, length) per sample, received: {input_shape}"
+            )
+        length = input_shape[1]
+        left, right = self.explicit_padding(length)
+        if self.kernel_size > length + left + right:
+            raise ValueError(
+                f"Conv1D expected a padded input at least as long as the kernel ({self.kernel_size}), "
+                f"received: length {length} padded to {length + left + right}"
+            )
+        return (self.out_channels, conv_output_size(length, self.kernel_size, self.stride, left, right))
+
+    def forward(self, x, training=False):
+        """Parameters
+        ----------
+        x : ndarray of shape (n, in_channels, length), floating (cast to the parameters' dtype)
+
+        Returns
+        -------
+        y : ndarray of shape (n, out_channels, out_length)
+        """
+        self._check_input(x, (self.in_channels, None))
+        _check_floating(self, x)
+        self.output_shape(x.shape[1:])
+        w = self.params["weight"]
+        x4 = x.astype(w.dtype, copy=False)[:, :, None, :]
+        pads = ((0, 0), self.explicit_padding(x.shape[2]))
+        z = F.conv2d(x4, w[:, :, None, :], self.params.get("bias"), (1, self.stride), pads,
+                     workspace=self._workspace)[:, :, 0, :]
+        self._x4, self._pads = x4, pads
+        if self._act is None:
+            self._z = None
+            y = z
+        elif self._act.needs_input(**self._act_kw):
+            self._z = z
+            y = self._act.forward(z, **self._act_kw)
+        else:
+            # The activation's backward reads only its output: overwrite z, keep one buffer.
+            self._z = None
+            y = self._act.forward(z, out=z, **self._act_kw)
+        self._y = y
+        return y
+
+    def backward(self, dy):
+        """Parameters
+        ----------
+        dy : ndarray of shape (n, out_channels, out_length)
+
+        Returns
+        -------
+        dx : ndarray of shape (n, in_channels, length), or None when ``needs_input_grad`` is False
+        """
+        if self._x4 is None:
+            raise RuntimeError("Conv1D.backward called before forward")
+        _check_dy(self, dy, self._y.shape)
+        w = self.params["weight"]
+        dz = dy.astype(w.dtype, copy=False)
+        if self._act is not None:
+            dz = self._act.backward(dz, self._z, self._y, **self._act_kw)
+        dx, dw, db = F.conv2d_backward(dz[:, :, None, :], self._x4, w[:, :, None, :], (1, self.stride),
+                                       self._pads, need_dx=self.needs_input_grad, workspace=self._workspace)
+        np.copyto(_grad_buffer(self, "weight"), dw[:, :, 0, :])
+        if self.use_bias:
+            np.copyto(_grad_buffer(self, "bias"), db)
+        return dx[:, :, 0, :] if self.needs_input_grad else None
+
+    def get_config(self):
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": self.kernel_size,
+            "stride": self.stride,
+            "padding": self.padding,
+            "bias": self.use_bias,
+            "activation": self.activation,
+            "negative_slope": self.negative_slope,
+            "weight_init": self.weight_init,
+        }
+
+
+class _Pool1D(Layer):
+    """Shared geometry of MaxPool1D and AvgPool1D (PyTorch semantics, floor output size)."""
+
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__()
+        self.kernel_size = _positive_length(kernel_size, "kernel_size")
+        self.stride = self.kernel_size if stride is None else _positive_length(stride, "stride")
+        self.padding = canonical_padding_1d(padding, allow_strings=False)
+        self._lr = _explicit_pads(self.padding, self.kernel_size, self.stride, None)
+        # As PyTorch: a window must always overlap the input (max-pool would otherwise see only padding).
+        if max(self._lr) > self.kernel_size // 2:
+            raise ValueError(
+                f"Expected padding at most half the kernel ({self.kernel_size // 2}), received: padding={padding!r}"
+            )
+        self.needs_input_grad = True
+        self._x_shape = None
+
+    @property
+    def _geometry_2d(self):
+        """kernel_size, stride, padding of the equivalent height-1 2-D pooling."""
+        return (1, self.kernel_size), (1, self.stride), ((0, 0), self._lr)
+
+    def output_shape(self, input_shape):
+        input_shape = tuple(input_shape)
+        if len(input_shape) != 2:
+            raise ValueError(
+                f"{type(self).__name__} expected input of shape (c, length) per sample, received: {input_shape}"
+            )
+        c, length = input_shape
+        left, right = self._lr
+        if self.kernel_size > length + left + right:
+            raise ValueError(
+                f"{type(self).__name__} expected a padded input at least as long as the kernel ({self.kernel_size}), "
+                f"received: length {length} padded to {length + left + right}"
+            )
+        return (c, conv_output_size(length, self.kernel_size, self.stride, left, right))
+
+    def _check_forward_input(self, x):
+        self._check_input(x, (None, None))
+        _check_floating(self, x)
+        self.output_shape(x.shape[1:])
+
+    def _check_backward(self, dy):
+        if self._x_shape is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+        _check_dy(self, dy, (self._x_shape[0],) + self.output_shape(self._x_shape[1:]))
+
+    def get_config(self):
+        return {"kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding}
+
+
+class MaxPool1D(_Pool1D):
+    """Max pooling over ``(n, c, length)``; padding never wins the max.
+
+    Parameters
+    ----------
+    kernel_size : int
+    stride : int, default ``kernel_size``
+    padding : int or (left, right), default 0
+        At most half the kernel on each side.
+
+    Notes
+    -----
+    With ties the gradient goes to the first maximum of the window, as in PyTorch.
+    """
+
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__(kernel_size, stride, padding)
+        self._indices = None
+
+    def forward(self, x, training=False):
+        """Parameters
+        ----------
+        x : ndarray of shape (n, c, length), floating
+
+        Returns
+        -------
+        y : ndarray of shape (n, c, out_length)
+        """
+        self._check_forward_input(x)
+        y, self._indices = F.max_pool2d(x[:, :, None, :], *self._geometry_2d)
+        self._x_shape = x.shape
+        return y[:, :, 0, :]
+
+    def backward(self, dy):
+        """Parameters
+        ----------
+        dy : ndarray of shape (n, c, out_length)
+
+        Returns
+        -------
+        dx : ndarray of shape (n, c, length), or None when ``needs_input_grad`` is False
+        """
+        self._check_backward(dy)
+        if not self.needs_input_grad:
+            return None
+        n, c, length = self._x_shape
+        return F.max_pool2d_backward(dy[:, :, None, :], self._indices, (n, c, 1, length))[:, :, 0, :]
+
+
+class AvgPool1D(_Pool1D):
+    """Average pooling over ``(n, c, length)``; zero padding counts toward the mean (PyTorch's
+    default ``count_include_pad=True``).
+
+    Parameters
+    ----------
+    kernel_size : int
+    stride : int, default ``kernel_size``
+    padding : int or (left, right), default 0
+        At most half the kernel on each side.
+    """
+
+    def forward(self, x, training=False):
+        """Parameters
+        ----------
+        x : ndarray of shape (n, c, length), floating
+
+        Returns
+        -------
+        y : ndarray of shape (n, c, out_length)
+        """
+        self._check_forward_input(x)
+        self._x_shape = x.shape
+        return F.avg_pool2d(x[:, :, None, :], *self._geometry_2d)[:, :, 0, :]
+
+    def backward(self, dy):
+        """Parameters
+        ----------
+        dy : ndarray of shape (n, c, out_length)
+
+        Returns
+        -------
+        dx : ndarray of shape (n, c, length), or None when ``needs_input_grad`` is False
+        """
+        self._check_backward(dy)
+        if not self.needs_input_grad:
+            return None
+        n, c, length = self._x_shape
+        return F.avg_pool2d_backward(dy[:, :, None, :], (n, c, 1, length), *self._geometry_2d)[:, :, 0, :]

@@ -1,0 +1,230 @@
+"""Batch normalisation (BatchNorm1D, BatchNorm2D) with PyTorch's semantics.
+
+Both work on a ``(n, c, L)`` view of their input (``L`` = h*w for images, the length for
+sequences, 1 for ``(n, c)`` rows), so one vectorised NumPy implementation serves both. Training
+mode normalises with the batch statistics (biased variance) and updates ``running_mean`` /
+``running_var`` (the latter with the unbiased variance); evaluation mode uses the running
+statistics. The running statistics are buffers (``named_buffers``), so save/load keeps them.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from .base import Layer
+from .dense import _check_floating, _grad_buffer, _positive_int
+
+
+class _BatchNorm(Layer):
+    """Shared body; subclasses define which per-sample shapes they accept (``_check_shape``)."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True):
+        super().__init__()
+        self.num_features = _positive_int(num_features, "num_features")
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not float(eps) > 0:
+            raise ValueError(f"Expected eps to be a positive number, received: eps={eps!r}")
+        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= float(momentum) <= 1.0:
+            raise ValueError(f"Expected momentum to be a number in [0, 1], received: momentum={momentum!r}")
+        if not isinstance(affine, (bool, np.bool_)):
+            raise TypeError(f"Expected affine to be a bool, received: affine={affine!r}")
+        self.eps = float(eps)
+        self.momentum = float(momentum)
+        self.affine = bool(affine)
+        self.needs_input_grad = True
+        c = self.num_features
+        if self.affine:
+            self.params["weight"] = np.ones(c, dtype=np.float32)
+            self.params["bias"] = np.zeros(c, dtype=np.float32)
+            self.zero_grads()
+        self.buffers["running_mean"] = np.zeros(c, dtype=np.float32)
+        self.buffers["running_var"] = np.ones(c, dtype=np.float32)
+        self._cache = None
+
+    # --- shapes ----------------------------------------------------------------------------
+    def _check_shape(self, input_shape):
+        raise NotImplementedError
+
+    def output_shape(self, input_shape):
+        input_shape = tuple(input_shape)
+        self._check_shape(input_shape)
+        return input_shape
+
+    def _as_ncl(self, x):
+        """Validate ``x`` and return it as an ``(n, c, L)`` array of the parameters' dtype."""
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"{type(self).__name__} expected a numpy array, received: {type(x).__name__}")
+        _check_floating(self, x)
+        if x.ndim < 1:
+            raise ValueError(f"{type(self).__name__} expected a batch of samples, received: shape={x.shape}")
+        self._check_shape(x.shape[1:])
+        dtype = self.buffers["running_mean"].dtype
+        x = np.ascontiguousarray(x, dtype=dtype)
+        return x.reshape(x.shape[0], self.num_features, -1)
+
+    def _scale_shift(self):
+        """``gamma`` and ``beta`` (ones and zeros without ``affine``)."""
+        if self.affine:
+            return self.params["weight"], self.params["bias"]
+        dtype = self.buffers["running_mean"].dtype
+        return np.ones(self.num_features, dtype), np.zeros(self.num_features, dtype)
+
+    # --- forward / backward --------------------------------------------------------------
+    def forward(self, x, training=False):
+        """Normalise each channel.
+
+        Parameters
+        ----------
+        x : ndarray of shape (n, c) or (n, c, L) for BatchNorm1D, (n, c, h, w) for BatchNorm2D
+        training : bool
+            True: batch statistics, and the running statistics are updated in place.
+            False: the running statistics.
+
+        Returns
+        -------
+        y : ndarray of the shape of ``x``, in the parameters' dtype
+        """
+        shape = x.shape if isinstance(x, np.ndarray) else None
+        x3 = self._as_ncl(x)
+        n, c, length = x3.shape
+        m = n * length
+        gamma, beta = self._scale_shift()
+        if training:
+            if m < 2:
+                raise ValueError(
+                    f"{type(self).__name__} expected more than 1 value per channel in training mode, "
+                    f"received: input of shape {shape}"
+                )
+            mean = x3.mean(axis=(0, 2))
+            x_hat = x3 - mean[:, None]
+            y = np.multiply(x_hat, x_hat)
+            var = y.sum(axis=(0, 2)) / m
+            inv_std = 1.0 / np.sqrt(var + self.eps)
+            x_hat *= inv_std[:, None]
+            np.multiply(x_hat, gamma[:, None], out=y)
+            y += beta[:, None]
+            # Running variance uses the unbiased estimate, as PyTorch does.
+            mom = self.momentum
+            rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
+            rm *= 1.0 - mom
+            rm += mom * mean
+            rv *= 1.0 - mom
+            rv += (mom * m / (m - 1)) * var
+            self._cache = ("train", x_hat, inv_std, shape)
+        else:
+            inv_std = 1.0 / np.sqrt(self.buffers["running_var"] + self.eps)
+            scale = gamma * inv_std
+            shift = beta - self.buffers["running_mean"] * scale
+            y = x3 * scale[:, None]
+            y += shift[:, None]
+            # x itself is enough for the backward: x_hat is recomputed per channel only.
+            self._cache = ("eval", x3, inv_std, shape)
+        return y.reshape(shape)
+
+    def backward(self, dy):
+        """Parameters
+        ----------
+        dy : ndarray of the shape of the last ``forward`` input
+
+        Returns
+        -------
+        dx : ndarray of the same shape, or None when ``needs_input_grad`` is False
+
+        Notes
+        -----
+        In training mode the batch statistics depend on every sample, so
+        ``dx = gamma * inv_std * (dy - mean(dy) - x_hat * mean(dy * x_hat))`` (per channel).
+        In evaluation mode the statistics are constants: ``dx = gamma * inv_std * dy``.
+        """
+        if self._cache is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+        mode, saved, inv_std, shape = self._cache
+        if not isinstance(dy, np.ndarray) or dy.shape != shape:
+            received = dy.shape if isinstance(dy, np.ndarray) else type(dy).__name__
+            raise ValueError(f"{type(self).__name__} expected dy of shape {shape}, received: {received}")
+        dy3 = np.ascontiguousarray(dy, dtype=saved.dtype).reshape(saved.shape)
+        gamma, _ = self._scale_shift()
+        dbeta = dy3.sum(axis=(0, 2))
+        if mode == "train":
+            x_hat = saved
+            dgamma = np.einsum("ncl,ncl->c", dy3, x_hat)
+        else:
+            # sum(dy * (x - mean)) * inv_std without materialising x_hat.
+            dgamma = (np.einsum("ncl,ncl->c", dy3, saved) - self.buffers["running_mean"] * dbeta) * inv_std
+        if self.affine:
+            np.copyto(_grad_buffer(self, "weight"), dgamma)
+            np.copyto(_grad_buffer(self, "bias"), dbeta)
+        if not self.needs_input_grad:
+            return None
+        k = (gamma * inv_std)[:, None]
+        if mode == "eval":
+            return (dy3 * k).reshape(shape)
+        m = saved.shape[0] * saved.shape[2]
+        dx = np.multiply(x_hat, (-dgamma / m)[:, None])
+        dx += dy3
+        dx -= (dbeta / m)[:, None]
+        dx *= k
+        return dx.reshape(shape)
+
+    def get_config(self):
+        return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum, "affine": self.affine}
+
+
+class BatchNorm1D(_BatchNorm):
+    """Batch normalisation over ``(n, c)`` rows or ``(n, c, length)`` sequences (PyTorch's ``BatchNorm1d``).
+
+    Parameters
+    ----------
+    num_features : int
+        ``c``.
+    eps : float, default 1e-5
+        Added to the variance before the square root.
+    momentum : float in [0, 1], default 0.1
+        ``running = (1 - momentum) * running + momentum * batch_statistic``.
+    affine : bool, default True
+        Learn a per-channel scale ``weight`` (init 1) and shift ``bias`` (init 0).
+
+    Attributes
+    ----------
+    params : dict
+        ``"weight"`` and ``"bias"`` of shape (c,) when ``affine``.
+    buffers : dict
+        ``"running_mean"`` (init 0) and ``"running_var"`` (init 1), shape (c,).
+    """
+
+    def _check_shape(self, input_shape):
+        if len(input_shape) not in (1, 2) or input_shape[0] != self.num_features:
+            raise ValueError(
+                f"BatchNorm1D expected input of shape ({self.num_features},) or ({self.num_features}, length) "
+                f"per sample, received: {tuple(input_shape)}"
+            )
+
+
+class BatchNorm2D(_BatchNorm):
+    """Batch normalisation of NCHW batches, per channel (PyTorch's ``BatchNorm2d``).
+
+    Parameters
+    ----------
+    num_features : int
+        ``c``.
+    eps : float, default 1e-5
+        Added to the variance before the square root.
+    momentum : float in [0, 1], default 0.1
+        ``running = (1 - momentum) * running + momentum * batch_statistic``.
+    affine : bool, default True
+        Learn a per-channel scale ``weight`` (init 1) and shift ``bias`` (init 0).
+
+    Attributes
+    ----------
+    params : dict
+        ``"weight"`` and ``"bias"`` of shape (c,) when ``affine``.
+    buffers : dict
+        ``"running_mean"`` (init 0) and ``"running_var"`` (init 1), shape (c,).
+    """
+
+    def _check_shape(self, input_shape):
+        if len(input_shape) != 3 or input_shape[0] != self.num_features:
+            raise ValueError(
+                f"BatchNorm2D expected input of shape ({self.num_features}, h, w) per sample, "
+                f"received: {tuple(input_shape)}"
+            )

@@ -1,0 +1,264 @@
+"""Residual: the container layer ``y = activation(block(x) + shortcut(x))``.
+
+It owns no parameters of its own; its children do. It forwards ``named_parameters`` /
+``named_buffers`` under prefixed names (``"block.0.weight"``, ``"shortcut.1.running_mean"``), which
+is what optimizers and save/load key on, and nests children's configs so ``from_config`` can
+rebuild it (a Residual may sit inside another Residual's block).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .activations import ACTIVATIONS, activation_kwargs, check_activation, check_negative_slope
+from .base import LAYER_CLASSES, Layer
+
+
+def _as_layer_list(layers, name, allow_none=False):
+    if layers is None and allow_none:
+        return None
+    if isinstance(layers, Layer):
+        layers = [layers]
+    if not isinstance(layers, (list, tuple)):
+        expected = "a Layer, a list of layers or None" if allow_none else "a Layer or a list of layers"
+        raise TypeError(f"Expected {name} to be {expected}, received: {type(layers).__name__}")
+    if len(layers) == 0:
+        raise ValueError(f"Expected {name} to hold at least one layer, received: an empty list")
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, Layer):
+            raise TypeError(f"Expected {name}[{i}] to be a cnnx Layer, received: {type(layer).__name__}")
+    return list(layers)
+
+
+def _layers_from_config(entries, name):
+    if not isinstance(entries, (list, tuple)):
+        raise TypeError(f"Expected {name} as a list of {{'class': ..., 'config': ...}}, received: {entries!r}")
+    layers = []
+    for entry in entries:
+        cls_name = entry.get("class") if isinstance(entry, dict) else None
+        if cls_name not in LAYER_CLASSES:
+            raise ValueError(f"Expected a known layer class {sorted(LAYER_CLASSES)} in {name}, received: {entry!r}")
+        layers.append(LAYER_CLASSES[cls_name].from_config(entry.get("config", {})))
+    return layers
+
+
+class Residual(Layer):
+    """Residual connection: ``y = activation(block(x) + shortcut(x))``.
+
+    Parameters
+    ----------
+    block : Layer or list of Layer
+        The main path, applied in order.
+    shortcut : None, Layer or list of Layer, default None
+        ``None`` is the identity; otherwise e.g. a strided 1x1 ``Conv2D`` (and a ``BatchNorm2D``)
+        that brings ``x`` to the block's output shape.
+    activation : {None, "relu", "leaky_relu", "sigmoid", "tanh", "gelu"}, default None
+        Applied after the sum (``"relu"`` for a ResNet basic block).
+    negative_slope : float, default 0.01
+        Slope of ``"leaky_relu"`` (ignored otherwise).
+
+    Notes
+    -----
+    Both paths must produce the same shape; ``output_shape`` (which a ``Network`` calls when it is
+    built) and ``forward`` raise ``ValueError`` otherwise. ``params``, ``grads`` and ``buffers``
+    are read-only snapshots keyed like ``named_parameters``; the arrays live in the children.
+    """
+
+    def __init__(self, block, shortcut=None, activation=None, negative_slope=0.01):
+        super().__init__()
+        self.block = _as_layer_list(block, "block")
+        self.shortcut = _as_layer_list(shortcut, "shortcut", allow_none=True)
+        children = self.block + (self.shortcut or [])
+        if len({id(layer) for layer in children}) != len(children):
+            raise ValueError(
+                "Expected every layer of block and shortcut to be a distinct object, received a repeated layer"
+            )
+        self.activation = check_activation(activation)
+        self.negative_slope = check_negative_slope(negative_slope)
+        self._act = ACTIVATIONS[self.activation] if self.activation else None
+        self._act_kw = activation_kwargs(self.activation, self.negative_slope)
+        # Inner layers always pass gradients on; only the first layer of each path may skip dx
+        # (decided in backward from this layer's own flag, which a Network may turn off).
+        for layer in children:
+            layer.needs_input_grad = True
+        self.needs_input_grad = True
+        self._z = self._y = None
+
+    # --- the Layer state, delegated to the children ------------------------------------------
+    # Base.__init__ assigns empty dicts; accept exactly that and keep nothing.
+    @property
+    def params(self):
+        return {name: p for name, p, _ in self.named_parameters()}
+
+    @params.setter
+    def params(self, value):
+        if value:
+            raise AttributeError("Residual keeps its parameters in its children; set them there")
+
+    @property
+    def grads(self):
+        return {name: g for name, _, g in self.named_parameters()}
+
+    @grads.setter
+    def grads(self, value):
+        if value:
+            raise AttributeError("Residual keeps its gradients in its children; set them there")
+
+    @property
+    def buffers(self):
+        return dict(self.named_buffers())
+
+    @buffers.setter
+    def buffers(self, value):
+        if value:
+            raise AttributeError("Residual keeps its buffers in its children; set them there")
+
+    def _paths(self):
+        yield "block", self.block
+        if self.shortcut is not None:
+            yield "shortcut", self.shortcut
+
+    def named_parameters(self):
+        for path, layers in self._paths():
+            for i, layer in enumerate(layers):
+                for name, p, g in layer.named_parameters():
+                    yield f"{path}.{i}.{name}", p, g
+
+    def named_buffers(self):
+        for path, layers in self._paths():
+            for i, layer in enumerate(layers):
+                for name, b in layer.named_buffers():
+                    yield f"{path}.{i}.{name}", b
+
+    def astype(self, dtype):
+        for _, layers in self._paths():
+            for layer in layers:
+                layer.astype(dtype)
+        return self
+
+    def zero_grads(self):
+        for _, layers in self._paths():
+            for layer in layers:
+                layer.zero_grads()
+
+    # --- shapes --------------------------------------------------------------------------
+    def output_shape(self, input_shape):
+        input_shape = tuple(input_shape)
+        block_shape = _path_shape(self.block, input_shape, "block")
+        short_shape = input_shape if self.shortcut is None else _path_shape(self.shortcut, input_shape, "shortcut")
+        if block_shape != short_shape:
+            what = "the identity shortcut" if self.shortcut is None else "the shortcut"
+            raise ValueError(
+                f"Residual expected the block and {what} to give the same shape for input {input_shape}, "
+                f"received: block {block_shape}, shortcut {short_shape}"
+            )
+        return block_shape
+
+    # --- forward / backward ----------------------------------------------------------------
+    def forward(self, x, training=False):
+        """Parameters
+        ----------
+        x : ndarray of shape (n, ...), what the first layer of each path takes
+
+        Returns
+        -------
+        y : ndarray of the block's output shape
+        """
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"Residual expected a numpy array, received: {type(x).__name__}")
+        a = x
+        for layer in self.block:
+            a = layer.forward(a, training)
+        s = x
+        if self.shortcut is not None:
+            for layer in self.shortcut:
+                s = layer.forward(s, training)
+        if a.shape != s.shape:
+            raise ValueError(
+                f"Residual expected the block and the shortcut to give the same shape for input {x.shape}, "
+                f"received: block {a.shape}, shortcut {s.shape}"
+            )
+        # A fresh array: the paths' outputs may be buffers their layers still need for backward.
+        z = a + s
+        if self._act is None:
+            self._z, y = None, z
+        elif self._act.needs_input(**self._act_kw):
+            self._z, y = z, self._act.forward(z, **self._act_kw)
+        else:
+            self._z, y = None, self._act.forward(z, out=z, **self._act_kw)
+        self._y = y
+        return y
+
+    def backward(self, dy):
+        """Parameters
+        ----------
+        dy : ndarray of the shape of the last ``forward`` output
+
+        Returns
+        -------
+        dx : ndarray of the input's shape, ``dx_block + dx_shortcut``; None when
+            ``needs_input_grad`` is False
+        """
+        if self._y is None:
+            raise RuntimeError("Residual.backward called before forward")
+        if not isinstance(dy, np.ndarray) or dy.shape != self._y.shape:
+            received = dy.shape if isinstance(dy, np.ndarray) else type(dy).__name__
+            raise ValueError(f"Residual expected dy of shape {self._y.shape}, received: {received}")
+        dz = dy if self._act is None else self._act.backward(dy, self._z, self._y, **self._act_kw)
+        d_block = _path_backward(self.block, dz, self.needs_input_grad)
+        if self.shortcut is None:
+            d_short = dz
+        else:
+            d_short = _path_backward(self.shortcut, dz, self.needs_input_grad)
+        if not self.needs_input_grad:
+            return None
+        return np.add(d_block, d_short)
+
+    # --- config ------------------------------------------------------------------------------
+    def get_config(self):
+        def nested(layers):
+            return [{"class": type(layer).__name__, "config": layer.get_config()} for layer in layers]
+
+        return {
+            "block": nested(self.block),
+            "shortcut": None if self.shortcut is None else nested(self.shortcut),
+            "activation": self.activation,
+            "negative_slope": self.negative_slope,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        block = _layers_from_config(config.pop("block", None), "block")
+        shortcut = config.pop("shortcut", None)
+        if shortcut is not None:
+            shortcut = _layers_from_config(shortcut, "shortcut")
+        return cls(block, shortcut, **config)
+
+    def __repr__(self):
+        def show(layers):
+            return "[" + ", ".join(repr(layer) for layer in layers) + "]"
+
+        shortcut = "None" if self.shortcut is None else show(self.shortcut)
+        extra = f", activation={self.activation!r}" if self.activation else ""
+        if self.activation == "leaky_relu":
+            extra += f", negative_slope={self.negative_slope!r}"
+        return f"Residual(block={show(self.block)}, shortcut={shortcut}{extra})"
+
+
+def _path_shape(layers, shape, name):
+    for i, layer in enumerate(layers):
+        try:
+            shape = tuple(layer.output_shape(shape))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(
+                f"Residual {name}[{i}] ({type(layer).__name__}) cannot take input of shape {shape}: {exc}"
+            ) from exc
+    return shape
+
+
+def _path_backward(layers, d, needs_input_grad):
+    # The first layer of a path need not compute dx when nobody wants the Residual's dx.
+    layers[0].needs_input_grad = needs_input_grad
+    for layer in reversed(layers):
+        d = layer.backward(d)
+    return d
