@@ -61,7 +61,9 @@ if sys.platform == "win32":
     opt_args = ["/O2"]
 else:
     # -O3 but no -march=native: a wheel must run on any CPU of its platform.
-    opt_args = ["-O3", "-ffp-contract=fast"] if not DEBUG else ["-O1", "-g"]
+    # -fno-trapping-math lets the compiler turn data-dependent float selects into blends instead
+    # of branches (cnnx never enables floating-point traps).
+    opt_args = ["-O3", "-ffp-contract=fast", "-fno-trapping-math"] if not DEBUG else ["-O1", "-g"]
 
 extension = Extension(
     "cnnx._ops",

@@ -14,8 +14,14 @@ def col2im(
     cols: Float, first: int, kh: int, kw: int, sy: int, sx: int, pad_top: int, pad_left: int,
     out_h: int, out_w: int, x: Float, n_threads: int,
 ) -> None: ...
-def gemm_to_nchw(y_gemm: Float, bias: Float, has_bias: bool, first: int, y: Float, n_threads: int) -> None: ...
-def nchw_to_gemm(y: Float, first: int, y_gemm: Float, n_threads: int) -> None: ...
+def gemm_to_nchw(
+    y_gemm: Float, bias: Float, has_bias: bool, rectify: bool, negative_slope: float, first: int, y: Float,
+    n_threads: int,
+) -> None: ...
+def nchw_to_gemm(
+    dy: Float, y: Float, rectify: bool, negative_slope: float, first: int, dy_gemm: Float,
+    dbias_partial: NDArray[np.float64], n_threads: int,
+) -> None: ...
 def max_pool2d(
     x: Float, kh: int, kw: int, sy: int, sx: int, pad_top: int, pad_left: int,
     y: Float, indices: NDArray[np.int64], n_threads: int,

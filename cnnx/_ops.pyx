@@ -140,39 +140,84 @@ def gemm_to_nchw(
     const floating[:, :, ::1] y_gemm,
     const floating[::1] bias,
     bint has_bias,
+    bint rectify,
+    double negative_slope,
     Py_ssize_t first,
     floating[:, :, ::1] y,
     int n_threads,
 ):
     """Write the GEMM result ``y_gemm (out_c, g, P)`` into ``y[first : first + g]`` of shape
-    ``(n, out_c, P)``, adding ``bias[out_c]`` in the same sweep."""
+    ``(n, out_c, P)``, adding ``bias[out_c]`` and, when ``rectify``, applying a leaky ReLU
+    (``negative_slope`` 0 gives ReLU) in the same sweep."""
     cdef Py_ssize_t oc = y_gemm.shape[0], g = y_gemm.shape[1], P = y_gemm.shape[2]
     cdef Py_ssize_t j, o, p
-    cdef floating b
+    cdef floating b, v, scaled
+    cdef floating slope = <floating>negative_slope
     if g == 0 or oc == 0 or P == 0:
         return
     for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
         for o in range(oc):
             b = bias[o] if has_bias else 0
-            for p in range(P):
-                y[first + j, o, p] = y_gemm[o, j, p] + b
+            if rectify:
+                for p in range(P):
+                    v = y_gemm[o, j, p] + b
+                    # Both sides computed first so the compiler emits a select, not a branch:
+                    # the sign of v is unpredictable (a branch here made the pass 3x slower).
+                    scaled = v * slope
+                    y[first + j, o, p] = v if v > 0 else scaled
+            else:
+                for p in range(P):
+                    y[first + j, o, p] = y_gemm[o, j, p] + b
 
 
 def nchw_to_gemm(
+    const floating[:, :, ::1] dy,
     const floating[:, :, ::1] y,
+    bint rectify,
+    double negative_slope,
     Py_ssize_t first,
-    floating[:, :, ::1] y_gemm,
+    floating[:, :, ::1] dy_gemm,
+    double[:, ::1] dbias_partial,
     int n_threads,
 ):
-    """Inverse layout pass: ``y_gemm[o, j, p] = y[first + j, o, p]`` for the ``g`` images of a group."""
-    cdef Py_ssize_t oc = y_gemm.shape[0], g = y_gemm.shape[1], P = y_gemm.shape[2]
+    """Inverse layout pass for the backward GEMMs: ``dy_gemm[o, j, p] = dy[first + j, o, p]``.
+
+    When ``rectify``, the gradient goes through the leaky ReLU first, read from its output ``y``
+    (``y > 0`` exactly where its input was, for a slope >= 0). ``dbias_partial[j, o]`` receives
+    each image's sum of the resulting gradient, so the bias gradient needs no extra pass and is
+    summed in the same order whatever the thread count.
+    """
+    cdef Py_ssize_t oc = dy_gemm.shape[0], g = dy_gemm.shape[1], P = dy_gemm.shape[2]
     cdef Py_ssize_t j, o, p
-    if g == 0 or oc == 0 or P == 0:
+    cdef floating v
+    cdef floating derivative[2]
+    cdef double acc
+    derivative[0] = <floating>negative_slope
+    derivative[1] = 1
+    if g == 0 or oc == 0:
         return
     for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
         for o in range(oc):
-            for p in range(P):
-                y_gemm[o, j, p] = y[first + j, o, p]
+            acc = 0
+            if rectify:
+                for p in range(P):
+                    # The derivative (slope or 1) is looked up by the comparison's 0/1 value: as a
+                    # select or as arithmetic the compiler emitted a branch, mispredicted on half
+                    # the elements (6x slower).
+                    v = dy[first + j, o, p] * derivative[y[first + j, o, p] > 0]
+                    dy_gemm[o, j, p] = v
+                    acc = acc + v
+            else:
+                for p in range(P):
+                    v = dy[first + j, o, p]
+                    dy_gemm[o, j, p] = v
+                    acc = acc + v
+            dbias_partial[j, o] = acc
+
+
+cdef inline bint _takes(floating v, floating best) noexcept nogil:
+    """Whether ``v`` replaces the running maximum: larger, or the first NaN (NaN propagates)."""
+    return (v > best) | ((v != v) & (best == best))
 
 
 def max_pool2d(
@@ -195,11 +240,14 @@ def max_pool2d(
     cdef Py_ssize_t n = x.shape[0], c = x.shape[1], h = x.shape[2], w = x.shape[3]
     cdef Py_ssize_t out_h = y.shape[2], out_w = y.shape[3]
     cdef Py_ssize_t plane, img, ch, oy, ox, ki, kj, iy, ix, best_idx, y0, x0
-    cdef floating v, best
+    cdef floating v, best, a, b, c2, d
+    cdef Py_ssize_t k
+    cdef bint take
     if n == 0 or c == 0 or out_h == 0 or out_w == 0:
         return
     if kh == 2 and kw == 2 and sy == 2 and sx == 2 and pad_top == 0 and pad_left == 0:
-        # Fast path for the 2x2 / stride-2 pool every classic CNN uses: no bounds tests.
+        # Fast path for the 2x2 / stride-2 pool every classic CNN uses: no bounds tests, and
+        # selects instead of branches (which of four random values is largest mispredicts often).
         for plane in prange(n * c, nogil=True, schedule="static", num_threads=n_threads):
             img = plane // c
             ch = plane % c
@@ -207,20 +255,26 @@ def max_pool2d(
                 y0 = 2 * oy
                 for ox in range(out_w):
                     x0 = 2 * ox
-                    best = x[img, ch, y0, x0]
-                    best_idx = y0 * w + x0
-                    v = x[img, ch, y0, x0 + 1]
-                    if v > best or v != v:
-                        best = v
-                        best_idx = y0 * w + x0 + 1
-                    v = x[img, ch, y0 + 1, x0]
-                    if v > best or v != v:
-                        best = v
-                        best_idx = (y0 + 1) * w + x0
-                    v = x[img, ch, y0 + 1, x0 + 1]
-                    if v > best or v != v:
-                        best = v
-                        best_idx = (y0 + 1) * w + x0 + 1
+                    a = x[img, ch, y0, x0]
+                    b = x[img, ch, y0, x0 + 1]
+                    c2 = x[img, ch, y0 + 1, x0]
+                    d = x[img, ch, y0 + 1, x0 + 1]
+                    # Branch-free: `v if v > m else m` compiles to maxss and the index update is
+                    # integer arithmetic on the comparison; the winner of random data is
+                    # unpredictable, and a branch here cost 5x.
+                    best = a
+                    k = 0
+                    k = k + (1 - k) * (b > best)
+                    best = b if b > best else best
+                    k = k + (2 - k) * (c2 > best)
+                    best = c2 if c2 > best else best
+                    k = k + (3 - k) * (d > best)
+                    best = d if d > best else best
+                    if (a != a) | (b != b) | (c2 != c2) | (d != d):
+                        # Rare: NaN propagates, and the first NaN is the argmax.
+                        k = 0 if a != a else (1 if b != b else (2 if c2 != c2 else 3))
+                        best = a + b + c2 + d
+                    best_idx = (y0 + k // 2) * w + x0 + k % 2
                     y[img, ch, oy, ox] = best
                     indices[img, ch, oy, ox] = best_idx
         return
@@ -240,10 +294,9 @@ def max_pool2d(
                         if ix < 0 or ix >= w:
                             continue
                         v = x[img, ch, iy, ix]
-                        # best != best keeps a NaN once found; v != v takes a NaN.
-                        if best_idx < 0 or ((v > best or v != v) and best == best):
-                            best = v
-                            best_idx = iy * w + ix
+                        take = best_idx < 0 or _takes(v, best)
+                        best = v if take else best
+                        best_idx = iy * w + ix if take else best_idx
                 y[img, ch, oy, ox] = best
                 indices[img, ch, oy, ox] = best_idx
 

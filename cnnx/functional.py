@@ -140,8 +140,23 @@ def _pool_geometry(x_shape, kernel_size, stride, padding):
 
 # --- convolution -----------------------------------------------------------------------------
 
-def conv2d(x, weight, bias=None, stride=1, padding=0, out=None, workspace=None):
-    """2-D cross-correlation (PyTorch's ``conv2d``).
+def _rectifier(activation, negative_slope):
+    """``(rectify, slope)`` for the kernels' fused leaky ReLU; ``activation`` None, "relu" or "leaky_relu"."""
+    if activation is None:
+        return False, 0.0
+    if activation == "relu":
+        return True, 0.0
+    if activation == "leaky_relu":
+        slope = float(negative_slope)
+        if not slope >= 0:  # the backward reads the sign of the output, valid only for slope >= 0
+            raise ValueError(f"Expected negative_slope >= 0 for the fused leaky_relu, received: {negative_slope!r}")
+        return True, slope
+    raise ValueError(f"Expected activation None, 'relu' or 'leaky_relu', received: activation={activation!r}")
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, out=None, workspace=None, activation=None,
+           negative_slope=0.01):
+    """2-D cross-correlation (PyTorch's ``conv2d``), optionally followed by a fused (leaky) ReLU.
 
     Parameters
     ----------
@@ -152,11 +167,14 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, out=None, workspace=None):
     padding : int, (ph, pw), ((top, bottom), (left, right)), "valid" or "same"
     out : ndarray of shape (n, out_c, out_h, out_w), optional, written in place
     workspace : Workspace, optional, scratch buffers reused across calls
+    activation : None, "relu" or "leaky_relu", applied in the same sweep as the bias
+    negative_slope : float >= 0, the slope of "leaky_relu"
 
     Returns
     -------
     y : ndarray of shape (n, out_c, out_h, out_w), the dtype of ``x`` (float64 if either is)
     """
+    rectify, slope = _rectifier(activation, negative_slope)
     dtype = _common_dtype(x, weight, bias)
     x = _float_array(x, "x", 4, dtype)
     weight = _float_array(weight, "weight", 4, dtype)
@@ -189,11 +207,12 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, out=None, workspace=None):
         _ops.im2col(x, first, kh, kw, sy, sx, pt, pl, out_h, out_w, cols, nt)
         y_gemm = ws.get("y_gemm", (oc, m, p), dtype)
         np.matmul(w2, cols.reshape(k, m * p), out=y_gemm.reshape(oc, m * p))
-        _ops.gemm_to_nchw(y_gemm, b, has_bias, first, y3, nt)
+        _ops.gemm_to_nchw(y_gemm, b, has_bias, rectify, slope, first, y3, nt)
     return y
 
 
-def conv2d_backward(dy, x, weight, stride=1, padding=0, need_dx=True, out=None, workspace=None):
+def conv2d_backward(dy, x, weight, stride=1, padding=0, need_dx=True, out=None, workspace=None,
+                    activation=None, negative_slope=0.01, y=None):
     """Gradients of ``conv2d`` with respect to its input, weight and bias.
 
     Parameters
@@ -203,6 +222,8 @@ def conv2d_backward(dy, x, weight, stride=1, padding=0, need_dx=True, out=None, 
     weight : ndarray of shape (out_c, c, kh, kw)
     need_dx : bool, skip the input gradient when False (a network's first layer)
     out : ndarray of shape (n, c, h, w), optional, receives dx
+    activation, negative_slope : the fused activation given to ``conv2d``; then ``dy`` is the
+        gradient of its output and ``y`` must be that output
 
     Returns
     -------
@@ -223,26 +244,37 @@ def conv2d_backward(dy, x, weight, stride=1, padding=0, need_dx=True, out=None, 
     (kh, kw), (sy, sx), ((pt, _), (pl, _)), (out_h, out_w) = _geometry((h, w), weight.shape[2:], stride, padding)
     if dy.shape != (n, oc, out_h, out_w):
         raise ValueError(f"Expected dy of shape {(n, oc, out_h, out_w)}, received: dy.shape={dy.shape}")
+    rectify, slope = _rectifier(activation, negative_slope)
+    if rectify:
+        if y is None:
+            raise ValueError(f"Expected y, the output of conv2d, with activation={activation!r}")
+        y = _float_array(y, "y", 4, dtype)
+        if y.shape != dy.shape:
+            raise ValueError(f"Expected y of the shape of dy {dy.shape}, received: y.shape={y.shape}")
+    else:
+        y = dy  # unread
     dx = _check_out(out, x.shape, dtype, "out") if need_dx else None
     k = c * kh * kw
     p = out_h * out_w
     dweight = np.zeros((oc, k), dtype=dtype)
-    dbias = dy.sum(axis=(0, 2, 3))
     if n == 0 or p == 0 or k == 0:
         if dx is not None:
             dx[...] = 0
-        return dx, dweight.reshape(weight.shape), dbias
+        dz = dy if not rectify else np.where(y > 0, dy, dy * slope)
+        return dx, dweight.reshape(weight.shape), dz.sum(axis=(0, 2, 3))
     ws = workspace if workspace is not None else Workspace()
     g = _group_size(n, (2 * k + oc) * p * dtype.itemsize)
     w2 = weight.reshape(oc, k)
     dy3 = dy.reshape(n, oc, p)
+    y3 = y.reshape(n, oc, p)
+    dbias_partial = np.empty((n, oc), dtype=np.float64)
     nt = threads_for(min(g, n) * (k + oc) * p)
     for first in range(0, n, g):
         m = min(g, n - first)
         cols = ws.get("cols", (k, m, p), dtype)
         _ops.im2col(x, first, kh, kw, sy, sx, pt, pl, out_h, out_w, cols, nt)
         dy_gemm = ws.get("dy_gemm", (oc, m, p), dtype)
-        _ops.nchw_to_gemm(dy3, first, dy_gemm, nt)
+        _ops.nchw_to_gemm(dy3, y3, rectify, slope, first, dy_gemm, dbias_partial[first:first + m], nt)
         dy2 = dy_gemm.reshape(oc, m * p)
         if first == 0:
             np.matmul(dy2, cols.reshape(k, m * p).T, out=dweight)
@@ -254,6 +286,7 @@ def conv2d_backward(dy, x, weight, stride=1, padding=0, need_dx=True, out=None, 
             dcols = ws.get("dcols", (k, m, p), dtype)
             np.matmul(w2.T, dy2, out=dcols.reshape(k, m * p))
             _ops.col2im(dcols, first, kh, kw, sy, sx, pt, pl, out_h, out_w, dx, nt)
+    dbias = dbias_partial.sum(axis=0).astype(dtype)
     return dx, dweight.reshape(weight.shape), dbias
 
 

@@ -79,6 +79,9 @@ class Conv2D(Layer):
 
         self._act = ACTIVATIONS[self.activation] if self.activation else None
         self._act_kw = activation_kwargs(self.activation, self.negative_slope)
+        # The kernels fuse ReLU and leaky ReLU (slope >= 0); other activations run as NumPy passes.
+        fusable = self.activation == "relu" or (self.activation == "leaky_relu" and self.negative_slope >= 0)
+        self._compiled_act = self.activation if fusable else None
         self._workspace = F.Workspace()
         self._x = self._z = self._y = self._pads = None
 
@@ -118,8 +121,14 @@ class Conv2D(Layer):
         w = self.params["weight"]
         x = x.astype(w.dtype, copy=False)
         pads = self.explicit_padding(x.shape[2:])
-        z = F.conv2d(x, w, self.params.get("bias"), self.stride, pads, workspace=self._workspace)
         self._x, self._pads = x, pads
+        if self._compiled_act is not None:
+            # Bias and (leaky) ReLU in the kernel's layout pass: no separate sweep over the output.
+            self._z = None
+            self._y = F.conv2d(x, w, self.params.get("bias"), self.stride, pads, workspace=self._workspace,
+                               activation=self._compiled_act, negative_slope=self.negative_slope)
+            return self._y
+        z = F.conv2d(x, w, self.params.get("bias"), self.stride, pads, workspace=self._workspace)
         if self._act is None:
             self._z = None
             y = z
@@ -149,10 +158,16 @@ class Conv2D(Layer):
             raise ValueError(f"Conv2D expected dy of shape {self._y.shape}, received: {received}")
         w = self.params["weight"]
         dz = dy.astype(w.dtype, copy=False)
-        if self._act is not None:
-            dz = self._act.backward(dz, self._z, self._y, **self._act_kw)
-        dx, dw, db = F.conv2d_backward(dz, self._x, w, self.stride, self._pads,
-                                       need_dx=self.needs_input_grad, workspace=self._workspace)
+        if self._compiled_act is not None:
+            dx, dw, db = F.conv2d_backward(dz, self._x, w, self.stride, self._pads,
+                                           need_dx=self.needs_input_grad, workspace=self._workspace,
+                                           activation=self._compiled_act, negative_slope=self.negative_slope,
+                                           y=self._y)
+        else:
+            if self._act is not None:
+                dz = self._act.backward(dz, self._z, self._y, **self._act_kw)
+            dx, dw, db = F.conv2d_backward(dz, self._x, w, self.stride, self._pads,
+                                           need_dx=self.needs_input_grad, workspace=self._workspace)
         np.copyto(_grad_buffer(self, "weight"), dw)
         if self.use_bias:
             np.copyto(_grad_buffer(self, "bias"), db)
