@@ -1,0 +1,712 @@
+"""The ``cnnx`` command: train, evaluate, predict with, summarise and explain zoo models.
+
+This module owns the command line and nothing else: it turns arguments into calls of the public
+API (datasets, preprocessing, models, Network, io, visualize) and turns the library's exceptions
+into one-line ``cnnx: error: ...`` messages with a non-zero exit status, never a traceback.
+
+A training run writes everything needed to reuse the model into one directory::
+
+    runs/lenet5/
+        (the saved network, as written by cnnx.io: loadable with cnnx.load(dir))
+        preprocessing.json     dataset, class names, input shape, standardisation mean/std
+        train_history.json     per-epoch loss / accuracy (train and validation), test result
+        curves.png             loss and accuracy curves        (when matplotlib is installed)
+        confusion_matrix.png   on the test set                  (when matplotlib is installed)
+
+``evaluate`` and ``predict`` read ``preprocessing.json`` so new inputs get exactly the scaling
+and standardisation the network was trained with.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pickle
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["main", "build_parser", "CLIError"]
+
+PREPROCESSING_FILE = "preprocessing.json"
+HISTORY_FILE = "train_history.json"
+CURVES_FILE = "curves.png"
+CONFUSION_FILE = "confusion_matrix.png"
+
+# Dataset names the command knows; anything else is taken as a directory.
+DATASETS = ("fashion-mnist", "fashion-mnist-sample", "mnist", "cifar10")
+
+# Exit statuses: 2 for a command line argparse refuses, 1 for a run that failed, 130 for Ctrl-C
+# (128 + SIGINT, what shells report for an interrupted program).
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130
+
+
+class CLIError(Exception):
+    """A problem with what the user asked for; printed as ``cnnx: error: <message>``."""
+
+
+# --------------------------------------------------------------------------------------------
+# Argument parsing
+# --------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line (argparse's default prints the usage first)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, received: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, received: {text!r}")
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, received: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, received: {text!r}")
+    return value
+
+
+def _fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), received: {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), received: {text!r}")
+    return value
+
+
+def build_parser():
+    """The ``cnnx`` argument parser (subcommands train, evaluate, predict, summary, explain)."""
+    from . import __version__
+    from .models import MODELS
+
+    models = sorted(MODELS)
+    dataset_help = (f"one of {', '.join(DATASETS)}, or a directory holding the four IDX files "
+                    "(MNIST-style) or the CIFAR-10 python batches")
+
+    parser = _Parser(
+        prog="cnnx",
+        description="Train and use convolutional networks on the CPU.",
+        epilog="Run 'cnnx COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"cnnx {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    threads = _Parser(add_help=False)
+    threads.add_argument("--threads", type=_positive_int, metavar="N",
+                         help="threads for the compiled kernels and BLAS (default: all cores, "
+                              "or $CNNX_NUM_THREADS)")
+
+    p = sub.add_parser("train", parents=[threads], help="train a zoo model on a dataset",
+                       description="Train a zoo model, report its test accuracy and save it.")
+    p.add_argument("--model", required=True, choices=models, help="zoo model to train")
+    p.add_argument("--dataset", default="fashion-mnist", metavar="DATASET",
+                   help=f"{dataset_help} (default: fashion-mnist)")
+    p.add_argument("--epochs", type=_positive_int, default=3, help="passes over the training set (default: 3)")
+    p.add_argument("--batch-size", type=_positive_int, metavar="B",
+                   help="batch size (default: the zoo's, e.g. 128 for lenet5)")
+    p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"),
+                   help="update rule (default: the zoo's for the model, e.g. SGD momentum 0.9 for lenet5)")
+    p.add_argument("--lr", type=_positive_float, metavar="LR",
+                   help="learning rate (default: the zoo's for the model)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, split and shuffling (default: 0)")
+    p.add_argument("--val-fraction", type=_fraction, default=0.1, metavar="F",
+                   help="share of the training set held out, stratified, for validation; 0 for none "
+                        "(default: 0.1)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="directory to save the model, preprocessing, history and plots in "
+                        "(default: runs/MODEL-DATASET)")
+    p.add_argument("--limit", type=_positive_int, metavar="N",
+                   help="use only the first N training images (quick trials and tests)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (it is shown only when stderr is a terminal anyway)")
+    p.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", parents=[threads], help="test loss and accuracy of a trained model",
+                       description="Evaluate a model saved by 'cnnx train' on a test set.")
+    p.add_argument("model_dir", metavar="DIR", help="directory written by 'cnnx train'")
+    p.add_argument("--dataset", metavar="DATASET",
+                   help=f"{dataset_help} (default: the one the model was trained on)")
+    p.add_argument("--batch-size", type=_positive_int, default=256, metavar="B")
+    p.add_argument("--limit", type=_positive_int, metavar="N", help="use only the first N test images")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("predict", parents=[threads], help="classify images stored in a .npy file",
+                       description="Classify images with a model saved by 'cnnx train'. The input "
+                                   "is a .npy array of uint8 (0..255) or float ([0, 1]) images of "
+                                   "shape (n, 28, 28), (n, 1, 28, 28) or (n, 3, 32, 32) (whatever "
+                                   "the model takes); the training preprocessing is applied.")
+    p.add_argument("model_dir", metavar="DIR", help="directory written by 'cnnx train'")
+    p.add_argument("input", metavar="INPUT.npy", help="images to classify")
+    p.add_argument("--out", metavar="FILE.npy",
+                   help="write the class ids here instead of printing one class name per line")
+    p.add_argument("--batch-size", type=_positive_int, default=256, metavar="B")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("summary", help="print a model's layers, output shapes and parameter counts",
+                       description="Print the summary table of a zoo model or of a saved model.")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--model", choices=models, help="zoo model")
+    group.add_argument("model_dir", nargs="?", metavar="DIR", help="directory of a saved model")
+    p.set_defaults(func=_cmd_summary)
+
+    p = sub.add_parser("explain", parents=[threads], help="feature maps, occlusion and saliency maps of one image",
+                       description="Write PNGs that show what a trained model looks at for one "
+                                   "image: feature maps, an occlusion map and a saliency map.")
+    p.add_argument("model_dir", metavar="DIR", help="directory written by 'cnnx train'")
+    p.add_argument("--input", required=True, metavar="INPUT.npy", help="images (as for predict)")
+    p.add_argument("--index", type=int, default=0, metavar="K", help="which image of INPUT.npy (default: 0)")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the PNGs")
+    p.set_defaults(func=_cmd_explain)
+    return parser
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+def _is_cifar_dir(path):
+    return (path / "test_batch").is_file() or (path / "cifar-10-batches-py" / "test_batch").is_file()
+
+
+def _is_idx_dir(path):
+    return any((path / name).is_file() for name in
+               ("t10k-images-idx3-ubyte", "t10k-images-idx3-ubyte.gz",
+                "t10k-images.idx3-ubyte", "t10k-images.idx3-ubyte.gz"))
+
+
+def load_dataset(spec):
+    """Load a dataset by name or directory.
+
+    Parameters
+    ----------
+    spec : str
+        ``fashion-mnist``, ``fashion-mnist-sample``, ``mnist``, ``cifar10``, or a directory
+        holding MNIST-style IDX files or CIFAR-10 python batches (detected from the files).
+
+    Returns
+    -------
+    (x_train, y_train), (x_test, y_test), class_names
+        Images as stored (uint8, (n, 28, 28) or (n, 3, 32, 32)), labels int64.
+    """
+    from . import datasets
+
+    if spec == "fashion-mnist":
+        return (*datasets.load_fashion_mnist(), datasets.FASHION_MNIST_CLASSES)
+    if spec == "fashion-mnist-sample":
+        return (*datasets.load_fashion_mnist(sample=True), datasets.FASHION_MNIST_CLASSES)
+    if spec == "mnist":
+        return (*datasets.load_mnist(), datasets.MNIST_CLASSES)
+    if spec == "cifar10":
+        train, test, names = datasets.load_cifar10(with_label_names=True)
+        return train, test, names
+    path = Path(spec)
+    if not path.is_dir():
+        raise CLIError(f"unknown dataset {spec!r}: expected one of {', '.join(DATASETS)} "
+                       "or an existing directory")
+    if _is_cifar_dir(path):
+        train, test, names = datasets.load_cifar10(path, with_label_names=True)
+        return train, test, names
+    if _is_idx_dir(path):
+        # The IDX format does not say which dataset it holds; the directory name usually does.
+        fashion = "fashion" in str(path.resolve()).lower()
+        names = datasets.FASHION_MNIST_CLASSES if fashion else datasets.MNIST_CLASSES
+        return (*datasets.load_mnist(path), names)
+    raise CLIError(f"{path}: found neither MNIST-style IDX files (t10k-images-idx3-ubyte[.gz], ...) "
+                   "nor CIFAR-10 python batches (data_batch_1..5, test_batch)")
+
+
+def _dataset_record(spec):
+    """How to find the dataset again: names as given, directories as absolute paths."""
+    return spec if spec in DATASETS else str(Path(spec).resolve())
+
+
+def _as_nchw_float(x, dtype):
+    """uint8 images to [0, 1] floats; grey (n, h, w) images get their channel axis."""
+    from . import preprocessing
+
+    if x.dtype.kind == "f":
+        # scale() returns float input of the right dtype as is; the in-place standardisation
+        # that follows must never write into the caller's array.
+        x = x.astype(dtype, copy=True)
+    x = preprocessing.scale(x, dtype=dtype)
+    if x.ndim == 3:
+        x = preprocessing.add_channel_axis(x)
+    return x
+
+
+def _standardize_inplace(x, mean, std):
+    """Apply per-channel (or global) standardisation in place: x is already a fresh float copy,
+    and a second copy of CIFAR-10's 600 MB training set is worth avoiding."""
+    mean = np.asarray(mean, dtype=x.dtype)
+    std = np.asarray(std, dtype=x.dtype)
+    if mean.ndim == 1:
+        if mean.shape[0] != x.shape[1]:
+            raise CLIError(f"the saved preprocessing has {mean.shape[0]} channel(s), the input "
+                           f"has {x.shape[1]}")
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        mean, std = mean.reshape(shape), std.reshape(shape)
+    x -= mean
+    x /= std
+    return x
+
+
+def _check_input_shape(net, x, what, model_name=None):
+    """Clear error when images do not fit the network (before any work is done)."""
+    expected = tuple(net.input_shape)
+    received = tuple(x.shape[1:])
+    if received != expected:
+        name = f"model {model_name}" if model_name else "the model"
+        hint = ""
+        if model_name is not None:
+            from . import models
+
+            fitting = [m for m in sorted(models.MODELS)
+                       if tuple(models.build(m, seed=0).input_shape) == received]
+            hint = f" (models for such images: {', '.join(fitting)})" if fitting else ""
+        raise CLIError(f"{name} takes images of shape {expected}, {what} has {received}{hint}")
+
+
+# --------------------------------------------------------------------------------------------
+# Saved runs
+# --------------------------------------------------------------------------------------------
+def _check_out_dir(out):
+    """Refuse, before hours of training, an --out the save would refuse afterwards."""
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {str(out)!r} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise CLIError(f"--out {str(out)!r} is a non-empty directory that holds no saved cnnx "
+                       "model; choose a new or empty directory")
+
+
+def _load_run(model_dir):
+    """Load a saved network and, when present, the preprocessing written by ``cnnx train``."""
+    import cnnx
+
+    path = Path(model_dir)
+    if path.is_file():
+        raise CLIError(f"{str(model_dir)!r} is a file; expected the directory written by 'cnnx train'")
+    if not path.is_dir():
+        raise CLIError(f"model directory {str(model_dir)!r} does not exist")
+    net = cnnx.load(path)
+    meta_path = path / PREPROCESSING_FILE
+    meta = None
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+            if not isinstance(meta, dict):
+                raise ValueError("expected a JSON object")
+        except ValueError as exc:
+            raise CLIError(f"{meta_path}: unreadable ({exc})") from None
+    return net, meta
+
+
+def _ensure_compiled(net):
+    # evaluate needs a loss; a network saved without its training setup gets the one cnnx
+    # train uses (the optimizer is never stepped, any will do).
+    if getattr(net, "loss", None) is None or getattr(net, "optimizer", None) is None:
+        from . import losses, optimizers
+
+        net.compile(losses.SoftmaxCrossEntropy(), optimizers.SGD(lr=0.01))
+
+
+def _preprocess(x, net, meta):
+    x = _as_nchw_float(x, net.dtype)
+    if meta is not None and meta.get("mean") is not None:
+        x = _standardize_inplace(x, meta["mean"], meta["std"])
+    return x
+
+
+def _class_names(meta, n_outputs):
+    names = (meta or {}).get("class_names")
+    if isinstance(names, list) and len(names) == n_outputs:
+        return [str(n) for n in names]
+    return [str(i) for i in range(n_outputs)]
+
+
+def _json_safe(obj):
+    # JSON has no NaN; history uses NaN for epochs without validation.
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# Plots (optional: matplotlib and cnnx.visualize)
+# --------------------------------------------------------------------------------------------
+def _note(message):
+    print(f"cnnx: note: {message}", file=sys.stderr)
+
+
+def _visualize():
+    """The ``cnnx.visualize`` module ready to draw into files, or None with a one-line note."""
+    try:
+        import matplotlib
+    except ImportError:
+        _note("matplotlib is not installed, so no plots were drawn (pip install 'cnnx[plot]')")
+        return None
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")  # the command only writes files: never open a window
+    try:
+        from . import visualize
+    except ImportError as exc:
+        _note(f"cnnx.visualize is unavailable ({exc}), so no plots were drawn")
+        return None
+    return visualize
+
+
+def _plot(visualize, name, path, *args, **kwargs):
+    """Draw ``visualize.<name>(*args, path=path, **kwargs)`` into ``path``; True when written.
+
+    A missing function or a failing plot is a note, not an error: by then the real work (the
+    trained model, the prediction) is done and saved.
+    """
+    func = getattr(visualize, name, None)
+    if func is None:
+        _note(f"cnnx.visualize has no {name}, so {path} was not written")
+        return False
+    import matplotlib.pyplot as plt
+
+    try:
+        fig = func(*args, path=path, **kwargs)
+    except (ValueError, TypeError, IndexError, OSError, RuntimeError) as exc:
+        _note(f"could not draw {path} with visualize.{name}: {_one_line(exc)}")
+        return False
+    finally:
+        plt.close("all")  # a long-lived process (tests, notebooks) must not collect figures
+    print(f"wrote {path}")
+    return fig is not None
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------
+def _make_optimizer(model, name, lr):
+    """The zoo's optimizer for ``model`` unless ``--optimizer`` / ``--lr`` say otherwise."""
+    from . import optimizers
+    from .models import default_optimizer
+
+    default = default_optimizer(model)
+    if name is None or type(default).__name__.lower() == name:
+        if lr is not None:
+            default.lr = lr
+        return default
+    if name == "sgd":
+        return optimizers.SGD(lr=0.01 if lr is None else lr, momentum=0.9)
+    return optimizers.get(name, lr=1e-3 if lr is None else lr)
+
+
+def _epoch_printer(epochs):
+    """A callback printing one line per epoch (the progress bar, when shown, is transient)."""
+    from .callbacks import Callback
+
+    class EpochLine(Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            parts = [f"epoch {epoch + 1}/{epochs}", f"loss {logs.get('loss', math.nan):.4f}",
+                     f"accuracy {logs.get('accuracy', math.nan):.4f}"]
+            if "val_loss" in logs:
+                parts += [f"val_loss {logs['val_loss']:.4f}", f"val_accuracy {logs['val_accuracy']:.4f}"]
+            parts.append(f"{time.perf_counter() - self.start:.1f} s")
+            print("  ".join(parts), flush=True)
+
+    return EpochLine()
+
+
+def _cmd_train(args):
+    import cnnx
+    from . import losses, metrics, models, preprocessing
+
+    model_name = args.model
+    out = Path(args.out) if args.out else Path("runs") / f"{model_name}-{Path(args.dataset).name}"
+    _check_out_dir(out)
+
+    (x_train, y_train), (x_test, y_test), class_names = load_dataset(args.dataset)
+    if args.limit is not None:
+        x_train, y_train = x_train[:args.limit], y_train[:args.limit]
+
+    cnnx.manual_seed(args.seed)
+    net = models.build(model_name, seed=args.seed, dtype=args.dtype)
+    x_train = _as_nchw_float(x_train, args.dtype)
+    x_test = _as_nchw_float(x_test, args.dtype)
+    _check_input_shape(net, x_train, f"dataset {args.dataset}", model_name)
+
+    if args.val_fraction > 0:
+        if len(x_train) < 2:
+            raise CLIError(f"need at least 2 training images for a validation split, have {len(x_train)}")
+        (x_train, y_train), (x_val, y_val) = preprocessing.train_val_split(
+            x_train, y_train, val_fraction=args.val_fraction, seed=args.seed)
+    else:
+        x_val = y_val = None
+    # Statistics from the training part only: no validation or test pixel leaks into them.
+    stats = preprocessing.Standardizer().fit(x_train)
+    for x in (x_train, x_val, x_test):
+        if x is not None:
+            _standardize_inplace(x, stats.mean_, stats.std_)
+
+    optimizer = _make_optimizer(model_name, args.optimizer, args.lr)
+    batch_size = args.batch_size or models.DEFAULT_BATCH_SIZE.get(model_name, 128)
+    net.compile(losses.SoftmaxCrossEntropy(), optimizer)
+    n_val = 0 if x_val is None else len(x_val)
+    print(f"model {model_name} ({net.num_params:,} parameters), dataset {args.dataset}: "
+          f"{len(x_train)} train / {n_val} validation / {len(x_test)} test images")
+    print(f"optimizer {optimizer!r}, batch size {batch_size}, {args.epochs} epoch(s), "
+          f"{_threads()} thread(s)", flush=True)
+
+    show_bar = not args.no_progress and sys.stderr.isatty()
+    start = time.perf_counter()
+    net.fit(x_train, y_train, epochs=args.epochs, batch_size=batch_size,
+            validation_data=None if x_val is None else (x_val, y_val),
+            seed=args.seed, callbacks=[_epoch_printer(args.epochs)], verbose=1 if show_bar else 0)
+    train_seconds = time.perf_counter() - start
+
+    test = net.evaluate(x_test, y_test)
+    print(f"training time: {train_seconds:.1f} s ({train_seconds / args.epochs:.1f} s per epoch)")
+    print(f"test loss: {test['loss']:.4f}")
+    print(f"test accuracy: {test['accuracy']:.4f}")
+
+    # cnnx.save writes the directory atomically (a new one replaces the old in one rename), so
+    # our own files go in after it.
+    cnnx.save(net, out)
+    state = stats.get_state()
+    meta = {
+        "model": model_name,
+        "dataset": _dataset_record(args.dataset),
+        "class_names": list(class_names),
+        "input_shape": list(net.input_shape),
+        "scale": "uint8 images divided by 255; float images taken as already in [0, 1]",
+        "mean": np.atleast_1d(state["mean"]).tolist(),
+        "std": np.atleast_1d(state["std"]).tolist(),
+    }
+    (out / PREPROCESSING_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    record = {
+        "model": model_name, "dataset": meta["dataset"], "epochs": args.epochs,
+        "batch_size": batch_size, "optimizer": repr(optimizer), "seed": args.seed,
+        "train_seconds": train_seconds, "history": dict(net.history),
+        "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+    }
+    (out / HISTORY_FILE).write_text(json.dumps(_json_safe(record), indent=2) + "\n")
+    print(f"saved model and preprocessing to {out}")
+
+    visualize = None if args.no_plots else _visualize()
+    if visualize is not None:
+        _plot(visualize, "plot_history", out / CURVES_FILE, net.history,
+              title=f"{model_name} on {args.dataset}")
+        predicted = net.predict_classes(x_test)
+        matrix = metrics.confusion_matrix(y_test, predicted, n_classes=len(class_names))
+        _plot(visualize, "plot_confusion_matrix", out / CONFUSION_FILE, matrix,
+              class_names=list(class_names), title=f"{model_name} on {args.dataset}: test set")
+    return 0
+
+
+def _threads():
+    from . import parallel
+
+    return parallel.get_num_threads()
+
+
+def _cmd_evaluate(args):
+    net, meta = _load_run(args.model_dir)
+    spec = args.dataset or (meta or {}).get("dataset")
+    if spec is None:
+        raise CLIError(f"{args.model_dir} records no dataset (no {PREPROCESSING_FILE}); pass --dataset")
+    _, (x_test, y_test), _ = load_dataset(spec)
+    if args.limit is not None:
+        x_test, y_test = x_test[:args.limit], y_test[:args.limit]
+    x_test = _preprocess(x_test, net, meta)
+    _check_input_shape(net, x_test, f"dataset {spec}")
+    _ensure_compiled(net)
+    result = net.evaluate(x_test, y_test, batch_size=args.batch_size)
+    print(f"dataset {spec}: {len(x_test)} test images")
+    print(f"test loss: {result['loss']:.4f}")
+    print(f"test accuracy: {result['accuracy']:.4f}")
+    return 0
+
+
+def _load_images(path, net):
+    """Images from a .npy file, shaped (n, *input_shape); one image without a batch axis is fine."""
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"input file {str(path)!r} does not exist")
+    # allow_pickle=False: an input file must not be able to run code.
+    x = np.load(path, allow_pickle=False)
+    if not isinstance(x, np.ndarray):
+        raise CLIError(f"{path}: expected one array (.npy), received an archive of arrays")
+    if x.dtype != np.uint8 and x.dtype.kind != "f":
+        raise CLIError(f"{path}: expected uint8 (0..255) or float ([0, 1]) images, received dtype {x.dtype}")
+    expected = tuple(net.input_shape)
+    grey = expected[0] == 1
+    if x.shape == expected or (grey and x.shape == expected[1:]):
+        x = x[np.newaxis]  # a single image
+    if grey and x.ndim == len(expected):
+        x = x[:, np.newaxis]
+    if tuple(x.shape[1:]) != expected:
+        raise CLIError(f"{path}: the model takes images of shape {expected}, received an array of "
+                       f"shape {x.shape}")
+    if len(x) == 0:
+        raise CLIError(f"{path}: holds no images")
+    if x.dtype.kind == "f":
+        if not np.all(np.isfinite(x)):
+            raise CLIError(f"{path}: holds NaN or infinite values")
+        if x.max() > 1.5:
+            _note(f"{path}: float images with values up to {x.max():g}; cnnx expects floats in "
+                  "[0, 1] (or uint8 0..255)")
+    return x
+
+
+def _cmd_predict(args):
+    net, meta = _load_run(args.model_dir)
+    x = _preprocess(_load_images(args.input, net), net, meta)
+    classes = np.asarray(net.predict_classes(x, batch_size=args.batch_size), dtype=np.int64)
+    if args.out:
+        np.save(args.out, classes)
+        print(f"wrote {len(classes)} class ids to {args.out}")
+    else:
+        names = _class_names(meta, net.output_shape[0] if len(net.output_shape) == 1 else 0)
+        print("\n".join(names[c] if c < len(names) else str(c) for c in classes))
+    return 0
+
+
+def _cmd_summary(args):
+    if args.model is not None:
+        from . import models
+
+        net = models.build(args.model, seed=0)
+        print(f"model {args.model}")
+    else:
+        net, _ = _load_run(args.model_dir)
+    net.summary()
+    return 0
+
+
+def _cmd_explain(args):
+    net, meta = _load_run(args.model_dir)
+    images = _load_images(args.input, net)
+    if not -len(images) <= args.index < len(images):
+        raise CLIError(f"--index {args.index} is out of range for {len(images)} image(s)")
+    x = _preprocess(images[args.index:args.index + 1], net, meta)
+    names = _class_names(meta, net.output_shape[0] if len(net.output_shape) == 1 else 0)
+    _ensure_compiled(net)
+    probs = net.predict(x)[0]
+    target = int(np.argmax(probs))
+    label = names[target] if target < len(names) else str(target)
+    print(f"image {args.index}: predicted {label} (probability {probs[target]:.3f})")
+
+    visualize = _visualize()
+    if visualize is None:
+        raise CLIError("explain draws PNGs and needs matplotlib (pip install 'cnnx[plot]')")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = 0
+    # Feature maps of the convolution layers (image-shaped outputs), first two at most.
+    convs = [i for i, (layer, shape) in enumerate(zip(net.layers, net.shapes))
+             if "conv" in type(layer).__name__.lower() and len(shape) == 3][:2]
+    for i in convs:
+        written += _plot(visualize, "plot_feature_maps", out / f"feature_maps_layer{i}.png",
+                         net, x, i, titles=[label])
+    patch, stride = 4, 2  # a 4-pixel patch hides a stroke or a detail of a 28-32 pixel image
+    try:
+        heat = visualize.occlusion_map(net, x, target, patch=patch, stride=stride)[0]
+        sal = visualize.saliency_map(net, x, target)[0]
+    except AttributeError as exc:
+        _note(f"cnnx.visualize lacks a map function ({exc})")
+    else:
+        written += _plot(visualize, "plot_occlusion", out / "occlusion.png", x[0], heat,
+                         patch=patch, stride=stride, title=f"Occlusion sensitivity for {label}")
+        written += _plot(visualize, "plot_saliency", out / "saliency.png", x[0], sal,
+                         title=f"Saliency for {label}")
+    if not written:
+        raise CLIError("no explanation could be drawn (see the notes above)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+def _one_line(exc):
+    """An exception's message on one line (some, like the dataset search, span several)."""
+    parts = [part.strip() for part in str(exc).splitlines() if part.strip()]
+    if not parts:
+        return type(exc).__name__
+    text = parts[0]
+    for part in parts[1:]:
+        text += (" " if text.endswith(":") else "; ") + part
+    return text
+
+
+def _library_errors():
+    """Exception types that mean 'the input or the files are wrong', not 'cnnx has a bug'."""
+    errors = [CLIError, ValueError, TypeError, OSError, pickle.UnpicklingError, ArithmeticError]
+    try:
+        from .io import ModelFormatError
+    except ImportError:
+        pass
+    else:
+        errors.append(ModelFormatError)
+    return tuple(errors)
+
+
+def main(argv=None):
+    """Run the ``cnnx`` command.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments without the program name (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        Exit status: 0 on success, 1 when the run failed (missing data, bad model directory,
+        shape mismatch), 2 for arguments argparse refuses, 130 when interrupted. Errors are
+        one line on stderr; set ``CNNX_TRACEBACK=1`` to get the traceback instead.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and argument errors
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        if getattr(args, "threads", None) is not None:
+            from . import parallel
+
+            parallel.set_num_threads(args.threads)
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\ncnnx: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except _library_errors() as exc:
+        if os.environ.get("CNNX_TRACEBACK"):  # for maintainers chasing where an error came from
+            raise
+        print(f"cnnx: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
