@@ -609,7 +609,8 @@ class Network:
             targets = np.ascontiguousarray(y, dtype=self.dtype)
             if not np.isfinite(targets.sum(dtype=np.float64)):
                 raise ValueError(f"Expected {name} to be finite, received NaN or inf")
-            if k is None:
+            if k is None or not _are_class_rows(targets):
+                # Regression targets (an autoencoder's images): accuracy means nothing, report NaN.
                 return targets, None
             ids = (targets[:, 0] >= 0.5).astype(np.intp) if k == 1 else targets.argmax(axis=1)
             return targets, ids
@@ -683,6 +684,14 @@ def _output_activation(loss):
         return None
     name = type(loss).__name__.lower()
     return "sigmoid" if ("binary" in name or "bce" in name) else "softmax"
+
+
+def _are_class_rows(targets):
+    """True for class targets given as rows: one-hot / probability rows summing to 1, or 0/1 labels
+    of a single-output binary classifier."""
+    if targets.shape[1] == 1:
+        return bool(np.all((targets == 0) | (targets == 1)))
+    return bool(np.all(targets >= 0)) and bool(np.allclose(targets.sum(axis=1), 1, atol=1e-3))
 
 
 def _wants_dense_targets(loss):

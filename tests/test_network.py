@@ -533,3 +533,18 @@ def test_fit_appends_to_a_replaced_history():
     net.history = {}  # e.g. set by a loader
     h = net.fit(x, y, epochs=2, batch_size=8, verbose=0)
     assert set(h) == {"loss", "accuracy"} and all(len(v) == 2 for v in h.values())
+
+
+def test_regression_targets_report_no_accuracy():
+    import cnnx
+    """An autoencoder's targets are images, not classes: accuracy is NaN, not an argmax of pixels."""
+    import math
+    from cnnx.layers import Dense, Sigmoid
+    rng = np.random.default_rng(0)
+    x = rng.random((32, 6)).astype(np.float32)
+    net = cnnx.Network([Dense(6, 3, rng=0), Dense(3, 6, rng=1), Sigmoid()], input_shape=(6,))
+    net.compile("mse", cnnx.optimizers.Adam(lr=1e-2))
+    history = net.fit(x, x, epochs=2, batch_size=8, verbose=0)
+    assert all(math.isnan(a) for a in history["accuracy"])
+    assert history["loss"][1] < history["loss"][0]
+    assert math.isnan(net.evaluate(x, x)["accuracy"])
