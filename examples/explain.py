@@ -80,7 +80,7 @@ def main(argv=None):
     figures = {
         "history.png": visualize.plot_history(net.history, title=f"LeNet-5 on {source}"),
         "confusion_matrix.png": visualize.plot_confusion_matrix(
-            cm, names, normalize=True, title=f"Test confusion matrix (accuracy {result['accuracy']:.3f})"),
+            cm, names, normalize=True, title=f"Test confusion matrix, accuracy {result['accuracy']:.3f}"),
         "filters.png": visualize.plot_filters(net, layer=0),
     }
     for name, fig in figures.items():
@@ -91,7 +91,7 @@ def main(argv=None):
     ids = [int(np.flatnonzero(y_test == names.index(c))[0]) for c in EXPLAIN_CLASSES]
     images, labels = x_test[ids], y_test[ids]
     probs = net.predict(images)
-    titles = [f"{names[t]}\n(p={probs[k, t]:.2f})" for k, t in enumerate(labels)]
+    titles = [f"{names[t]} ({probs[k, t]:.2f})" for k, t in enumerate(labels)]
     for layer, fname in ((0, "feature_maps_conv1.png"), (2, "feature_maps_conv2.png")):
         fig = visualize.plot_feature_maps(net, images, layer, max_maps=16, titles=titles, path=out / fname)
         plt.close(fig)
