@@ -136,7 +136,7 @@ def build_parser():
     p.add_argument("--limit", type=_positive_int, metavar="N",
                    help="use only the first N training images (quick trials and tests)")
     p.add_argument("--no-progress", action="store_true",
-                   help="no progress bar (it is shown only when stderr is a terminal anyway)")
+                   help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
     p.set_defaults(func=_cmd_train)
 
@@ -479,7 +479,7 @@ def _cmd_train(args):
     print(f"optimizer {optimizer!r}, batch size {batch_size}, {args.epochs} epoch(s), "
           f"{_threads()} thread(s)", flush=True)
 
-    show_bar = not args.no_progress and sys.stderr.isatty()
+    show_bar = not args.no_progress
     start = time.perf_counter()
     net.fit(x_train, y_train, epochs=args.epochs, batch_size=batch_size,
             validation_data=None if x_val is None else (x_val, y_val),

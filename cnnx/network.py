@@ -758,5 +758,7 @@ def _format_metrics(loss, accuracy, val_loss=None, val_accuracy=None):
 def _progress_bar(total, epoch, epochs):
     from tqdm import tqdm
 
+    # Redrawn often on a terminal; into a log file (CI, nohup) only every few seconds.
+    interactive = getattr(sys.stderr, "isatty", lambda: False)()
     return tqdm(total=total, unit="batch", desc=f"Epoch {epoch + 1}/{epochs}", leave=True,
-                dynamic_ncols=True)
+                dynamic_ncols=True, mininterval=0.1 if interactive else 5.0)
