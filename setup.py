@@ -69,7 +69,7 @@ extension = Extension(
     "cnnx._ops",
     sources=["cnnx/_ops.pyx"],
     include_dirs=[np.get_include()],
-    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"), ("CNNX_DEBUG_BUILD", "1" if DEBUG else "0")],
     extra_compile_args=opt_args + omp_compile,
     extra_link_args=omp_link,
 )

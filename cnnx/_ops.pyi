@@ -6,6 +6,7 @@ from numpy.typing import NDArray
 Float = NDArray[np.float32] | NDArray[np.float64]
 
 def openmp_enabled() -> bool: ...
+def debug_build() -> bool: ...
 def im2col(
     x: Float, first: int, kh: int, kw: int, sy: int, sx: int, pad_top: int, pad_left: int,
     out_h: int, out_w: int, cols: Float, n_threads: int,

@@ -29,6 +29,12 @@ cdef extern from *:
     #endif
     """
     int CNNX_OPENMP
+    int CNNX_DEBUG_BUILD  # set by setup.py: 1 for a CNNX_DEBUG=1 build (bounds checks compiled in)
+
+
+def debug_build():
+    """True for a ``CNNX_DEBUG=1`` build: bounds and initialisation checks are compiled in."""
+    return bool(CNNX_DEBUG_BUILD)
 
 
 def openmp_enabled():

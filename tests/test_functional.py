@@ -259,3 +259,19 @@ def test_invalid_input_raises_a_clear_error(name):
     call, exc, words = INVALID[name]
     with pytest.raises(exc, match=words):
         call()
+
+
+def test_debug_build_catches_out_of_bounds_access():
+    """In a CNNX_DEBUG=1 build the kernels check every index (CI runs the suite on both builds).
+
+    Calling the raw kernel with a column buffer too small for the geometry must raise there,
+    not write out of bounds; the release build skips this (it relies on cnnx.functional).
+    """
+    from cnnx import _ops
+
+    if not _ops.debug_build():
+        pytest.skip("release build: bounds checks are compiled out")
+    x = np.zeros((1, 1, 4, 4), dtype=np.float32)
+    too_small = np.zeros((4, 1, 8), dtype=np.float32)  # needs (4, 1, 9) for a 2x2 kernel on 4x4
+    with pytest.raises(IndexError):
+        _ops.im2col(x, 0, 2, 2, 1, 1, 0, 0, 3, 3, too_small, 1)
