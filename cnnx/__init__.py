@@ -2,12 +2,37 @@
 __version__ = "0.1.0"
 
 import os as _os
+import sys as _sys
 
-# Idle OpenMP threads sleep instead of spinning. On small shared machines a spinning thread
-# competes with BLAS's threads and other processes; measured here, a small conv2d call took
-# 14.6 ms with spinning threads under load and 0.17 ms with passive ones. Must be set before the
-# OpenMP runtime loads (with cnnx._ops); a value the user set is kept.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+def _load_runtimes():
+    """Import NumPy (OpenBLAS) and the compiled kernels (OpenMP) with idle threads that sleep.
+
+    Both thread pools otherwise spin for a while after each parallel call, and on a 2-core
+    machine a spinning BLAS thread halves the speed of the OpenMP loop that runs next (measured:
+    a max-pool took 8.5 ms right after a GEMM, 4.4 ms with the BLAS thread asleep). The runtimes
+    read these variables once, when they load, so they are set for the import and then restored:
+    child processes inherit nothing. Values the user set are kept. OpenBLAS is loaded by NumPy,
+    so its setting only applies when cnnx is imported before NumPy (or set in the environment).
+    """
+    wanted = {"OMP_WAIT_POLICY": "PASSIVE"}
+    if "numpy" not in _sys.modules:
+        wanted["OPENBLAS_THREAD_TIMEOUT"] = "4"  # spin 2**4 cycles, then sleep
+    saved = {key: _os.environ.get(key) for key in wanted}
+    for key, value in wanted.items():
+        _os.environ.setdefault(key, value)
+    try:
+        import numpy  # noqa: F401
+        from . import _ops  # noqa: F401
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                _os.environ.pop(key, None)
+            else:
+                _os.environ[key] = value
+
+
+_load_runtimes()
 
 from .random import manual_seed
 from . import layers
