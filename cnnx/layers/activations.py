@@ -19,6 +19,7 @@ import math
 
 import numpy as np
 
+from ._common import check_dy, check_floating
 from .base import Layer
 
 # --------------------------------------------------------------------------------------------
@@ -355,6 +356,34 @@ def check_negative_slope(negative_slope):
     return float(negative_slope)
 
 
+class FusedActivation:
+    """A layer's ``activation=`` argument (Conv2D, Conv1D, Dense, Residual): the ``ACTIVATIONS``
+    function with the keyword arguments the layer was built with, or the identity for ``None``.
+
+    It keeps no data; the layer caches ``z`` and ``y`` between ``forward`` and ``backward``.
+    """
+
+    def __init__(self, name, negative_slope=0.01):
+        self.fn = ACTIVATIONS[name] if name else None
+        self.kw = activation_kwargs(name, negative_slope)
+
+    def forward(self, z):
+        """Return ``(y, z_kept)``: ``y = activation(z)`` and the ``z`` that ``backward`` needs.
+
+        When the activation's backward reads only its output, ``y`` overwrites ``z`` (one buffer
+        per layer instead of two) and ``z_kept`` is None.
+        """
+        if self.fn is None:
+            return z, None
+        if self.fn.needs_input(**self.kw):
+            return self.fn.forward(z, **self.kw), z
+        return self.fn.forward(z, out=z, **self.kw), None
+
+    def backward(self, dy, z, y):
+        """``dz`` from ``dy`` and the ``(y, z_kept)`` that ``forward`` returned."""
+        return dy if self.fn is None else self.fn.backward(dy, z, y, **self.kw)
+
+
 # --------------------------------------------------------------------------------------------
 # Layers
 # --------------------------------------------------------------------------------------------
@@ -393,8 +422,7 @@ class _Activation(Layer):
                 f"{type(self).__name__} expected input with at least {self._min_ndim} axes (batch first), "
                 f"received: {x.shape}"
             )
-        if not np.issubdtype(x.dtype, np.floating):
-            raise TypeError(f"{type(self).__name__} expected a floating-point array, received: dtype={x.dtype}")
+        check_floating(self, x)
         kw = self._kw()
         y = self._fn.forward(x, **kw)
         self._x = x if self._fn.needs_input(**kw) else None
@@ -414,9 +442,7 @@ class _Activation(Layer):
         """
         if self._y is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
-        if not isinstance(dy, np.ndarray) or dy.shape != self._y.shape:
-            received = dy.shape if isinstance(dy, np.ndarray) else type(dy).__name__
-            raise ValueError(f"{type(self).__name__} expected dy of shape {self._y.shape}, received: {received}")
+        check_dy(self, dy, self._y.shape)
         return self._fn.backward(dy, self._x, self._y, **self._kw())
 
     def output_shape(self, input_shape):

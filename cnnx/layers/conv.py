@@ -2,14 +2,12 @@
 ``cnnx.functional.conv2d`` / ``conv2d_backward`` (which own the arithmetic)."""
 from __future__ import annotations
 
-import numpy as np
-
 from .. import functional as F
 from .._geometry import conv_output_size, explicit_padding, positive_pair
-from ..init import check_initializer, initialize_bias, initialize_weight
-from .activations import ACTIVATIONS, activation_kwargs, check_activation, check_negative_slope
-from .base import Layer, default_rng
-from .dense import _check_floating, _grad_buffer, _positive_int
+from ..init import check_initializer
+from ._common import check_bool, check_dy, check_floating, init_weight_and_bias, positive_int, store_grads
+from .activations import FusedActivation, check_activation, check_negative_slope
+from .base import Layer
 
 
 def canonical_padding(padding, kernel_size, stride):
@@ -57,28 +55,18 @@ class Conv2D(Layer):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
                  activation=None, negative_slope=0.01, weight_init="default", rng=None):
         super().__init__()
-        self.in_channels = _positive_int(in_channels, "in_channels")
-        self.out_channels = _positive_int(out_channels, "out_channels")
+        self.in_channels = positive_int(in_channels, "in_channels")
+        self.out_channels = positive_int(out_channels, "out_channels")
         self.kernel_size = positive_pair(kernel_size, "kernel_size")
         self.stride = positive_pair(stride, "stride")
         self.padding = canonical_padding(padding, self.kernel_size, self.stride)
-        if not isinstance(bias, (bool, np.bool_)):
-            raise TypeError(f"Expected bias to be a bool, received: bias={bias!r}")
-        self.use_bias = bool(bias)
+        self.use_bias = check_bool(bias, "bias")
         self.activation = check_activation(activation)
         self.negative_slope = check_negative_slope(negative_slope)
         self.weight_init = check_initializer(weight_init)
         self.needs_input_grad = True
-
-        gen = default_rng(rng)
-        shape = (self.out_channels, self.in_channels) + self.kernel_size
-        self.params["weight"] = initialize_weight(self.weight_init, shape, gen)
-        if self.use_bias:
-            self.params["bias"] = initialize_bias(self.weight_init, shape, gen)
-        self.zero_grads()
-
-        self._act = ACTIVATIONS[self.activation] if self.activation else None
-        self._act_kw = activation_kwargs(self.activation, self.negative_slope)
+        init_weight_and_bias(self, (self.out_channels, self.in_channels) + self.kernel_size, rng)
+        self._act = FusedActivation(self.activation, self.negative_slope)
         # The kernels fuse ReLU and leaky ReLU (slope >= 0); other activations run as NumPy passes.
         fusable = self.activation == "relu" or (self.activation == "leaky_relu" and self.negative_slope >= 0)
         self._compiled_act = self.activation if fusable else None
@@ -116,7 +104,7 @@ class Conv2D(Layer):
         y : ndarray of shape (n, out_channels, out_h, out_w)
         """
         self._check_input(x, (self.in_channels, None, None))
-        _check_floating(self, x)
+        check_floating(self, x)
         self.output_shape(x.shape[1:])
         w = self.params["weight"]
         x = x.astype(w.dtype, copy=False)
@@ -129,18 +117,8 @@ class Conv2D(Layer):
                                activation=self._compiled_act, negative_slope=self.negative_slope)
             return self._y
         z = F.conv2d(x, w, self.params.get("bias"), self.stride, pads, workspace=self._workspace)
-        if self._act is None:
-            self._z = None
-            y = z
-        elif self._act.needs_input(**self._act_kw):
-            self._z = z
-            y = self._act.forward(z, **self._act_kw)
-        else:
-            # The activation's backward reads only its output: overwrite z, keep one buffer.
-            self._z = None
-            y = self._act.forward(z, out=z, **self._act_kw)
-        self._y = y
-        return y
+        self._y, self._z = self._act.forward(z)
+        return self._y
 
     def backward(self, dy):
         """Parameters
@@ -153,9 +131,7 @@ class Conv2D(Layer):
         """
         if self._x is None:
             raise RuntimeError("Conv2D.backward called before forward")
-        if not isinstance(dy, np.ndarray) or dy.shape != self._y.shape:
-            received = dy.shape if isinstance(dy, np.ndarray) else type(dy).__name__
-            raise ValueError(f"Conv2D expected dy of shape {self._y.shape}, received: {received}")
+        check_dy(self, dy, self._y.shape)
         w = self.params["weight"]
         dz = dy.astype(w.dtype, copy=False)
         if self._compiled_act is not None:
@@ -164,13 +140,10 @@ class Conv2D(Layer):
                                            activation=self._compiled_act, negative_slope=self.negative_slope,
                                            y=self._y)
         else:
-            if self._act is not None:
-                dz = self._act.backward(dz, self._z, self._y, **self._act_kw)
+            dz = self._act.backward(dz, self._z, self._y)
             dx, dw, db = F.conv2d_backward(dz, self._x, w, self.stride, self._pads,
                                            need_dx=self.needs_input_grad, workspace=self._workspace)
-        np.copyto(_grad_buffer(self, "weight"), dw)
-        if self.use_bias:
-            np.copyto(_grad_buffer(self, "bias"), db)
+        store_grads(self, weight=dw, bias=db)
         return dx if self.needs_input_grad else None
 
     def get_config(self):

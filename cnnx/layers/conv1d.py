@@ -9,25 +9,19 @@ from __future__ import annotations
 
 import numbers
 
-import numpy as np
-
 from .. import functional as F
 from .._geometry import conv_output_size, explicit_padding
-from ..init import check_initializer, initialize_bias, initialize_weight
-from .activations import ACTIVATIONS, activation_kwargs, check_activation, check_negative_slope
-from .base import Layer, default_rng
-from .dense import _check_floating, _grad_buffer, _positive_int
+from ..init import check_initializer
+from ._common import check_bool, check_dy, check_floating, init_weight_and_bias, positive_int, store_grads
+from .activations import FusedActivation, check_activation, check_negative_slope
+from .base import Layer
 
 
 def _positive_length(value, name):
     """A kernel size or stride of a 1-D layer: an int >= 1 (a 1-tuple is accepted too)."""
     if isinstance(value, (tuple, list)) and len(value) == 1:
         value = value[0]
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"Expected {name} to be an int, received: {name}={value!r}")
-    if value < 1:
-        raise ValueError(f"Expected {name} >= 1, received: {name}={value!r}")
-    return int(value)
+    return positive_int(value, name)
 
 
 def canonical_padding_1d(padding, allow_strings=True):
@@ -67,12 +61,6 @@ def _explicit_pads(padding, kernel_size, stride, length):
     return tuple(padding)
 
 
-def _check_dy(layer, dy, expected):
-    if not isinstance(dy, np.ndarray) or dy.shape != expected:
-        received = dy.shape if isinstance(dy, np.ndarray) else type(dy).__name__
-        raise ValueError(f"{type(layer).__name__} expected dy of shape {expected}, received: {received}")
-
-
 class Conv1D(Layer):
     """1-D convolution (cross-correlation, as PyTorch's ``nn.Conv1d``) over ``(n, c, length)``.
 
@@ -103,28 +91,18 @@ class Conv1D(Layer):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
                  activation=None, negative_slope=0.01, weight_init="default", rng=None):
         super().__init__()
-        self.in_channels = _positive_int(in_channels, "in_channels")
-        self.out_channels = _positive_int(out_channels, "out_channels")
+        self.in_channels = positive_int(in_channels, "in_channels")
+        self.out_channels = positive_int(out_channels, "out_channels")
         self.kernel_size = _positive_length(kernel_size, "kernel_size")
         self.stride = _positive_length(stride, "stride")
         self.padding = canonical_padding_1d(padding)
-        if not isinstance(bias, (bool, np.bool_)):
-            raise TypeError(f"Expected bias to be a bool, received: bias={bias!r}")
-        self.use_bias = bool(bias)
+        self.use_bias = check_bool(bias, "bias")
         self.activation = check_activation(activation)
         self.negative_slope = check_negative_slope(negative_slope)
         self.weight_init = check_initializer(weight_init)
         self.needs_input_grad = True
-
-        gen = default_rng(rng)
-        shape = (self.out_channels, self.in_channels, self.kernel_size)
-        self.params["weight"] = initialize_weight(self.weight_init, shape, gen)
-        if self.use_bias:
-            self.params["bias"] = initialize_bias(self.weight_init, shape, gen)
-        self.zero_grads()
-
-        self._act = ACTIVATIONS[self.activation] if self.activation else None
-        self._act_kw = activation_kwargs(self.activation, self.negative_slope)
+        init_weight_and_bias(self, (self.out_channels, self.in_channels, self.kernel_size), rng)
+        self._act = FusedActivation(self.activation, self.negative_slope)
         self._workspace = F.Workspace()
         self._x4 = self._z = self._y = self._pads = None
 
@@ -157,7 +135,7 @@ class Conv1D(Layer):
         y : ndarray of shape (n, out_channels, out_length)
         """
         self._check_input(x, (self.in_channels, None))
-        _check_floating(self, x)
+        check_floating(self, x)
         self.output_shape(x.shape[1:])
         w = self.params["weight"]
         x4 = x.astype(w.dtype, copy=False)[:, :, None, :]
@@ -165,18 +143,8 @@ class Conv1D(Layer):
         z = F.conv2d(x4, w[:, :, None, :], self.params.get("bias"), (1, self.stride), pads,
                      workspace=self._workspace)[:, :, 0, :]
         self._x4, self._pads = x4, pads
-        if self._act is None:
-            self._z = None
-            y = z
-        elif self._act.needs_input(**self._act_kw):
-            self._z = z
-            y = self._act.forward(z, **self._act_kw)
-        else:
-            # The activation's backward reads only its output: overwrite z, keep one buffer.
-            self._z = None
-            y = self._act.forward(z, out=z, **self._act_kw)
-        self._y = y
-        return y
+        self._y, self._z = self._act.forward(z)
+        return self._y
 
     def backward(self, dy):
         """Parameters
@@ -189,16 +157,12 @@ class Conv1D(Layer):
         """
         if self._x4 is None:
             raise RuntimeError("Conv1D.backward called before forward")
-        _check_dy(self, dy, self._y.shape)
+        check_dy(self, dy, self._y.shape)
         w = self.params["weight"]
-        dz = dy.astype(w.dtype, copy=False)
-        if self._act is not None:
-            dz = self._act.backward(dz, self._z, self._y, **self._act_kw)
+        dz = self._act.backward(dy.astype(w.dtype, copy=False), self._z, self._y)
         dx, dw, db = F.conv2d_backward(dz[:, :, None, :], self._x4, w[:, :, None, :], (1, self.stride),
                                        self._pads, need_dx=self.needs_input_grad, workspace=self._workspace)
-        np.copyto(_grad_buffer(self, "weight"), dw[:, :, 0, :])
-        if self.use_bias:
-            np.copyto(_grad_buffer(self, "bias"), db)
+        store_grads(self, weight=dw[:, :, 0, :], bias=db)
         return dx[:, :, 0, :] if self.needs_input_grad else None
 
     def get_config(self):
@@ -252,15 +216,46 @@ class _Pool1D(Layer):
             )
         return (c, conv_output_size(length, self.kernel_size, self.stride, left, right))
 
-    def _check_forward_input(self, x):
-        self._check_input(x, (None, None))
-        _check_floating(self, x)
-        self.output_shape(x.shape[1:])
+    def forward(self, x, training=False):
+        """Parameters
+        ----------
+        x : ndarray of shape (n, c, length), floating
 
-    def _check_backward(self, dy):
+        Returns
+        -------
+        y : ndarray of shape (n, c, out_length)
+        """
+        self._check_input(x, (None, None))
+        check_floating(self, x)
+        self.output_shape(x.shape[1:])
+        y = self._pool(x[:, :, None, :])[:, :, 0, :]
+        self._x_shape = x.shape
+        return y
+
+    def backward(self, dy):
+        """Parameters
+        ----------
+        dy : ndarray of shape (n, c, out_length)
+
+        Returns
+        -------
+        dx : ndarray of shape (n, c, length), or None when ``needs_input_grad`` is False
+        """
         if self._x_shape is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
-        _check_dy(self, dy, (self._x_shape[0],) + self.output_shape(self._x_shape[1:]))
+        check_dy(self, dy, (self._x_shape[0],) + self.output_shape(self._x_shape[1:]))
+        if not self.needs_input_grad:
+            return None
+        n, c, length = self._x_shape
+        return self._pool_backward(dy[:, :, None, :], (n, c, 1, length))[:, :, 0, :]
+
+    def _pool(self, x4):
+        """The 2-D kernel's output for ``x4``, the height-1 view of a checked input."""
+        raise NotImplementedError
+
+    def _pool_backward(self, dy4, x4_shape):
+        """The 2-D kernel's dx (of shape ``x4_shape``) for ``dy4``, the height-1 view of a checked dy."""
+        raise NotImplementedError
 
     def get_config(self):
         return {"kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding}
@@ -285,34 +280,12 @@ class MaxPool1D(_Pool1D):
         super().__init__(kernel_size, stride, padding)
         self._indices = None
 
-    def forward(self, x, training=False):
-        """Parameters
-        ----------
-        x : ndarray of shape (n, c, length), floating
+    def _pool(self, x4):
+        y4, self._indices = F.max_pool2d(x4, *self._geometry_2d)
+        return y4
 
-        Returns
-        -------
-        y : ndarray of shape (n, c, out_length)
-        """
-        self._check_forward_input(x)
-        y, self._indices = F.max_pool2d(x[:, :, None, :], *self._geometry_2d)
-        self._x_shape = x.shape
-        return y[:, :, 0, :]
-
-    def backward(self, dy):
-        """Parameters
-        ----------
-        dy : ndarray of shape (n, c, out_length)
-
-        Returns
-        -------
-        dx : ndarray of shape (n, c, length), or None when ``needs_input_grad`` is False
-        """
-        self._check_backward(dy)
-        if not self.needs_input_grad:
-            return None
-        n, c, length = self._x_shape
-        return F.max_pool2d_backward(dy[:, :, None, :], self._indices, (n, c, 1, length))[:, :, 0, :]
+    def _pool_backward(self, dy4, x4_shape):
+        return F.max_pool2d_backward(dy4, self._indices, x4_shape)
 
 
 class AvgPool1D(_Pool1D):
@@ -327,30 +300,8 @@ class AvgPool1D(_Pool1D):
         At most half the kernel on each side.
     """
 
-    def forward(self, x, training=False):
-        """Parameters
-        ----------
-        x : ndarray of shape (n, c, length), floating
+    def _pool(self, x4):
+        return F.avg_pool2d(x4, *self._geometry_2d)
 
-        Returns
-        -------
-        y : ndarray of shape (n, c, out_length)
-        """
-        self._check_forward_input(x)
-        self._x_shape = x.shape
-        return F.avg_pool2d(x[:, :, None, :], *self._geometry_2d)[:, :, 0, :]
-
-    def backward(self, dy):
-        """Parameters
-        ----------
-        dy : ndarray of shape (n, c, out_length)
-
-        Returns
-        -------
-        dx : ndarray of shape (n, c, length), or None when ``needs_input_grad`` is False
-        """
-        self._check_backward(dy)
-        if not self.needs_input_grad:
-            return None
-        n, c, length = self._x_shape
-        return F.avg_pool2d_backward(dy[:, :, None, :], (n, c, 1, length), *self._geometry_2d)[:, :, 0, :]
+    def _pool_backward(self, dy4, x4_shape):
+        return F.avg_pool2d_backward(dy4, x4_shape, *self._geometry_2d)

@@ -11,35 +11,10 @@ import numbers
 import numpy as np
 
 from .. import random as _random
-from ..init import check_initializer, initialize_bias, initialize_weight
-from .activations import ACTIVATIONS, activation_kwargs, check_activation, check_negative_slope
-from .base import Layer, default_rng
-
-
-def _positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"Expected {name} to be an int, received: {name}={value!r}")
-    if value < 1:
-        raise ValueError(f"Expected {name} >= 1, received: {name}={value!r}")
-    return int(value)
-
-
-def _check_floating(layer, x):
-    if not np.issubdtype(x.dtype, np.floating):
-        raise TypeError(f"{type(layer).__name__} expected a floating-point array, received: dtype={x.dtype}")
-
-
-def _grad_buffer(layer, name):
-    """``layer.grads[name]`` as a writable array matching its parameter (made on first use).
-
-    Gradients are written into this array rather than replacing it, so anyone holding a reference
-    (an optimizer's parameter list) always sees the latest values.
-    """
-    p = layer.params[name]
-    g = layer.grads.get(name)
-    if g is None or g.shape != p.shape or g.dtype != p.dtype:
-        g = layer.grads[name] = np.zeros_like(p)
-    return g
+from ..init import check_initializer
+from ._common import check_bool, check_dy, check_floating, grad_buffer, init_weight_and_bias, positive_int
+from .activations import FusedActivation, check_activation, check_negative_slope
+from .base import Layer
 
 
 class Dense(Layer):
@@ -67,25 +42,15 @@ class Dense(Layer):
     def __init__(self, in_features, out_features, bias=True, activation=None, negative_slope=0.01,
                  weight_init="default", rng=None):
         super().__init__()
-        self.in_features = _positive_int(in_features, "in_features")
-        self.out_features = _positive_int(out_features, "out_features")
-        if not isinstance(bias, (bool, np.bool_)):
-            raise TypeError(f"Expected bias to be a bool, received: bias={bias!r}")
-        self.use_bias = bool(bias)
+        self.in_features = positive_int(in_features, "in_features")
+        self.out_features = positive_int(out_features, "out_features")
+        self.use_bias = check_bool(bias, "bias")
         self.activation = check_activation(activation)
         self.negative_slope = check_negative_slope(negative_slope)
         self.weight_init = check_initializer(weight_init)
         self.needs_input_grad = True
-
-        gen = default_rng(rng)
-        shape = (self.out_features, self.in_features)
-        self.params["weight"] = initialize_weight(self.weight_init, shape, gen)
-        if self.use_bias:
-            self.params["bias"] = initialize_bias(self.weight_init, shape, gen)
-        self.zero_grads()
-
-        self._act = ACTIVATIONS[self.activation] if self.activation else None
-        self._act_kw = activation_kwargs(self.activation, self.negative_slope)
+        init_weight_and_bias(self, (self.out_features, self.in_features), rng)
+        self._act = FusedActivation(self.activation, self.negative_slope)
         self._x = self._z = self._y = None
 
     def output_shape(self, input_shape):
@@ -107,25 +72,15 @@ class Dense(Layer):
         y : ndarray of shape (n, out_features)
         """
         self._check_input(x, (self.in_features,))
-        _check_floating(self, x)
+        check_floating(self, x)
         w = self.params["weight"]
         x = x.astype(w.dtype, copy=False)
         z = np.matmul(x, w.T)
         if self.use_bias:
             z += self.params["bias"]
         self._x = x
-        if self._act is None:
-            self._z = None
-            y = z
-        elif self._act.needs_input(**self._act_kw):
-            self._z = z
-            y = self._act.forward(z, **self._act_kw)
-        else:
-            # The activation's backward reads only its output: overwrite z, keep one buffer.
-            self._z = None
-            y = self._act.forward(z, out=z, **self._act_kw)
-        self._y = y
-        return y
+        self._y, self._z = self._act.forward(z)
+        return self._y
 
     def backward(self, dy):
         """Parameters
@@ -138,16 +93,12 @@ class Dense(Layer):
         """
         if self._x is None:
             raise RuntimeError("Dense.backward called before forward")
-        if not isinstance(dy, np.ndarray) or dy.shape != self._y.shape:
-            received = dy.shape if isinstance(dy, np.ndarray) else type(dy).__name__
-            raise ValueError(f"Dense expected dy of shape {self._y.shape}, received: {received}")
+        check_dy(self, dy, self._y.shape)
         w = self.params["weight"]
-        dz = dy.astype(w.dtype, copy=False)
-        if self._act is not None:
-            dz = self._act.backward(dz, self._z, self._y, **self._act_kw)
-        np.matmul(dz.T, self._x, out=_grad_buffer(self, "weight"))
+        dz = self._act.backward(dy.astype(w.dtype, copy=False), self._z, self._y)
+        np.matmul(dz.T, self._x, out=grad_buffer(self, "weight"))
         if self.use_bias:
-            np.sum(dz, axis=0, out=_grad_buffer(self, "bias"))
+            np.sum(dz, axis=0, out=grad_buffer(self, "bias"))
         if not self.needs_input_grad:
             return None
         return np.matmul(dz, w)
@@ -200,10 +151,7 @@ class Flatten(Layer):
     def backward(self, dy):
         if self._x_shape is None:
             raise RuntimeError("Flatten.backward called before forward")
-        expected = (self._x_shape[0], int(np.prod(self._x_shape[1:], dtype=np.int64)))
-        if not isinstance(dy, np.ndarray) or dy.shape != expected:
-            received = dy.shape if isinstance(dy, np.ndarray) else type(dy).__name__
-            raise ValueError(f"Flatten expected dy of shape {expected}, received: {received}")
+        check_dy(self, dy, (self._x_shape[0], int(np.prod(self._x_shape[1:], dtype=np.int64))))
         return dy.reshape(self._x_shape)
 
 
@@ -245,7 +193,7 @@ class Dropout(Layer):
         """
         if not isinstance(x, np.ndarray):
             raise TypeError(f"Dropout expected a numpy array, received: {type(x).__name__}")
-        _check_floating(self, x)
+        check_floating(self, x)
         self._y_shape = x.shape
         if not training or self.p == 0.0:
             self._mask = None
@@ -259,9 +207,7 @@ class Dropout(Layer):
     def backward(self, dy):
         if self._y_shape is None:
             raise RuntimeError("Dropout.backward called before forward")
-        if not isinstance(dy, np.ndarray) or dy.shape != self._y_shape:
-            received = dy.shape if isinstance(dy, np.ndarray) else type(dy).__name__
-            raise ValueError(f"Dropout expected dy of shape {self._y_shape}, received: {received}")
+        check_dy(self, dy, self._y_shape)
         return dy if self._mask is None else dy * self._mask
 
     def get_config(self):

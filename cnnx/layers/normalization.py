@@ -12,8 +12,8 @@ import numbers
 
 import numpy as np
 
+from ._common import check_bool, check_dy, check_floating, positive_int, store_grads
 from .base import Layer
-from .dense import _check_floating, _grad_buffer, _positive_int
 
 
 class _BatchNorm(Layer):
@@ -21,16 +21,14 @@ class _BatchNorm(Layer):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True):
         super().__init__()
-        self.num_features = _positive_int(num_features, "num_features")
+        self.num_features = positive_int(num_features, "num_features")
         if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not float(eps) > 0:
             raise ValueError(f"Expected eps to be a positive number, received: eps={eps!r}")
         if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= float(momentum) <= 1.0:
             raise ValueError(f"Expected momentum to be a number in [0, 1], received: momentum={momentum!r}")
-        if not isinstance(affine, (bool, np.bool_)):
-            raise TypeError(f"Expected affine to be a bool, received: affine={affine!r}")
         self.eps = float(eps)
         self.momentum = float(momentum)
-        self.affine = bool(affine)
+        self.affine = check_bool(affine, "affine")
         self.needs_input_grad = True
         c = self.num_features
         if self.affine:
@@ -54,7 +52,7 @@ class _BatchNorm(Layer):
         """Validate ``x`` and return it as an ``(n, c, L)`` array of the parameters' dtype."""
         if not isinstance(x, np.ndarray):
             raise TypeError(f"{type(self).__name__} expected a numpy array, received: {type(x).__name__}")
-        _check_floating(self, x)
+        check_floating(self, x)
         if x.ndim < 1:
             raise ValueError(f"{type(self).__name__} expected a batch of samples, received: shape={x.shape}")
         self._check_shape(x.shape[1:])
@@ -139,9 +137,7 @@ class _BatchNorm(Layer):
         if self._cache is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
         mode, saved, inv_std, shape = self._cache
-        if not isinstance(dy, np.ndarray) or dy.shape != shape:
-            received = dy.shape if isinstance(dy, np.ndarray) else type(dy).__name__
-            raise ValueError(f"{type(self).__name__} expected dy of shape {shape}, received: {received}")
+        check_dy(self, dy, shape)
         dy3 = np.ascontiguousarray(dy, dtype=saved.dtype).reshape(saved.shape)
         gamma, _ = self._scale_shift()
         dbeta = dy3.sum(axis=(0, 2))
@@ -151,9 +147,7 @@ class _BatchNorm(Layer):
         else:
             # sum(dy * (x - mean)) * inv_std without materialising x_hat.
             dgamma = (np.einsum("ncl,ncl->c", dy3, saved) - self.buffers["running_mean"] * dbeta) * inv_std
-        if self.affine:
-            np.copyto(_grad_buffer(self, "weight"), dgamma)
-            np.copyto(_grad_buffer(self, "bias"), dbeta)
+        store_grads(self, weight=dgamma, bias=dbeta)  # skipped without affine (no parameters)
         if not self.needs_input_grad:
             return None
         k = (gamma * inv_std)[:, None]
@@ -170,9 +164,8 @@ class _BatchNorm(Layer):
         return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum, "affine": self.affine}
 
 
-class BatchNorm1D(_BatchNorm):
-    """Batch normalisation over ``(n, c)`` rows or ``(n, c, length)`` sequences (PyTorch's ``BatchNorm1d``).
-
+# The parameters and attributes both public classes document (their docstrings end with it).
+_BATCHNORM_DOC = """
     Parameters
     ----------
     num_features : int
@@ -191,6 +184,11 @@ class BatchNorm1D(_BatchNorm):
     buffers : dict
         ``"running_mean"`` (init 0) and ``"running_var"`` (init 1), shape (c,).
     """
+
+
+class BatchNorm1D(_BatchNorm):
+    __doc__ = ("Batch normalisation over ``(n, c)`` rows or ``(n, c, length)`` sequences "
+               "(PyTorch's ``BatchNorm1d``).\n" + _BATCHNORM_DOC)
 
     def _check_shape(self, input_shape):
         if len(input_shape) not in (1, 2) or input_shape[0] != self.num_features:
@@ -201,26 +199,7 @@ class BatchNorm1D(_BatchNorm):
 
 
 class BatchNorm2D(_BatchNorm):
-    """Batch normalisation of NCHW batches, per channel (PyTorch's ``BatchNorm2d``).
-
-    Parameters
-    ----------
-    num_features : int
-        ``c``.
-    eps : float, default 1e-5
-        Added to the variance before the square root.
-    momentum : float in [0, 1], default 0.1
-        ``running = (1 - momentum) * running + momentum * batch_statistic``.
-    affine : bool, default True
-        Learn a per-channel scale ``weight`` (init 1) and shift ``bias`` (init 0).
-
-    Attributes
-    ----------
-    params : dict
-        ``"weight"`` and ``"bias"`` of shape (c,) when ``affine``.
-    buffers : dict
-        ``"running_mean"`` (init 0) and ``"running_var"`` (init 1), shape (c,).
-    """
+    __doc__ = "Batch normalisation of NCHW batches, per channel (PyTorch's ``BatchNorm2d``).\n" + _BATCHNORM_DOC
 
     def _check_shape(self, input_shape):
         if len(input_shape) != 3 or input_shape[0] != self.num_features:

@@ -1,12 +1,14 @@
-"""Pooling layers: geometry, validation and caches around ``cnnx.functional``'s pooling kernels."""
-from __future__ import annotations
+"""Pooling layers: geometry, validation and caches around ``cnnx.functional``'s pooling kernels.
 
-import numpy as np
+``_Pool2D`` owns everything but the kernel calls: MaxPool2D and AvgPool2D only say which kernel
+runs forward (``_pool``) and backward (``_pool_backward``).
+"""
+from __future__ import annotations
 
 from .. import functional as F
 from .._geometry import conv_output_size, explicit_padding, positive_pair
+from ._common import check_dy, check_floating
 from .base import Layer
-from .dense import _check_floating
 
 
 class _Pool2D(Layer):
@@ -49,18 +51,45 @@ class _Pool2D(Layer):
         sy, sx = self.stride
         return (c, conv_output_size(h, kh, sy, pt, pb), conv_output_size(w, kw, sx, pl, pr))
 
-    def _check_forward_input(self, x):
-        self._check_input(x, (None, None, None))
-        _check_floating(self, x)
-        self.output_shape(x.shape[1:])
+    def forward(self, x, training=False):
+        """Parameters
+        ----------
+        x : ndarray of shape (n, c, h, w), floating
 
-    def _check_dy(self, dy):
+        Returns
+        -------
+        y : ndarray of shape (n, c, out_h, out_w)
+        """
+        self._check_input(x, (None, None, None))
+        check_floating(self, x)
+        self.output_shape(x.shape[1:])
+        y = self._pool(x)
+        self._x_shape = x.shape
+        return y
+
+    def backward(self, dy):
+        """Parameters
+        ----------
+        dy : ndarray of shape (n, c, out_h, out_w)
+
+        Returns
+        -------
+        dx : ndarray of shape (n, c, h, w), or None when ``needs_input_grad`` is False
+        """
         if self._x_shape is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
-        expected = (self._x_shape[0],) + self.output_shape(self._x_shape[1:])
-        if not isinstance(dy, np.ndarray) or dy.shape != expected:
-            received = dy.shape if isinstance(dy, np.ndarray) else type(dy).__name__
-            raise ValueError(f"{type(self).__name__} expected dy of shape {expected}, received: {received}")
+        check_dy(self, dy, (self._x_shape[0],) + self.output_shape(self._x_shape[1:]))
+        if not self.needs_input_grad:
+            return None
+        return self._pool_backward(dy)
+
+    def _pool(self, x):
+        """The kernel's output for a checked input ``x``; may cache what ``_pool_backward`` needs."""
+        raise NotImplementedError
+
+    def _pool_backward(self, dy):
+        """dx for a checked ``dy`` (``self._x_shape`` holds the input's shape)."""
+        raise NotImplementedError
 
     def get_config(self):
         return {"kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding}
@@ -85,32 +114,11 @@ class MaxPool2D(_Pool2D):
         super().__init__(kernel_size, stride, padding)
         self._indices = None
 
-    def forward(self, x, training=False):
-        """Parameters
-        ----------
-        x : ndarray of shape (n, c, h, w), floating
-
-        Returns
-        -------
-        y : ndarray of shape (n, c, out_h, out_w)
-        """
-        self._check_forward_input(x)
+    def _pool(self, x):
         y, self._indices = F.max_pool2d(x, self.kernel_size, self.stride, self._pads)
-        self._x_shape = x.shape
         return y
 
-    def backward(self, dy):
-        """Parameters
-        ----------
-        dy : ndarray of shape (n, c, out_h, out_w)
-
-        Returns
-        -------
-        dx : ndarray of shape (n, c, h, w), or None when ``needs_input_grad`` is False
-        """
-        self._check_dy(dy)
-        if not self.needs_input_grad:
-            return None
+    def _pool_backward(self, dy):
         return F.max_pool2d_backward(dy, self._indices, self._x_shape)
 
 
@@ -126,29 +134,8 @@ class AvgPool2D(_Pool2D):
         At most half the kernel on each side.
     """
 
-    def forward(self, x, training=False):
-        """Parameters
-        ----------
-        x : ndarray of shape (n, c, h, w), floating
-
-        Returns
-        -------
-        y : ndarray of shape (n, c, out_h, out_w)
-        """
-        self._check_forward_input(x)
-        self._x_shape = x.shape
+    def _pool(self, x):
         return F.avg_pool2d(x, self.kernel_size, self.stride, self._pads)
 
-    def backward(self, dy):
-        """Parameters
-        ----------
-        dy : ndarray of shape (n, c, out_h, out_w)
-
-        Returns
-        -------
-        dx : ndarray of shape (n, c, h, w), or None when ``needs_input_grad`` is False
-        """
-        self._check_dy(dy)
-        if not self.needs_input_grad:
-            return None
+    def _pool_backward(self, dy):
         return F.avg_pool2d_backward(dy, self._x_shape, self.kernel_size, self.stride, self._pads)

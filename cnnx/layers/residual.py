@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .activations import ACTIVATIONS, activation_kwargs, check_activation, check_negative_slope
+from ._common import check_dy
+from .activations import FusedActivation, check_activation, check_negative_slope
 from .base import LAYER_CLASSES, Layer
 
 
@@ -74,8 +75,7 @@ class Residual(Layer):
             )
         self.activation = check_activation(activation)
         self.negative_slope = check_negative_slope(negative_slope)
-        self._act = ACTIVATIONS[self.activation] if self.activation else None
-        self._act_kw = activation_kwargs(self.activation, self.negative_slope)
+        self._act = FusedActivation(self.activation, self.negative_slope)
         # Inner layers always pass gradients on; only the first layer of each path may skip dx
         # (decided in backward from this layer's own flag, which a Network may turn off).
         for layer in children:
@@ -177,16 +177,10 @@ class Residual(Layer):
                 f"Residual expected the block and the shortcut to give the same shape for input {x.shape}, "
                 f"received: block {a.shape}, shortcut {s.shape}"
             )
-        # A fresh array: the paths' outputs may be buffers their layers still need for backward.
-        z = a + s
-        if self._act is None:
-            self._z, y = None, z
-        elif self._act.needs_input(**self._act_kw):
-            self._z, y = z, self._act.forward(z, **self._act_kw)
-        else:
-            self._z, y = None, self._act.forward(z, out=z, **self._act_kw)
-        self._y = y
-        return y
+        # a + s is a fresh array the activation may overwrite; the paths' outputs may be buffers
+        # their layers still need for backward.
+        self._y, self._z = self._act.forward(a + s)
+        return self._y
 
     def backward(self, dy):
         """Parameters
@@ -200,10 +194,8 @@ class Residual(Layer):
         """
         if self._y is None:
             raise RuntimeError("Residual.backward called before forward")
-        if not isinstance(dy, np.ndarray) or dy.shape != self._y.shape:
-            received = dy.shape if isinstance(dy, np.ndarray) else type(dy).__name__
-            raise ValueError(f"Residual expected dy of shape {self._y.shape}, received: {received}")
-        dz = dy if self._act is None else self._act.backward(dy, self._z, self._y, **self._act_kw)
+        check_dy(self, dy, self._y.shape)
+        dz = self._act.backward(dy, self._z, self._y)
         d_block = _path_backward(self.block, dz, self.needs_input_grad)
         if self.shortcut is None:
             d_short = dz

@@ -13,15 +13,9 @@ import numpy as np
 
 from .. import functional as F
 from .._geometry import _pair, positive_pair
-from ..init import check_initializer, initialize_bias, initialize_weight
-from .base import Layer, default_rng
-from .dense import _check_floating, _grad_buffer, _positive_int
-
-
-def _check_dy(layer, dy, expected):
-    if not isinstance(dy, np.ndarray) or dy.shape != tuple(expected):
-        received = dy.shape if isinstance(dy, np.ndarray) else type(dy).__name__
-        raise ValueError(f"{type(layer).__name__} expected dy of shape {tuple(expected)}, received: {received}")
+from ..init import check_initializer
+from ._common import check_bool, check_dy, check_floating, grad_buffer, init_weight_and_bias, positive_int, store_grads
+from .base import Layer
 
 
 class ConvTranspose2D(Layer):
@@ -55,8 +49,8 @@ class ConvTranspose2D(Layer):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0,
                  bias=True, weight_init="default", rng=None):
         super().__init__()
-        self.in_channels = _positive_int(in_channels, "in_channels")
-        self.out_channels = _positive_int(out_channels, "out_channels")
+        self.in_channels = positive_int(in_channels, "in_channels")
+        self.out_channels = positive_int(out_channels, "out_channels")
         self.kernel_size = positive_pair(kernel_size, "kernel_size")
         self.stride = positive_pair(stride, "stride")
         self.padding = _pair(padding, "padding")
@@ -68,22 +62,14 @@ class ConvTranspose2D(Layer):
             raise ValueError(
                 f"Expected 0 <= output_padding < stride {self.stride}, received: output_padding={output_padding!r}"
             )
-        if not isinstance(bias, (bool, np.bool_)):
-            raise TypeError(f"Expected bias to be a bool, received: bias={bias!r}")
-        self.use_bias = bool(bias)
+        self.use_bias = check_bool(bias, "bias")
         self.weight_init = check_initializer(weight_init)
         self.needs_input_grad = True
-
-        gen = default_rng(rng)
-        shape = (self.in_channels, self.out_channels) + self.kernel_size
         # compute_fans reads shape[1] as fan_in: out_channels * kh * kw, exactly PyTorch's choice.
-        self.params["weight"] = initialize_weight(self.weight_init, shape, gen)
-        if self.use_bias:
-            # initialize_bias takes its length from shape[0] and its fan_in from shape[1:]:
-            # (out, out, kh, kw) gives out_channels biases with PyTorch's bound 1/sqrt(out*kh*kw).
-            bias_shape = (self.out_channels, self.out_channels) + self.kernel_size
-            self.params["bias"] = initialize_bias(self.weight_init, bias_shape, gen)
-        self.zero_grads()
+        # The bias takes its length from bias_shape[0] and its fan_in from bias_shape[1:]:
+        # (out, out, kh, kw) gives out_channels biases with PyTorch's bound 1/sqrt(out*kh*kw).
+        init_weight_and_bias(self, (self.in_channels, self.out_channels) + self.kernel_size, rng,
+                             bias_shape=(self.out_channels, self.out_channels) + self.kernel_size)
         self._workspace = F.Workspace()
         self._x = None
         self._y_shape = None
@@ -120,7 +106,7 @@ class ConvTranspose2D(Layer):
         y : ndarray of shape (n, out_channels, out_h, out_w)
         """
         self._check_input(x, (self.in_channels, None, None))
-        _check_floating(self, x)
+        check_floating(self, x)
         out_shape = self.output_shape(x.shape[1:])
         w = self.params["weight"]
         x = np.ascontiguousarray(x, dtype=w.dtype)
@@ -154,16 +140,16 @@ class ConvTranspose2D(Layer):
         """
         if self._x is None:
             raise RuntimeError("ConvTranspose2D.backward called before forward")
-        _check_dy(self, dy, self._y_shape)
+        check_dy(self, dy, self._y_shape)
         w = self.params["weight"]
         dy = np.ascontiguousarray(dy, dtype=w.dtype)
         # The forward is conv2d's input gradient for a convolution mapping y-space to x-space with
         # weight w; so dW is that convolution's weight gradient with (input, output) = (dy, x).
         _, dw, _ = F.conv2d_backward(self._x, dy, w, self.stride, self._pads, need_dx=False,
                                      workspace=self._workspace)
-        np.copyto(_grad_buffer(self, "weight"), dw)
+        store_grads(self, weight=dw)
         if self.use_bias:
-            np.sum(dy, axis=(0, 2, 3), out=_grad_buffer(self, "bias"))
+            np.sum(dy, axis=(0, 2, 3), out=grad_buffer(self, "bias"))
         if not self.needs_input_grad:
             return None
         return F.conv2d(dy, w, None, self.stride, self._pads, workspace=self._workspace)
@@ -213,7 +199,7 @@ class Upsample2D(Layer):
         y : ndarray of shape (n, c, h * sy, w * sx), each input pixel repeated sy x sx times
         """
         self._check_input(x, (None, None, None))
-        _check_floating(self, x)
+        check_floating(self, x)
         n, c, h, w = x.shape
         sy, sx = self.scale_factor
         self._x_shape = x.shape
@@ -234,7 +220,7 @@ class Upsample2D(Layer):
             raise RuntimeError("Upsample2D.backward called before forward")
         n, c, h, w = self._x_shape
         sy, sx = self.scale_factor
-        _check_dy(self, dy, (n, c, h * sy, w * sx))
+        check_dy(self, dy, (n, c, h * sy, w * sx))
         if not self.needs_input_grad:
             return None
         return dy.reshape(n, c, h, sy, w, sx).sum(axis=(3, 5))
@@ -315,7 +301,7 @@ class Reshape(Layer):
         """
         if self._x_shape is None:
             raise RuntimeError("Reshape.backward called before forward")
-        _check_dy(self, dy, (self._x_shape[0],) + self.output_shape(self._x_shape[1:]))
+        check_dy(self, dy, (self._x_shape[0],) + self.output_shape(self._x_shape[1:]))
         return dy.reshape(self._x_shape)
 
     def get_config(self):
