@@ -184,6 +184,10 @@ def _worker_gemm(size, threads, seconds):
 
 def worker(framework, workload, mode, seconds, threads, warmup, gemm_size):
     """Measure one (framework, workload, mode) and print one JSON line."""
+    if framework == "cnnx":
+        # Imported before NumPy, as cnnx recommends: cnnx then loads OpenBLAS with idle threads
+        # that sleep instead of spinning against its OpenMP loops (see cnnx/__init__.py).
+        import cnnx  # noqa: F401
     import numpy as np
 
     if framework == "numpy":

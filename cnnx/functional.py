@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _ops
 from ._geometry import conv_output_size, explicit_padding, positive_pair
-from .parallel import threads_for
+from .parallel import for_each_group, threads_for
 
 __all__ = [
     "Workspace",
@@ -41,6 +41,14 @@ class Workspace:
 
     def __init__(self):
         self._buffers = {}
+        self._workers = {}
+
+    def worker(self, index):
+        """The scratch space of worker thread ``index`` (threads must not share buffers)."""
+        ws = self._workers.get(index)
+        if ws is None:
+            ws = self._workers[index] = Workspace()
+        return ws
 
     def get(self, name, shape, dtype):
         size = 1
@@ -54,10 +62,11 @@ class Workspace:
 
     def clear(self):
         self._buffers.clear()
+        self._workers.clear()
 
     @property
     def nbytes(self):
-        return sum(b.nbytes for b in self._buffers.values())
+        return sum(b.nbytes for b in self._buffers.values()) + sum(w.nbytes for w in self._workers.values())
 
 
 # --- validation helpers ----------------------------------------------------------------------
@@ -122,7 +131,10 @@ def _geometry(in_hw, kernel_size, stride, padding):
 
 
 def _group_size(n, bytes_per_image):
-    return int(max(1, min(n, COLUMN_BUFFER_BYTES // max(1, bytes_per_image))))
+    """Images per group: columns within COLUMN_BUFFER_BYTES, and at least 8 groups when the batch
+    allows, so that worker threads stay busy. It does not depend on the thread count, which keeps
+    the order of the weight-gradient sums, and so the results, identical for any thread count."""
+    return int(max(1, min(COLUMN_BUFFER_BYTES // max(1, bytes_per_image), -(-n // 8))))
 
 
 def _pool_geometry(x_shape, kernel_size, stride, padding):
@@ -196,18 +208,25 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, out=None, workspace=None, 
     k = c * kh * kw
     p = out_h * out_w
     g = _group_size(n, (k + oc) * p * dtype.itemsize)
+    n_groups = -(-n // g)
     w2 = weight.reshape(oc, k)
     has_bias = bias is not None
     b = bias if has_bias else np.empty(0, dtype=dtype)
     y3 = y.reshape(n, oc, p)
-    nt = threads_for(min(g, n) * (k + oc) * p)
-    for first in range(0, n, g):
+    # One group: OpenMP loops and BLAS threads inside it; several: one thread per group.
+    nt = threads_for(n * (k + oc) * p) if n_groups == 1 else 1
+
+    def run_group(worker, index):
+        first = index * g
         m = min(g, n - first)
-        cols = ws.get("cols", (k, m, p), dtype)
+        scratch = ws.worker(worker)
+        cols = scratch.get("cols", (k, m, p), dtype)
         _ops.im2col(x, first, kh, kw, sy, sx, pt, pl, out_h, out_w, cols, nt)
-        y_gemm = ws.get("y_gemm", (oc, m, p), dtype)
+        y_gemm = scratch.get("y_gemm", (oc, m, p), dtype)
         np.matmul(w2, cols.reshape(k, m * p), out=y_gemm.reshape(oc, m * p))
         _ops.gemm_to_nchw(y_gemm, b, has_bias, rectify, slope, first, y3, nt)
+
+    for_each_group(n_groups, run_group)
     return y
 
 
@@ -256,36 +275,42 @@ def conv2d_backward(dy, x, weight, stride=1, padding=0, need_dx=True, out=None, 
     dx = _check_out(out, x.shape, dtype, "out") if need_dx else None
     k = c * kh * kw
     p = out_h * out_w
-    dweight = np.zeros((oc, k), dtype=dtype)
     if n == 0 or p == 0 or k == 0:
         if dx is not None:
             dx[...] = 0
         dz = dy if not rectify else np.where(y > 0, dy, dy * slope)
-        return dx, dweight.reshape(weight.shape), dz.sum(axis=(0, 2, 3))
+        return dx, np.zeros(weight.shape, dtype=dtype), dz.sum(axis=(0, 2, 3))
     ws = workspace if workspace is not None else Workspace()
     g = _group_size(n, (2 * k + oc) * p * dtype.itemsize)
+    n_groups = -(-n // g)
     w2 = weight.reshape(oc, k)
     dy3 = dy.reshape(n, oc, p)
     y3 = y.reshape(n, oc, p)
     dbias_partial = np.empty((n, oc), dtype=np.float64)
-    nt = threads_for(min(g, n) * (k + oc) * p)
-    for first in range(0, n, g):
+    # Each group's weight gradient is kept apart and the parts summed in group order afterwards:
+    # the same sums in the same order whichever thread computed which part.
+    dweight_parts = ws.get("dweight_parts", (n_groups, oc, k), dtype)
+    nt = threads_for(n * (k + oc) * p) if n_groups == 1 else 1
+
+    def run_group(worker, index):
+        first = index * g
         m = min(g, n - first)
-        cols = ws.get("cols", (k, m, p), dtype)
+        scratch = ws.worker(worker)
+        cols = scratch.get("cols", (k, m, p), dtype)
         _ops.im2col(x, first, kh, kw, sy, sx, pt, pl, out_h, out_w, cols, nt)
-        dy_gemm = ws.get("dy_gemm", (oc, m, p), dtype)
+        dy_gemm = scratch.get("dy_gemm", (oc, m, p), dtype)
         _ops.nchw_to_gemm(dy3, y3, rectify, slope, first, dy_gemm, dbias_partial[first:first + m], nt)
         dy2 = dy_gemm.reshape(oc, m * p)
-        if first == 0:
-            np.matmul(dy2, cols.reshape(k, m * p).T, out=dweight)
-        else:
-            partial = ws.get("dweight", (oc, k), dtype)
-            np.matmul(dy2, cols.reshape(k, m * p).T, out=partial)
-            dweight += partial
+        np.matmul(dy2, cols.reshape(k, m * p).T, out=dweight_parts[index])
         if need_dx:
-            dcols = ws.get("dcols", (k, m, p), dtype)
+            dcols = scratch.get("dcols", (k, m, p), dtype)
             np.matmul(w2.T, dy2, out=dcols.reshape(k, m * p))
             _ops.col2im(dcols, first, kh, kw, sy, sx, pt, pl, out_h, out_w, dx, nt)
+
+    for_each_group(n_groups, run_group)
+    dweight = dweight_parts[0].copy()
+    for part in dweight_parts[1:]:
+        dweight += part
     dbias = dbias_partial.sum(axis=0).astype(dtype)
     return dx, dweight.reshape(weight.shape), dbias
 

@@ -1,13 +1,21 @@
-"""Thread policy: how many OpenMP threads the compiled kernels use.
+"""Thread policy: how the compiled kernels and BLAS share the cores.
 
-The kernels' parallel loops (im2col, col2im, layout passes, pooling) and OpenBLAS's GEMMs run one
-after the other, never at the same time, so each may use every core. ``set_num_threads`` sets the
-kernels' count and, through threadpoolctl when it is installed, BLAS's as well.
+Two mechanisms, chosen by what a call does:
+- element-wise and pooling kernels run OpenMP loops over images (``threads_for`` keeps small
+  calls serial);
+- a convolution's groups of images (im2col, GEMM, layout pass) are handed to worker threads
+  (``for_each_group``) while BLAS runs one thread each: a worker runs a whole group without
+  waiting for the others, where OpenMP and multi-threaded BLAS would meet at a barrier three times
+  per group (measured: 10% faster forward and more on backward for the CIFAR networks' convolutions
+  on 2 cores).
+Neither changes the arithmetic: results are identical whatever the thread count.
+``set_num_threads`` sets the count for both and, through threadpoolctl, BLAS's own.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 
 def _available_cores():
@@ -57,6 +65,74 @@ def set_num_threads(n, blas=True):
         except ImportError:  # optional: without it BLAS keeps its own setting
             return
         threadpool_limits(limits=n, user_api="blas")
+
+
+_executor = None
+_executor_size = 0
+_blas_controller = None
+
+
+def _workers(n):
+    """A thread pool with at least ``n`` threads, created once and grown when asked for more."""
+    global _executor, _executor_size
+    if _executor is None or _executor_size < n:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if _executor is not None:
+            _executor.shutdown(wait=True)
+        _executor = ThreadPoolExecutor(max_workers=n, thread_name_prefix="cnnx")
+        _executor_size = n
+    return _executor
+
+
+def _single_threaded_blas():
+    """Context in which BLAS runs one thread (the workers are the parallelism)."""
+    global _blas_controller
+    if _blas_controller is None:
+        from threadpoolctl import ThreadpoolController
+
+        _blas_controller = ThreadpoolController()
+    return _blas_controller.limit(limits=1, user_api="blas")
+
+
+def for_each_group(n_groups, work, n_threads=None):
+    """Call ``work(worker, group)`` for every group index, spread over threads as they free up.
+
+    ``worker`` is the index (0 .. threads-1) of the thread running the call, so a caller can give
+    each thread its own scratch buffers; every group is processed exactly once, and a worker
+    writes only what belongs to its group, so the result does not depend on the schedule.
+    Exceptions from any worker are raised here.
+    """
+    n_threads = min(_num_threads if n_threads is None else n_threads, n_groups)
+    if n_threads <= 1:
+        for group in range(n_groups):
+            work(0, group)
+        return
+    next_group = iter(range(n_groups))
+    lock = threading.Lock()
+    failed = []
+
+    def run(worker):
+        while not failed:
+            with lock:
+                group = next(next_group, None)
+            if group is None:
+                return
+            try:
+                work(worker, group)
+            except BaseException as exc:  # stop the others, re-raise in the caller
+                failed.append(exc)
+                raise
+
+    with _single_threaded_blas():
+        futures = [_workers(n_threads - 1).submit(run, w) for w in range(1, n_threads)]
+        try:
+            run(0)
+        finally:
+            for future in futures:
+                future.exception()  # wait for every worker before buffers are released
+    if failed:
+        raise failed[0]
 
 
 @contextlib.contextmanager
