@@ -16,6 +16,7 @@ scatters (col2im, pooling backward) never race and results do not depend on the 
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport INFINITY
+from libc.string cimport memcpy
 
 ctypedef long long int64
 
@@ -87,9 +88,14 @@ def im2col(
                             continue
                         for ox in range(ox_lo):
                             cols[r, j, p + ox] = 0
-                        for ox in range(ox_lo, ox_hi):
-                            ix = ox * sx - pad_left + kj
-                            cols[r, j, p + ox] = x[img, ci, iy, ix]
+                        if sx == 1 and ox_hi > ox_lo:
+                            # Unit stride: the row is one contiguous run (a vectorised copy).
+                            memcpy(&cols[r, j, p + ox_lo], &x[img, ci, iy, ox_lo - pad_left + kj],
+                                   (ox_hi - ox_lo) * sizeof(floating))
+                        else:
+                            for ox in range(ox_lo, ox_hi):
+                                ix = ox * sx - pad_left + kj
+                                cols[r, j, p + ox] = x[img, ci, iy, ix]
                         for ox in range(ox_hi, out_w):
                             cols[r, j, p + ox] = 0
 
@@ -114,7 +120,9 @@ def col2im(
     """
     cdef Py_ssize_t g = cols.shape[1]
     cdef Py_ssize_t c = x.shape[1], h = x.shape[2], w = x.shape[3]
-    cdef Py_ssize_t j, img, ci, ki, kj, r, oy, ox, iy, ix, p, ox_lo, ox_hi, yy, xx
+    cdef Py_ssize_t j, img, ci, ki, kj, r, oy, ox, iy, ix, p, ox_lo, ox_hi, yy, xx, t
+    cdef floating* dst
+    cdef const floating* src
     if g == 0:
         return
     for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
@@ -137,9 +145,17 @@ def col2im(
                         if iy < 0 or iy >= h:
                             continue
                         p = oy * out_w
-                        for ox in range(ox_lo, ox_hi):
-                            ix = ox * sx - pad_left + kj
-                            x[img, ci, iy, ix] += cols[r, j, p + ox]
+                        if sx == 1 and ox_hi > ox_lo:
+                            # Unit stride: add one contiguous run through plain pointers, which
+                            # the compiler vectorises.
+                            dst = &x[img, ci, iy, ox_lo - pad_left + kj]
+                            src = &cols[r, j, p + ox_lo]
+                            for t in range(ox_hi - ox_lo):
+                                dst[t] += src[t]
+                        else:
+                            for ox in range(ox_lo, ox_hi):
+                                ix = ox * sx - pad_left + kj
+                                x[img, ci, iy, ix] += cols[r, j, p + ox]
 
 
 def gemm_to_nchw(
