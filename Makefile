@@ -1,7 +1,7 @@
 # The README's two commands: `make train` (set up, train LeNet-5 on Fashion-MNIST) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
-EPOCHS ?= 3
+EPOCHS ?= 10
 OUT ?= runs/lenet5-fashion-mnist
 
 .PHONY: train test install dataset bench clean
