@@ -101,6 +101,7 @@ class Network:
             layer.astype(dtype)
             # The input of the network needs no gradient (backward(need_input_grad=True) turns it on).
             layer.needs_input_grad = i > 0
+        self._plan_output_reuse()
 
         self.loss = None
         self.optimizer = None
@@ -218,6 +219,16 @@ class Network:
         return self._forward(x, training)
 
     __call__ = forward
+
+    def _plan_output_reuse(self):
+        """Let a Conv2D reuse its output buffer across batches where that is invisible: when the
+        next layer reads it and writes a new array (so the buffer never reaches the network's
+        output, and is only read again by that layer's backward in the same step)."""
+        from .layers import AvgPool2D, Conv2D, Dense, MaxPool2D
+
+        for layer, after in zip(self.layers, self.layers[1:]):
+            if isinstance(layer, Conv2D):
+                layer.reuse_output = type(after) in (Conv2D, MaxPool2D, AvgPool2D, Dense)
 
     def _forward(self, x, training):
         for layer in self.layers:

@@ -548,3 +548,31 @@ def test_regression_targets_report_no_accuracy():
     assert all(math.isnan(a) for a in history["accuracy"])
     assert history["loss"][1] < history["loss"][0]
     assert math.isnan(net.evaluate(x, x)["accuracy"])
+
+
+def test_reused_conv_outputs_are_invisible():
+    """Network lets a Conv2D reuse its output buffer only where the next layer writes a new array:
+    outputs returned earlier stay intact, and training gives bit-identical results either way."""
+    import cnnx
+
+    def build(reuse):
+        net = cnnx.models.seed_mnist(seed=0)
+        if not reuse:
+            for layer in net.layers:
+                layer.reuse_output = False
+        net.compile("softmax_cross_entropy", cnnx.optimizers.Adam(lr=1e-3))
+        return net
+
+    net = build(reuse=True)
+    assert [getattr(layer, "reuse_output", None) for layer in net.layers][:3] == [True, None, False]
+    rng = np.random.default_rng(0)
+    x1, x2 = rng.standard_normal((2, 4, 1, 28, 28)).astype(np.float32)
+    first = net.forward(x1)
+    kept = first.copy()
+    net.forward(x2)
+    np.testing.assert_array_equal(first, kept)
+
+    x = rng.standard_normal((32, 1, 28, 28)).astype(np.float32)
+    y = rng.integers(0, 10, 32)
+    histories = [build(reuse).fit(x, y, epochs=2, batch_size=8, shuffle=False, verbose=0) for reuse in (True, False)]
+    assert histories[0] == histories[1]
