@@ -252,9 +252,11 @@ def max_pool2d(
     Py_ssize_t pad_left,
     floating[:, :, :, ::1] y,
     int64[:, :, :, ::1] indices,
+    bint with_indices,
     int n_threads,
 ):
-    """Max over each window; ``indices`` gets the flat ``iy * w + ix`` of the (first) maximum.
+    """Max over each window; ``indices`` gets the flat ``iy * w + ix`` of the (first) maximum
+    when ``with_indices`` (inference skips them: they are two thirds of the bytes written).
 
     Padding never wins (it acts as -inf); a NaN in a window propagates to the output.
     The caller guarantees every window holds at least one real input position.
@@ -296,9 +298,9 @@ def max_pool2d(
                         # Rare: NaN propagates, and the first NaN is the argmax.
                         k = 0 if a != a else (1 if b != b else (2 if c2 != c2 else 3))
                         best = a + b + c2 + d
-                    best_idx = (y0 + k // 2) * w + x0 + k % 2
                     y[img, ch, oy, ox] = best
-                    indices[img, ch, oy, ox] = best_idx
+                    if with_indices:
+                        indices[img, ch, oy, ox] = (y0 + k // 2) * w + x0 + k % 2
         return
     for plane in prange(n * c, nogil=True, schedule="static", num_threads=n_threads):
         img = plane // c
@@ -320,7 +322,8 @@ def max_pool2d(
                         best = v if take else best
                         best_idx = iy * w + ix if take else best_idx
                 y[img, ch, oy, ox] = best
-                indices[img, ch, oy, ox] = best_idx
+                if with_indices:
+                    indices[img, ch, oy, ox] = best_idx
 
 
 def max_pool2d_backward(

@@ -377,7 +377,10 @@ def _shape4(shape, name):
 
 # --- pooling -----------------------------------------------------------------------------------
 
-def max_pool2d(x, kernel_size, stride=None, padding=0, out=None):
+_NO_INDICES = np.zeros((1, 1, 1, 1), dtype=np.int64)  # never written (with_indices=False)
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, out=None, indices=True):
     """Max pooling with argmax indices.
 
     Parameters
@@ -387,21 +390,25 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, out=None):
     stride : int or (sy, sx), default ``kernel_size``
     padding : int or pairs, at most half the kernel; padding never wins the max
     out : (y, indices) pair of arrays to write into, optional
+    indices : bool, False skips the argmax (inference) and returns None in its place
 
     Returns
     -------
     y : ndarray of shape (n, c, out_h, out_w)
     indices : int64 ndarray of shape (n, c, out_h, out_w), flat ``iy * w + ix`` of each window's
-        first maximum (PyTorch's convention)
+        first maximum (PyTorch's convention), or None
     """
     x = _float_array(x, "x", 4)
     n, c, h, w = x.shape
     (kh, kw), (sy, sx), ((pt, _), (pl, _)), (out_h, out_w) = _pool_geometry(x.shape, kernel_size, stride, padding)
     y_out, idx_out = (None, None) if out is None else out
     y = _check_out(y_out, (n, c, out_h, out_w), x.dtype, "out[0]")
-    indices = _check_out(idx_out, (n, c, out_h, out_w), np.dtype(np.int64), "out[1]")
-    _ops.max_pool2d(x, kh, kw, sy, sx, pt, pl, y, indices, threads_for(x.size))
-    return y, indices
+    if not indices:
+        _ops.max_pool2d(x, kh, kw, sy, sx, pt, pl, y, _NO_INDICES, False, threads_for(x.size))
+        return y, None
+    argmax = _check_out(idx_out, (n, c, out_h, out_w), np.dtype(np.int64), "out[1]")
+    _ops.max_pool2d(x, kh, kw, sy, sx, pt, pl, y, argmax, True, threads_for(x.size))
+    return y, argmax
 
 
 def max_pool2d_backward(dy, indices, x_shape, out=None):

@@ -483,3 +483,23 @@ def test_torch_default_init_distribution_matches(rng):
     # Same bound 1/sqrt(fan_in); both spread over it.
     assert np.abs(tw).max() <= 1 / math.sqrt(72) + 1e-7 and np.abs(w).max() <= 1 / math.sqrt(72)
     assert w.std() == pytest.approx(tw.std(), rel=0.1)
+
+
+def test_max_pool_backward_after_an_eval_forward_matches_training(rng):
+    """Eval-mode forwards skip the argmax; a backward after one (saliency maps) still routes dy
+    to the same inputs as after a training forward."""
+    import cnnx.functional as F
+    from cnnx.layers import MaxPool2D
+
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    y, idx = F.max_pool2d(x, 2)
+    y_only, none = F.max_pool2d(x, 2, indices=False)
+    assert none is None
+    np.testing.assert_array_equal(y_only, y)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    layer = MaxPool2D(2)
+    layer.needs_input_grad = True
+    layer.forward(x, training=True)
+    trained = layer.backward(dy)
+    layer.forward(x, training=False)
+    np.testing.assert_array_equal(layer.backward(dy), trained)

@@ -63,7 +63,7 @@ class _Pool2D(Layer):
         self._check_input(x, (None, None, None))
         check_floating(self, x)
         self.output_shape(x.shape[1:])
-        y = self._pool(x)
+        y = self._pool(x, training)
         self._x_shape = x.shape
         return y
 
@@ -83,7 +83,7 @@ class _Pool2D(Layer):
             return None
         return self._pool_backward(dy)
 
-    def _pool(self, x):
+    def _pool(self, x, training):
         """The kernel's output for a checked input ``x``; may cache what ``_pool_backward`` needs."""
         raise NotImplementedError
 
@@ -113,12 +113,17 @@ class MaxPool2D(_Pool2D):
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__(kernel_size, stride, padding)
         self._indices = None
+        self._x = None
 
-    def _pool(self, x):
-        y, self._indices = F.max_pool2d(x, self.kernel_size, self.stride, self._pads)
+    def _pool(self, x, training):
+        # Inference skips the argmax; a backward after an eval forward (saliency maps) finds it then.
+        y, self._indices = F.max_pool2d(x, self.kernel_size, self.stride, self._pads, indices=training)
+        self._x = None if training else x
         return y
 
     def _pool_backward(self, dy):
+        if self._indices is None:
+            _, self._indices = F.max_pool2d(self._x, self.kernel_size, self.stride, self._pads)
         return F.max_pool2d_backward(dy, self._indices, self._x_shape)
 
 
@@ -134,7 +139,7 @@ class AvgPool2D(_Pool2D):
         At most half the kernel on each side.
     """
 
-    def _pool(self, x):
+    def _pool(self, x, training):
         return F.avg_pool2d(x, self.kernel_size, self.stride, self._pads)
 
     def _pool_backward(self, dy):
