@@ -26,9 +26,8 @@ for path in (str(HERE), str(HERE.parent)):
 
 
 def main(argv=None):
+    import cnnx  # before NumPy: OpenBLAS then loads with sleeping idle threads (cnnx/__init__.py)
     import numpy as np
-
-    import cnnx
     from cnnx.profiler import profile
     from workloads import WORKLOADS, canonical, cnnx_model
 
