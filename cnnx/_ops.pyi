@@ -19,6 +19,10 @@ def gemm_to_nchw(
     y_gemm: Float, bias: Float, has_bias: bool, rectify: bool, negative_slope: float, first: int, y: Float,
     n_threads: int,
 ) -> None: ...
+def gemm_to_nchw_maxpool2(
+    y_gemm: Float, bias: Float, has_bias: bool, rectify: bool, negative_slope: float, first: int, out_w: int,
+    y: Float, n_threads: int,
+) -> None: ...
 def nchw_to_gemm(
     dy: Float, y: Float, rectify: bool, negative_slope: float, first: int, dy_gemm: Float,
     dbias_partial: NDArray[np.float64], n_threads: int,

@@ -192,6 +192,54 @@ def gemm_to_nchw(
                     y[first + j, o, p] = y_gemm[o, j, p] + b
 
 
+def gemm_to_nchw_maxpool2(
+    const floating[:, :, ::1] y_gemm,
+    const floating[::1] bias,
+    bint has_bias,
+    bint rectify,
+    double negative_slope,
+    Py_ssize_t first,
+    Py_ssize_t out_w,
+    floating[:, :, ::1] y,
+    int n_threads,
+):
+    """``gemm_to_nchw`` followed by a 2x2 / stride-2 max-pool, in one pass (inference): only the
+    pooled output ``y`` of shape ``(n, out_c, (out_h // 2) * (out_w // 2))`` is written.
+
+    The bias and a leaky ReLU with slope >= 0 are monotonic, so they are applied to each window's
+    maximum instead of to its four values; a NaN in a window gives NaN, as the two passes would.
+    """
+    cdef Py_ssize_t oc = y_gemm.shape[0], g = y_gemm.shape[1], P = y_gemm.shape[2]
+    cdef Py_ssize_t pw = out_w // 2
+    cdef Py_ssize_t ph = (P // out_w) // 2 if out_w > 0 else 0
+    cdef Py_ssize_t j, o, py, px, r0, r1
+    cdef floating b, a0, a1, a2, a3, m, m2, v, scaled
+    cdef floating slope = <floating>negative_slope
+    if g == 0 or oc == 0 or ph == 0 or pw == 0:
+        return
+    for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
+        for o in range(oc):
+            b = bias[o] if has_bias else 0
+            for py in range(ph):
+                r0 = 2 * py * out_w
+                r1 = r0 + out_w
+                for px in range(pw):
+                    a0 = y_gemm[o, j, r0 + 2 * px]
+                    a1 = y_gemm[o, j, r0 + 2 * px + 1]
+                    a2 = y_gemm[o, j, r1 + 2 * px]
+                    a3 = y_gemm[o, j, r1 + 2 * px + 1]
+                    m = a0 if a0 > a1 else a1
+                    m2 = a2 if a2 > a3 else a3
+                    m = m if m > m2 else m2
+                    if (a0 != a0) | (a1 != a1) | (a2 != a2) | (a3 != a3):
+                        m = a0 + a1 + a2 + a3  # NaN
+                    v = m + b
+                    scaled = v * slope
+                    if rectify:
+                        v = v if v > 0 else scaled
+                    y[first + j, o, py * pw + px] = v
+
+
 def nchw_to_gemm(
     const floating[:, :, ::1] dy,
     const floating[:, :, ::1] y,

@@ -167,8 +167,9 @@ def _rectifier(activation, negative_slope):
 
 
 def conv2d(x, weight, bias=None, stride=1, padding=0, out=None, workspace=None, activation=None,
-           negative_slope=0.01):
-    """2-D cross-correlation (PyTorch's ``conv2d``), optionally followed by a fused (leaky) ReLU.
+           negative_slope=0.01, maxpool2=False):
+    """2-D cross-correlation (PyTorch's ``conv2d``), optionally followed by a fused (leaky) ReLU
+    and, for inference, a fused 2x2 / stride-2 max-pool.
 
     Parameters
     ----------
@@ -181,10 +182,13 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, out=None, workspace=None, 
     workspace : Workspace, optional, scratch buffers reused across calls
     activation : None, "relu" or "leaky_relu", applied in the same sweep as the bias
     negative_slope : float >= 0, the slope of "leaky_relu"
+    maxpool2 : bool, return ``max_pool2d(y, 2)`` instead of ``y``, computed in the same sweep
+        (nothing for a backward pass is kept: inference only)
 
     Returns
     -------
-    y : ndarray of shape (n, out_c, out_h, out_w), the dtype of ``x`` (float64 if either is)
+    y : ndarray of shape (n, out_c, out_h, out_w), the dtype of ``x`` (float64 if either is);
+        with ``maxpool2``, of shape (n, out_c, out_h // 2, out_w // 2)
     """
     rectify, slope = _rectifier(activation, negative_slope)
     dtype = _common_dtype(x, weight, bias)
@@ -201,7 +205,10 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, out=None, workspace=None, 
         if bias.shape[0] != oc:
             raise ValueError(f"Expected bias of shape ({oc},), received: bias.shape={bias.shape}")
     (kh, kw), (sy, sx), ((pt, _), (pl, _)), (out_h, out_w) = _geometry((h, w), weight.shape[2:], stride, padding)
-    y = _check_out(out, (n, oc, out_h, out_w), dtype)
+    if maxpool2 and (out_h < 2 or out_w < 2):
+        raise ValueError(f"Expected a conv output of at least 2x2 to max-pool, received: {(out_h, out_w)}")
+    y_shape = (n, oc, out_h // 2, out_w // 2) if maxpool2 else (n, oc, out_h, out_w)
+    y = _check_out(out, y_shape, dtype)
     if y.size == 0:
         return y
     ws = workspace if workspace is not None else Workspace()
@@ -212,7 +219,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, out=None, workspace=None, 
     w2 = weight.reshape(oc, k)
     has_bias = bias is not None
     b = bias if has_bias else np.empty(0, dtype=dtype)
-    y3 = y.reshape(n, oc, p)
+    y3 = y.reshape(n, oc, -1)
     # One group: OpenMP loops and BLAS threads inside it; several: one thread per group.
     nt = threads_for(n * (k + oc) * p) if n_groups == 1 else 1
 
@@ -224,7 +231,10 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, out=None, workspace=None, 
         _ops.im2col(x, first, kh, kw, sy, sx, pt, pl, out_h, out_w, cols, nt)
         y_gemm = scratch.get("y_gemm", (oc, m, p), dtype)
         np.matmul(w2, cols.reshape(k, m * p), out=y_gemm.reshape(oc, m * p))
-        _ops.gemm_to_nchw(y_gemm, b, has_bias, rectify, slope, first, y3, nt)
+        if maxpool2:
+            _ops.gemm_to_nchw_maxpool2(y_gemm, b, has_bias, rectify, slope, first, out_w, y3, nt)
+        else:
+            _ops.gemm_to_nchw(y_gemm, b, has_bias, rectify, slope, first, y3, nt)
 
     for_each_group(n_groups, run_group)
     return y

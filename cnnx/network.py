@@ -213,7 +213,6 @@ class Network:
         Returns
         -------
         ndarray of shape (n, *output_shape)
-            May be a buffer the last layer reuses on its next call: copy it to keep it.
         """
         x = self._check_x(x, "x", check_finite=False)
         return self._forward(x, training)
@@ -226,13 +225,32 @@ class Network:
         output, and is only read again by that layer's backward in the same step)."""
         from .layers import AvgPool2D, Conv2D, Dense, MaxPool2D
 
-        for layer, after in zip(self.layers, self.layers[1:]):
+        # Inference runs a Conv2D and the 2x2 / stride-2 max-pool after it as one pass.
+        self._fused_pools = set()
+        for i, (layer, after) in enumerate(zip(self.layers, self.layers[1:])):
             if isinstance(layer, Conv2D):
                 layer.reuse_output = type(after) in (Conv2D, MaxPool2D, AvgPool2D, Dense)
+                if layer.can_fuse_maxpool2 and type(after) is MaxPool2D and after.is_plain_2x2:
+                    self._fused_pools.add(i)
+        self._fused_input = None
 
     def _forward(self, x, training):
-        for layer in self.layers:
-            x = layer.forward(x, training)
+        if training or not self._fused_pools:
+            self._fused_input = None
+            for layer in self.layers:
+                x = layer.forward(x, training)
+            return x
+        # Inference with conv + max-pool pairs fused: those layers keep no caches, so the input is
+        # kept for a backward that may follow (saliency maps), which first redoes the forward.
+        self._fused_input = x
+        layers, i = self.layers, 0
+        while i < len(layers):
+            if i in self._fused_pools:
+                x = layers[i].forward_maxpool2(x)
+                i += 2
+            else:
+                x = layers[i].forward(x, False)
+                i += 1
         return x
 
     def backward(self, dloss, need_input_grad=False):
@@ -251,6 +269,10 @@ class Network:
             first.needs_input_grad = False
 
     def _backward(self, d):
+        if self._fused_input is not None:
+            x, self._fused_input = self._fused_input, None
+            for layer in self.layers:
+                x = layer.forward(x, False)
         for layer in reversed(self.layers):
             d = layer.backward(d)
         return d

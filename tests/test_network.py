@@ -576,3 +576,23 @@ def test_reused_conv_outputs_are_invisible():
     y = rng.integers(0, 10, 32)
     histories = [build(reuse).fit(x, y, epochs=2, batch_size=8, shuffle=False, verbose=0) for reuse in (True, False)]
     assert histories[0] == histories[1]
+
+
+def test_inference_fuses_conv_and_max_pool_without_changing_results():
+    """Eval-mode forwards run Conv2D + MaxPool2D(2) as one kernel pass; outputs are bit-identical
+    to the layer-by-layer pass, and a backward after it (saliency maps) still works."""
+    import cnnx
+
+    net = cnnx.models.lenet5(seed=0)
+    assert net._fused_pools == {0, 2}
+    x = np.random.default_rng(1).standard_normal((5, 1, 28, 28)).astype(np.float32)
+    fused = net.forward(x)
+    plain = x
+    for layer in net.layers:
+        plain = layer.forward(plain, False)
+    np.testing.assert_array_equal(fused, plain)
+
+    net.forward(x)
+    dx = net.backward(np.ones_like(fused), need_input_grad=True)
+    net._forward(x, True)  # unfused: caches filled layer by layer (no Dropout in lenet5)
+    np.testing.assert_array_equal(dx, net.backward(np.ones_like(fused), need_input_grad=True))

@@ -128,6 +128,26 @@ class Conv2D(Layer):
         self._y, self._z = self._act.forward(z)
         return self._y
 
+    @property
+    def can_fuse_maxpool2(self):
+        """Whether ``forward_maxpool2`` applies (the activation, if any, runs in the kernels)."""
+        return self.activation is None or self._compiled_act is not None
+
+    def forward_maxpool2(self, x):
+        """Inference: this layer followed by a 2x2 / stride-2 max-pool, in one pass.
+
+        Keeps no cache for ``backward`` (the Network redoes a plain forward first when asked).
+        """
+        self._check_input(x, (self.in_channels, None, None))
+        check_floating(self, x)
+        self.output_shape(x.shape[1:])
+        w = self.params["weight"]
+        x = x.astype(w.dtype, copy=False)
+        pads = self.explicit_padding(x.shape[2:])
+        self._x = self._y = None
+        return F.conv2d(x, w, self.params.get("bias"), self.stride, pads, workspace=self._workspace,
+                        activation=self._compiled_act, negative_slope=self.negative_slope, maxpool2=True)
+
     def backward(self, dy):
         """Parameters
         ----------

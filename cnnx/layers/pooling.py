@@ -115,6 +115,11 @@ class MaxPool2D(_Pool2D):
         self._indices = None
         self._x = None
 
+    @property
+    def is_plain_2x2(self):
+        """2x2 windows, stride 2, no padding: the pool a Network fuses into the Conv2D before it."""
+        return self.kernel_size == (2, 2) and self.stride == (2, 2) and self._pads == ((0, 0), (0, 0))
+
     def _pool(self, x, training):
         # Inference skips the argmax; a backward after an eval forward (saliency maps) finds it then.
         y, self._indices = F.max_pool2d(x, self.kernel_size, self.stride, self._pads, indices=training)
