@@ -88,8 +88,9 @@ def im2col(
                             continue
                         for ox in range(ox_lo):
                             cols[r, j, p + ox] = 0
-                        if sx == 1 and ox_hi > ox_lo:
+                        if sx == 1 and ox_hi > ox_lo and not CNNX_DEBUG_BUILD:
                             # Unit stride: the row is one contiguous run (a vectorised copy).
+                            # The debug build takes the indexed loop, where every access is checked.
                             memcpy(&cols[r, j, p + ox_lo], &x[img, ci, iy, ox_lo - pad_left + kj],
                                    (ox_hi - ox_lo) * sizeof(floating))
                         else:
@@ -145,9 +146,9 @@ def col2im(
                         if iy < 0 or iy >= h:
                             continue
                         p = oy * out_w
-                        if sx == 1 and ox_hi > ox_lo:
+                        if sx == 1 and ox_hi > ox_lo and not CNNX_DEBUG_BUILD:
                             # Unit stride: add one contiguous run through plain pointers, which
-                            # the compiler vectorises.
+                            # the compiler vectorises (the debug build checks each access instead).
                             dst = &x[img, ci, iy, ox_lo - pad_left + kj]
                             src = &cols[r, j, p + ox_lo]
                             for t in range(ox_hi - ox_lo):
