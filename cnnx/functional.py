@@ -2,11 +2,11 @@
 
 Owns validation (ndim, dtypes, channel counts, geometry), contiguity, output allocation and the
 convolution's im2col + GEMM schedule: images are processed in groups small enough that a group's
-column matrix stays in cache, and each group is one BLAS GEMM over all its output pixels.
-Layers pass a ``Workspace`` so buffers are allocated once per batch shape, not once per call.
+column matrix stays in cache, each group is one BLAS GEMM over all its output pixels, and groups
+are spread over worker threads (``parallel.for_each_group``). Layers pass a ``Workspace`` so
+buffers are allocated once per batch shape, not once per call.
 """
 from __future__ import annotations
-
 
 import numpy as np
 
