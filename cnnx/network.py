@@ -14,6 +14,7 @@ import sys
 import numpy as np
 
 from .layers.base import Layer
+from .parallel import owns_blas
 
 __all__ = ["Network", "NonFiniteLossError"]
 
@@ -200,6 +201,7 @@ class Network:
         return cls(layers, tuple(config["input_shape"]), dtype=config.get("dtype", "float32"))
 
     # ------------------------------------------------------------------ forward / backward
+    @owns_blas
     def forward(self, x, training=False):
         """Run the layers on a batch.
 
@@ -253,6 +255,7 @@ class Network:
                 i += 1
         return x
 
+    @owns_blas
     def backward(self, dloss, need_input_grad=False):
         """Back-propagate ``dloss`` (the gradient w.r.t. the last ``forward``'s output).
 
@@ -287,6 +290,7 @@ class Network:
         self.optimizer = optimizers.get(optimizer)
         return self
 
+    @owns_blas
     def fit(self, x, y, epochs=1, batch_size=32, validation_data=None, shuffle=True, seed=None,
             callbacks=None, verbose=1):
         """Train for ``epochs`` passes over ``(x, y)``.
@@ -456,6 +460,7 @@ class Network:
             cb.on_train_end({key: values[-1] for key, values in history.items() if values})
         return history
 
+    @owns_blas
     def evaluate(self, x, y, batch_size=256):
         """Mean loss and accuracy over ``(x, y)`` in eval mode.
 
@@ -485,6 +490,7 @@ class Network:
                 correct += count_correct(out, ids[lo:hi])
         return {"loss": loss_sum / n, "accuracy": correct / n if ids is not None else math.nan}
 
+    @owns_blas
     def predict(self, x, batch_size=256):
         """Outputs for ``x`` in eval mode, as class probabilities where the loss says how.
 

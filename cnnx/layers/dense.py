@@ -10,6 +10,7 @@ import numbers
 
 import numpy as np
 
+from .. import parallel
 from .. import random as _random
 from ..init import check_initializer
 from ._common import check_bool, check_dy, check_floating, grad_buffer, init_weight_and_bias, positive_int
@@ -75,7 +76,7 @@ class Dense(Layer):
         check_floating(self, x)
         w = self.params["weight"]
         x = x.astype(w.dtype, copy=False)
-        z = np.matmul(x, w.T)
+        z = parallel.matmul(x, w.T, np.empty((x.shape[0], w.shape[0]), dtype=w.dtype))
         if self.use_bias:
             z += self.params["bias"]
         self._x = x
@@ -96,12 +97,12 @@ class Dense(Layer):
         check_dy(self, dy, self._y.shape)
         w = self.params["weight"]
         dz = self._act.backward(dy.astype(w.dtype, copy=False), self._z, self._y)
-        np.matmul(dz.T, self._x, out=grad_buffer(self, "weight"))
+        parallel.matmul(dz.T, self._x, out=grad_buffer(self, "weight"))
         if self.use_bias:
             np.sum(dz, axis=0, out=grad_buffer(self, "bias"))
         if not self.needs_input_grad:
             return None
-        return np.matmul(dz, w)
+        return parallel.matmul(dz, w, np.empty((dz.shape[0], w.shape[1]), dtype=w.dtype))
 
     def get_config(self):
         return {
