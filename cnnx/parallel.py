@@ -88,16 +88,6 @@ def _workers(n):
     return _executor
 
 
-def _single_threaded_blas():
-    """Context in which BLAS runs one thread (the workers are the parallelism)."""
-    global _blas_controller
-    if _blas_controller is None:
-        from threadpoolctl import ThreadpoolController
-
-        _blas_controller = ThreadpoolController()
-    return _blas_controller.limit(limits=1, user_api="blas")
-
-
 _blas_depth = 0
 
 
@@ -110,11 +100,15 @@ def single_threaded_blas():
     kernels' OpenMP loops, whether or not NumPy was imported before cnnx (measured: inference
     40 % slower on 2 cores with a spinning BLAS thread). Nested uses cost nothing.
     """
-    global _blas_depth
+    global _blas_depth, _blas_controller
     if _blas_depth:
         yield
         return
-    with _single_threaded_blas():
+    if _blas_controller is None:
+        from threadpoolctl import ThreadpoolController
+
+        _blas_controller = ThreadpoolController()
+    with _blas_controller.limit(limits=1, user_api="blas"):
         _blas_depth += 1
         try:
             yield

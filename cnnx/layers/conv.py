@@ -98,6 +98,14 @@ class Conv2D(Layer):
         sy, sx = self.stride
         return (self.out_channels, conv_output_size(h, kh, sy, pt, pb), conv_output_size(w, kw, sx, pl, pr))
 
+    def _checked(self, x):
+        """Validate ``x``; return it in the parameters' dtype, its explicit padding and the output shape."""
+        self._check_input(x, (self.in_channels, None, None))
+        check_floating(self, x)
+        y_shape = (x.shape[0],) + self.output_shape(x.shape[1:])
+        x = x.astype(self.params["weight"].dtype, copy=False)
+        return x, self.explicit_padding(x.shape[2:]), y_shape
+
     def forward(self, x, training=False):
         """Parameters
         ----------
@@ -107,17 +115,10 @@ class Conv2D(Layer):
         -------
         y : ndarray of shape (n, out_channels, out_h, out_w)
         """
-        self._check_input(x, (self.in_channels, None, None))
-        check_floating(self, x)
-        self.output_shape(x.shape[1:])
+        x, pads, y_shape = self._checked(x)
         w = self.params["weight"]
-        x = x.astype(w.dtype, copy=False)
-        pads = self.explicit_padding(x.shape[2:])
         self._x, self._pads = x, pads
-        out = None
-        if self.reuse_output:
-            shape = (x.shape[0],) + self.output_shape(x.shape[1:])
-            out = self._workspace.get("output", shape, w.dtype)
+        out = self._workspace.get("output", y_shape, w.dtype) if self.reuse_output else None
         if self._compiled_act is not None:
             # Bias and (leaky) ReLU in the kernel's layout pass: no separate sweep over the output.
             self._z = None
@@ -138,12 +139,8 @@ class Conv2D(Layer):
 
         Keeps no cache for ``backward`` (the Network redoes a plain forward first when asked).
         """
-        self._check_input(x, (self.in_channels, None, None))
-        check_floating(self, x)
-        self.output_shape(x.shape[1:])
+        x, pads, _ = self._checked(x)
         w = self.params["weight"]
-        x = x.astype(w.dtype, copy=False)
-        pads = self.explicit_padding(x.shape[2:])
         self._x = self._y = None
         return F.conv2d(x, w, self.params.get("bias"), self.stride, pads, workspace=self._workspace,
                         activation=self._compiled_act, negative_slope=self.negative_slope, maxpool2=True)
