@@ -138,6 +138,9 @@ def build_parser():
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
+    p.add_argument("--distributed", choices=("mpi",),
+                   help="data-parallel training over the ranks of 'mpiexec -n R cnnx train ...': each "
+                        "batch is split across them; only rank 0 prints and saves (needs cnnx[mpi])")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", parents=[threads], help="test loss and accuracy of a trained model",
@@ -446,6 +449,11 @@ def _cmd_train(args):
     model_name = args.model
     out = Path(args.out) if args.out else Path("runs") / f"{model_name}-{Path(args.dataset).name}"
     _check_out_dir(out)
+    if args.distributed:
+        from . import distributed
+
+        distributed.init()  # join the MPI job, size this rank's threads
+        distributed.quiet_unless_root()
 
     (x_train, y_train), (x_test, y_test), class_names = load_dataset(args.dataset)
     if args.limit is not None:
@@ -483,8 +491,11 @@ def _cmd_train(args):
     start = time.perf_counter()
     net.fit(x_train, y_train, epochs=args.epochs, batch_size=batch_size,
             validation_data=None if x_val is None else (x_val, y_val),
-            seed=args.seed, callbacks=[_epoch_printer(args.epochs)], verbose=1 if show_bar else 0)
+            seed=args.seed, callbacks=[_epoch_printer(args.epochs)], verbose=1 if show_bar else 0,
+            distributed=args.distributed)
     train_seconds = time.perf_counter() - start
+    if args.distributed and not distributed.is_root():
+        return 0  # rank 0 evaluates and saves
 
     test = net.evaluate(x_test, y_test)
     print(f"training time: {train_seconds:.1f} s ({train_seconds / args.epochs:.1f} s per epoch)")

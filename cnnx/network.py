@@ -292,7 +292,7 @@ class Network:
 
     @owns_blas
     def fit(self, x, y, epochs=1, batch_size=32, validation_data=None, shuffle=True, seed=None,
-            callbacks=None, verbose=1):
+            callbacks=None, verbose=1, distributed=None):
         """Train for ``epochs`` passes over ``(x, y)``.
 
         Parameters
@@ -317,6 +317,10 @@ class Network:
         callbacks : list of Callback, optional
         verbose : {0, 1, 2}
             0 silent, 1 a progress bar per epoch, 2 one line per epoch.
+        distributed : {None, "mpi"} or cnnx.distributed.MPIDataParallel
+            ``"mpi"``: data-parallel training over the ranks started by ``mpiexec``; every rank
+            calls ``fit`` alike, each global batch is split across them and gradients are summed
+            (see :mod:`cnnx.distributed`). Only rank 0 prints and runs ``callbacks``.
 
         Returns
         -------
@@ -350,6 +354,12 @@ class Network:
         callbacks = _check_callbacks(callbacks)
         if seed is not None:
             seed = _check_int(seed, "seed", minimum=0)
+        sync = None  # distributed training: cnnx.distributed owns every exchange between ranks
+        if distributed is not None:
+            from .distributed import data_parallel
+
+            sync = data_parallel(distributed)
+            seed, callbacks, verbose = sync.begin_fit(self, len(x), batch_size, shuffle, seed, callbacks, verbose)
         # With a seed, epoch e's order comes from (seed, e) counted over the whole history, so a
         # network saved after 2 epochs and loaded again shuffles epoch 3 as an unbroken run would.
         fresh_rng = np.random.default_rng() if shuffle and seed is None else None
@@ -393,6 +403,8 @@ class Network:
                 for b in range(n_batches):
                     lo = b * batch_size
                     hi = min(lo + batch_size, n)
+                    if sync is not None:
+                        lo, hi = sync.local_range(lo, hi)
                     m = hi - lo
                     if shuffle:
                         idx = order[lo:hi]
@@ -421,6 +433,8 @@ class Network:
                         )
                     batch_correct = count_correct(out, ib)
                     backward(loss_fn.backward())
+                    if sync is not None:
+                        sync.allreduce_gradients()
                     step(parameters())
 
                     loss_sum += value * m
@@ -438,9 +452,11 @@ class Network:
                         if self.stop_training:
                             break
 
+                if sync is not None:
+                    loss_sum, correct, seen = sync.sum_over_ranks(loss_sum, correct, seen)
                 logs = {"loss": loss_sum / seen, "accuracy": correct / seen if ids is not None else math.nan}
                 if validation_data is not None:
-                    val = self._evaluate(x_val, val_targets, val_ids, 256)
+                    val = (self._evaluate if sync is None else sync.evaluate)(x_val, val_targets, val_ids, 256)
                     logs["val_loss"], logs["val_accuracy"] = val["loss"], val["accuracy"]
                 for key in history:
                     history[key].append(logs.get(key, math.nan))
