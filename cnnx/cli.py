@@ -91,7 +91,7 @@ def _fraction(text):
 
 
 def build_parser():
-    """The ``cnnx`` argument parser (subcommands train, evaluate, predict, summary, explain)."""
+    """The ``cnnx`` argument parser (subcommands train, evaluate, predict, summary, explain, tune)."""
     from . import __version__
     from .models import MODELS
 
@@ -179,6 +179,28 @@ def build_parser():
     p.add_argument("--index", type=int, default=0, metavar="K", help="which image of INPUT.npy (default: 0)")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for the PNGs")
     p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser("tune", help="run a hyper-parameter sweep (locally or on Ray Tune)",
+                       description="Train the trials of a sweep file in parallel, print the table of "
+                                   "trials, write it as trials.csv / trials.json and save the best "
+                                   "trial's model in STORAGE/NAME/best (for 'cnnx evaluate').")
+    p.add_argument("sweep_file", metavar="SWEEP.json", help="the sweep (see cnnx.sweep for its keys)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: processes on this machine; ray: Ray Tune (needs cnnx[ray]) (default: local)")
+    p.add_argument("--address", metavar="ADDR", help="Ray cluster to join (engine ray; default: start Ray here)")
+    p.add_argument("--num-samples", type=_positive_int, default=1, metavar="N",
+                   help="repeat the grid N times with fresh random draws (default: 1)")
+    p.add_argument("--cpus-per-trial", type=_positive_int, default=1, metavar="K",
+                   help="cores (and threads) each trial gets (default: 1)")
+    p.add_argument("--scheduler", choices=("fifo", "asha"), default="fifo",
+                   help="asha stops poor trials early (engine ray) (default: fifo)")
+    p.add_argument("--max-failures", type=int, default=1, metavar="M",
+                   help="restart a failed trial from its last checkpoint up to M times (default: 1)")
+    p.add_argument("--storage", default="runs/sweeps", metavar="DIR",
+                   help="results and checkpoints go to DIR/NAME (shared by all nodes on a cluster) "
+                        "(default: runs/sweeps)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in DIR/NAME")
+    p.set_defaults(func=_cmd_tune)
     return parser
 
 
@@ -540,6 +562,24 @@ def _threads():
     from . import parallel
 
     return parallel.get_num_threads()
+
+
+def _cmd_tune(args):
+    from . import sweep
+
+    if args.max_failures < 0:
+        raise CLIError(f"--max-failures must be >= 0, received: {args.max_failures}")
+    spec = sweep.load_sweep(args.sweep_file)
+    rows, best = sweep.run(spec, engine=args.engine, storage=args.storage, num_samples=args.num_samples,
+                           cpus_per_trial=args.cpus_per_trial, scheduler=args.scheduler,
+                           max_failures=args.max_failures, resume=args.resume, address=args.address)
+    print(sweep.format_table(rows, spec))
+    root = Path(args.storage) / spec["name"]
+    print(f"wrote {root / 'trials.csv'} and {root / 'trials.json'}")
+    if best is None:
+        raise CLIError("no trial finished an epoch; nothing to save")
+    print(f"best trial's model: {best} (cnnx evaluate {best})")
+    return 0 if all(r["status"] != "ERROR" for r in rows) else EXIT_FAILURE
 
 
 def _cmd_evaluate(args):
