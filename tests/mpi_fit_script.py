@@ -3,10 +3,11 @@
 usage: python mpi_fit_script.py OUT_DIR EPOCHS [--kill-at EPOCH:BATCH] [--resume] [--single]
 
 Trains LeNet-5 on the first 256 images of the bundled Fashion-MNIST sample with a global batch
-of 64 (``--single``: in this process, without MPI), saving a checkpoint (rank 0) after every epoch into OUT_DIR/checkpoint and the final
-weights into OUT_DIR/weights.npz; every rank writes its CPU affinity and thread counts
-(``cnnx.workers.thread_counts``) after training into OUT_DIR/threads-rank<R>.json. ``--kill-at`` makes rank 0 SIGKILL itself at that (1-based)
-epoch and batch, once; ``--resume`` continues from OUT_DIR/checkpoint.
+of 64 (``--single``: in this process, without MPI). Rank 0 saves a checkpoint after every epoch
+into OUT_DIR/checkpoint and the final weights into OUT_DIR/weights.npz; every rank writes its CPU
+affinity and thread counts (``cnnx.workers.thread_counts``) into OUT_DIR/threads-rank<R>.json.
+``--kill-at`` makes rank 0 SIGKILL itself at that (1-based) epoch and batch; ``--resume``
+continues from OUT_DIR/checkpoint.
 """
 import json
 import os

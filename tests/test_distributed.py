@@ -138,3 +138,14 @@ def test_fit_refuses_a_batch_smaller_than_the_ranks(mpiexec, tmp_path):
     result = _run(_mpi(mpiexec, 2, "-c", code))
     # 10 samples in batches of 3 leave a last batch of 1 sample for 2 ranks.
     assert result.stdout.count("refused: Expected every batch to hold at least one sample per rank") == 2
+
+
+def test_fit_refuses_an_unknown_distributed_backend(rng):
+    net = cnnx.models.lenet5(seed=0)
+    net.compile("SoftmaxCrossEntropy", "Adam")
+    before = net.get_weights()
+    x = rng.random((4, 1, 28, 28), dtype=np.float32)
+    with pytest.raises(ValueError, match="Expected distributed=None, 'mpi'"):
+        net.fit(x, np.zeros(4, np.int64), batch_size=2, verbose=0, distributed="nccl")
+    assert all(np.array_equal(before[k], v) for k, v in net.get_weights().items())
+    assert net.history["loss"] == []
