@@ -751,12 +751,22 @@ def main(argv=None):
         return args.func(args)
     except KeyboardInterrupt:
         print("\ncnnx: interrupted", file=sys.stderr)
+        _abort_distributed(args, EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
     except _library_errors() as exc:
         if os.environ.get("CNNX_TRACEBACK"):  # for maintainers chasing where an error came from
             raise
         print(f"cnnx: error: {_one_line(exc)}", file=sys.stderr)
+        _abort_distributed(args, EXIT_FAILURE)
         return EXIT_FAILURE
+
+
+def _abort_distributed(args, status):
+    """A rank that fails ends the whole MPI job: the others would wait for it forever."""
+    if getattr(args, "distributed", None):
+        from . import distributed
+
+        distributed.abort(status)
 
 
 if __name__ == "__main__":  # pragma: no cover

