@@ -15,27 +15,41 @@ Keys inside a layer file are the names from ``layer.named_parameters()`` (``"wei
 prefixed with ``"buffer:"`` (``"buffer:running_mean"``). ``save_weights`` writes a single .npz
 keyed like ``Network.parameters()``: ``"3.weight"``, and ``"3.buffer:running_mean"`` for buffers.
 
-Loading is all-or-nothing: every file is read with ``allow_pickle=False``, checked against its
-recorded size and checksum, and every array against the network rebuilt from the config (keys,
-shapes, dtypes) before a single value is assigned. Whatever is wrong -- a missing or truncated
-file, bad JSON, an unknown layer class, a format newer than this cnnx -- raises
-:class:`ModelFormatError` naming the file (and the key).
+Loading is all-or-nothing and spends memory only on what has been checked:
 
-Atomic saving. A save never destroys the previous checkpoint before the new one is complete:
+* a file is read only if it is a regular file of the size recorded in config.json (never a
+  device or FIFO, never more bytes than recorded), then its SHA-256 is compared;
+* an .npz is read header first (``_Npz``): each member's shape and dtype, never pickle;
+* a layer is built only if ``config.json`` names one of cnnx's layers or a class registered
+  with ``cnnx.register_layer``, and within the number of values its file holds
+  (``cnnx.layers.base.state_budget``), so an edited config cannot make it allocate gigabytes;
+* every array header is compared with the rebuilt network (keys, shapes, dtypes in either byte
+  order) before its values are read, and every value (finite; running variances >= 0, unless
+  ``allow_nonfinite``) before a single one is assigned.
 
+Whatever is wrong -- a missing or truncated file, bad JSON, an unknown layer class, a format newer
+than this cnnx -- raises :class:`ModelFormatError` naming the file (and the key).
+
+Atomic saving. A save never destroys the previous checkpoint before the new one is complete,
+and never deletes what cnnx did not write:
+
+0. the lock file ``<name>.cnnx-lock`` beside ``path`` is taken (``flock``; a concurrent save to
+   the same path waits for it), and ``path`` and ``<name>.bak`` are checked to hold only the
+   files a save writes (otherwise ``FileExistsError``, nothing touched);
 1. stale ``<name>.tmp-<pid>-*`` directories beside ``path`` left by dead processes are removed;
 2. everything is written into a fresh ``<name>.tmp-<pid>-<hex>/`` in the same parent directory
    (so renames are atomic), ``config.json`` last; each file and directory is fsynced;
 3. if ``path`` holds a complete checkpoint, the stale ``<name>.bak`` is removed and ``path`` is
    renamed to ``<name>.bak``;
 4. the temporary directory is renamed to ``path`` (the parent directory is fsynced after each
-   rename), then ``<name>.bak`` is removed.
+   rename), then ``<name>.bak`` is removed, and the lock file deleted and released.
 
 A directory counts as complete when it has ``config.json``; since that file is written last and
 only after every other file is on disk, a complete directory is a whole checkpoint. ``load``
 reads ``path`` and falls back to ``<name>.bak`` when ``path`` is missing or incomplete, so at every
 moment of a save -- the process may be killed anywhere -- one of the two names holds a complete
-checkpoint. Concurrent saves to the same path from several processes are not supported.
+checkpoint. Saves to one path from several processes take turns on the lock; loads take no
+lock (a load racing a save may fail with ModelFormatError and can be retried).
 """
 from __future__ import annotations
 
