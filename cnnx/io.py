@@ -844,31 +844,30 @@ def _check_replaceable(target, path):
 
 
 def _check_registered(net):
-    """A save that cnnx.load would refuse is refused now, before any file is written."""
-    from .layers import LAYER_CLASSES
+    """A save that cnnx.load would refuse is refused now, before any file is written: every
+    layer, and every layer a container holds, must be of the class registered under its name."""
+    from .layers import LAYER_CLASSES, Layer
 
-    def walk(obj, where):
-        if isinstance(obj, dict):
-            name = obj.get("class")
-            if isinstance(name, str) and isinstance(obj.get("config"), dict) and name not in LAYER_CLASSES:
-                raise ValueError(
-                    f"Cannot save {where}: layer class {name!r} is not registered, so cnnx.load could not "
-                    "rebuild it; decorate the class with @cnnx.register_layer"
-                )
-            for value in obj.values():
-                walk(value, where)
-        elif isinstance(obj, (list, tuple)):
-            for value in obj:
-                walk(value, where)
+    seen = set()
 
-    for i, layer in enumerate(net.layers):
+    def check(layer, where):
+        if id(layer) in seen:  # shared or self-referencing layers are checked once
+            return
+        seen.add(id(layer))
         cls = type(layer)
         if LAYER_CLASSES.get(cls.__name__) is not cls:
             raise ValueError(
-                f"Cannot save layers[{i}]: layer class {cls.__module__}.{cls.__qualname__} is not registered, "
+                f"Cannot save {where}: layer class {cls.__module__}.{cls.__qualname__} is not registered, "
                 "so cnnx.load could not rebuild it; decorate the class with @cnnx.register_layer"
             )
-        walk(layer.get_config(), f"layers[{i}] ({cls.__name__})")
+        for attr, value in vars(layer).items():  # a container's children (Residual's block, ...)
+            children = value if isinstance(value, (list, tuple)) else [value]
+            for j, child in enumerate(children):
+                if isinstance(child, Layer):
+                    check(child, f"{where}.{attr}[{j}]" if isinstance(value, (list, tuple)) else f"{where}.{attr}")
+
+    for i, layer in enumerate(net.layers):
+        check(layer, f"layers[{i}]")
 
 
 @contextlib.contextmanager
