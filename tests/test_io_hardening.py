@@ -2,7 +2,6 @@
 found by feeding cnnx.save / cnnx.load damaged and hostile checkpoints (issue 11): foreign files
 deleted by a save, concurrent saves, damaged files escaping as other errors, memory spent before
 sizes were checked, non-finite weights loaded silently, and configs naming arbitrary classes."""
-import gzip
 import hashlib
 import io
 import json
