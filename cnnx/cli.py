@@ -195,7 +195,8 @@ def build_parser():
     group.add_argument("model_dir", nargs="?", metavar="DIR", help="directory of a saved model")
     p.set_defaults(func=_cmd_summary)
 
-    p = sub.add_parser("explain", parents=[threads, images], help="feature maps, occlusion and saliency maps of one image",
+    p = sub.add_parser("explain", parents=[threads, images],
+                       help="feature maps, occlusion and saliency maps of one image",
                        description="Write PNGs that show what a trained model looks at for one "
                                    "image: feature maps, an occlusion map and a saliency map.")
     p.add_argument("model_dir", metavar="DIR", help="directory written by 'cnnx train'")

@@ -798,6 +798,8 @@ def _progress_bar(total, epoch, epochs):
     from tqdm import tqdm
 
     # Redrawn often on a terminal; into a log file (CI, nohup) only every few seconds.
+    # leave=True: the closed bar, showing the epoch's final figures, is the epoch's record
+    # (the cnnx command prints no second line beside it).
     interactive = getattr(sys.stderr, "isatty", lambda: False)()
     return tqdm(total=total, unit="batch", desc=f"Epoch {epoch + 1}/{epochs}", leave=True,
                 dynamic_ncols=True, mininterval=0.1 if interactive else 5.0)
