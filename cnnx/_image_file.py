@@ -120,6 +120,8 @@ def _read_header(path, label):
             raise ImageFileError(
                 f"{label}: expected a .npy header as numpy.save writes it ({{'descr': ..., "
                 f"'fortran_order': ..., 'shape': (...)}}), received: {_header_text(path)!r}") from None
+        if any(dim < 0 for dim in shape):
+            raise ImageFileError(f"{label}: expected a .npy header with a non-negative shape, received: {shape}")
         return tuple(shape), bool(fortran_order), np.dtype(dtype), f.tell(), size
 
 

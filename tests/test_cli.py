@@ -478,6 +478,8 @@ BAD_FILES = {
                          "expected a .npy header as numpy.save writes it"),
     "truncated": (_npy_bytes(GOOD)[:-100], "truncated: expected 2352 bytes of data for shape (3, 28, 28) uint8, received: 2252"),
     "over-long": (_npy_bytes(GOOD) + b"\0" * 8, "longer than its header says"),
+    "negative-shape": (_npy_bytes(GOOD).replace(b"(3, 28, 28), } ", b"(-3, 28, 28), }"),
+                       "expected a .npy header with a non-negative shape, received: (-3, 28, 28)"),
     "npz": (None, "received: a zip archive"),
     "object-dtype": (None, "which cnnx never unpickles"),
     "int64": (_npy_bytes(GOOD.astype(np.int64)), "expected uint8 (0..255) or float16/32/64 images, received: dtype int64"),
