@@ -419,7 +419,7 @@ def test_predict_refuses_float_images_in_0_255_unless_told(run_dir, test_images,
     """Defect: float images holding 0..255 were taken as [0, 1] with only a note, and accuracy
     silently fell from 0.90 to 0.76. Now they are refused, or divided by 255 with --float-range 255."""
     x, _ = test_images
-    np.save(tmp_path / "f255.npy", x[:20].astype(np.float64))
+    np.save(tmp_path / "f255.npy", x[:20].astype(np.float32))
     np.save(tmp_path / "u8.npy", x[:20])
     code, out, err = _predict(run_dir[0], tmp_path / "f255.npy")
     _assert_one_line_error(code, err, "cnnx: error:")
@@ -430,8 +430,8 @@ def test_predict_refuses_float_images_in_0_255_unless_told(run_dir, test_images,
     assert code == 0, err
     code, reference, err = _predict(run_dir[0], tmp_path / "u8.npy")
     assert code == 0, err
-    # Both divide the same integers by 255 (float64 here, float32 there) before the float32
-    # cast: the inputs agree to the last bit or one ulp, far from flipping any of these classes.
+    # Exact: both paths divide the same float32 integers by float32 255, so the network sees
+    # bit-identical inputs.
     assert scaled == reference
 
 
@@ -512,13 +512,13 @@ def test_a_bad_input_file_is_one_line_naming_it(name, run_dir, tmp_path):
 def test_predict_reads_fortran_order_big_endian_and_single_images(run_dir, test_images, tmp_path):
     x = test_images[0][:3]
     np.save(tmp_path / "c.npy", x)
-    np.save(tmp_path / "f.npy", np.asfortranarray(x / 255.0).astype(">f8"))
+    np.save(tmp_path / "f.npy", np.asfortranarray(x.astype(np.float32) / np.float32(255)).astype(">f4"))
     np.save(tmp_path / "one.npy", x[1])
     code, c_order, err = _predict(run_dir[0], tmp_path / "c.npy")
     assert code == 0, err
     code, fortran, err = _predict(run_dir[0], tmp_path / "f.npy")
     assert code == 0, err
-    assert fortran == c_order  # same values to an ulp (see above), same layout after reading
+    assert fortran == c_order  # exact: the same float32 values as uint8 / 255, read back in C order
     code, one, err = _predict(run_dir[0], tmp_path / "one.npy")
     assert code == 0, err
     assert one.splitlines() == c_order.splitlines()[1:2]
