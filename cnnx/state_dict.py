@@ -20,11 +20,14 @@ count when ``momentum=None``), so it keeps no count; ``state_dict`` writes 0 and
 """
 from __future__ import annotations
 
+import os
+import secrets
 from collections import namedtuple
+from pathlib import Path
 
 import numpy as np
 
-__all__ = ["state_dict", "load_state_dict", "module_layout", "to_torch", "CONTAINERS", "LoadResult"]
+__all__ = ["state_dict", "load_state_dict", "save_npz", "module_layout", "to_torch", "CONTAINERS", "LoadResult"]
 
 #: What ``load_state_dict`` returns (as PyTorch's ``load_state_dict``): keys skipped when ``strict=False``.
 LoadResult = namedtuple("LoadResult", ["missing_keys", "unexpected_keys"])
@@ -181,6 +184,35 @@ def load_state_dict(net, state, strict=True):
     for target, value in updates:  # only once every entry passed its checks
         target[...] = value
     return LoadResult(missing, unexpected)
+
+
+def save_npz(net, path):
+    """Write ``state_dict(net)`` into one ``.npz`` file, atomically (``np.load`` reads it back;
+    ``{k: torch.from_numpy(v) for k, v in np.load(path).items()}`` feeds ``torch.nn.Module.load_state_dict``)."""
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **state_dict(net))
+    write_atomically(Path(path), buffer.getvalue())
+
+
+def write_atomically(path, data):
+    """Write ``data`` (bytes) to ``path`` through a temporary file renamed into place, so a reader
+    (or a crash) never sees a half-written file."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
 
 
 # ------------------------------------------------------------------------------------------

@@ -58,11 +58,12 @@ def sequence_net(dtype="float64"):
     return randomized(cnnx.Network(layers, (2, 20), dtype=dtype))
 
 
-def randomized(net, seed=0):
+def randomized(net, seed=0, weights=True):
     """``net`` with every parameter and buffer redrawn: weights ~ N(0, 0.3), BatchNorm scales
-    around 1, running means around 0 and running variances in [0.5, 2]."""
+    around 1, running means around 0 and running variances in [0.5, 2]. ``weights=False`` redraws
+    the buffers only (keeps the initialisation's output scale of a large network)."""
     rng = np.random.default_rng(seed)
-    for key, p, _ in net.parameters():
+    for key, p, _ in net.parameters() if weights else []:
         base = 1.0 if key.endswith("weight") and p.ndim == 1 else 0.0  # BatchNorm gamma
         p[...] = base + 0.3 * rng.standard_normal(p.shape)
     for key, b in net.buffers():
