@@ -276,6 +276,37 @@ def _residual(g, layer, x, shape):
     return g.activation(layer.activation, g.node("Add", [a, s]), layer.negative_slope)
 
 
+# The layers below come from the branch adding LayerNorm, global pools and Concat; converters are
+# keyed by class name, so they wait here harmlessly until those classes exist.
+@converter("Concat")
+def _concat(g, layer, x, shape):
+    outputs = [g.sequence(branch, x, shape, f"branches.{b}.") for b, branch in enumerate(layer.branches)]
+    return g.node("Concat", outputs, axis=1)
+
+
+@converter("GlobalAvgPool2D", "GlobalMaxPool2D")
+def _global_pool2d(g, layer, x, shape):
+    op = "GlobalAveragePool" if type(layer).__name__ == "GlobalAvgPool2D" else "GlobalMaxPool"
+    y = g.node(op, [x])  # (n, c, 1, 1)
+    return y if layer.keepdims else g.node("Flatten", [y], axis=1)
+
+
+@converter("LayerNorm")
+def _layer_norm(g, layer, x, shape):
+    c = layer.num_features
+    if layer.affine:
+        scale, bias = g.param(layer, "weight"), g.param(layer, "bias")
+    else:
+        scale, bias = g.constant(np.ones(c), "weight"), g.constant(np.zeros(c), "bias")
+    if layer.axis == -1 or len(shape) == 1:
+        return g.node("LayerNormalization", [x, scale, bias], axis=-1, epsilon=layer.eps)
+    # Over the channels of (n, c, ...): move them last, normalise, move them back.
+    rank = len(shape) + 1
+    last = g.node("Transpose", [x], perm=[0] + list(range(2, rank)) + [1])
+    y = g.node("LayerNormalization", [last, scale, bias], axis=-1, epsilon=layer.eps)
+    return g.node("Transpose", [y], perm=[0, rank - 1] + list(range(1, rank - 1)))
+
+
 # ------------------------------------------------------------------------------------------
 # Export
 # ------------------------------------------------------------------------------------------

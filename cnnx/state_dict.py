@@ -12,7 +12,8 @@ The mapping (one rule, so the keys never depend on how a network was written):
 - A container is a module whose children sit in numbered Sequentials under its own names:
   ``Residual`` -> ``"{i}.block.{j}.weight"`` and ``"{i}.shortcut.{j}.weight"`` (with the same
   numbering rule inside), i.e. a torch module with attributes ``block`` and ``shortcut``
-  (``to_torch`` builds one). ``CONTAINERS`` says how each container class names its children.
+  (``to_torch`` builds one); ``Concat`` -> ``"{i}.branches.{b}.{j}.weight"`` (a ``ModuleList``
+  of Sequentials). ``CONTAINERS`` says how each container class names its children.
 
 ``num_batches_tracked``: cnnx's BatchNorm always uses its ``momentum`` (PyTorch only reads the
 count when ``momentum=None``), so it keeps no count; ``state_dict`` writes 0 and
@@ -42,10 +43,14 @@ def _residual_children(layer):
     return paths
 
 
+def _concat_children(layer):
+    return [(f"branches.{b}", branch) for b, branch in enumerate(layer.branches)]
+
+
 #: Container class name -> function giving ``[(attribute, list_of_layers), ...]``: the named
-#: Sequentials that hold its children. A new container (Concat, say) adds one line here, e.g.
-#: ``CONTAINERS["Concat"] = lambda layer: [(f"branches.{b}", branch) for b, branch in enumerate(layer.branches)]``.
-CONTAINERS = {"Residual": _residual_children}
+#: Sequentials that hold its children. A new container adds one entry. ``Concat`` is a module
+#: whose ``branches`` is a ``ModuleList`` of Sequentials: ``"{i}.branches.{b}.{j}.weight"``.
+CONTAINERS = {"Residual": _residual_children, "Concat": _concat_children}
 
 
 def _is_batchnorm(layer):
@@ -285,20 +290,22 @@ def _torch_module(layer, shape):
     kind = type(layer).__name__
     if isinstance(layer, L.Conv2D):
         (pt, pb), (pl, pr) = layer.explicit_padding(shape[1:])
+        extra = _conv_extra(layer)
         if pt == pb and pl == pr:
             return nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, (pt, pl),
-                             bias=layer.use_bias)
+                             bias=layer.use_bias, **extra)
         conv = _padded_conv_class()(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-                                    bias=layer.use_bias)
+                                    bias=layer.use_bias, **extra)
         conv.pads = (pl, pr, pt, pb)  # torch.nn.functional.pad's order: last axis first
         return conv
     if isinstance(layer, L.Conv1D):
         left, right = layer.explicit_padding(shape[1])
+        extra = _conv_extra(layer)
         if left == right:
             return nn.Conv1d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, left,
-                             bias=layer.use_bias)
+                             bias=layer.use_bias, **extra)
         conv = _padded_conv_class(1)(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-                                     bias=layer.use_bias)
+                                     bias=layer.use_bias, **extra)
         conv.pads = (left, right)
         return conv
     if isinstance(layer, L.ConvTranspose2D):
@@ -329,11 +336,27 @@ def _torch_module(layer, shape):
     for name, cls in (("relu", L.ReLU), ("sigmoid", L.Sigmoid), ("tanh", L.Tanh)):
         if isinstance(layer, cls):
             return _torch_activation(name)
+    if kind == "LayerNorm":
+        if layer.axis == -1 or len(shape) == 1:
+            return nn.LayerNorm(layer.num_features, eps=layer.eps, elementwise_affine=layer.affine)
+        return _channel_layer_norm_class()(layer.num_features, eps=layer.eps, elementwise_affine=layer.affine)
+    if kind in ("GlobalAvgPool2D", "GlobalMaxPool2D"):
+        pool = nn.AdaptiveAvgPool2d(1) if kind == "GlobalAvgPool2D" else nn.AdaptiveMaxPool2d(1)
+        return pool if layer.keepdims else nn.Sequential(pool, nn.Flatten())
+    if kind == "Concat":
+        branches = [_torch_sequential(branch, shape) for branch in layer.branches]
+        return _concat_class()(branches)
     if isinstance(layer, L.Residual):
         block = _torch_sequential(layer.block, shape)
         shortcut = None if layer.shortcut is None else _torch_sequential(layer.shortcut, shape)
         return _residual_class()(block, shortcut)
     raise NotImplementedError(f"to_torch has no torch module for {kind}")
+
+
+def _conv_extra(layer):
+    """``dilation`` / ``groups`` keyword arguments of the torch convolution (from the layer's config)."""
+    config = layer.get_config()
+    return {name: config[name] for name in ("dilation", "groups") if name in config}
 
 
 def _torch_pool(layer):
@@ -397,3 +420,34 @@ def _residual_class():
 
         _TORCH_CLASSES["residual"] = Residual
     return _TORCH_CLASSES["residual"]
+
+
+def _concat_class():
+    """A torch module joining its branches' outputs on the channel axis."""
+    if "concat" not in _TORCH_CLASSES:
+        import torch
+        import torch.nn as nn
+
+        class Concat(nn.Module):
+            def __init__(self, branches):
+                super().__init__()
+                self.branches = nn.ModuleList(branches)
+
+            def forward(self, x):
+                return torch.cat([branch(x) for branch in self.branches], dim=1)
+
+        _TORCH_CLASSES["concat"] = Concat
+    return _TORCH_CLASSES["concat"]
+
+
+def _channel_layer_norm_class():
+    """``nn.LayerNorm`` over axis 1 of ``(n, c, ...)`` (ConvNeXt's channels-first LayerNorm); same keys."""
+    if "channel_layer_norm" not in _TORCH_CLASSES:
+        import torch.nn as nn
+
+        class ChannelLayerNorm(nn.LayerNorm):
+            def forward(self, x):
+                return super().forward(x.movedim(1, -1)).movedim(-1, 1)
+
+        _TORCH_CLASSES["channel_layer_norm"] = ChannelLayerNorm
+    return _TORCH_CLASSES["channel_layer_norm"]

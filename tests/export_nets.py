@@ -74,5 +74,34 @@ def randomized(net, seed=0, weights=True):
     return net
 
 
-ZOO_INPUTS = {"lenet5": (1, 28, 28), "seed-mnist": (1, 28, 28), "seed-cifar": (3, 32, 32),
-              "mind-cifar": (3, 32, 32), "resnet8": (3, 32, 32)}
+
+NEW_LAYERS = ("LayerNorm", "GlobalAvgPool2D", "GlobalMaxPool2D", "Concat")
+
+
+def has_new_layers():
+    """Whether this cnnx has LayerNorm, the global pools, Concat and grouped / dilated Conv2D."""
+    import inspect
+
+    return (all(hasattr(cnnx.layers, name) for name in NEW_LAYERS)
+            and {"dilation", "groups"} <= set(inspect.signature(Conv2D).parameters))
+
+
+def new_layers_net(dtype="float64"):
+    """Grouped, depthwise and dilated convolutions, LayerNorm both ways, global pools and an
+    Inception-style Concat; input (4, 10, 10)."""
+    L = cnnx.layers
+    layers = [
+        Conv2D(4, 8, 3, padding=2, dilation=2, groups=2, activation="gelu", rng=1),
+        L.LayerNorm(8),  # over the channels of NCHW (ConvNeXt)
+        Conv2D(8, 8, 7, padding=3, groups=8, rng=2),  # depthwise 7x7
+        L.Concat([
+            [Conv2D(8, 3, 1, activation="relu", rng=3)],
+            [Conv2D(8, 2, 1, rng=4), BatchNorm2D(2), Conv2D(2, 4, 3, padding=1, activation="relu", rng=5)],
+            [MaxPool2D(3, stride=1, padding=1), Conv2D(8, 2, 1, rng=6)],
+        ]),
+        L.Concat([[L.GlobalAvgPool2D(keepdims=True)], [L.GlobalMaxPool2D(keepdims=True)]]),
+        L.GlobalAvgPool2D(),
+        L.LayerNorm(18, axis=-1),
+        Dense(18, 5, rng=7),
+    ]
+    return randomized(cnnx.Network(layers, (4, 10, 10), dtype=dtype))

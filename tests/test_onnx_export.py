@@ -12,7 +12,7 @@ import pytest
 import cnnx
 from cnnx import cli
 from cnnx.layers import AvgPool2D, Conv2D, Dense, Flatten, Layer, MaxPool2D, ReLU
-from export_nets import image_net, randomized, sequence_net
+from export_nets import has_new_layers, image_net, new_layers_net, randomized, sequence_net
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -62,6 +62,15 @@ def test_every_layer_exports(build, opset, tmp_path, rng):
     for batch in (1, 5):  # the batch axis is free
         x = rng.standard_normal((batch,) + net.input_shape).astype(np.float32)
         assert max_difference(net, tmp_path / "m.onnx", x) <= TOL
+
+
+@pytest.mark.skipif(not has_new_layers(), reason="needs LayerNorm, global pools, Concat, grouped Conv2D")
+@pytest.mark.parametrize("opset", [17, 20])
+def test_new_layers_export(opset, tmp_path, rng):
+    net = new_layers_net("float32")
+    cnnx.onnx.export(net, tmp_path / "m.onnx", opset=opset)
+    x = rng.standard_normal((4,) + net.input_shape).astype(np.float32)
+    assert max_difference(net, tmp_path / "m.onnx", x) <= TOL
 
 
 def test_asymmetric_pool_padding_and_float64_network(tmp_path, rng):

@@ -8,7 +8,7 @@ import pytest
 
 import cnnx
 from cnnx.layers import BatchNorm2D, Conv2D, Dense, Flatten, Layer, ReLU, Residual
-from export_nets import ZOO_INPUTS, image_net, randomized, sequence_net
+from export_nets import has_new_layers, image_net, new_layers_net, randomized, sequence_net
 
 # Outputs of the same float64 weights in two libraries: summation orders differ, so not bit-exact.
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -135,14 +135,14 @@ def test_cnnx_loads_a_torch_state_dict(build_cnnx, build_torch, shape, rng):
     np.testing.assert_allclose(net.forward(x), _from_torch(model, x, torch), **TOL)
 
 
-@pytest.mark.parametrize("name", sorted(ZOO_INPUTS))
+@pytest.mark.parametrize("name", sorted(cnnx.models.MODELS))
 def test_zoo_models_round_trip_through_torch(name, rng):
     torch = _torch()
     from cnnx.state_dict import to_torch
 
-    net = randomized(cnnx.models.build(name, dtype="float64", seed=0))
+    net = randomized(cnnx.models.build(name, dtype="float64", seed=0), weights=False)
     model = to_torch(net)
-    x = rng.standard_normal((3,) + ZOO_INPUTS[name])
+    x = rng.standard_normal((3,) + net.input_shape)
     np.testing.assert_allclose(_from_torch(model, x, torch), net.forward(x), **TOL)
     # ... and back: a differently seeded cnnx network takes torch's weights and agrees again.
     other = cnnx.models.build(name, dtype="float64", seed=1)
@@ -160,6 +160,25 @@ def test_every_layer_matches_its_torch_equivalent(build, rng):
     assert list(model.state_dict()) == list(net.state_dict())
     x = rng.standard_normal((3,) + net.input_shape)
     np.testing.assert_allclose(_from_torch(model, x, torch), net.forward(x), **TOL)
+
+
+@pytest.mark.skipif(not has_new_layers(), reason="needs LayerNorm, global pools, Concat, grouped Conv2D")
+def test_new_layers_match_their_torch_equivalents(rng):
+    torch = _torch()
+    from cnnx.state_dict import to_torch
+
+    net = new_layers_net()
+    keys = list(net.state_dict())
+    assert "4.branches.0.0.weight" in keys and "4.branches.1.1.running_mean" in keys  # Concat's layout
+    assert "2.weight" in keys and "7.bias" in keys  # LayerNorm: weight / bias like torch.nn.LayerNorm
+    model = to_torch(net)
+    assert list(model.state_dict()) == keys
+    x = rng.standard_normal((3,) + net.input_shape)
+    np.testing.assert_allclose(_from_torch(model, x, torch), net.forward(x), **TOL)
+    other = new_layers_net()
+    randomized(other, seed=1)
+    other.load_state_dict(model.state_dict())
+    np.testing.assert_allclose(other.forward(x), net.forward(x), **TOL)
 
 
 def test_float32_network_takes_float64_torch_weights(rng):
