@@ -97,6 +97,15 @@ def test_output_raw_skips_the_softmax_and_initializers_are_named_by_layer(tmp_pa
     assert {key for key, _, _ in net.parameters()} <= names
 
 
+def test_binary_classifier_on_logits_exports_the_sigmoid(tmp_path, rng):
+    net = cnnx.Network([Dense(6, 8, activation="tanh", rng=0), Dense(8, 1, rng=1)], (6,))
+    net.compile(cnnx.losses.BinaryCrossEntropyWithLogits(), cnnx.optimizers.SGD(lr=0.1))
+    model = cnnx.onnx.export(net, tmp_path / "m.onnx")
+    assert model.graph.node[-1].op_type == "Sigmoid"
+    x = 3 * rng.standard_normal((5, 6)).astype(np.float32)
+    assert max_difference(net, tmp_path / "m.onnx", x) <= TOL
+
+
 def test_metadata_is_stored(tmp_path):
     model = cnnx.onnx.export(cnnx.models.lenet5(seed=0), tmp_path / "m.onnx", metadata={"classes": "a,b"})
     assert {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props} == {"classes": "a,b"}
