@@ -106,7 +106,7 @@ def _fraction(text):
 
 
 def build_parser():
-    """The ``cnnx`` argument parser (subcommands train, evaluate, predict, summary, explain)."""
+    """The ``cnnx`` argument parser (subcommands train, evaluate, predict, summary, explain, export)."""
     from . import __version__
     from .models import MODELS
 
@@ -206,6 +206,18 @@ def build_parser():
                         "(-1 is the last) (default: 0)")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for the PNGs")
     p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser("export", help="write a saved model as ONNX and/or a PyTorch-style state dict",
+                       description="Export a model saved by 'cnnx train' (or Network.save): --onnx "
+                                   "writes an ONNX model (needs the onnx package) computing what "
+                                   "'cnnx predict' does after preprocessing (the preprocessing is "
+                                   "stored in its metadata); --state-dict writes the weights under "
+                                   "torch.nn.Sequential's keys as .npz.")
+    p.add_argument("model_dir", metavar="DIR", help="directory of a saved model")
+    p.add_argument("--onnx", metavar="FILE.onnx", help="write the ONNX model here")
+    p.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset (default: 17)")
+    p.add_argument("--state-dict", metavar="FILE.npz", help="write the PyTorch-style state dict here")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 
@@ -680,6 +692,37 @@ def _cmd_explain(args):
                          title=f"Saliency for {label}")
     if not written:
         raise CLIError("no explanation could be drawn (see the notes above)")
+    return 0
+
+
+def _cmd_export(args):
+    if not args.onnx and not args.state_dict:
+        raise CLIError("nothing to export: give --onnx FILE.onnx and/or --state-dict FILE.npz")
+    for flag, target in (("--onnx", args.onnx), ("--state-dict", args.state_dict)):
+        if target and not Path(target).resolve().parent.is_dir():
+            raise CLIError(f"{flag} {target!r}: the directory {str(Path(target).parent)!r} does not exist")
+        if target and Path(target).is_dir():
+            raise CLIError(f"{flag} {target!r} is a directory; expected a file name")
+    net, meta = _load_run(args.model_dir)
+    if args.onnx:
+        try:
+            from . import onnx as cnnx_onnx
+
+            metadata = {"cnnx.preprocessing": json.dumps(_json_safe(meta))} if meta else None
+            cnnx_onnx.export(net, args.onnx, opset=args.opset, metadata=metadata)
+        except ImportError as exc:
+            raise CLIError(f"--onnx needs the onnx package (pip install 'cnnx[onnx]'): {exc}") from None
+        except NotImplementedError as exc:
+            raise CLIError(str(exc)) from None
+        print(f"wrote {args.onnx} (ONNX opset {args.opset}, input (batch, {', '.join(map(str, net.input_shape))}))")
+    if args.state_dict:
+        from .state_dict import save_npz
+
+        try:
+            save_npz(net, args.state_dict)
+        except NotImplementedError as exc:
+            raise CLIError(str(exc)) from None
+        print(f"wrote {args.state_dict} ({len(net.state_dict())} arrays, torch.nn.Sequential keys)")
     return 0
 
 

@@ -48,9 +48,10 @@ def test_python_dash_m_cnnx_works_from_the_source_tree(tmp_path):
 
 def test_source_tree_without_installed_copy_says_both_ways_out(tmp_path):
     clone = uncompiled_source_copy(tmp_path)
-    # Only the clone on sys.path: no installed cnnx to hand over to.
-    code = f"import sys; sys.path[:] = [{str(clone)!r}]; import cnnx"
-    result = run_python(code, clone, env={**os.environ, "PYTHONPATH": ""})
+    # -S: no site-packages, so the clone and the standard library are all Python can see.
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-S", "-c", "import cnnx"], cwd=clone,
+                            capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode != 0
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("ImportError: cnnx's compiled kernels (cnnx._ops) are missing")
