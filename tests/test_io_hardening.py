@@ -147,6 +147,7 @@ SAVER = textwrap.dedent(
 
     cnnx.io._swap_into_place = slow_swap
     net = Network([Flatten(), Dense(16, 3)], input_shape=(1, 4, 4)).compile("SoftmaxCrossEntropy", "Adam")
+    print("ready", flush=True)
     while not __import__("os").path.exists(go):
         time.sleep(0.002)
     for k in range(4):
@@ -168,7 +169,9 @@ def test_two_processes_saving_to_one_path_take_turns(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", SAVER, str(path), str(go), str(base)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
              for base in (100.0, 200.0)]
-    time.sleep(0.2)
+    for proc in procs:  # both imported and ready, however slowly each started
+        if proc.stdout.readline() != b"ready\n":
+            pytest.fail(f"a saver did not start: {proc.communicate()[1].decode()}")
     go.write_text("")
     outputs = [proc.communicate(timeout=120) for proc in procs]
     for proc, (out, err) in zip(procs, outputs):
