@@ -383,6 +383,7 @@ def _load_dir(root, allow_nonfinite):
         if npz is None:
             continue
         layer_arrays = {key: npz.read(key) for key in npz.headers}
+        archives[i] = None  # the file's bytes are no longer needed: peak memory ~ model + 1 file
         if not allow_nonfinite:
             _check_values(layer_arrays, npz.file)
         arrays.update((f"{i}.{key}", a) for key, a in layer_arrays.items())
@@ -1005,7 +1006,11 @@ def _remove_stale_temporaries(path):
         if pid != os.getpid() and _pid_alive(pid):
             continue  # another process may be saving right now
         if entry.is_dir() and not entry.is_symlink():
-            if not _foreign_entries(entry):  # only what a save writes there, never a user's file
+            try:
+                foreign = _foreign_entries(entry)
+            except OSError:  # unreadable: not ours to judge, so not ours to delete
+                continue
+            if not foreign:  # only what a save writes there, never a user's file
                 shutil.rmtree(entry, ignore_errors=True)
         else:
             _unlink_quietly(entry)
