@@ -470,3 +470,28 @@ def test_register_layer_refuses_name_clashes_and_non_layers(scale_layer):
         cnnx.register_layer(int)
     assert LAYER_CLASSES["Dense"] is cnnx.layers.Dense
     assert cnnx.register_layer()(scale_layer) is scale_layer  # with parentheses too
+
+
+def test_random_damage_to_layer_and_optimizer_files_never_escapes_as_another_error(copy):
+    """Damaged files get ModelFormatError whatever byte is hit (zip structure, .npy header,
+    data), even when the checksum is fixed to match: never AttributeError, MemoryError and co."""
+    rng = np.random.default_rng(11)
+    originals = {name: (copy / name).read_bytes() for name in ("layers/01_dense.npz", "optimizer.npz")}
+    outcomes = set()
+    for trial in range(120):
+        name = sorted(originals)[trial % 2]
+        data = bytearray(originals[name])
+        if trial % 5 == 0:
+            data = data[: int(rng.integers(0, len(data)))]
+        else:
+            for _ in range(int(rng.integers(1, 4))):
+                data[int(rng.integers(len(data)))] = int(rng.integers(256))
+        rewrite_file(copy, name, bytes(data))
+        try:
+            cnnx.load(copy)
+            outcomes.add("loaded")
+        except ModelFormatError as exc:
+            assert Path(name).name in str(exc), str(exc)
+            outcomes.add("refused")
+        rewrite_file(copy, name, originals[name])
+    assert "refused" in outcomes
