@@ -165,3 +165,50 @@ def test_csv_logger_bad_arguments():
         CSVLogger("x.csv", separator="ab")
     with pytest.raises(TypeError, match="filename"):
         CSVLogger(3)
+
+
+# ------------------------------------------------------------------------------ cnnx train --
+def run_cli(argv):
+    import contextlib
+    import io
+
+    from cnnx import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_cli_train_with_schedule_augmentation_and_logs(tmp_path):
+    pytest.importorskip("tensorboardX")
+    out = tmp_path / "run"
+    code, stdout, stderr = run_cli([
+        "train", "--model", "lenet5", "--dataset", "fashion-mnist-sample", "--limit", "96", "--epochs", "2",
+        "--batch-size", "32", "--threads", "1", "--no-progress", "--no-plots", "--out", str(out),
+        "--lr-schedule", "cosine", "--augment", "crop,flip", "--tensorboard", str(tmp_path / "tb"),
+        "--csv-log", str(tmp_path / "log.csv"), "--label-smoothing", "0.1", "--clip-grad-norm", "5",
+        "--class-weight", "balanced",
+    ])
+    assert code == 0, stderr
+    assert "lr schedule CosineAnnealingLR(T_max=2" in stdout
+    assert "augmentation Compose([RandomCrop(padding=3), RandomHorizontalFlip(p=0.5)])" in stdout
+    net = cnnx.load(out)
+    schedule = net.optimizer.schedule
+    assert type(schedule).__name__ == "CosineAnnealingLR" and schedule.last_epoch == 2 and schedule.T_max == 2
+    assert net.optimizer.lr == pytest.approx(0.0, abs=1e-15)  # annealed to eta_min = 0 after T_max epochs
+    assert net.history["lr"][0] == schedule.base_lr and len(net.history["lr"]) == 2
+    assert net.loss.label_smoothing == 0.1
+    assert [float(r["loss"]) for r in read_csv(tmp_path / "log.csv")] == net.history["loss"]
+    assert any((tmp_path / "tb" / "train").iterdir())
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--lr-schedule", "sine", "--lr-schedule 'sine'"),
+    ("--lr-schedule", "step:gamma=0.5", "step_size"),
+    ("--augment", "crop,rotate", "rotate"),
+])
+def test_cli_train_refuses_bad_options(tmp_path, option, value, message):
+    code, _, stderr = run_cli(["train", "--model", "lenet5", "--dataset", "fashion-mnist-sample", "--limit", "8",
+                               "--epochs", "1", "--no-plots", "--out", str(tmp_path / "r"), option, value])
+    assert code != 0 and message in stderr
