@@ -212,3 +212,31 @@ def test_cli_train_refuses_bad_options(tmp_path, option, value, message):
     code, _, stderr = run_cli(["train", "--model", "lenet5", "--dataset", "fashion-mnist-sample", "--limit", "8",
                                "--epochs", "1", "--no-plots", "--out", str(tmp_path / "r"), option, value])
     assert code != 0 and message in stderr
+
+
+def test_cifar_augment_cosine_example_runs(tmp_path, capsys):
+    """examples/cifar_augment_cosine.py end to end on a few CIFAR-format images."""
+    import importlib.util
+    import pickle
+    from pathlib import Path
+
+    r = np.random.default_rng(0)
+    data = tmp_path / "cifar-10-batches-py"
+    data.mkdir()
+    for name, n in [(f"data_batch_{i}", 8) for i in range(1, 6)] + [("test_batch", 8)]:
+        batch = {b"data": r.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 b"labels": [int(v) for v in r.integers(0, 10, n)]}
+        (data / name).write_bytes(pickle.dumps(batch, protocol=4))
+    path = Path(__file__).resolve().parents[1] / "examples" / "cifar_augment_cosine.py"
+    spec = importlib.util.spec_from_file_location("example_cifar_augment_cosine", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "run"
+    example.main(["--data", str(data), "--epochs", "3", "--warmup", "1", "--batch-size", "16",
+                  "--cutout", "--out", str(out)])
+    stdout = capsys.readouterr().out
+    assert "SequentialLR(" in stdout and "Cutout(size=8" in stdout
+    net = cnnx.load(out)
+    # warm-up epoch at 0.1 * lr, then cosine over 2 epochs: 0.1, 0.05
+    assert net.history["lr"] == pytest.approx([0.01, 0.1, 0.05])
+    assert net.optimizer.schedule.last_epoch == 3
