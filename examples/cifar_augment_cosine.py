@@ -28,20 +28,21 @@ from cnnx.callbacks import CSVLogger
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet8")
-    parser.add_argument("--data", help="cifar-10-batches-py or its parent (default: $CNNX_DATA)")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="resnet8", help="zoo model taking 3x32x32 images")
+    parser.add_argument("--data", help="cifar-10-batches-py or its parent; None: $CNNX_DATA")
+    parser.add_argument("--epochs", type=int, default=30, help="passes over the training set")
     parser.add_argument("--warmup", type=int, default=2, help="epochs of linear warm-up (0: none)")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=128, help="images per training step")
     parser.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
-    parser.add_argument("--weight-decay", type=float, default=5e-4)
-    parser.add_argument("--label-smoothing", type=float, default=0.1)
+    parser.add_argument("--weight-decay", type=float, default=5e-4, help="SGD's L2 weight decay")
+    parser.add_argument("--label-smoothing", type=float, default=0.1, help="of the cross-entropy")
     parser.add_argument("--cutout", action="store_true", help="add Cutout(8) to crop + flip")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--limit", type=int, help="use only the first N training images")
-    parser.add_argument("--threads", type=int, help="threads for the compiled kernels")
-    parser.add_argument("--tensorboard", metavar="DIR", help="write TensorBoard logs here")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights, split, shuffling, augmentation")
+    parser.add_argument("--limit", type=int, help="use only the first N training images; None: all")
+    parser.add_argument("--threads", type=int, help="threads for the compiled kernels; None: all cores")
+    parser.add_argument("--tensorboard", metavar="DIR", help="write TensorBoard logs here; None: no logs")
     parser.add_argument("--out", default="runs/cifar-augment-cosine", help="where the network is saved")
     return parser.parse_args(argv)
 
