@@ -108,6 +108,15 @@ def test_filter_grid_layout():
         filter_grid(np.zeros((3, 3)))
 
 
+def test_without_tensorboardx_fit_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import now raises ImportError
+    x, y = data(10, seed=1)
+    net = convnet().compile("SoftmaxCrossEntropy", SGD(lr=0.1))
+    with pytest.raises(ImportError, match=r"pip install 'cnnx\[tensorboard\]'"):
+        net.fit(x, y, verbose=0, callbacks=[cnnx.callbacks.TensorBoard(tmp_path)])
+    assert cnnx.callbacks.TensorBoard is TensorBoard
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="update_freq"):
         TensorBoard("x", update_freq=0)
