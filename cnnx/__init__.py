@@ -48,6 +48,7 @@ from .layers import register_layer
 from . import losses, optimizers, metrics
 from .network import Network, NonFiniteLossError
 from . import callbacks, models
+from . import augment, schedules
 from . import datasets, preprocessing
 from . import parallel, visualize
 from .io import ModelFormatError, load, load_weights, save, save_weights
