@@ -92,6 +92,7 @@ _LOCK_SUFFIX = ".cnnx-lock"
 _SAVE_FILES = {_CONFIG, _HISTORY, _OPTIMIZER}
 _LAYER_FILE_RE = re.compile(r"\d+_\w+\.npz")
 _BUILD_SLACK_VALUES = 2**16  # what a layer may allocate beyond its file's values while it is built
+_MAX_OPTIMIZER_ENTRY_BYTES = 2**20  # "step", "lr_schedule" (JSON as uint8): far below this
 _MAX_JSON_BYTES = 64 * 2**20  # config.json of a very deep network is well under a megabyte
 _MAX_INT_DIGITS = 40  # longer integer literals in a JSON file are refused (see _HugeInt)
 
@@ -418,16 +419,23 @@ def _read_optimizer_state(root, entry, net, allow_nonfinite):
             raise ModelFormatError(
                 f"{file}: key {key!r}: expected dtype {net.dtype.name}, received: {dtype.str!r}"
             )
-        if key == "step":
-            allowed = [()]
-        else:
-            param = params.get(key.partition("/")[2])
-            if param is None:
+        if "/" not in key:
+            # Optimizer-wide entries ("step", a schedule's "lr_schedule" record) are small; the
+            # optimizer validates their contents.
+            n_bytes = math.prod(shape) * dtype.itemsize
+            if n_bytes > _MAX_OPTIMIZER_ENTRY_BYTES:
                 raise ModelFormatError(
-                    f"{file}: key {key!r}: expected '<state>/<parameter key>' naming a parameter of the "
-                    f"network, received: {key!r}"
+                    f"{file}: key {key!r}: expected an optimizer-wide entry of at most "
+                    f"{_MAX_OPTIMIZER_ENTRY_BYTES} bytes, received: shape {shape} of {dtype.str!r} ({n_bytes} bytes)"
                 )
-            allowed = [(), param.shape]  # per-parameter counts are scalars, moments as the parameter
+            continue
+        param = params.get(key.partition("/")[2])
+        if param is None:
+            raise ModelFormatError(
+                f"{file}: key {key!r}: expected '<state>/<parameter key>' naming a parameter of the "
+                f"network, received: {key!r}"
+            )
+        allowed = [(), param.shape]  # per-parameter counts are scalars, moments as the parameter
         if shape not in allowed:
             raise ModelFormatError(f"{file}: key {key!r}: expected shape {allowed[-1]}, received: {shape}")
     state = {key: npz.read(key) for key in npz.headers}

@@ -495,3 +495,18 @@ def test_random_damage_to_layer_and_optimizer_files_never_escapes_as_another_err
             outcomes.add("refused")
         rewrite_file(copy, name, originals[name])
     assert "refused" in outcomes
+
+
+@pytest.mark.parametrize("key,shape,match", [
+    ("step", (2**21,), r"key 'step': expected an optimizer-wide entry of at most 1048576 bytes"),
+    ("exp_avg/1.weight", (64, 64), r"key 'exp_avg/1.weight': expected shape \(8, 16\), received: \(64, 64\)"),
+    ("exp_avg/7.weight", (8, 16), r"key 'exp_avg/7.weight': expected '<state>/<parameter key>' naming a parameter"),
+])
+def test_optimizer_state_headers_are_checked_before_reading(copy, key, shape, match):
+    """optimizer.npz has no fixed key list: each header is bounded by the network's parameters
+    (moments) or by a small size (optimizer-wide entries) before any array is read."""
+    arrays = layer_arrays(copy, "optimizer.npz")
+    arrays[key] = np.zeros(shape, np.int64 if key == "step" else np.float32)
+    rewrite_file(copy, "optimizer.npz", npz_bytes(arrays, compressed=True))
+    with pytest.raises(ModelFormatError, match=rf"optimizer.npz: {match}"):
+        cnnx.load(copy)
