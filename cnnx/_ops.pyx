@@ -481,3 +481,128 @@ def avg_pool2d_backward(
                         if ix < 0 or ix >= w:
                             continue
                         dx[img, ch, iy, ix] += g
+
+
+# --- dilated im2col / col2im (grouped and dilated convolutions) ------------------------------
+# The same column layout as im2col / col2im; kernel tap (ki, kj) reads input row
+# oy * sy - pad_top + ki * dil_y and column ox * sx - pad_left + kj * dil_x. Rows of one group's
+# input channels are contiguous, so ``cols.reshape(groups, K // groups, g * P)`` is a view the
+# caller multiplies group by group in one batched GEMM (np.matmul over the leading axis).
+
+cdef inline void _valid_columns(
+    Py_ssize_t out_w,
+    Py_ssize_t sx,
+    Py_ssize_t offset,
+    Py_ssize_t w,
+    Py_ssize_t* ox_lo,
+    Py_ssize_t* ox_hi,
+) noexcept nogil:
+    """The output columns ``[ox_lo, ox_hi)`` whose input column ``ox * sx + offset`` lies in ``[0, w)``."""
+    cdef Py_ssize_t lo = 0, hi = out_w
+    while lo < out_w and lo * sx + offset < 0:
+        lo = lo + 1
+    while hi > lo and (hi - 1) * sx + offset >= w:
+        hi = hi - 1
+    ox_lo[0] = lo
+    ox_hi[0] = hi
+
+
+def im2col_dilated(
+    const floating[:, :, :, ::1] x,
+    Py_ssize_t first,
+    Py_ssize_t kh,
+    Py_ssize_t kw,
+    Py_ssize_t sy,
+    Py_ssize_t sx,
+    Py_ssize_t dil_y,
+    Py_ssize_t dil_x,
+    Py_ssize_t pad_top,
+    Py_ssize_t pad_left,
+    Py_ssize_t out_h,
+    Py_ssize_t out_w,
+    floating[:, :, ::1] cols,
+    int n_threads,
+):
+    """``im2col`` with dilation: unfold ``x[first : first + g]`` into ``cols (c*kh*kw, g, out_h*out_w)``."""
+    cdef Py_ssize_t g = cols.shape[1]
+    cdef Py_ssize_t c = x.shape[1], h = x.shape[2], w = x.shape[3]
+    cdef Py_ssize_t j, img, ci, ki, kj, r, oy, ox, iy, ix, p, ox_lo, ox_hi, col0
+    if g == 0 or cols.shape[0] == 0 or cols.shape[2] == 0:
+        return
+    for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
+        img = first + j
+        for ci in range(c):
+            for ki in range(kh):
+                for kj in range(kw):
+                    r = (ci * kh + ki) * kw + kj
+                    col0 = kj * dil_x - pad_left
+                    _valid_columns(out_w, sx, col0, w, &ox_lo, &ox_hi)
+                    for oy in range(out_h):
+                        iy = oy * sy - pad_top + ki * dil_y
+                        p = oy * out_w
+                        if iy < 0 or iy >= h:
+                            for ox in range(out_w):
+                                cols[r, j, p + ox] = 0
+                            continue
+                        for ox in range(ox_lo):
+                            cols[r, j, p + ox] = 0
+                        if sx == 1 and ox_hi > ox_lo and not CNNX_DEBUG_BUILD:
+                            memcpy(&cols[r, j, p + ox_lo], &x[img, ci, iy, ox_lo + col0],
+                                   (ox_hi - ox_lo) * sizeof(floating))
+                        else:
+                            for ox in range(ox_lo, ox_hi):
+                                ix = ox * sx + col0
+                                cols[r, j, p + ox] = x[img, ci, iy, ix]
+                        for ox in range(ox_hi, out_w):
+                            cols[r, j, p + ox] = 0
+
+
+def col2im_dilated(
+    const floating[:, :, ::1] cols,
+    Py_ssize_t first,
+    Py_ssize_t kh,
+    Py_ssize_t kw,
+    Py_ssize_t sy,
+    Py_ssize_t sx,
+    Py_ssize_t dil_y,
+    Py_ssize_t dil_x,
+    Py_ssize_t pad_top,
+    Py_ssize_t pad_left,
+    Py_ssize_t out_h,
+    Py_ssize_t out_w,
+    floating[:, :, :, ::1] x,
+    int n_threads,
+):
+    """Adjoint of ``im2col_dilated``: overwrite ``x[first : first + g]`` with ``cols`` folded back."""
+    cdef Py_ssize_t g = cols.shape[1]
+    cdef Py_ssize_t c = x.shape[1], h = x.shape[2], w = x.shape[3]
+    cdef Py_ssize_t j, img, ci, ki, kj, r, oy, ox, iy, ix, p, ox_lo, ox_hi, yy, xx, t, col0
+    cdef floating* dst
+    cdef const floating* src
+    if g == 0:
+        return
+    for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
+        img = first + j
+        for ci in range(c):
+            for yy in range(h):
+                for xx in range(w):
+                    x[img, ci, yy, xx] = 0
+            for ki in range(kh):
+                for kj in range(kw):
+                    r = (ci * kh + ki) * kw + kj
+                    col0 = kj * dil_x - pad_left
+                    _valid_columns(out_w, sx, col0, w, &ox_lo, &ox_hi)
+                    for oy in range(out_h):
+                        iy = oy * sy - pad_top + ki * dil_y
+                        if iy < 0 or iy >= h:
+                            continue
+                        p = oy * out_w
+                        if sx == 1 and ox_hi > ox_lo and not CNNX_DEBUG_BUILD:
+                            dst = &x[img, ci, iy, ox_lo + col0]
+                            src = &cols[r, j, p + ox_lo]
+                            for t in range(ox_hi - ox_lo):
+                                dst[t] += src[t]
+                        else:
+                            for ox in range(ox_lo, ox_hi):
+                                ix = ox * sx + col0
+                                x[img, ci, iy, ix] += cols[r, j, p + ox]
