@@ -155,3 +155,25 @@ def test_a_few_steps_reduce_the_loss_on_a_batch(name):
     before = net.evaluate(x, y)["loss"]
     net.fit(x, y, epochs=3, batch_size=8, shuffle=False, verbose=0)
     assert net.evaluate(x, y)["loss"] < before
+
+
+# --- the example script ------------------------------------------------------------------------------
+
+def test_inception_convnext_example_runs(monkeypatch, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "inception_convnext.py"
+    spec = importlib.util.spec_from_file_location("example_inception_convnext", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    (x_train, y_train), (x_test, y_test) = datasets.load_fashion_mnist(sample=True)
+    small = ((x_train[:24], y_train[:24]), (x_test[:8], y_test[:8]))
+    monkeypatch.setattr(datasets, "load_fashion_mnist", lambda path=None, sample=False: small)
+    example.main(["--epochs", "1", "--batch-size", "12"])
+    out = capsys.readouterr().out
+    assert "24 training, 8 test images of shape (1, 32, 32)" in out
+    # The hand-written modules build the zoo's networks.
+    assert "inception: 59,166 parameters (as cnnx.models.build('mini-inception'))" in out
+    assert "convnext: 412,714 parameters (as cnnx.models.build('convnext-mini'))" in out
+    assert out.rstrip().splitlines()[-3].split()[:3] == ["model", "params", "s/epoch"]
