@@ -46,3 +46,11 @@ def col2im_dilated(
     cols: Float, first: int, kh: int, kw: int, sy: int, sx: int, dil_y: int, dil_x: int, pad_top: int,
     pad_left: int, out_h: int, out_w: int, x: Float, n_threads: int,
 ) -> None: ...
+def depthwise_conv2d(
+    x: Float, weight: Float, bias: Float, has_bias: bool, sy: int, sx: int, dil_y: int, dil_x: int,
+    pad_top: int, pad_left: int, rectify: bool, negative_slope: float, y: Float, n_threads: int,
+) -> None: ...
+def depthwise_conv2d_backward(
+    dz: Float, x: Float, weight: Float, sy: int, sx: int, dil_y: int, dil_x: int, pad_top: int, pad_left: int,
+    need_dx: bool, dx: Float, dweight_partial: Float, dbias_partial: NDArray[np.float64], n_threads: int,
+) -> None: ...

@@ -558,13 +558,19 @@ def conv2d_grouped(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
     if y.size == 0:
         return y
     ws = workspace if workspace is not None else Workspace()
+    has_bias = bias is not None
+    b = bias if has_bias else np.empty(0, dtype=dtype)
+    if groups == c:
+        # Depthwise: the direct kernel (no column buffer kh*kw times the input's size).
+        full = ws.get("depthwise_y", (n, oc, out_h, out_w), dtype) if maxpool2 else y
+        _ops.depthwise_conv2d(x, weight, b, has_bias, sy, sx, dil_y, dil_x, pt, pl, rectify, slope, full,
+                              threads_for(full.size * kh * kw))
+        return max_pool2d(full, 2, out=(y, None), indices=False)[0] if maxpool2 else y
     k = c * kh * kw
     p = out_h * out_w
     g = _group_size(n, (k + oc) * p * dtype.itemsize)
     n_groups = -(-n // g)
     w3 = weight.reshape(groups, oc // groups, k // groups)
-    has_bias = bias is not None
-    b = bias if has_bias else np.empty(0, dtype=dtype)
     y3 = y.reshape(n, oc, -1)
     nt = threads_for(n * (k + oc) * p) if n_groups == 1 else 1
 
@@ -631,6 +637,8 @@ def conv2d_grouped_backward(dy, x, weight, stride=1, padding=0, dilation=1, grou
         dz = dy if not rectify else np.where(y > 0, dy, dy * slope)
         return dx, np.zeros(weight.shape, dtype=dtype), dz.sum(axis=(0, 2, 3))
     ws = workspace if workspace is not None else Workspace()
+    if groups == c:
+        return _depthwise_backward(dy, x, weight, (sy, sx), (dil_y, dil_x), (pt, pl), dx, rectify, slope, y, ws)
     g = _group_size(n, (2 * k + oc) * p * dtype.itemsize)
     n_groups = -(-n // g)
     kg, ocg = k // groups, oc // groups
@@ -663,3 +671,21 @@ def conv2d_grouped_backward(dy, x, weight, stride=1, padding=0, dilation=1, grou
         dweight += part
     dbias = dbias_partial.sum(axis=0).astype(dtype)
     return dx, dweight.reshape(weight.shape), dbias
+
+
+def _depthwise_backward(dy, x, weight, stride, dilation, pads, dx, rectify, slope, y, ws):
+    """``conv2d_grouped_backward`` for ``groups == in_channels`` with the direct kernel."""
+    n, oc, kh, kw = dy.shape[0], weight.shape[0], weight.shape[2], weight.shape[3]
+    dz = np.where(y > 0, dy, dy * dy.dtype.type(slope)) if rectify else dy
+    dweight_partial = ws.get("depthwise_dweight", (n, oc, kh * kw), dy.dtype)
+    dbias_partial = ws.get("depthwise_dbias", (n, oc), np.dtype(np.float64))
+    need_dx = dx is not None
+    _ops.depthwise_conv2d_backward(dz, x, weight, *stride, *dilation, *pads, need_dx,
+                                   dx if need_dx else _NO_DX.astype(dy.dtype), dweight_partial, dbias_partial,
+                                   threads_for(x.size * kh * kw))
+    # Summed over images here, in one fixed order: identical for any thread count.
+    dweight = dweight_partial.sum(axis=0).reshape(weight.shape)
+    return dx, dweight, dbias_partial.sum(axis=0).astype(dy.dtype)
+
+
+_NO_DX = np.zeros((1, 1, 1, 1))  # never written (need_dx=False)

@@ -142,9 +142,13 @@ def test_results_identical_with_one_thread_and_several(threads, rng, monkeypatch
     x = rng.standard_normal((7, 4, 9, 8)).astype(np.float32)
     w = rng.standard_normal((6, 2, 3, 2)).astype(np.float32)
 
+    wd = rng.standard_normal((8, 1, 3, 3)).astype(np.float32)  # depthwise: the direct kernel
+
     def run():
         y = F.conv2d_grouped(x, w, None, (2, 1), 1, (1, 2), 2)
-        return (y,) + F.conv2d_grouped_backward(np.ones_like(y), x, w, (2, 1), 1, (1, 2), 2)
+        yd = F.conv2d_grouped(x, wd, None, 1, 2, 2, 4)
+        return ((y,) + F.conv2d_grouped_backward(np.ones_like(y), x, w, (2, 1), 1, (1, 2), 2)
+                + (yd,) + F.conv2d_grouped_backward(np.cos(yd), x, wd, 1, 2, 2, 4))
 
     with num_threads(1):
         serial = run()
@@ -310,3 +314,44 @@ def _check_against_torch(torch, layer, module, x, rng):
     np.testing.assert_allclose(layer.grads["weight"], module.weight.grad.numpy(), rtol=1e-10, atol=1e-10)
     if module.bias is not None:
         np.testing.assert_allclose(layer.grads["bias"], module.bias.grad.numpy(), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("threads", [2, 4])
+def test_threaded_results_are_bit_identical_on_convnext_shapes(threads, rng):
+    # The first version of the dilated/depthwise kernels computed each tap's valid output columns
+    # through a pointer, which Cython leaves shared between OpenMP threads (only variables the
+    # loop body assigns are made private): ConvNeXt-mini's gradients once differed from run to
+    # run. Such a race shows only when threads interleave at the wrong moment, so this check of
+    # ConvNeXt's shapes (many small planes) against the serial run can pass on a racy build; the
+    # kernels now assign those bounds directly. Each plane is one thread's: bit-identical results.
+    def run(x, w, dy, padding, dilation, groups):
+        y = F.conv2d_grouped(x, w, None, 1, padding, dilation, groups)
+        return (y,) + F.conv2d_grouped_backward(dy, x, w, 1, padding, dilation, groups)[:2]
+
+    cases = []
+    for c, size in ((32, 16), (64, 8), (128, 4)):
+        x = rng.standard_normal((4, c, size, size))
+        cases.append((x, rng.standard_normal((c, 1, 7, 7)), rng.standard_normal(x.shape), 3, 1, c))
+        cases.append((x, rng.standard_normal((c, 2, 3, 3)), rng.standard_normal(x.shape), 2, 2, c // 2))
+    with num_threads(1):
+        serial = [run(*case) for case in cases]
+    with num_threads(threads):
+        for _ in range(3):
+            for case, expected in zip(cases, serial):
+                for a, b in zip(expected, run(*case)):
+                    np.testing.assert_array_equal(a, b)
+
+
+def test_network_fuses_a_depthwise_conv_with_the_max_pool_after_it(rng):
+    # Inference runs Conv2D + 2x2 max-pool as one step (Network's plan); the result must equal
+    # the layers run one by one.
+    from cnnx.layers import MaxPool2D
+
+    net = Network([Conv2D(4, 8, 3, padding=1, groups=4, activation="relu", rng=rng), MaxPool2D(2),
+                   Conv2D(8, 8, 3, padding=2, dilation=2, groups=2, rng=rng), Flatten(), Dense(8 * 3 * 3, 3, rng=rng)],
+                  (4, 6, 6), dtype="float64")
+    x = rng.standard_normal((5, 4, 6, 6))
+    expected = x
+    for layer in net.layers:
+        expected = layer.forward(expected, training=False)
+    np.testing.assert_allclose(net.forward(x), expected, rtol=1e-12, atol=1e-12)
