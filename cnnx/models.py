@@ -1,7 +1,7 @@
-"""The model zoo: the networks of BENCHMARKS.md (and ResNet-8), built uncompiled, by function or name.
+"""The model zoo: the networks of benchmarks/README.md (and ResNet-8), built uncompiled, by function or name.
 
 Each builder returns a fresh ``Network``; ``default_optimizer(name)`` and ``DEFAULT_BATCH_SIZE``
-give the training setup BENCHMARKS.md uses for it. A convolution or dense layer directly followed
+give the training setup benchmarks/README.md uses for it. A convolution or dense layer directly followed
 by its activation is built with the fused ``activation=`` argument (one pass instead of two, the
 same function); ``fused=False`` builds separate activation layers instead, e.g. to compare.
 """
@@ -203,24 +203,24 @@ MODELS = {
     "seed-mnist": seed_mnist,
     "seed-cifar": seed_cifar,
     "mind-cifar": mind_cifar,
-    "resnet8": resnet8,  # cnnx/zoo_resnet.py; not one of BENCHMARKS.md's workloads
-    # The course's later architectures for 32x32 inputs (not BENCHMARKS.md workloads either).
+    "resnet8": resnet8,  # cnnx/zoo_resnet.py; not one of benchmarks/README.md's workloads
+    # The course's later architectures for 32x32 inputs (not benchmark workloads either).
     "vgg-small": vgg_small,
     "mini-inception": mini_inception,  # cnnx/zoo_modern.py
     "convnext-mini": convnext_mini,    # cnnx/zoo_modern.py
 }
 
-#: Batch size BENCHMARKS.md trains each model with.
+#: Batch size benchmarks/README.md trains each model with.
 DEFAULT_BATCH_SIZE = {"lenet5": 128, "seed-mnist": 256, "seed-cifar": 64, "mind-cifar": 128, "resnet8": 128,
                       "vgg-small": 128, "mini-inception": 128, "convnext-mini": 128}
 
-# Optimizer (class name, constructor arguments) BENCHMARKS.md trains each model with.
+# Optimizer (class name, constructor arguments) benchmarks/README.md trains each model with.
 _OPTIMIZERS = {
     "lenet5": ("SGD", {"lr": 0.05, "momentum": 0.9}),
     "seed-mnist": ("Adam", {"lr": 1e-4}),
     "seed-cifar": ("Adam", {"lr": 5e-5}),
     "mind-cifar": ("Adam", {"lr": 1e-3}),
-    "resnet8": ("Adam", {"lr": 1e-3}),  # not in BENCHMARKS.md: the usual Adam default
+    "resnet8": ("Adam", {"lr": 1e-3}),  # not in benchmarks/README.md: the usual Adam default
     "vgg-small": ("Adam", {"lr": 1e-3}),
     "mini-inception": ("Adam", {"lr": 1e-3}),
     "convnext-mini": ("AdamW", {"lr": 1e-3, "weight_decay": 0.05}),  # the ConvNeXt paper's optimizer
@@ -245,7 +245,7 @@ def build(name, **kwargs):
 
 
 def default_optimizer(name):
-    """A fresh instance of the optimizer BENCHMARKS.md trains model ``name`` with."""
+    """A fresh instance of the optimizer benchmarks/README.md trains model ``name`` with."""
     from . import optimizers
 
     cls_name, config = _OPTIMIZERS[_canonical(name)]

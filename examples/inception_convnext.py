@@ -75,14 +75,15 @@ BUILDERS = {"inception": (inception_net, "mini-inception"), "convnext": (convnex
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", help="CIFAR-10 (cifar-10-batches-py or its parent); default: the "
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", help="CIFAR-10 (cifar-10-batches-py or its parent); without it, the "
                                        "Fashion-MNIST sample padded to 32x32")
     parser.add_argument("--models", default="inception,convnext", help="comma-separated: inception, convnext")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--limit", type=int, help="use only the first N training images")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=3, help="passes over the training set")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per training step")
+    parser.add_argument("--limit", type=int, help="use only the first N training images (all when unset)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the shuffling")
     return parser.parse_args(argv)
 
 
