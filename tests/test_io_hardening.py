@@ -333,6 +333,19 @@ def npz_member(a):
     return buf.getvalue()
 
 
+def test_layer_norm_config_asking_for_millions_is_refused_before_building(tmp_path):
+    """LayerNorm (like BatchNorm) checks its size against the load budget before allocating."""
+    from cnnx.layers import LayerNorm
+
+    net = Network([Flatten(), Dense(16, 8), LayerNorm(8, axis=-1), Dense(8, 3)], input_shape=(1, 4, 4))
+    net.save(tmp_path / "m")
+    edit_config(tmp_path / "m", lambda c: c["layers"][2]["config"].update(num_features=3 * 10**8))
+    peak, error = peak_bytes(lambda: cnnx.load(tmp_path / "m"))
+    assert isinstance(error, ModelFormatError), error
+    assert "layers[2]: LayerNorm: its config asks for num_features" in str(error)
+    assert peak < 4 * 2**20, f"{peak} bytes traced before the refusal"
+
+
 @pytest.mark.parametrize("edit", ["out_features", "num_features", "no-file"])
 def test_config_asking_for_huge_layers_is_refused_before_building(copy, edit):
     """Defect: config.json edited to out_features=3*10**6 built the layer (1.3 GB, 4 s) before
