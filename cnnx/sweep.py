@@ -36,6 +36,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -451,12 +452,19 @@ def write_results(rows, sweep, root):
     best = best_row(rows, sweep)
     if best is None:
         return None
+    # The model and our two files are written into a new directory first, then swapped in: a
+    # reader of best/ sees the old one or the new one, and cnnx.save never meets our files.
     net = io.load(best["checkpoint"])
-    io.save(net, root / "best")
-    meta = {"model": best["model"], **prepare_data(sweep)["meta"]}
-    _write_json(root / "best" / PREPROCESSING_FILE, meta)
-    _write_json(root / "best" / "trial.json", best)
-    return root / "best"
+    fresh, target, old = root / f".best.new-{os.getpid()}", root / "best", root / f".best.old-{os.getpid()}"
+    shutil.rmtree(fresh, ignore_errors=True)
+    io.save(net, fresh)
+    _write_json(fresh / PREPROCESSING_FILE, {"model": best["model"], **prepare_data(sweep)["meta"]})
+    _write_json(fresh / "trial.json", best)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(fresh, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
 
 
 def format_table(rows, sweep):

@@ -28,14 +28,16 @@ from cnnx.tune import MODEL_DIR, TuneReportCallback, restore_or_build, use_trial
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--sample", action="store_true", help="use the Fashion-MNIST sample shipped with cnnx")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N training images")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per trial (ASHA's max_t)")
     parser.add_argument("--num-samples", type=int, default=8, help="trials to draw")
-    parser.add_argument("--cpus-per-trial", type=int, default=1)
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
-    parser.add_argument("--address", default=None, help="a running Ray cluster ('auto' finds a local one)")
+    parser.add_argument("--cpus-per-trial", type=int, default=1, help="cores (and threads) of each trial")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (None: all)")
+    parser.add_argument("--address", default=None,
+                        help="a running Ray cluster ('auto' finds a local one; None: start Ray here)")
     parser.add_argument("--storage", default="runs/ray", help="where Ray keeps results and checkpoints")
     parser.add_argument("--out", default="runs/ray-best-lenet5", help="where the best model is saved")
     return parser.parse_args(argv)
