@@ -10,7 +10,6 @@ gradient Allreduce (one per step, over a flat float32 buffer of every gradient).
 import sys
 import time
 
-import numpy as np
 
 import cnnx
 from cnnx import distributed

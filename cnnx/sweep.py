@@ -332,7 +332,9 @@ def run_local(sweep, storage, num_samples=1, cpus_per_trial=1, max_failures=0, r
 
     Each trial runs in its own (spawned) process using ``cpus_per_trial`` cores; as many run at
     once as ``cpus // cpus_per_trial``. A trial whose process dies (killed, out of memory) is
-    started again from its last checkpoint up to ``max_failures`` times.
+    started again from its last checkpoint up to ``max_failures`` times. The processes are
+    spawned (fresh interpreters), so a script calling this needs the usual
+    ``if __name__ == "__main__":`` guard of :mod:`multiprocessing`.
 
     Parameters
     ----------
