@@ -689,6 +689,9 @@ def _cmd_tune(args):
     if best is None:
         raise CLIError("no trial finished an epoch; nothing to save")
     print(f"best trial's model: {best} (cnnx evaluate {best})")
+    if any(r["status"] == "UNFINISHED" for r in rows):
+        print("cnnx: the sweep was interrupted; continue it with --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0 if all(r["status"] != "ERROR" for r in rows) else EXIT_FAILURE
 
 

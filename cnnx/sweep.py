@@ -405,7 +405,7 @@ def summarize_local(root, sweep, trials, errors, failures):
     for name, config in trials:
         progress_file = root / name / "progress.json"
         progress = json.loads(progress_file.read_text()) if progress_file.is_file() else []
-        status = "ERROR" if name in errors else ("DONE" if (root / name / "result.json").is_file() else "PENDING")
+        status = "ERROR" if name in errors else ("DONE" if (root / name / "result.json").is_file() else "UNFINISHED")
         rows.append(_row(name, config, progress, sweep, status, failures.get(name, 0), root / name / "checkpoint"))
     return rows
 

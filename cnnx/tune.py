@@ -230,15 +230,19 @@ def run_ray(sweep, storage, num_samples=1, cpus_per_trial=1, scheduler="fifo", m
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=0),
         )
     results = tuner.fit()
-    return _rows(results, sweep)
+    # Ctrl-C stops Ray's run gracefully: trials neither finished nor failed are then unfinished,
+    # not stopped by the scheduler.
+    interrupted = results.num_terminated + results.num_errors < len(results)
+    return _rows(results, sweep, interrupted)
 
 
-def _rows(results, sweep):
+def _rows(results, sweep, interrupted=False):
     """The trials table from Ray's ResultGrid (one row per trial, in Ray's order)."""
     from . import sweep as sweeps
 
     rows = []
-    for i, result in enumerate(results):
+    # Ray's trial directories start with the trial's id and index: a stable order, also after --resume.
+    for i, result in enumerate(sorted(results, key=lambda r: Path(r.path).name)):
         frame = result.metrics_dataframe
         progress = [] if frame is None else frame.to_dict("records")
         for p in progress:
@@ -252,7 +256,7 @@ def _rows(results, sweep):
         if result.error is not None:
             status = "ERROR"
         elif epochs < sweep["epochs"]:
-            status = "STOPPED"  # by the scheduler (ASHA)
+            status = "UNFINISHED" if interrupted else "STOPPED"  # by the scheduler (ASHA)
         else:
             status = "DONE"
         restarts = len({p.get("pid") for p in progress}) - 1 if progress else 0
