@@ -1,0 +1,311 @@
+"""cnnx.plan: which layers a Network fuses, that fusing changes nothing but speed, and that the
+plan's per-thread state makes a Network safe to share between threads (and a layer between
+networks). Thread-policy tests for cnnx.parallel (nested calls, the BLAS limit) are here too.
+"""
+import threading
+
+import numpy as np
+import pytest
+
+import cnnx
+from cnnx import models, parallel
+from cnnx.layers import (GELU, AvgPool2D, Conv2D, Dense, Dropout, Flatten, LeakyReLU, MaxPool2D, ReLU,
+                         Sigmoid, Tanh)
+from cnnx.network import Network
+from cnnx.plan import Plan
+
+
+def user_style(dtype="float32", seed=0):
+    """seed-mnist as the README's quickstart writes it: activations as separate layers."""
+    return models.seed_mnist(dtype=dtype, seed=seed, fused=False)
+
+
+def tiny_user_net(dtype="float64", seed=0):
+    gen = np.random.default_rng(seed)
+    layers = [Conv2D(1, 3, 3, padding=1, rng=gen), LeakyReLU(0.1), MaxPool2D(2),
+              Conv2D(3, 4, 2, padding="same", rng=gen), ReLU(), AvgPool2D(2),
+              Flatten(), Dense(16, 8, rng=gen), Tanh(), Dense(8, 5, rng=gen), GELU(), Dense(5, 3, rng=gen)]
+    return Network(layers, input_shape=(1, 8, 8), dtype=dtype)
+
+
+def copy_weights(src, dst):
+    """Copy parameters in order (layer indices differ between the fused and separate forms)."""
+    for (_, p_dst, _), (_, p_src, _) in zip(dst.parameters(), src.parameters(), strict=True):
+        p_dst[...] = p_src
+
+
+# ---------------------------------------------------------------------- what gets fused -------
+def test_plan_fuses_conv_activation_pool_and_dense_activation():
+    net = tiny_user_net()
+    train = [(s.kind, s.indices) for s in net.plan.train_steps]
+    assert train == [("conv+act", (0, 1)), ("layer", (2,)), ("conv+act", (3, 4)), ("layer", (5,)),
+                     ("layer", (6,)), ("dense+act", (7, 8)), ("dense+act", (9, 10)), ("layer", (11,))]
+    infer = [(s.kind, s.indices) for s in net.plan.infer_steps]
+    assert infer[0] == ("conv+act+pool", (0, 1, 2))
+    assert infer[1:] == train[2:]  # AvgPool2D is not fused
+
+
+def test_plan_leaves_what_it_cannot_fuse():
+    layers = [Conv2D(1, 2, 3, activation="tanh", rng=0), ReLU(),  # conv has its own activation
+              Conv2D(2, 2, 1, rng=1), LeakyReLU(-0.5),  # negative slope: the kernels cannot apply it
+              MaxPool2D(2, stride=1),  # not the plain 2x2 / stride-2 pool
+              Flatten(), Dense(50, 4, activation="relu", rng=2), Sigmoid()]  # dense has its own
+    net = Network(layers, input_shape=(1, 8, 8))
+    assert all(s.kind == "layer" for s in net.plan.train_steps + net.plan.infer_steps)
+    assert net.plan.infer_steps is net.plan.train_steps
+
+
+def test_unfused_plan_runs_every_layer_on_its_own():
+    net = tiny_user_net()
+    net.fuse = False
+    assert [s.indices for s in net.plan.train_steps] == [(i,) for i in range(len(net.layers))]
+    with pytest.raises(TypeError, match="fuse"):
+        net.fuse = 1
+
+
+def test_plan_is_rebuilt_when_the_layer_list_changes(rng):
+    net = tiny_user_net()
+    old = net.plan
+    assert net.plan is old  # built once
+    net.layers[-1] = Dense(5, 3, rng=4).astype(np.float64)
+    assert net.plan is not old and net.plan.layers[-1] is net.layers[-1]
+    x = rng.standard_normal((2, 1, 8, 8))
+    h = x
+    for layer in net.layers:
+        h = layer.forward(h)
+    np.testing.assert_allclose(net.forward(x), h, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------- same results ----------
+@pytest.mark.parametrize("dtype, rtol", [("float64", 1e-12), ("float32", 2e-5)])
+def test_user_style_equals_fused_style_in_training_and_inference(rng, dtype, rtol):
+    """seed-mnist with separate activation layers (fused by the plan) against the zoo's
+    activation= form and against the unfused plan: forward, gradients, a few fit steps, predict."""
+    nets = {"separate": user_style(dtype), "fused_args": models.seed_mnist(dtype=dtype, seed=0)}
+    nets["unfused"] = user_style(dtype)
+    nets["unfused"].fuse = False
+    for net in nets.values():
+        copy_weights(nets["separate"], net)
+        net.compile("softmax_cross_entropy", cnnx.optimizers.Adam(lr=1e-3))
+    assert any(s.kind == "conv+act" for s in nets["separate"].plan.train_steps)
+    x = rng.standard_normal((12, 1, 28, 28)).astype(dtype)
+    y = rng.integers(0, 10, 12)
+
+    ref = nets["unfused"]
+    out_ref = ref.forward(x, training=True)
+    grads_ref = [g.copy() for _, _, g in ref.parameters()] if ref.backward(out_ref - 0.1) is None else None
+    for name in ("separate", "fused_args"):
+        net = nets[name]
+        out = net.forward(x, training=True)
+        np.testing.assert_allclose(out, out_ref, rtol=rtol, atol=rtol, err_msg=name)
+        assert net.backward(out_ref - 0.1) is None
+        for (key, _, g), g_ref in zip(net.parameters(), grads_ref, strict=True):
+            np.testing.assert_allclose(g, g_ref, rtol=rtol, atol=rtol * np.abs(g_ref).max(), err_msg=f"{name} {key}")
+
+    histories = {name: net.fit(x, y, epochs=2, batch_size=4, shuffle=False, verbose=0)["loss"]
+                 for name, net in nets.items()}
+    for name in ("separate", "fused_args"):
+        np.testing.assert_allclose(histories[name], histories["unfused"], rtol=10 * rtol, err_msg=name)
+        np.testing.assert_allclose(nets[name].predict(x), ref.predict(x), rtol=10 * rtol, atol=10 * rtol)
+
+
+def test_fused_plan_gradients_match_central_differences():
+    """Input and parameter gradients of the fused plan (float64) against finite differences."""
+    from gradcheck import numerical_gradient
+
+    net = tiny_user_net()
+    assert any(s.kind == "dense+act" for s in net.plan.train_steps)
+    gen = np.random.default_rng(3)
+    x = gen.standard_normal((2, 1, 8, 8))
+    g = gen.standard_normal((2, 3))
+
+    def objective():
+        return float(np.sum(net.forward(x, training=True) * g))
+
+    net.forward(x, training=True)
+    dx = net.backward(g, need_input_grad=True)
+    analytic = {key: grad.copy() for key, _, grad in net.parameters()}
+    np.testing.assert_allclose(dx, numerical_gradient(objective, x), rtol=1e-5, atol=1e-7)
+    for key, p, _ in net.parameters():
+        np.testing.assert_allclose(analytic[key], numerical_gradient(objective, p), rtol=1e-5, atol=1e-7,
+                                   err_msg=key)
+
+
+def test_backward_after_fused_inference_replays_the_forward(rng):
+    """An eval forward through conv + act + pool keeps no caches; a backward (saliency) replays it."""
+    net = tiny_user_net()
+    assert net.plan.infer_steps[0].kind == "conv+act+pool"
+    x = rng.standard_normal((3, 1, 8, 8))
+    out = net.forward(x)
+    dx = net.backward(np.ones_like(out), need_input_grad=True)
+    ref = tiny_user_net()
+    ref.fuse = False
+    ref.forward(x)
+    np.testing.assert_allclose(dx, ref.backward(np.ones_like(out), need_input_grad=True), rtol=1e-12, atol=1e-14)
+
+
+def test_layers_stay_visible(tmp_path, rng):
+    """summary, save / load and visualize.activations still see every layer the user wrote."""
+    net = user_style()
+    assert "LeakyReLU" in net.summary(print_fn=None)
+    x = rng.standard_normal((2, 1, 28, 28)).astype(np.float32)
+    maps = cnnx.visualize.activations(net, x)
+    assert len(maps) == len(net.layers)
+    np.testing.assert_allclose(list(maps.values())[-1], net.forward(x), rtol=1e-5, atol=1e-6)
+    net.compile("softmax_cross_entropy", "adam")
+    net.save(tmp_path / "net")
+    loaded = cnnx.load(tmp_path / "net")
+    assert [type(a) for a in loaded.layers] == [type(b) for b in net.layers]
+    np.testing.assert_array_equal(loaded.predict(x), net.predict(x))
+
+
+# ---------------------------------------------------------------------- threads and sharing ---
+def test_predict_from_four_threads_equals_serial_predict(rng):
+    net = user_style()
+    net.compile("softmax_cross_entropy", "adam")
+    inputs = [rng.standard_normal((40, 1, 28, 28)).astype(np.float32) for _ in range(4)]
+    serial = [net.predict(x, batch_size=16) for x in inputs]
+    results = [None] * 4
+    errors = []
+    start = threading.Barrier(4)
+
+    def work(k):
+        try:
+            start.wait()
+            for _ in range(3):
+                results[k] = net.predict(inputs[k], batch_size=16)
+        except BaseException as exc:  # reported below, with the thread's traceback
+            errors.append(exc)
+
+    with parallel.num_threads(2):
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads), "a predict thread hung"
+    for k in range(4):
+        # A race (a shared buffer) would give wildly different numbers; round-off would not.
+        np.testing.assert_allclose(results[k], serial[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_layer_object_in_two_networks(rng):
+    """The caches live in each network's plan: interleaved calls do not mix them."""
+    shared = Conv2D(1, 3, 3, padding=1, rng=0)
+    a = Network([shared, ReLU(), Flatten(), Dense(3 * 6 * 6, 2, rng=1)], input_shape=(1, 6, 6), dtype="float64")
+    b = Network([shared, Flatten(), Dense(3 * 6 * 6, 4, rng=2)], input_shape=(1, 6, 6), dtype="float64")
+    xa, xb = rng.standard_normal((2, 4, 1, 6, 6))
+    out_a = a.forward(xa, training=True)
+    b.forward(xb, training=True)  # would overwrite a cache kept on the layer
+    a.backward(np.ones_like(out_a))
+    grad_interleaved = shared.grads["weight"].copy()
+    a.forward(xa, training=True)
+    a.backward(np.ones_like(out_a))
+    np.testing.assert_allclose(grad_interleaved, shared.grads["weight"], rtol=1e-12)
+
+
+def test_network_never_writes_flags_into_layers(rng):
+    net = tiny_user_net()
+    before = [dict(layer.__dict__) for layer in net.layers]
+    out = net.forward(rng.standard_normal((2, 1, 8, 8)), training=True)
+    net.backward(np.ones_like(out))
+    for layer, attrs in zip(net.layers, before):
+        assert layer.needs_input_grad is True
+        assert set(layer.__dict__) == set(attrs)
+
+
+def test_stateful_layers_still_run_and_are_serialised(rng):
+    """A layer on the old protocol (caches on itself) runs through the plan under its lock."""
+    from cnnx.layers import Conv1D
+
+    net = Network([Conv1D(2, 3, 3, rng=0), ReLU(), Flatten(), Dense(3 * 6, 2, rng=1)], input_shape=(2, 8))
+    assert net.layers[0].stateful and net.plan._stateful
+    x = rng.standard_normal((5, 2, 8)).astype(np.float32)
+    h = x
+    for layer in net.layers:
+        h = layer.forward(h)
+    np.testing.assert_allclose(net.predict(x), h, rtol=1e-6)
+
+
+def test_nested_parallel_calls_run_inline_instead_of_deadlocking():
+    seen = []
+    lock = threading.Lock()
+
+    def inner(worker, group):
+        assert parallel.in_parallel_region()
+        with lock:
+            seen.append(group)
+
+    def outer(worker, group):
+        parallel.for_each_group(4, inner)
+
+    def run():
+        with parallel.num_threads(2):
+            parallel.for_each_group(6, outer)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive(), "nested for_each_group deadlocked"
+    assert sorted(seen) == sorted(list(range(4)) * 6)
+    assert not parallel.in_parallel_region()
+
+
+def test_blas_limit_holds_while_any_thread_is_inside_and_is_restored_by_the_last():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas_threads()
+    entered, leave = threading.Barrier(4), threading.Barrier(4)
+    left = threading.Semaphore(0)
+
+    def hold(k):
+        with parallel.single_threaded_blas():
+            entered.wait()
+            leave.wait()
+            if k:  # thread 0 stays inside until the others have left
+                return
+            for _ in range(2):
+                left.acquire()
+            during.append(blas_threads())
+
+    during = []
+    threads = [threading.Thread(target=hold, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    entered.wait()
+    inside = blas_threads()  # read from this thread alone, while all three hold the limit
+    leave.wait()
+    for t in threads[1:]:
+        t.join(timeout=60)
+        left.release()
+    threads[0].join(timeout=60)
+    assert all(n == 1 for n in inside)
+    assert during and all(n == 1 for n in during[0])  # two left, one inside: still limited
+    assert blas_threads() == before
+
+
+def test_dropout_and_plan_in_training(rng):
+    """Dropout's mask lives in the plan's state: backward uses the mask of the same forward."""
+    cnnx.manual_seed(5)
+    net = Network([Flatten(), Dense(16, 8, rng=0), ReLU(), Dropout(0.5), Dense(8, 2, rng=1)], input_shape=(16,),
+                  dtype="float64")
+    x = rng.standard_normal((6, 16))
+    out = net.forward(x, training=True)
+    dx = net.backward(np.ones_like(out), need_input_grad=True)
+    mask = net.plan.context().states[3].mask
+    assert mask is not None and (mask == 0).any()
+    # With the mask fixed, the network is linear-piecewise: check dx against the layers by hand.
+    d = np.ones_like(out) @ net.layers[4].params["weight"] * mask
+    h = x @ net.layers[1].params["weight"].T + net.layers[1].params["bias"]
+    d = d * (h > 0)
+    np.testing.assert_allclose(dx, d @ net.layers[1].params["weight"], rtol=1e-12)
+
+
+def test_plan_repr_and_describe():
+    plan = Plan(tiny_user_net().layers)
+    assert "conv+act" in plan.describe() and "conv+act+pool" in plan.describe(training=False)
+    assert "Plan(12 layers" in repr(plan)
