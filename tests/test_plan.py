@@ -253,38 +253,45 @@ def test_nested_parallel_calls_run_inline_instead_of_deadlocking():
 
 
 def test_blas_limit_holds_while_any_thread_is_inside_and_is_restored_by_the_last():
+    """One process-wide limit shared by concurrent callers: nobody restores it under another.
+
+    Limits are set and read from the main thread only: OpenBLAS 0.3.31 ignores
+    ``openblas_set_num_threads`` from other threads once the main thread has set it.
+    """
     threadpoolctl = pytest.importorskip("threadpoolctl")
 
     def blas_threads():
         return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
 
     before = blas_threads()
-    entered, leave = threading.Barrier(4), threading.Barrier(4)
-    left = threading.Semaphore(0)
+    inside, leave = threading.Event(), threading.Event()
 
-    def hold(k):
+    def hold():
         with parallel.single_threaded_blas():
-            entered.wait()
-            leave.wait()
-            if k:  # thread 0 stays inside until the others have left
-                return
-            for _ in range(2):
-                left.acquire()
-            during.append(blas_threads())
+            inside.set()
+            leave.wait(60)
 
-    during = []
-    threads = [threading.Thread(target=hold, args=(k,)) for k in range(3)]
-    for t in threads:
-        t.start()
-    entered.wait()
-    inside = blas_threads()  # read from this thread alone, while all three hold the limit
-    leave.wait()
-    for t in threads[1:]:
-        t.join(timeout=60)
-        left.release()
-    threads[0].join(timeout=60)
-    assert all(n == 1 for n in inside)
-    assert during and all(n == 1 for n in during[0])  # two left, one inside: still limited
+    # The main thread leaves first: the limit stays while the other thread is still inside.
+    with parallel.single_threaded_blas():
+        worker = threading.Thread(target=hold)
+        worker.start()
+        assert inside.wait(60)
+    still = blas_threads()
+    leave.set()
+    worker.join(60)
+    threadpoolctl.threadpool_limits(limits=max(before, default=1), user_api="blas")  # reset for the next phase
+    assert all(n == 1 for n in still)
+
+    # The other thread leaves first: the main thread's exit, the last, restores the setting.
+    inside.clear()
+    leave.clear()
+    with parallel.single_threaded_blas():
+        worker = threading.Thread(target=hold)
+        worker.start()
+        assert inside.wait(60)
+        leave.set()
+        worker.join(60)
+        assert all(n == 1 for n in blas_threads())
     assert blas_threads() == before
 
 
