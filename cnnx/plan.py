@@ -204,11 +204,11 @@ class Plan:
         """Back-propagate ``d`` through the calling thread's last forward; fills the layers'
         ``grads``. Returns the input gradient when ``need_input_grad``, else None."""
         ctx = self.context()
-        with self._backward_lock:
+        # Stateful layers' caches are shared by all threads: hold off their forwards too.
+        with self._backward_lock, (self._forward_lock if self._stateful else _NO_LOCK):
             if ctx.replay is not None:
                 x, ctx.replay = ctx.replay, None
-                with self._forward_lock if self._stateful else _NO_LOCK:
-                    _run(self.train_steps, x, False, ctx.states, None)
+                _run(self.train_steps, x, False, ctx.states, None)
             steps = self.train_steps
             clock = time.perf_counter
             for k in range(len(steps) - 1, -1, -1):

@@ -90,7 +90,14 @@ class Layer:
     def call_backward(self, dy, state, need_input_grad):
         """Backward of the ``call`` that filled ``state``: fills ``grads`` and returns the input
         gradient, or None when ``need_input_grad`` is false."""
-        dx = self.backward(dy)
+        # A stateful layer reads the flag from itself: set it for this call only (the plan runs
+        # stateful layers under a lock), so a first layer still skips its input gradient.
+        previous = self.needs_input_grad
+        self.needs_input_grad = bool(need_input_grad)
+        try:
+            dx = self.backward(dy)
+        finally:
+            self.needs_input_grad = previous
         return dx if need_input_grad else None
 
     def output_shape(self, input_shape):
