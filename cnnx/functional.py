@@ -8,6 +8,8 @@ buffers are allocated once per batch shape, not once per call.
 """
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
 from . import _ops
@@ -74,7 +76,9 @@ class Workspace:
 def _float_array(a, name, ndim, dtype=None):
     """Return ``a`` as a C-contiguous float32/float64 array of ``ndim`` dimensions.
 
-    Integer and boolean input becomes float32 (float16 too); complex and object input is refused.
+    Integer and boolean input becomes float32 (float16 too); complex and object input is refused,
+    and so are floats wider than float64 (``np.longdouble``): the kernels compute in float32 or
+    float64 only, and narrowing them would silently drop the precision the caller asked for.
     ``dtype`` forces the result dtype (used to bring weights to the input's dtype).
     """
     if not isinstance(a, np.ndarray):
@@ -86,6 +90,11 @@ def _float_array(a, name, ndim, dtype=None):
     if kind not in "fiub":
         raise TypeError(
             f"Expected {name} with a real floating or integer dtype, received: {name}.dtype={a.dtype}"
+        )
+    if kind == "f" and a.dtype.itemsize > 8:
+        raise TypeError(
+            f"Expected {name} with dtype float32 or float64 (float16 and integers are widened to "
+            f"float32), received: {name}.dtype={a.dtype}; cast it with .astype(np.float64) first"
         )
     if a.ndim != ndim:
         raise ValueError(f"Expected {name} with {ndim} dimensions, received: {name}.shape={a.shape}")
@@ -376,13 +385,25 @@ def col2im(cols, x_shape, kernel_size, stride=1, padding=0, out=None):
 
 
 def _shape4(shape, name):
-    try:
-        shape = tuple(int(s) for s in shape)
-    except TypeError as exc:
-        raise TypeError(f"Expected {name} as a tuple of 4 ints, received: {name}={shape!r}") from exc
-    if len(shape) != 4 or min(shape) < 0:
-        raise ValueError(f"Expected {name} as 4 non-negative ints (n, c, h, w), received: {name}={shape!r}")
-    return shape
+    """``shape`` as a tuple of 4 non-negative ints; anything that is not an integer is refused.
+
+    ``int()`` would truncate 8.7 to 8 and a string would iterate into digits ('2338' -> 2, 3, 3,
+    8), so every entry must be an integer (``operator.index``: int, NumPy integers; not bool).
+    """
+    received = f"{name}={shape!r}"
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, (tuple, list, np.ndarray)):
+        raise TypeError(f"Expected {name} as a tuple of 4 ints (n, c, h, w), received: {received}")
+    entries = []
+    for s in shape:
+        if isinstance(s, (bool, np.bool_)):
+            raise TypeError(f"Expected {name} as a tuple of 4 ints (n, c, h, w), received: {received}")
+        try:
+            entries.append(operator.index(s))
+        except TypeError:
+            raise TypeError(f"Expected {name} as a tuple of 4 ints (n, c, h, w), received: {received}") from None
+    if len(entries) != 4 or min(entries) < 0:
+        raise ValueError(f"Expected {name} as 4 non-negative ints (n, c, h, w), received: {received}")
+    return tuple(entries)
 
 
 # --- pooling -----------------------------------------------------------------------------------
@@ -438,6 +459,13 @@ def max_pool2d_backward(dy, indices, x_shape, out=None):
     n, c, h, w = x_shape
     if dy.shape[:2] != (n, c):
         raise ValueError(f"Expected dy with batch and channels {(n, c)} of x_shape, received: dy.shape={dy.shape}")
+    if out is not None and indices.size:
+        # Validate before writing into the caller's array. Seen as uint64, a negative index is
+        # huge, so one max finds both kinds of bad index. (Without ``out`` the kernel's own count
+        # suffices: it writes into a fresh array that is dropped when it raises.)
+        if int(indices.view(np.uint64).max()) >= h * w:
+            bad = int(np.count_nonzero((indices < 0) | (indices >= h * w)))
+            raise ValueError(f"Expected indices in [0, {h * w}) for x_shape={x_shape}, received: {bad} out of range")
     dx = _check_out(out, x_shape, dy.dtype)
     bad = _ops.max_pool2d_backward(dy, indices, dx.reshape(n, c, h * w), threads_for(dx.size))
     if bad:

@@ -1,7 +1,7 @@
-"""The model zoo: the networks of BENCHMARKS.md (and ResNet-8), built uncompiled, by function or name.
+"""The model zoo: the networks of benchmarks/README.md (and ResNet-8), built uncompiled, by function or name.
 
 Each builder returns a fresh ``Network``; ``default_optimizer(name)`` and ``DEFAULT_BATCH_SIZE``
-give the training setup BENCHMARKS.md uses for it. A convolution or dense layer directly followed
+give the training setup benchmarks/README.md uses for it. A convolution or dense layer directly followed
 by its activation is built with the fused ``activation=`` argument (one pass instead of two, the
 same function); ``fused=False`` builds separate activation layers instead, e.g. to compare.
 """
@@ -166,19 +166,19 @@ MODELS = {
     "seed-mnist": seed_mnist,
     "seed-cifar": seed_cifar,
     "mind-cifar": mind_cifar,
-    "resnet8": resnet8,  # cnnx/zoo_resnet.py; not one of BENCHMARKS.md's workloads
+    "resnet8": resnet8,  # cnnx/zoo_resnet.py; not one of benchmarks/README.md's workloads
 }
 
-#: Batch size BENCHMARKS.md trains each model with.
+#: Batch size benchmarks/README.md trains each model with.
 DEFAULT_BATCH_SIZE = {"lenet5": 128, "seed-mnist": 256, "seed-cifar": 64, "mind-cifar": 128, "resnet8": 128}
 
-# Optimizer (class name, constructor arguments) BENCHMARKS.md trains each model with.
+# Optimizer (class name, constructor arguments) benchmarks/README.md trains each model with.
 _OPTIMIZERS = {
     "lenet5": ("SGD", {"lr": 0.05, "momentum": 0.9}),
     "seed-mnist": ("Adam", {"lr": 1e-4}),
     "seed-cifar": ("Adam", {"lr": 5e-5}),
     "mind-cifar": ("Adam", {"lr": 1e-3}),
-    "resnet8": ("Adam", {"lr": 1e-3}),  # not in BENCHMARKS.md: the usual Adam default
+    "resnet8": ("Adam", {"lr": 1e-3}),  # not in benchmarks/README.md: the usual Adam default
 }
 
 
@@ -200,7 +200,7 @@ def build(name, **kwargs):
 
 
 def default_optimizer(name):
-    """A fresh instance of the optimizer BENCHMARKS.md trains model ``name`` with."""
+    """A fresh instance of the optimizer benchmarks/README.md trains model ``name`` with."""
     from . import optimizers
 
     cls_name, config = _OPTIMIZERS[_canonical(name)]

@@ -181,6 +181,20 @@ class Network:
                 raise ValueError(f"Expected {key} of shape {target.shape}, received: {value.shape}")
             target[...] = value
 
+    def state_dict(self):
+        """Parameters and buffers under the keys of the equivalent ``torch.nn.Sequential``
+        (``"0.weight"``, ``"1.running_mean"``, ...), as copies. See :mod:`cnnx.state_dict`."""
+        from . import state_dict as _sd
+
+        return _sd.state_dict(self)
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Copy a PyTorch-style state dict (NumPy arrays or torch tensors) into the network, all
+        or nothing; returns ``(missing_keys, unexpected_keys)``. See :mod:`cnnx.state_dict`."""
+        from . import state_dict as _sd
+
+        return _sd.load_state_dict(self, state_dict, strict=strict)
+
     def get_config(self):
         """JSON-serialisable description: input shape, dtype and each layer's class and config."""
         return {
@@ -783,6 +797,8 @@ def _progress_bar(total, epoch, epochs):
     from tqdm import tqdm
 
     # Redrawn often on a terminal; into a log file (CI, nohup) only every few seconds.
+    # leave=True: the closed bar, showing the epoch's final figures, is the epoch's record
+    # (the cnnx command prints no second line beside it).
     interactive = getattr(sys.stderr, "isatty", lambda: False)()
     return tqdm(total=total, unit="batch", desc=f"Epoch {epoch + 1}/{epochs}", leave=True,
                 dynamic_ncols=True, mininterval=0.1 if interactive else 5.0)
