@@ -8,8 +8,8 @@ layers into steps; most steps run one layer, and some run several as one fused p
   exactly as ``Conv2D(..., activation="leaky_relu")`` does;
 - in inference, such a convolution (or one with its own compiled activation) followed by a
   2x2 / stride-2 ``MaxPool2D``: convolution, activation and pool in one pass;
-- ``Dense`` (no activation of its own) followed by an elementwise activation layer: the
-  activation is applied in place on the GEMM's output, as ``Dense(..., activation=...)`` does.
+- ``Dense`` or ``Conv1D`` (no activation of its own) followed by an elementwise activation
+  layer: the activation is applied in place on the layer's output, as ``activation=`` does.
 
 Fused and unfused forms compute the same arithmetic (the same function objects and kernels),
 so results agree to float round-off; tests/test_plan.py checks both against each other.
@@ -37,7 +37,8 @@ class Step:
     indices : tuple of int
         Indices into the network's layer list this step runs, in order.
     kind : str
-        ``"layer"``, ``"conv+act"``, ``"conv+pool"``, ``"conv+act+pool"`` or ``"dense+act"``.
+        ``"layer"``, ``"conv+act"``, ``"conv+pool"``, ``"conv+act+pool"``, ``"dense+act"`` or
+        ``"conv1d+act"``.
     label : str
         What the profiler shows: the layers' classes joined by ``" + "``.
     """
@@ -104,13 +105,13 @@ class _ConvPool(Step):
         raise RuntimeError("a fused conv + max-pool inference step keeps nothing for backward")
 
 
-class _DenseActivation(Step):
-    """Dense + elementwise activation layer: the activation runs in place on the GEMM output."""
-
-    kind = "dense+act"
+class _LinearActivation(Step):
+    """Dense / Conv1D + elementwise activation layer: the activation runs in place on the
+    layer's output, as the layer's own ``activation=`` does."""
 
     def __init__(self, layers, indices):
         super().__init__(layers, indices)
+        self.kind = f"{type(layers[0]).__name__.lower()}+act"
         self.activation = layers[1].fused_form()
 
     def forward(self, x, training, states):
@@ -255,7 +256,7 @@ def _run(steps, x, training, states, timer):
 # ---------------------------------------------------------------------- building -------------
 def _build(layers, fuse, inference):
     """The steps for ``layers``: greedy, left to right, longest fusion first."""
-    from .layers import AvgPool2D, Conv2D, Dense, MaxPool2D
+    from .layers import AvgPool2D, Conv1D, Conv2D, Dense, MaxPool2D
 
     steps = []
     i, n = 0, len(layers)
@@ -281,8 +282,8 @@ def _build(layers, fuse, inference):
                 steps.append(_ConvActivation(layers[i:i + 2], range(i, i + 2), reuse_output=reuse))
                 i += 2
                 continue
-        if fuse and type(layer) is Dense and layer.activation is None and _is_elementwise_activation(nxt):
-            steps.append(_DenseActivation(layers[i:i + 2], range(i, i + 2)))
+        if fuse and type(layer) in (Dense, Conv1D) and layer.activation is None and _is_elementwise_activation(nxt):
+            steps.append(_LinearActivation(layers[i:i + 2], range(i, i + 2)))
             i += 2
             continue
         reuse = type(layer) is Conv2D and type(nxt) in (Conv2D, MaxPool2D, AvgPool2D, Dense)

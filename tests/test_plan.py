@@ -216,16 +216,55 @@ def test_network_never_writes_flags_into_layers(rng):
 
 
 def test_stateful_layers_still_run_and_are_serialised(rng):
-    """A layer on the old protocol (caches on itself) runs through the plan under its lock."""
-    from cnnx.layers import Conv1D
+    """A layer on the old protocol (caches on itself) runs through the plan under its lock, and
+    still skips its input gradient as the first layer."""
+    from cnnx.layers import BatchNorm1D
 
-    net = Network([Conv1D(2, 3, 3, rng=0), ReLU(), Flatten(), Dense(3 * 6, 2, rng=1)], input_shape=(2, 8))
-    assert net.layers[0].stateful and net.plan._stateful
-    x = rng.standard_normal((5, 2, 8)).astype(np.float32)
+    net = Network([Flatten(), BatchNorm1D(12), Dense(12, 2, rng=1)], input_shape=(2, 6), dtype="float64")
+    bn = net.layers[1]
+    assert bn.stateful and net.plan._stateful
+    x = rng.standard_normal((5, 2, 6))
     h = x
     for layer in net.layers:
-        h = layer.forward(h)
-    np.testing.assert_allclose(net.predict(x), h, rtol=1e-6)
+        h = layer.forward(h, True)
+    out = net.forward(x, training=True)
+    np.testing.assert_allclose(out, h, rtol=1e-12)
+    assert net.backward(np.ones_like(out), need_input_grad=True).shape == x.shape
+    assert bn.needs_input_grad is True  # set for the call only
+
+    first = Network([BatchNorm1D(4), Dense(4, 2, rng=0)], input_shape=(4,), dtype="float64")
+    calls = []
+    original = first.layers[0].backward
+
+    def spy(dy):
+        calls.append(first.layers[0].needs_input_grad)
+        return original(dy)
+
+    first.layers[0].backward = spy
+    out = first.forward(rng.standard_normal((3, 4)), training=True)
+    assert first.backward(np.ones_like(out)) is None
+    assert calls == [False] and first.layers[0].needs_input_grad is True
+
+
+def test_conv1d_with_an_activation_layer_is_fused_and_equal(rng):
+    from cnnx.layers import Conv1D, MaxPool1D
+
+    def build():
+        gen = np.random.default_rng(1)
+        return Network([Conv1D(2, 3, 3, padding="same", rng=gen), Tanh(), MaxPool1D(2), Flatten(),
+                        Dense(12, 2, rng=gen)], input_shape=(2, 8), dtype="float64")
+
+    fused, plain = build(), build()
+    plain.fuse = False
+    assert fused.plan.train_steps[0].kind == "conv1d+act"
+    assert not fused.plan._stateful
+    x = rng.standard_normal((4, 2, 8))
+    out = fused.forward(x, training=True)
+    np.testing.assert_allclose(out, plain.forward(x, training=True), rtol=1e-12)
+    dx = fused.backward(np.ones_like(out), need_input_grad=True)
+    np.testing.assert_allclose(dx, plain.backward(np.ones_like(out), need_input_grad=True), rtol=1e-12, atol=1e-15)
+    for (key, _, a), (_, _, b) in zip(fused.parameters(), plain.parameters()):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15, err_msg=key)
 
 
 def test_nested_parallel_calls_run_inline_instead_of_deadlocking():
