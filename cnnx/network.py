@@ -261,6 +261,12 @@ class Network:
             plan = self._plan = Plan(self.layers, fuse=self._fuse)
         return plan
 
+    def __getstate__(self):
+        # The plan holds locks and per-thread caches: a copy or a pickle builds its own.
+        state = self.__dict__.copy()
+        state["_plan"] = None
+        return state
+
     def _forward(self, x, training, timer=None):
         # Inference may run steps that keep no caches (conv + max-pool): a backward that follows
         # (saliency maps) replays the forward first.

@@ -355,3 +355,16 @@ def test_plan_repr_and_describe():
     plan = Plan(tiny_user_net().layers)
     assert "conv+act" in plan.describe() and "conv+act+pool" in plan.describe(training=False)
     assert "Plan(12 layers" in repr(plan)
+
+
+def test_a_network_can_be_copied_and_pickled(rng):
+    import copy
+    import pickle
+
+    net = tiny_user_net()
+    x = rng.standard_normal((2, 1, 8, 8))
+    expected = net.forward(x)
+    for twin in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):
+        assert twin.plan is not net.plan
+        # Exact: same weights through the same deterministic kernels (results never depend on threads).
+        np.testing.assert_array_equal(twin.forward(x), expected)
