@@ -139,11 +139,9 @@ class Conv2D(Layer):
         x, pads, y_shape = self._checked(x)
         w = self.params["weight"]
         ws = state.workspace
-        bias = self.params.get("bias")
         if maxpool2:
             state.x = state.y = state.z = None
-            return F.conv2d(x, w, bias, self.stride, pads, workspace=ws, activation=rectifier[0],
-                            negative_slope=rectifier[1], maxpool2=True)
+            return self._conv(x, pads, ws, activation=rectifier[0], negative_slope=rectifier[1], maxpool2=True)
         state.x, state.pads, state.rectifier = x, pads, rectifier
         # A fresh 33 MB output costs its page faults on every call (4 ms of a 100 ms mind-cifar
         # forward on 2 cores): the plan asks for a reused buffer where that is invisible.
@@ -151,10 +149,9 @@ class Conv2D(Layer):
         if self._act.fn is None or rectifier[0] is not None:
             # Bias and (leaky) ReLU in the kernel's layout pass: no separate sweep over the output.
             state.z = None
-            state.y = F.conv2d(x, w, bias, self.stride, pads, out=out, workspace=ws,
-                               activation=rectifier[0], negative_slope=rectifier[1])
+            state.y = self._conv(x, pads, ws, out=out, activation=rectifier[0], negative_slope=rectifier[1])
             return state.y
-        z = F.conv2d(x, w, bias, self.stride, pads, out=out, workspace=ws)
+        z = self._conv(x, pads, ws, out=out)
         state.y, state.z = self._act.forward(z)
         return state.y
 
@@ -186,11 +183,19 @@ class Conv2D(Layer):
         activation, slope = state.rectifier
         if self._act.fn is not None and activation is None:
             dz = self._act.backward(dz, state.z, state.y)
-        dx, dw, db = F.conv2d_backward(dz, state.x, w, self.stride, state.pads, need_dx=need_input_grad,
-                                       workspace=state.workspace, activation=activation,
-                                       negative_slope=slope, y=state.y)
+        dx, dw, db = self._conv_backward(dz, state.x, state.pads, need_input_grad, state.workspace,
+                                         activation=activation, negative_slope=slope, y=state.y)
         store_grads(self, weight=dw, bias=db)
         return dx if need_input_grad else None
+
+    # --- the kernels ------------------------------------------------------------------------
+    def _conv(self, x, pads, workspace, **kwargs):
+        return F.conv2d(x, self.params["weight"], self.params.get("bias"), self.stride, pads,
+                        workspace=workspace, **kwargs)
+
+    def _conv_backward(self, dz, x, pads, need_dx, workspace, **kwargs):
+        return F.conv2d_backward(dz, x, self.params["weight"], self.stride, pads, need_dx=need_dx,
+                                 workspace=workspace, **kwargs)
 
     def get_config(self):
         return {
