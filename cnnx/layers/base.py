@@ -92,7 +92,7 @@ class Layer:
         gradient, or None when ``need_input_grad`` is false."""
         # A stateful layer reads the flag from itself: set it for this call only (the plan runs
         # stateful layers under a lock), so a first layer still skips its input gradient.
-        previous = self.needs_input_grad
+        previous = getattr(self, "needs_input_grad", True)  # a custom layer may not set it
         self.needs_input_grad = bool(need_input_grad)
         try:
             dx = self.backward(dy)
