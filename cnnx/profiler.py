@@ -113,7 +113,8 @@ class Profile(NamedTuple):
         ``backward_ms`` (sums over steps), ``loss_ms`` (loss forward + backward),
         ``optimizer_ms``, ``overhead_ms`` (the rest: Python between the timed calls), their
         ``*_percent``, plus ``batch``, ``steps``, ``images_per_s``, ``gflops`` (achieved over
-        the whole step, 3x forward FLOPs for training) and ``training``.
+        the whole step, 3x forward FLOPs for training), ``cores_used`` (CPU time of all threads
+        over wall time: how many cores the step kept busy) and ``training``.
     text : str
         The table, formatted for a terminal.
     """
@@ -196,6 +197,8 @@ def profile(net, x, y=None, steps=10, warmup=2, loss=None, optimizer=None, train
                 fwd[:] = 0.0
                 bwd[:] = 0.0
                 t_loss = t_opt = t_step = 0.0
+            if s == warmup:
+                cpu0 = time.process_time()
             t0 = clock()
             if not training:
                 net._forward(x, False, timer=fwd)
@@ -214,6 +217,7 @@ def profile(net, x, y=None, steps=10, warmup=2, loss=None, optimizer=None, train
             t_loss += t2 - t1
             t_opt += t4 - t3
             t_step += t4 - t0
+        cpu_s = time.process_time() - cpu0
     finally:
         net.set_weights(saved_weights)
         for grad, value in saved_grads:
@@ -265,6 +269,8 @@ def profile(net, x, y=None, steps=10, warmup=2, loss=None, optimizer=None, train
         "overhead_ms": overhead_ms,
         "images_per_s": batch * 1e3 / step_ms if step_ms > 0 else float("inf"),
         "gflops": step_flops / (step_ms * 1e6) if step_ms > 0 else 0.0,
+        # CPU time of all the process's threads over wall time of the timed steps.
+        "cores_used": cpu_s * 1e3 / (step_ms * steps_count) if step_ms > 0 else 0.0,
     }
     for key in ("forward_ms", "backward_ms", "loss_ms", "optimizer_ms", "overhead_ms"):
         totals[key.replace("_ms", "_percent")] = pct(totals[key])
@@ -333,6 +339,7 @@ def _format(rows, totals):
     rule = "-" * len(fmt([h.ljust(w) for h, w in zip(header, widths)]))
     mode = "training step" if training else "inference (eval forward)"
     title = (f"{mode}: batch {totals['batch']}, mean of {totals['steps']} steps: {totals['step_ms']:.2f} ms/step, "
-             f"{totals['images_per_s']:,.0f} images/s, {totals['gflops']:.2f} GFLOP/s")
+             f"{totals['images_per_s']:,.0f} images/s, {totals['gflops']:.2f} GFLOP/s, "
+             f"{totals['cores_used']:.2f} cores used")
     lines = [title, rule, fmt(header), rule] + [fmt(r) for r in table[1:]] + [rule] + [fmt(r) for r in extra]
     return "\n".join(lines)

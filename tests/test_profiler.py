@@ -72,6 +72,7 @@ def test_totals_are_consistent(batch):
     assert shares == pytest.approx(100.0)
     assert t["batch"] == 5 and t["steps"] == 3 and t["training"] is True
     assert t["images_per_s"] == pytest.approx(5e3 / t["step_ms"])
+    assert t["cores_used"] > 0 and "cores used" in result.text
 
 
 def test_network_methods_weights_and_optimizer_are_restored(batch):
