@@ -47,6 +47,7 @@ from . import layers
 from . import losses, optimizers, metrics
 from .network import Network, NonFiniteLossError
 from . import callbacks, models
+from . import augment, schedules
 from . import datasets, preprocessing
 from . import parallel, visualize
 from .io import ModelFormatError, load, load_weights, save, save_weights

@@ -38,3 +38,19 @@ def avg_pool2d(
 def avg_pool2d_backward(
     dy: Float, kh: int, kw: int, sy: int, sx: int, pad_top: int, pad_left: int, dx: Float, n_threads: int,
 ) -> None: ...
+def im2col_dilated(
+    x: Float, first: int, kh: int, kw: int, sy: int, sx: int, dil_y: int, dil_x: int, pad_top: int,
+    pad_left: int, out_h: int, out_w: int, cols: Float, n_threads: int,
+) -> None: ...
+def col2im_dilated(
+    cols: Float, first: int, kh: int, kw: int, sy: int, sx: int, dil_y: int, dil_x: int, pad_top: int,
+    pad_left: int, out_h: int, out_w: int, x: Float, n_threads: int,
+) -> None: ...
+def depthwise_conv2d(
+    x: Float, weight: Float, bias: Float, has_bias: bool, sy: int, sx: int, dil_y: int, dil_x: int,
+    pad_top: int, pad_left: int, rectify: bool, negative_slope: float, y: Float, n_threads: int,
+) -> None: ...
+def depthwise_conv2d_backward(
+    dz: Float, x: Float, weight: Float, sy: int, sx: int, dil_y: int, dil_x: int, pad_top: int, pad_left: int,
+    need_dx: bool, dx: Float, dweight_partial: Float, dbias_partial: NDArray[np.float64], n_threads: int,
+) -> None: ...

@@ -155,6 +155,7 @@ def build_parser():
                    help="no progress bar: one plain line per epoch instead (the default when "
                         "stderr is not a terminal, e.g. a log file)")
     p.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
+    _add_training_options(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", parents=[threads], help="test loss and accuracy of a trained model",
@@ -519,12 +520,15 @@ def _cmd_train(args):
 
     optimizer = _make_optimizer(model_name, args.optimizer, args.lr)
     batch_size = args.batch_size or models.DEFAULT_BATCH_SIZE.get(model_name, 128)
-    net.compile(losses.SoftmaxCrossEntropy(), optimizer)
+    extras = _training_extras(args, optimizer, net)
+    net.compile(losses.SoftmaxCrossEntropy(label_smoothing=args.label_smoothing), optimizer)
     n_val = 0 if x_val is None else len(x_val)
     print(f"model {model_name} ({net.num_params:,} parameters), dataset {args.dataset}: "
           f"{len(x_train)} train / {n_val} validation / {len(x_test)} test images")
     print(f"optimizer {optimizer!r}, batch size {batch_size}, {args.epochs} epoch(s), "
           f"{_threads()} thread(s)", flush=True)
+    for line in extras.pop("describe"):
+        print(line, flush=True)
 
     # One record per epoch: on a terminal the tqdm bar, left on screen with the epoch's final
     # loss / accuracy / validation figures; elsewhere (log files, pipes, --no-progress) one plain line.
@@ -532,7 +536,8 @@ def _cmd_train(args):
     start = time.perf_counter()
     net.fit(x_train, y_train, epochs=args.epochs, batch_size=batch_size,
             validation_data=None if x_val is None else (x_val, y_val), seed=args.seed,
-            callbacks=[] if show_bar else [_epoch_printer(args.epochs)], verbose=1 if show_bar else 0)
+            callbacks=([] if show_bar else [_epoch_printer(args.epochs)]) + extras.pop("callbacks"),
+            verbose=1 if show_bar else 0, **extras)
     train_seconds = time.perf_counter() - start
 
     test = net.evaluate(x_test, y_test)
@@ -574,6 +579,61 @@ def _cmd_train(args):
         _plot(visualize, "plot_confusion_matrix", out / CONFUSION_FILE, matrix,
               class_names=list(class_names), title=f"{model_name} on {args.dataset}: test set")
     return 0
+
+
+def _add_training_options(p):
+    """Options of 'cnnx train' for schedules, augmentation, logging and the training details."""
+    p.add_argument("--lr-schedule", metavar="SPEC",
+                   help="learning-rate schedule NAME[:key=value,...], with PyTorch's names and "
+                        "arguments: cosine, step:step_size=10, multistep:milestones=10/20, "
+                        "exponential:gamma=0.95, warmup:total_iters=5, onecycle, plateau:patience=3 "
+                        "(cosine defaults to T_max=EPOCHS); saved with the model")
+    p.add_argument("--augment", metavar="NAMES",
+                   help="augment training batches: comma-separated crop, flip, translate, cutout "
+                        "(e.g. crop,flip)")
+    p.add_argument("--tensorboard", metavar="DIR",
+                   help="write TensorBoard curves, histograms and filters to DIR "
+                        "(needs tensorboardX: pip install 'cnnx[tensorboard]')")
+    p.add_argument("--csv-log", metavar="FILE", help="write one CSV row of metrics per epoch to FILE")
+    p.add_argument("--label-smoothing", type=_fraction, default=0.0, metavar="EPS",
+                   help="label smoothing of the cross-entropy, as PyTorch's (default: 0)")
+    p.add_argument("--clip-grad-norm", type=_positive_float, metavar="MAX",
+                   help="clip the gradients' global L2 norm to MAX before each step")
+    p.add_argument("--class-weight", choices=("balanced",),
+                   help="weigh each class by n / (classes * its count) in the gradient")
+
+
+def _training_extras(args, optimizer, net):
+    """fit keyword arguments (and callbacks, and lines to print) from the training options."""
+    from . import augment, callbacks, schedules
+
+    describe, cbs = [], []
+    if args.lr_schedule:
+        try:
+            schedule = schedules.from_spec(args.lr_schedule, optimizer, args.epochs)
+        except (ValueError, TypeError) as exc:
+            raise CLIError(f"--lr-schedule {args.lr_schedule!r}: {exc}") from None
+        describe.append(f"lr schedule {schedule!r}")
+    aug = None
+    if args.augment:
+        if len(net.input_shape) != 3:
+            raise CLIError(f"--augment needs image inputs, model takes {net.input_shape}")
+        try:
+            aug = augment.from_names(args.augment, image_size=net.input_shape[1])
+        except ValueError as exc:
+            raise CLIError(f"--augment {args.augment!r}: {exc}") from None
+        describe.append(f"augmentation {aug!r}")
+    if args.tensorboard:
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError:
+            raise CLIError("--tensorboard needs tensorboardX: pip install 'cnnx[tensorboard]'") from None
+        cbs.append(callbacks.TensorBoard(args.tensorboard))
+        describe.append(f"TensorBoard logs in {args.tensorboard} (tensorboard --logdir {args.tensorboard})")
+    if args.csv_log:
+        cbs.append(callbacks.CSVLogger(args.csv_log))
+    return {"augment": aug, "clip_grad_norm": args.clip_grad_norm, "class_weight": args.class_weight,
+            "callbacks": cbs, "describe": describe}
 
 
 def _threads():

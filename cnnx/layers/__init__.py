@@ -8,3 +8,6 @@ from .conv1d import AvgPool1D, Conv1D, MaxPool1D
 from .normalization import BatchNorm1D, BatchNorm2D
 from .residual import Residual
 from .transpose import ConvTranspose2D, Reshape, Upsample2D
+from .layer_norm import LayerNorm
+from .global_pool import GlobalAvgPool2D, GlobalMaxPool2D
+from .concat import Concat

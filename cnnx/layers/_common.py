@@ -77,3 +77,14 @@ def store_grads(layer, **grads):
     for name, g in grads.items():
         if name in layer.params:
             np.copyto(grad_buffer(layer, name), g)
+
+
+def check_groups(groups, in_channels, out_channels):
+    """``groups`` of a convolution as an int >= 1 dividing both channel counts."""
+    groups = positive_int(groups, "groups")
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(
+            f"Expected groups to divide in_channels ({in_channels}) and out_channels ({out_channels}), "
+            f"received: groups={groups}"
+        )
+    return groups
