@@ -368,3 +368,23 @@ def test_a_network_can_be_copied_and_pickled(rng):
         assert twin.plan is not net.plan
         # Exact: same weights through the same deterministic kernels (results never depend on threads).
         np.testing.assert_array_equal(twin.forward(x), expected)
+
+
+@pytest.mark.parametrize("kwargs", [{"groups": 2}, {"dilation": 2}, {"groups": 4}], ids=["grouped", "dilated", "depthwise"])
+def test_grouped_and_dilated_convolutions_fuse_like_plain_ones(rng, kwargs):
+    def build():
+        gen = np.random.default_rng(2)
+        return Network([Conv2D(4, 4, 3, padding="same", rng=gen, **kwargs), LeakyReLU(0.1), MaxPool2D(2),
+                        Flatten(), Dense(4 * 4 * 4, 3, rng=gen)], input_shape=(4, 8, 8), dtype="float64")
+
+    fused, plain = build(), build()
+    plain.fuse = False
+    assert [s.kind for s in fused.plan.infer_steps][0] == "conv+act+pool"
+    x = rng.standard_normal((3, 4, 8, 8))
+    np.testing.assert_allclose(fused.forward(x), plain.forward(x), rtol=1e-12, atol=1e-14)
+    out = fused.forward(x, training=True)
+    np.testing.assert_allclose(out, plain.forward(x, training=True), rtol=1e-12, atol=1e-14)
+    dx = fused.backward(np.ones_like(out), need_input_grad=True)
+    np.testing.assert_allclose(dx, plain.backward(np.ones_like(out), need_input_grad=True), rtol=1e-12, atol=1e-14)
+    for (key, _, a), (_, _, b) in zip(fused.parameters(), plain.parameters()):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14, err_msg=key)
