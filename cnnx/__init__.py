@@ -44,6 +44,7 @@ _load_runtimes()
 
 from .random import manual_seed
 from . import layers
+from .layers import register_layer
 from . import losses, optimizers, metrics
 from .network import Network, NonFiniteLossError
 from . import callbacks, models

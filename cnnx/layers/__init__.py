@@ -1,5 +1,5 @@
 """Layer classes. Each module owns one family; ``LAYER_CLASSES`` maps class names to classes."""
-from .base import LAYER_CLASSES, Layer
+from .base import LAYER_CLASSES, Layer, register_layer
 from .activations import ACTIVATIONS, GELU, LeakyReLU, ReLU, Sigmoid, Softmax, Tanh
 from .dense import Dense, Dropout, Flatten, Linear
 from .conv import Conv2D

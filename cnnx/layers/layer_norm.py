@@ -16,7 +16,7 @@ import numbers
 import numpy as np
 
 from ._common import check_bool, check_dy, check_floating, positive_int, store_grads
-from .base import Layer
+from .base import Layer, check_state_size
 
 
 class LayerNorm(Layer):
@@ -53,6 +53,7 @@ class LayerNorm(Layer):
         self.affine = check_bool(affine, "affine")
         self.needs_input_grad = True
         if self.affine:
+            check_state_size((2 * self.num_features,), "num_features")  # weight and bias
             self.params["weight"] = np.ones(self.num_features, dtype=np.float32)
             self.params["bias"] = np.zeros(self.num_features, dtype=np.float32)
             self.zero_grads()
