@@ -15,6 +15,7 @@ import numpy as np
 
 from .layers.base import Layer
 from .parallel import owns_blas
+from .plan import Plan
 
 __all__ = ["Network", "NonFiniteLossError"]
 
@@ -98,11 +99,12 @@ class Network:
         self.dtype = dtype
         self.shapes = self._infer_shapes()
         self.output_shape = self.shapes[-1]
-        for i, layer in enumerate(self.layers):
+        for layer in self.layers:
             layer.astype(dtype)
-            # The input of the network needs no gradient (backward(need_input_grad=True) turns it on).
-            layer.needs_input_grad = i > 0
-        self._plan_output_reuse()
+        # How the layers run (fusions, per-thread caches): see cnnx.plan. Rebuilt when the layer
+        # list changes or ``fuse`` is switched.
+        self._fuse = True
+        self._plan = Plan(self.layers)
 
         self.loss = None
         self.optimizer = None
@@ -235,64 +237,53 @@ class Network:
 
     __call__ = forward
 
-    def _plan_output_reuse(self):
-        """Let a Conv2D reuse its output buffer across batches where that is invisible: when the
-        next layer reads it and writes a new array (so the buffer never reaches the network's
-        output, and is only read again by that layer's backward in the same step)."""
-        from .layers import AvgPool2D, Conv2D, Dense, MaxPool2D
+    @property
+    def fuse(self):
+        """Whether the plan fuses layers (Conv2D + activation layer + max-pool, Dense + activation).
 
-        # Inference runs a Conv2D and the 2x2 / stride-2 max-pool after it as one pass.
-        self._fused_pools = set()
-        for i, (layer, after) in enumerate(zip(self.layers, self.layers[1:])):
-            if isinstance(layer, Conv2D):
-                layer.reuse_output = type(after) in (Conv2D, MaxPool2D, AvgPool2D, Dense)
-                if layer.can_fuse_maxpool2 and type(after) is MaxPool2D and after.is_plain_2x2:
-                    self._fused_pools.add(i)
-        self._fused_input = None
+        True by default; False runs every layer as its own step (same results to round-off,
+        slower). Settable.
+        """
+        return self._fuse
 
-    def _forward(self, x, training):
-        if training or not self._fused_pools:
-            self._fused_input = None
-            for layer in self.layers:
-                x = layer.forward(x, training)
-            return x
-        # Inference with conv + max-pool pairs fused: those layers keep no caches, so the input is
-        # kept for a backward that may follow (saliency maps), which first redoes the forward.
-        self._fused_input = x
-        layers, i = self.layers, 0
-        while i < len(layers):
-            if i in self._fused_pools:
-                x = layers[i].forward_maxpool2(x)
-                i += 2
-            else:
-                x = layers[i].forward(x, False)
-                i += 1
-        return x
+    @fuse.setter
+    def fuse(self, value):
+        if not isinstance(value, bool):
+            raise TypeError(f"Expected fuse to be a bool, received: fuse={value!r}")
+        self._fuse = value
+        self._plan = None
+
+    @property
+    def plan(self):
+        """The execution plan (``cnnx.plan.Plan``) for the current layer list."""
+        plan = self._plan
+        if plan is None or plan.fuse != self._fuse or not plan.matches(self.layers):
+            plan = self._plan = Plan(self.layers, fuse=self._fuse)
+        return plan
+
+    def __getstate__(self):
+        # The plan holds locks and per-thread caches: a copy or a pickle builds its own.
+        state = self.__dict__.copy()
+        state["_plan"] = None
+        return state
+
+    def _forward(self, x, training, timer=None):
+        # Inference may run steps that keep no caches (conv + max-pool): a backward that follows
+        # (saliency maps) replays the forward first.
+        return self.plan.forward(x, training, keep_caches=False, timer=timer)
 
     @owns_blas
     def backward(self, dloss, need_input_grad=False):
         """Back-propagate ``dloss`` (the gradient w.r.t. the last ``forward``'s output).
 
         Fills every layer's ``grads``. Returns the gradient w.r.t. the network input when
-        ``need_input_grad`` is true (saliency maps), else None.
+        ``need_input_grad`` is true (saliency maps), else None. Uses the caches of the calling
+        thread's last ``forward``.
         """
-        if not need_input_grad:
-            return self._backward(dloss)
-        first = self.layers[0]
-        first.needs_input_grad = True
-        try:
-            return self._backward(dloss)
-        finally:
-            first.needs_input_grad = False
+        return self._backward(dloss, need_input_grad)
 
-    def _backward(self, d):
-        if self._fused_input is not None:
-            x, self._fused_input = self._fused_input, None
-            for layer in self.layers:
-                x = layer.forward(x, False)
-        for layer in reversed(self.layers):
-            d = layer.backward(d)
-        return d
+    def _backward(self, d, need_input_grad=False, timer=None):
+        return self.plan.backward(d, need_input_grad, timer=timer)
 
     # ------------------------------------------------------------------ training ----------
     def compile(self, loss, optimizer):
