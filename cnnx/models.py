@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from .layers import Conv2D, Dense, Dropout, Flatten, LeakyReLU, MaxPool2D, ReLU
 from .network import Network
-from .zoo_modern import convnext_mini, mini_inception
-from .zoo_resnet import resnet8
+from .models_inception_convnext import convnext_mini, mini_inception
+from .models_resnet import resnet8
 
 __all__ = [
     "lenet5",
@@ -35,32 +36,29 @@ class _Builder:
     """Appends layers, fusing an activation into the conv/dense before it when asked."""
 
     def __init__(self, fused, rng):
-        from . import layers
-
-        self.L = layers
         self.fused = fused
         self.rng = rng
         self.layers = []
 
     def conv(self, c_in, c_out, k, padding, activation):
         if self.fused:
-            self.layers.append(self.L.Conv2D(c_in, c_out, k, padding=padding, rng=self.rng, **_act(activation)))
+            self.layers.append(Conv2D(c_in, c_out, k, padding=padding, rng=self.rng, **_act(activation)))
         else:
-            self.layers.append(self.L.Conv2D(c_in, c_out, k, padding=padding, rng=self.rng))
+            self.layers.append(Conv2D(c_in, c_out, k, padding=padding, rng=self.rng))
             self._activation(activation)
 
     def dense(self, f_in, f_out, activation=None):
         if self.fused and activation is not None:
-            self.layers.append(self.L.Dense(f_in, f_out, rng=self.rng, **_act(activation)))
+            self.layers.append(Dense(f_in, f_out, rng=self.rng, **_act(activation)))
         else:
-            self.layers.append(self.L.Dense(f_in, f_out, rng=self.rng))
+            self.layers.append(Dense(f_in, f_out, rng=self.rng))
             self._activation(activation)
 
     def _activation(self, activation):
         if activation == "relu":
-            self.layers.append(self.L.ReLU())
+            self.layers.append(ReLU())
         elif activation == "leaky_relu":
-            self.layers.append(self.L.LeakyReLU(_SLOPE))
+            self.layers.append(LeakyReLU(_SLOPE))
 
     def add(self, layer):
         self.layers.append(layer)
@@ -99,10 +97,10 @@ def lenet5(dtype="float32", seed=None, fused=True):
     """
     b = _Builder(fused, _generator(seed))
     b.conv(1, 6, 5, 2, "relu")
-    b.add(b.L.MaxPool2D(2))
+    b.add(MaxPool2D(2))
     b.conv(6, 16, 5, 0, "relu")
-    b.add(b.L.MaxPool2D(2))
-    b.add(b.L.Flatten())
+    b.add(MaxPool2D(2))
+    b.add(Flatten())
     b.dense(16 * 5 * 5, 120, "relu")
     b.dense(120, 84, "relu")
     b.dense(84, 10)
@@ -117,9 +115,9 @@ def seed_mnist(dtype="float32", seed=None, fused=True):
     """
     b = _Builder(fused, _generator(seed))
     b.conv(1, 16, 2, "same", "leaky_relu")
-    b.add(b.L.MaxPool2D(2))
+    b.add(MaxPool2D(2))
     b.conv(16, 32, 2, "same", "leaky_relu")
-    b.add(b.L.Flatten())
+    b.add(Flatten())
     b.dense(32 * 14 * 14, 128, "leaky_relu")
     b.dense(128, 10)
     return Network(b.layers, (1, 28, 28), dtype=dtype)
@@ -133,10 +131,10 @@ def seed_cifar(dtype="float32", seed=None, fused=True):
     """
     b = _Builder(fused, _generator(seed))
     b.conv(3, 32, 2, "same", "leaky_relu")
-    b.add(b.L.MaxPool2D(2))
+    b.add(MaxPool2D(2))
     b.conv(32, 64, 2, "same", "leaky_relu")
-    b.add(b.L.MaxPool2D(2))
-    b.add(b.L.Flatten())
+    b.add(MaxPool2D(2))
+    b.add(Flatten())
     widths = [64 * 8 * 8, 128, 64, 32, 16]
     for f_in, f_out in zip(widths[:-1], widths[1:]):
         b.dense(f_in, f_out, "leaky_relu")
@@ -153,14 +151,14 @@ def mind_cifar(dtype="float32", seed=None, fused=True):
     b = _Builder(fused, _generator(seed))
     b.conv(3, 32, 3, "same", "relu")
     b.conv(32, 64, 3, "same", "relu")
-    b.add(b.L.MaxPool2D(2))
-    b.add(b.L.Dropout(0.25))
+    b.add(MaxPool2D(2))
+    b.add(Dropout(0.25))
     b.conv(64, 128, 3, "same", "relu")
-    b.add(b.L.MaxPool2D(2))
+    b.add(MaxPool2D(2))
     b.conv(128, 128, 2, "same", "relu")
-    b.add(b.L.MaxPool2D(2))
-    b.add(b.L.Dropout(0.25))
-    b.add(b.L.Flatten())
+    b.add(MaxPool2D(2))
+    b.add(Dropout(0.25))
+    b.add(Flatten())
     b.dense(128 * 4 * 4, 10)
     return Network(b.layers, (3, 32, 32), dtype=dtype)
 
@@ -189,11 +187,11 @@ def vgg_small(num_classes=10, in_channels=3, dtype="float32", seed=None, fused=T
     for width in (32, 64, 128):
         b.conv(c_in, width, 3, "same", "relu")
         b.conv(width, width, 3, "same", "relu")
-        b.add(b.L.MaxPool2D(2))
+        b.add(MaxPool2D(2))
         c_in = width
-    b.add(b.L.Flatten())
+    b.add(Flatten())
     b.dense(128 * 4 * 4, 128, "relu")
-    b.add(b.L.Dropout(0.5))
+    b.add(Dropout(0.5))
     b.dense(128, num_classes)
     return Network(b.layers, (in_channels, 32, 32), dtype=dtype)
 
@@ -203,11 +201,11 @@ MODELS = {
     "seed-mnist": seed_mnist,
     "seed-cifar": seed_cifar,
     "mind-cifar": mind_cifar,
-    "resnet8": resnet8,  # cnnx/zoo_resnet.py; not one of benchmarks/README.md's workloads
+    "resnet8": resnet8,  # cnnx/models_resnet.py; not one of benchmarks/README.md's workloads
     # The course's later architectures for 32x32 inputs (not benchmark workloads either).
     "vgg-small": vgg_small,
-    "mini-inception": mini_inception,  # cnnx/zoo_modern.py
-    "convnext-mini": convnext_mini,    # cnnx/zoo_modern.py
+    "mini-inception": mini_inception,  # cnnx/models_inception_convnext.py
+    "convnext-mini": convnext_mini,    # cnnx/models_inception_convnext.py
 }
 
 #: Batch size benchmarks/README.md trains each model with.

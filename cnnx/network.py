@@ -14,7 +14,7 @@ import sys
 import numpy as np
 
 from .layers.base import Layer
-from .parallel import owns_blas
+from .parallel import with_single_threaded_blas
 from .plan import Plan
 
 __all__ = ["Network", "NonFiniteLossError"]
@@ -217,7 +217,7 @@ class Network:
         return cls(layers, tuple(config["input_shape"]), dtype=config.get("dtype", "float32"))
 
     # ------------------------------------------------------------------ forward / backward
-    @owns_blas
+    @with_single_threaded_blas
     def forward(self, x, training=False):
         """Run the layers on a batch.
 
@@ -272,7 +272,7 @@ class Network:
         # (saliency maps) replays the forward first.
         return self.plan.forward(x, training, keep_caches=False, timer=timer)
 
-    @owns_blas
+    @with_single_threaded_blas
     def backward(self, dloss, need_input_grad=False):
         """Back-propagate ``dloss`` (the gradient w.r.t. the last ``forward``'s output).
 
@@ -295,7 +295,7 @@ class Network:
         self.optimizer = optimizers.get(optimizer)
         return self
 
-    @owns_blas
+    @with_single_threaded_blas
     def fit(self, x, y, epochs=1, batch_size=32, validation_data=None, shuffle=True, seed=None,
             callbacks=None, verbose=1, augment=None, clip_grad_norm=None, class_weight=None,
             distributed=None):
@@ -510,7 +510,7 @@ class Network:
             cb.on_train_end({key: values[-1] for key, values in history.items() if values})
         return history
 
-    @owns_blas
+    @with_single_threaded_blas
     def evaluate(self, x, y, batch_size=256):
         """Mean loss and accuracy over ``(x, y)`` in eval mode.
 
@@ -540,7 +540,7 @@ class Network:
                 correct += count_correct(out, ids[lo:hi])
         return {"loss": loss_sum / n, "accuracy": correct / n if ids is not None else math.nan}
 
-    @owns_blas
+    @with_single_threaded_blas
     def predict(self, x, batch_size=256):
         """Outputs for ``x`` in eval mode, as class probabilities where the loss says how.
 

@@ -224,7 +224,7 @@ def for_each_group(n_groups, work, n_threads=None):
         raise failed[0]
 
 
-def owns_blas(method):
+def with_single_threaded_blas(method):
     """Decorator: run ``method`` inside ``single_threaded_blas()``."""
 
     @functools.wraps(method)

@@ -49,7 +49,7 @@ def run_dir(tmp_path_factory, one_thread):
 
 
 @pytest.fixture(scope="module")
-def test_images():
+def sample_images():
     _, (x_test, y_test) = datasets.load_fashion_mnist(sample=True)
     return x_test[:N_TEST], y_test[:N_TEST]
 
@@ -223,7 +223,7 @@ def test_train_on_a_directory_of_cifar_batches(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ evaluate / predict -------
-def test_evaluate_matches_the_network_on_the_saved_preprocessing(run_dir, test_images, capsys, monkeypatch):
+def test_evaluate_matches_the_network_on_the_saved_preprocessing(run_dir, sample_images, capsys, monkeypatch):
     out, _ = run_dir
     calls = []
     monkeypatch.setattr(parallel, "set_num_threads", lambda n, **kw: calls.append(n))
@@ -231,15 +231,15 @@ def test_evaluate_matches_the_network_on_the_saved_preprocessing(run_dir, test_i
     stdout = capsys.readouterr().out
     assert calls == [1]
 
-    x, y = test_images
+    x, y = sample_images
     expected = cnnx.load(out).evaluate(_reference_preprocess(x, out), y)
     assert _value(stdout, "test accuracy:") == pytest.approx(expected["accuracy"], abs=1e-4)
     assert _value(stdout, "test loss:") == pytest.approx(expected["loss"], abs=1e-4)
 
 
-def test_predict_prints_class_names_and_writes_ids(run_dir, test_images, tmp_path, capsys):
+def test_predict_prints_class_names_and_writes_ids(run_dir, sample_images, tmp_path, capsys):
     out, _ = run_dir
-    x, _ = test_images
+    x, _ = sample_images
     x = x[:7]
     np.save(tmp_path / "grey.npy", x)                                 # uint8 (n, 28, 28)
     np.save(tmp_path / "nchw.npy", (x / 255.0)[:, None])              # float (n, 1, 28, 28)
@@ -253,10 +253,10 @@ def test_predict_prints_class_names_and_writes_ids(run_dir, test_images, tmp_pat
     np.testing.assert_array_equal(np.load(tmp_path / "ids.npy"), expected)
 
 
-def test_explain_writes_pngs(run_dir, test_images, tmp_path, capsys):
+def test_explain_writes_pngs(run_dir, sample_images, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out, _ = run_dir
-    np.save(tmp_path / "x.npy", test_images[0][:3])
+    np.save(tmp_path / "x.npy", sample_images[0][:3])
     code = cli.main(["explain", str(out), "--input", str(tmp_path / "x.npy"), "--index", "1",
                      "--out", str(tmp_path / "why")])
     assert code == 0, capsys.readouterr().err
@@ -415,10 +415,10 @@ def test_predict_refuses_huge_float_values(run_dir, tmp_path):
         assert out == ""
 
 
-def test_predict_refuses_float_images_in_0_255_unless_told(run_dir, test_images, tmp_path):
+def test_predict_refuses_float_images_in_0_255_unless_told(run_dir, sample_images, tmp_path):
     """Defect: float images holding 0..255 were taken as [0, 1] with only a note, and accuracy
     silently fell from 0.90 to 0.76. Now they are refused, or divided by 255 with --float-range 255."""
-    x, _ = test_images
+    x, _ = sample_images
     np.save(tmp_path / "f255.npy", x[:20].astype(np.float32))
     np.save(tmp_path / "u8.npy", x[:20])
     code, out, err = _predict(run_dir[0], tmp_path / "f255.npy")
@@ -445,9 +445,9 @@ def test_predict_refuses_floats_outside_the_stated_range(values, run_dir, tmp_pa
     assert "x.npy" in err and "expected" in err and out == ""
 
 
-def test_predict_out_writes_exactly_the_path_it_reports(run_dir, test_images, tmp_path):
+def test_predict_out_writes_exactly_the_path_it_reports(run_dir, sample_images, tmp_path):
     """Defect: --out /x/outx said 'wrote ... to /x/outx' but np.save wrote /x/outx.npy."""
-    np.save(tmp_path / "x.npy", test_images[0][:4])
+    np.save(tmp_path / "x.npy", sample_images[0][:4])
     target = tmp_path / "outx"
     code, out, err = _predict(run_dir[0], tmp_path / "x.npy", "--out", str(target))
     assert code == 0, err
@@ -509,8 +509,8 @@ def test_a_bad_input_file_is_one_line_naming_it(name, run_dir, tmp_path):
     assert out == ""
 
 
-def test_predict_reads_fortran_order_big_endian_and_single_images(run_dir, test_images, tmp_path):
-    x = test_images[0][:3]
+def test_predict_reads_fortran_order_big_endian_and_single_images(run_dir, sample_images, tmp_path):
+    x = sample_images[0][:3]
     np.save(tmp_path / "c.npy", x)
     np.save(tmp_path / "f.npy", np.asfortranarray(x.astype(np.float32) / np.float32(255)).astype(">f4"))
     np.save(tmp_path / "one.npy", x[1])
@@ -524,10 +524,10 @@ def test_predict_reads_fortran_order_big_endian_and_single_images(run_dir, test_
     assert one.splitlines() == c_order.splitlines()[1:2]
 
 
-def test_explain_takes_negative_indices_python_style(run_dir, test_images, tmp_path, capsys):
+def test_explain_takes_negative_indices_python_style(run_dir, sample_images, tmp_path, capsys):
     """Defect: 'explain --index -1' reported 'at least one sample, received (0, 1, 28, 28)'."""
     pytest.importorskip("matplotlib")
-    np.save(tmp_path / "x.npy", test_images[0][:3])
+    np.save(tmp_path / "x.npy", sample_images[0][:3])
     code = cli.main(["explain", str(run_dir[0]), "--input", str(tmp_path / "x.npy"), "--index", "-1",
                      "--out", str(tmp_path / "why")])
     captured = capsys.readouterr()

@@ -239,7 +239,7 @@ def test_save_load_roundtrip_with_residual_batchnorm_conv1d(rng, tmp_path):
 
 
 def test_resnet8_from_the_zoo():
-    from cnnx.zoo_resnet import resnet8
+    from cnnx.models_resnet import resnet8
 
     net = resnet8(seed=0)
     assert net.num_params == 78042
@@ -254,7 +254,7 @@ def test_resnet8_from_the_zoo():
 
 
 def test_resnet8_fused_and_separate_relu_compute_the_same(rng):
-    from cnnx.zoo_resnet import resnet8
+    from cnnx.models_resnet import resnet8
 
     x = rng.standard_normal((1, 3, 32, 32))
     outputs = []

@@ -82,7 +82,7 @@ def torch_resnet_stage(torch):
 
 
 def cnnx_resnet_stage():
-    from cnnx.zoo_resnet import basic_block
+    from cnnx.models_resnet import basic_block
 
     layers = [Conv2D(3, 3, 3, padding=1, activation=None)] + basic_block(3, 8, stride=2) + [
         cnnx.layers.AvgPool2D(4), Flatten(), Dense(8, 5)]
