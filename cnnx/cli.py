@@ -31,6 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .datasets import DATASET_NAMES, dataset_record, load_dataset
+from .io import json_safe
+
 __all__ = ["main", "build_parser", "CLIError"]
 
 PREPROCESSING_FILE = "preprocessing.json"
@@ -38,9 +41,6 @@ HISTORY_FILE = "history.json"  # written by cnnx.save with the network
 RUN_FILE = "run.json"
 CURVES_FILE = "curves.png"
 CONFUSION_FILE = "confusion_matrix.png"
-
-# Dataset names the command knows; anything else is taken as a directory.
-DATASETS = ("fashion-mnist", "fashion-mnist-sample", "mnist", "cifar10")
 
 # Exit statuses: 2 for a command line argparse refuses, 1 for a run that failed, 130 for Ctrl-C
 # (128 + SIGINT, what shells report for an interrupted program).
@@ -111,7 +111,7 @@ def build_parser():
     from .models import MODELS
 
     models = sorted(MODELS)
-    dataset_help = (f"one of {', '.join(DATASETS)}, or a directory holding the four IDX files "
+    dataset_help = (f"one of {', '.join(DATASET_NAMES)}, or a directory holding the four IDX files "
                     "(MNIST-style) or the CIFAR-10 python batches")
 
     parser = _Parser(
@@ -250,62 +250,6 @@ def build_parser():
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
-def _is_cifar_dir(path):
-    return (path / "test_batch").is_file() or (path / "cifar-10-batches-py" / "test_batch").is_file()
-
-
-def _is_idx_dir(path):
-    return any((path / name).is_file() for name in
-               ("t10k-images-idx3-ubyte", "t10k-images-idx3-ubyte.gz",
-                "t10k-images.idx3-ubyte", "t10k-images.idx3-ubyte.gz"))
-
-
-def load_dataset(spec):
-    """Load a dataset by name or directory.
-
-    Parameters
-    ----------
-    spec : str
-        ``fashion-mnist``, ``fashion-mnist-sample``, ``mnist``, ``cifar10``, or a directory
-        holding MNIST-style IDX files or CIFAR-10 python batches (detected from the files).
-
-    Returns
-    -------
-    (x_train, y_train), (x_test, y_test), class_names
-        Images as stored (uint8, (n, 28, 28) or (n, 3, 32, 32)), labels int64.
-    """
-    from . import datasets
-
-    if spec == "fashion-mnist":
-        return (*datasets.load_fashion_mnist(), datasets.FASHION_MNIST_CLASSES)
-    if spec == "fashion-mnist-sample":
-        return (*datasets.load_fashion_mnist(sample=True), datasets.FASHION_MNIST_CLASSES)
-    if spec == "mnist":
-        return (*datasets.load_mnist(), datasets.MNIST_CLASSES)
-    if spec == "cifar10":
-        train, test, names = datasets.load_cifar10(with_label_names=True)
-        return train, test, names
-    path = Path(spec)
-    if not path.is_dir():
-        raise CLIError(f"unknown dataset {spec!r}: expected one of {', '.join(DATASETS)} "
-                       "or an existing directory")
-    if _is_cifar_dir(path):
-        train, test, names = datasets.load_cifar10(path, with_label_names=True)
-        return train, test, names
-    if _is_idx_dir(path):
-        # The IDX format does not say which dataset it holds; the directory name usually does.
-        fashion = "fashion" in str(path.resolve()).lower()
-        names = datasets.FASHION_MNIST_CLASSES if fashion else datasets.MNIST_CLASSES
-        return (*datasets.load_mnist(path), names)
-    raise CLIError(f"{path}: found neither MNIST-style IDX files (t10k-images-idx3-ubyte[.gz], ...) "
-                   "nor CIFAR-10 python batches (data_batch_1..5, test_batch)")
-
-
-def _dataset_record(spec):
-    """How to find the dataset again: names as given, directories as absolute paths."""
-    return spec if spec in DATASETS else str(Path(spec).resolve())
-
-
 def _as_nchw_float(x, dtype):
     """uint8 images to [0, 1] floats; grey (n, h, w) images get their channel axis."""
     from . import preprocessing
@@ -317,22 +261,6 @@ def _as_nchw_float(x, dtype):
     x = preprocessing.scale(x, dtype=dtype)
     if x.ndim == 3:
         x = preprocessing.add_channel_axis(x)
-    return x
-
-
-def _standardize_inplace(x, mean, std):
-    """Apply per-channel (or global) standardisation in place: x is already a fresh float copy,
-    and a second copy of CIFAR-10's 600 MB training set is worth avoiding."""
-    mean = np.asarray(mean, dtype=x.dtype)
-    std = np.asarray(std, dtype=x.dtype)
-    if mean.ndim == 1:
-        if mean.shape[0] != x.shape[1]:
-            raise CLIError(f"the saved preprocessing has {mean.shape[0]} channel(s), the input "
-                           f"has {x.shape[1]}")
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        mean, std = mean.reshape(shape), std.reshape(shape)
-    x -= mean
-    x /= std
     return x
 
 
@@ -389,7 +317,7 @@ def _load_run(model_dir):
 def _ensure_compiled(net):
     # evaluate needs a loss; a network saved without its training setup gets the one cnnx
     # train uses (the optimizer is never stepped, any will do).
-    if getattr(net, "loss", None) is None or getattr(net, "optimizer", None) is None:
+    if not net.compiled:
         from . import losses, optimizers
 
         net.compile(losses.SoftmaxCrossEntropy(), optimizers.SGD(lr=0.01))
@@ -398,7 +326,10 @@ def _ensure_compiled(net):
 def _preprocess(x, net, meta):
     x = _as_nchw_float(x, net.dtype)
     if meta is not None and meta.get("mean") is not None:
-        x = _standardize_inplace(x, meta["mean"], meta["std"])
+        from .preprocessing import Standardizer
+
+        stats = Standardizer().set_state({"mean": meta["mean"], "std": meta["std"]})
+        x = stats.transform(x, copy=False)
     return x
 
 
@@ -407,19 +338,6 @@ def _class_names(meta, n_outputs):
     if isinstance(names, list) and len(names) == n_outputs:
         return [str(n) for n in names]
     return [str(i) for i in range(n_outputs)]
-
-
-def _json_safe(obj):
-    # JSON has no NaN; history uses NaN for epochs without validation.
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,11 +356,8 @@ def _visualize():
         return None
     if "matplotlib.pyplot" not in sys.modules:
         matplotlib.use("Agg")  # the command only writes files: never open a window
-    try:
-        from . import visualize
-    except ImportError as exc:
-        _note(f"cnnx.visualize is unavailable ({exc}), so no plots were drawn")
-        return None
+    from . import visualize
+
     return visualize
 
 
@@ -452,10 +367,7 @@ def _plot(visualize, name, path, *args, **kwargs):
     A missing function or a failing plot is a note, not an error: by then the real work (the
     trained model, the prediction) is done and saved.
     """
-    func = getattr(visualize, name, None)
-    if func is None:
-        _note(f"cnnx.visualize has no {name}, so {path} was not written")
-        return False
+    func = getattr(visualize, name)
     import matplotlib.pyplot as plt
 
     try:
@@ -543,10 +455,12 @@ def _cmd_train(args):
     else:
         x_val = y_val = None
     # Statistics from the training part only: no validation or test pixel leaks into them.
+    # In place (copy=False): the images are already fresh float copies, and a second copy of
+    # CIFAR-10's 600 MB training set is worth avoiding.
     stats = preprocessing.Standardizer().fit(x_train)
     for x in (x_train, x_val, x_test):
         if x is not None:
-            _standardize_inplace(x, stats.mean_, stats.std_)
+            stats.transform(x, copy=False)
 
     optimizer = _make_optimizer(model_name, args.optimizer, args.lr)
     batch_size = args.batch_size or models.DEFAULT_BATCH_SIZE.get(model_name, 128)
@@ -583,7 +497,7 @@ def _cmd_train(args):
     state = stats.get_state()
     meta = {
         "model": model_name,
-        "dataset": _dataset_record(args.dataset),
+        "dataset": dataset_record(args.dataset),
         "class_names": list(class_names),
         "input_shape": list(net.input_shape),
         "scale": "uint8 images divided by 255; float images must be in [0, 1] (predict and "
@@ -599,7 +513,7 @@ def _cmd_train(args):
         "train_seconds": train_seconds,
         "test_loss": test["loss"], "test_accuracy": test["accuracy"],
     }
-    (out / RUN_FILE).write_text(json.dumps(_json_safe(record), indent=2) + "\n")
+    (out / RUN_FILE).write_text(json.dumps(json_safe(record), indent=2) + "\n")
     print(f"saved model and preprocessing to {out}")
 
     visualize = None if args.no_plots else _visualize()
@@ -793,16 +707,12 @@ def _cmd_explain(args):
         written += _plot(visualize, "plot_feature_maps", out / f"feature_maps_layer{i}.png",
                          net, x, i, titles=[label])
     patch, stride = 4, 2  # a 4-pixel patch hides a stroke or a detail of a 28-32 pixel image
-    try:
-        heat = visualize.occlusion_map(net, x, target, patch=patch, stride=stride)[0]
-        sal = visualize.saliency_map(net, x, target)[0]
-    except AttributeError as exc:
-        _note(f"cnnx.visualize lacks a map function ({exc})")
-    else:
-        written += _plot(visualize, "plot_occlusion", out / "occlusion.png", x[0], heat,
-                         patch=patch, stride=stride, title=f"Occlusion sensitivity for {label}")
-        written += _plot(visualize, "plot_saliency", out / "saliency.png", x[0], sal,
-                         title=f"Saliency for {label}")
+    heat = visualize.occlusion_map(net, x, target, patch=patch, stride=stride)[0]
+    sal = visualize.saliency_map(net, x, target)[0]
+    written += _plot(visualize, "plot_occlusion", out / "occlusion.png", x[0], heat,
+                     patch=patch, stride=stride, title=f"Occlusion sensitivity for {label}")
+    written += _plot(visualize, "plot_saliency", out / "saliency.png", x[0], sal,
+                     title=f"Saliency for {label}")
     if not written:
         raise CLIError("no explanation could be drawn (see the notes above)")
     return 0
@@ -821,7 +731,7 @@ def _cmd_export(args):
         try:
             from . import onnx as cnnx_onnx
 
-            metadata = {"cnnx.preprocessing": json.dumps(_json_safe(meta))} if meta else None
+            metadata = {"cnnx.preprocessing": json.dumps(json_safe(meta))} if meta else None
             cnnx_onnx.export(net, args.onnx, opset=args.opset, metadata=metadata)
         except ImportError as exc:
             raise CLIError(f"--onnx needs the onnx package (pip install 'cnnx[onnx]'): {exc}") from None
@@ -855,14 +765,9 @@ def _one_line(exc):
 
 def _library_errors():
     """Exception types that mean 'the input or the files are wrong', not 'cnnx has a bug'."""
-    errors = [CLIError, ValueError, TypeError, OSError, pickle.UnpicklingError, ArithmeticError]
-    try:
-        from .io import ModelFormatError
-    except ImportError:
-        pass
-    else:
-        errors.append(ModelFormatError)
-    return tuple(errors)
+    from .io import ModelFormatError
+
+    return (CLIError, ValueError, TypeError, OSError, pickle.UnpicklingError, ArithmeticError, ModelFormatError)
 
 
 def _check_global_options(parser, argv):

@@ -45,6 +45,9 @@ __all__ = [
     "load_mnist",
     "load_cifar10",
     "RefusedPickleError",
+    "DATASET_NAMES",
+    "load_dataset",
+    "dataset_record",
 ]
 
 FASHION_MNIST_CLASSES = (
@@ -608,3 +611,62 @@ def _cifar_label_names(meta_path):
         raise ValueError(f"{meta_path}: expected b'label_names' as a list of 10 names, "
                          f"received: {names!r:.200}")
     return tuple(n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names)
+
+
+# ---------------------------------------------------------------------- by name ----------------
+#: The datasets ``load_dataset`` knows by name.
+DATASET_NAMES = ("fashion-mnist", "fashion-mnist-sample", "mnist", "cifar10")
+
+
+def _is_cifar_dir(path):
+    return (path / "test_batch").is_file() or (path / "cifar-10-batches-py" / "test_batch").is_file()
+
+
+def _is_idx_dir(path):
+    return any((path / name).is_file() for name in
+               ("t10k-images-idx3-ubyte", "t10k-images-idx3-ubyte.gz",
+                "t10k-images.idx3-ubyte", "t10k-images.idx3-ubyte.gz"))
+
+
+def load_dataset(spec):
+    """Load a dataset by name or directory (what ``cnnx train --dataset`` and sweeps take).
+
+    Parameters
+    ----------
+    spec : str
+        ``fashion-mnist``, ``fashion-mnist-sample``, ``mnist``, ``cifar10``, or a directory
+        holding MNIST-style IDX files or CIFAR-10 python batches (detected from the files).
+
+    Returns
+    -------
+    (x_train, y_train), (x_test, y_test), class_names
+        Images as stored (uint8, (n, 28, 28) or (n, 3, 32, 32)), labels int64.
+    """
+    if spec == "fashion-mnist":
+        return (*load_fashion_mnist(), FASHION_MNIST_CLASSES)
+    if spec == "fashion-mnist-sample":
+        return (*load_fashion_mnist(sample=True), FASHION_MNIST_CLASSES)
+    if spec == "mnist":
+        return (*load_mnist(), MNIST_CLASSES)
+    if spec == "cifar10":
+        train, test, names = load_cifar10(with_label_names=True)
+        return train, test, names
+    path = Path(spec)
+    if not path.is_dir():
+        raise ValueError(f"unknown dataset {spec!r}: expected one of {', '.join(DATASET_NAMES)} "
+                         "or an existing directory")
+    if _is_cifar_dir(path):
+        train, test, names = load_cifar10(path, with_label_names=True)
+        return train, test, names
+    if _is_idx_dir(path):
+        # The IDX format does not say which dataset it holds; the directory name usually does.
+        fashion = "fashion" in str(path.resolve()).lower()
+        names = FASHION_MNIST_CLASSES if fashion else MNIST_CLASSES
+        return (*load_mnist(path), names)
+    raise ValueError(f"{path}: found neither MNIST-style IDX files (t10k-images-idx3-ubyte[.gz], ...) "
+                     "nor CIFAR-10 python batches (data_batch_1..5, test_batch)")
+
+
+def dataset_record(spec):
+    """How to find ``load_dataset``'s dataset again: names as given, directories as absolute paths."""
+    return spec if spec in DATASET_NAMES else str(Path(spec).resolve())

@@ -30,6 +30,7 @@ import sys
 import numpy as np
 
 from .callbacks import Callback
+from .training import evaluate_batches
 
 __all__ = ["MPIDataParallel", "init", "data_parallel", "rank", "is_root", "quiet_unless_root", "abort"]
 
@@ -244,7 +245,8 @@ class MPIDataParallel:
         lo, hi = n * self.rank // self.size, n * (self.rank + 1) // self.size
         loss_sum = correct = 0.0
         if hi > lo:
-            part = self._net._evaluate(x[lo:hi], targets[lo:hi], None if ids is None else ids[lo:hi], batch_size)
+            part = evaluate_batches(self._net, x[lo:hi], targets[lo:hi], None if ids is None else ids[lo:hi],
+                                    batch_size)
             loss_sum = part["loss"] * (hi - lo)
             correct = 0.0 if ids is None else part["accuracy"] * (hi - lo)
         loss_sum, correct = self.sum_over_ranks(loss_sum, correct)

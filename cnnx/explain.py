@@ -4,8 +4,8 @@ gradients.
 This module owns the explanations and computes NumPy results only: it never imports matplotlib
 (:mod:`cnnx.plots` draws them). None of it trains: weights, gradients and optimizer state are left
 exactly as they were, so these can be called from a callback in the middle of ``fit``. Everything
-goes through the network's public calls (``forward``, ``backward``, ``check_inputs``,
-``outputs_are_probabilities``).
+goes through the network's public calls (``forward``, ``backward``, ``check_inputs``) and
+the loss's ``takes_probabilities``.
 """
 from __future__ import annotations
 
@@ -60,23 +60,6 @@ def layer_index(net, layer):
     raise TypeError(f"Expected a layer as an int index or a name (str), received: {type(layer).__name__}")
 
 
-def _check_input(net, x, name="x"):
-    """``x`` as a contiguous batch of the network dtype, shaped ``(n, *net.input_shape)``."""
-    if not isinstance(x, np.ndarray):
-        x = np.asarray(x)
-    if x.dtype.kind not in "biuf":
-        raise TypeError(f"Expected {name} to hold real numbers, received: dtype={x.dtype}")
-    expected = tuple(net.input_shape)
-    if x.ndim != len(expected) + 1 or x.shape[1:] != expected:
-        hint = f"; a single sample needs a batch axis: {name}[None]" if x.shape == expected else ""
-        raise ValueError(
-            f"Expected {name} of shape (n, {', '.join(map(str, expected))}), received: {x.shape}{hint}"
-        )
-    if len(x) == 0:
-        raise ValueError(f"Expected {name} to hold at least one sample, received: {x.shape}")
-    return np.ascontiguousarray(x, dtype=net.dtype)
-
-
 def _check_batch_size(batch_size):
     if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"Expected batch_size as an int >= 1, received: batch_size={batch_size!r}")
@@ -106,7 +89,7 @@ def activations(net, x, layers=None):
     >>> maps["0_conv2d"].shape
     (4, 6, 28, 28)
     """
-    x = _check_input(net, x)
+    x = net.check_inputs(x, "x", check_finite=False)
     if layers is None:
         wanted = set(range(len(net.layers)))
     elif isinstance(layers, (numbers.Integral, str)) and not isinstance(layers, bool):
@@ -138,12 +121,7 @@ def _outputs_are_probabilities(net):
     last = net.layers[-1]
     if isinstance(last, (Softmax, Sigmoid)) or getattr(last, "activation", None) == "sigmoid":
         return True
-    loss = getattr(net, "loss", None)
-    if loss is not None and not getattr(loss, "from_logits", False):
-        from .losses import BinaryCrossEntropy, CrossEntropy
-
-        return isinstance(loss, (CrossEntropy, BinaryCrossEntropy))
-    return False
+    return net.loss is not None and net.loss.takes_probabilities
 
 
 def _n_classes(net):
@@ -253,7 +231,7 @@ def occlusion_map(net, x, target, patch=4, stride=2, fill=0.0, batch_size=256):
         corner is ``(r * sy, s * sx)`` occluded: positive where the patch hid evidence for the
         class, negative where it hid evidence against it.
     """
-    x = _check_input(net, x)
+    x = net.check_inputs(x, "x", check_finite=False)
     if x.ndim != 4:
         raise ValueError(f"Expected images of shape (n, c, h, w), received: {x.shape}")
     n, c, h, w = x.shape
@@ -383,7 +361,7 @@ def input_gradient(net, x, target, score="logit", batch_size=256):
     """
     if score not in ("logit", "probability"):
         raise ValueError(f"Expected score 'logit' or 'probability', received: score={score!r}")
-    x = _check_input(net, x)
+    x = net.check_inputs(x, "x", check_finite=False)
     batch_size = _check_batch_size(batch_size)
     n = len(x)
     k = _n_classes(net)

@@ -71,13 +71,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .layers.base import layer_to_config
+
 try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None
     import msvcrt
 
-__all__ = ["ModelFormatError", "save", "load", "save_weights", "load_weights", "FORMAT_VERSION"]
+__all__ = ["ModelFormatError", "save", "load", "save_weights", "load_weights", "json_safe", "FORMAT_VERSION"]
 
 #: The format version this module writes; it reads every version up to this one.
 FORMAT_VERSION = 1
@@ -148,7 +150,7 @@ def save(net, path, *, lock_timeout=60.0):
         name = _layer_file(i, layer, width) if arrays else None
         if arrays:
             files[name] = _npz_bytes(arrays)
-        layer_entries.append({"class": type(layer).__name__, "config": layer.get_config(), "file": name})
+        layer_entries.append({**layer_to_config(layer), "file": name})
     config = {
         "format": _FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -169,7 +171,7 @@ def save(net, path, *, lock_timeout=60.0):
             "config": net.optimizer.get_config(),
             "file": _OPTIMIZER,
         }
-    files[_HISTORY] = _json_bytes(_history_to_json(net.history), "history")
+    files[_HISTORY] = _json_bytes(json_safe(net.history), "history")
     config["files"] = {
         name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in files.items()
     }
@@ -486,16 +488,13 @@ def _check_config(config, file):
 
 def _build_layer(entry, where, npz):
     """Build the layer ``entry`` names, allocating at most what its file ``npz`` holds."""
-    from .layers import LAYER_CLASSES
-    from .layers.base import StateSizeError, state_budget
+    from .layers.base import StateSizeError, layer_class, state_budget
 
     name = entry["class"]
-    cls = LAYER_CLASSES.get(name)
-    if cls is None:
-        raise ModelFormatError(
-            f"{where}: unknown layer class {name!r}: expected one of cnnx's layers or a class registered "
-            f"with cnnx.register_layer, known: {sorted(LAYER_CLASSES)}"
-        )
+    try:
+        cls = layer_class(name)
+    except ValueError as exc:
+        raise ModelFormatError(f"{where}: {exc}") from None
     budget = 0 if npz is None else sum(math.prod(shape) for shape, _ in npz.headers.values())
     try:
         # A little slack, so that a small mismatch reaches the exact per-key comparison (whose
@@ -777,11 +776,21 @@ def _json_bytes(obj, what):
     return (text + "\n").encode("utf-8")
 
 
-def _history_to_json(history):
-    out = {}
-    for key, values in history.items():
-        out[str(key)] = [None if (isinstance(v, numbers.Real) and not math.isfinite(v)) else v for v in values]
-    return out
+def json_safe(obj):
+    """``obj`` as standard JSON can hold it: NaN and infinite floats become None (a history has
+    NaN for the epochs without validation), NumPy scalars and arrays become Python ones, dict
+    keys become strings. Dicts, lists and tuples are converted all the way down."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    return obj
 
 
 def _check_flag(value, name):

@@ -166,6 +166,13 @@ class Loss:
     #: True when ``pred`` is a raw score (logit) rather than a probability; tells a caller that
     #: wants probabilities (``Network.predict``) to apply the matching softmax / sigmoid.
     from_logits = False
+    #: The activation that turns ``pred`` into probabilities ("softmax", "sigmoid"), applied by
+    #: callers that want them (``Network.predict``, the ONNX export); None when ``pred`` is not logits.
+    output_activation = None
+    #: True when ``pred`` must already be probabilities (after a Softmax / Sigmoid layer).
+    takes_probabilities = False
+    #: True for element-wise losses, which take targets of pred's shape (class ids become one-hot rows).
+    dense_targets = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -210,6 +217,8 @@ class MSE(Loss):
     target : ndarray of pred's shape (or ``(n,)`` when pred is ``(n, 1)``)
     """
 
+    dense_targets = True
+
     def __init__(self):
         self._diff = None
 
@@ -241,6 +250,9 @@ class BinaryCrossEntropy(Loss):
     eps : float, default 1e-7
         Clipping margin; 1e-7 stays distinct from 0 and 1 in float32.
     """
+
+    takes_probabilities = True
+    dense_targets = True
 
     def __init__(self, eps=1e-7):
         self.eps = _check_eps(eps)
@@ -284,6 +296,8 @@ class BinaryCrossEntropyWithLogits(Loss):
     """
 
     from_logits = True
+    output_activation = "sigmoid"
+    dense_targets = True
 
     def __init__(self):
         self._cache = None
@@ -327,6 +341,8 @@ class CrossEntropy(Loss):
     ----------
     eps : float, default 1e-7
     """
+
+    takes_probabilities = True
 
     def __init__(self, eps=1e-7):
         self.eps = _check_eps(eps)
@@ -378,6 +394,7 @@ class SoftmaxCrossEntropy(Loss):
     """
 
     from_logits = True
+    output_activation = "softmax"
 
     def __init__(self, label_smoothing=0.0):
         if (

@@ -1,47 +1,24 @@
 """The ``Network``: a chain of layers with compile / fit / evaluate / predict / summary.
 
-This module owns the training loop. Everything a user can get wrong (shapes, labels, non-finite
-inputs, a missing ``compile``) is checked once per call, before any work; the per-batch loop then
-runs without validation and without avoidable allocation: shuffled batches are gathered into
-buffers allocated once per ``fit`` call, in-order batches are views.
+This module owns the network: building and shape inference, compile, the public calls, and the
+checks of their inputs and targets (everything a user can get wrong is checked once per call,
+before any work). How the layers run is the execution plan's (cnnx.plan); the training loop and
+its history are cnnx.training's, which ``fit`` hands over to.
 """
 from __future__ import annotations
 
-import math
-import numbers
-import sys
-
 import numpy as np
 
-from .layers.base import Layer
+from . import training
+from .layers.base import Layer, layer_to_config, layers_from_config
 from .parallel import with_single_threaded_blas
-from .plan import Plan
+from .plan import Plan, layer_label
+from .training import NonFiniteLossError
+from .validation import check_int, check_shape
 
 __all__ = ["Network", "NonFiniteLossError"]
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-# The progress bar's postfix (running loss / accuracy) is refreshed every this many batches:
-# formatting it is cheap but not free, and nobody reads it faster than that.
-_POSTFIX_EVERY = 10
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite.
-
-    Attributes
-    ----------
-    epoch, batch : int
-        Zero-based indices (as callbacks see them) of the epoch and batch where it happened.
-    value : float
-        The offending loss value.
-    """
-
-    def __init__(self, message, epoch, batch, value):
-        super().__init__(message)
-        self.epoch = epoch
-        self.batch = batch
-        self.value = value
 
 
 class Network:
@@ -95,7 +72,7 @@ class Network:
             raise ValueError(f"Expected dtype 'float32' or 'float64', received: dtype={dtype.name!r}")
 
         self.layers = list(layers)
-        self.input_shape = _as_shape(input_shape)
+        self.input_shape = check_shape(input_shape)
         self.dtype = dtype
         self.shapes = self._infer_shapes()
         self.output_shape = self.shapes[-1]
@@ -118,7 +95,7 @@ class Network:
         shape = self.input_shape
         for i, layer in enumerate(self.layers):
             try:
-                shape = _as_shape(layer.output_shape(shape))
+                shape = check_shape(layer.output_shape(shape))
             except (ValueError, TypeError) as exc:
                 source = "the network input" if i == 0 else f"layer {i - 1} ({type(self.layers[i - 1]).__name__})"
                 raise ValueError(
@@ -136,6 +113,12 @@ class Network:
     @property
     def compiled(self):
         return self.loss is not None and self.optimizer is not None
+
+    @property
+    def output_activation(self):
+        """"softmax" / "sigmoid" when the compiled loss takes logits of that kind (``predict``
+        applies it, see ``Loss.output_activation``), else None (also before ``compile``)."""
+        return None if self.loss is None else self.loss.output_activation
 
     def parameters(self):
         """List of ``(key, param, grad)`` with keys ``f"{i}.{name}"``.
@@ -200,20 +183,13 @@ class Network:
         return {
             "input_shape": list(self.input_shape),
             "dtype": self.dtype.name,
-            "layers": [{"class": type(layer).__name__, "config": layer.get_config()} for layer in self.layers],
+            "layers": [layer_to_config(layer) for layer in self.layers],
         }
 
     @classmethod
     def from_config(cls, config):
         """Rebuild an (uncompiled, freshly initialised) network from ``get_config()``."""
-        from .layers.base import LAYER_CLASSES
-
-        layers = []
-        for entry in config["layers"]:
-            name = entry["class"]
-            if name not in LAYER_CLASSES:
-                raise ValueError(f"Expected a known layer class {sorted(LAYER_CLASSES)}, received: {name!r}")
-            layers.append(LAYER_CLASSES[name].from_config(entry["config"]))
+        layers = layers_from_config(config["layers"], "layers")
         return cls(layers, tuple(config["input_shape"]), dtype=config.get("dtype", "float32"))
 
     # ------------------------------------------------------------------ forward / backward
@@ -232,8 +208,8 @@ class Network:
         -------
         ndarray of shape (n, *output_shape)
         """
-        x = self._check_x(x, "x", check_finite=False)
-        return self._forward(x, training)
+        x = self.check_inputs(x, "x", check_finite=False)
+        return self.forward_checked(x, training)
 
     __call__ = forward
 
@@ -267,23 +243,25 @@ class Network:
         state["_plan"] = None
         return state
 
-    def _forward(self, x, training, timer=None):
+    def forward_checked(self, x, training=False, timer=None):
+        """``forward`` on a batch already checked by :meth:`check_inputs`, with no check of its
+        own: the per-batch call of the training loop and the profiler.
+
+        ``timer`` (a ``cnnx.profiler`` timer, optional) records the time of each plan step.
+        """
         # Inference may run steps that keep no caches (conv + max-pool): a backward that follows
         # (saliency maps) replays the forward first.
         return self.plan.forward(x, training, keep_caches=False, timer=timer)
 
     @with_single_threaded_blas
-    def backward(self, dloss, need_input_grad=False):
+    def backward(self, dloss, need_input_grad=False, timer=None):
         """Back-propagate ``dloss`` (the gradient w.r.t. the last ``forward``'s output).
 
         Fills every layer's ``grads``. Returns the gradient w.r.t. the network input when
         ``need_input_grad`` is true (saliency maps), else None. Uses the caches of the calling
-        thread's last ``forward``.
+        thread's last ``forward``. ``timer`` as in :meth:`forward_checked`.
         """
-        return self._backward(dloss, need_input_grad)
-
-    def _backward(self, d, need_input_grad=False, timer=None):
-        return self.plan.backward(d, need_input_grad, timer=timer)
+        return self.plan.backward(dloss, need_input_grad, timer=timer)
 
     # ------------------------------------------------------------------ training ----------
     def compile(self, loss, optimizer):
@@ -354,161 +332,10 @@ class Network:
         NonFiniteLossError
             (a FloatingPointError) when the loss becomes NaN or infinite; names epoch and batch.
         """
-        # ---- validation: everything before any work ----
         self._require_compiled("fit")
-        epochs = _check_int(epochs, "epochs", minimum=0)
-        batch_size = _check_int(batch_size, "batch_size", minimum=1)
-        if verbose not in (0, 1, 2):
-            raise ValueError(f"Expected verbose 0, 1 or 2, received: verbose={verbose!r}")
-        x = self._check_x(x, "x")
-        targets, ids = self._check_y(y, len(x), "y")
-        if validation_data is not None:
-            if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
-                raise TypeError(
-                    "Expected validation_data to be a tuple (x_val, y_val), received: "
-                    f"{type(validation_data).__name__}"
-                    + (f" of length {len(validation_data)}" if isinstance(validation_data, (tuple, list)) else "")
-                )
-            x_val = self._check_x(validation_data[0], "x_val")
-            val_targets, val_ids = self._check_y(validation_data[1], len(x_val), "y_val")
-        callbacks = _check_callbacks(callbacks)
-        if seed is not None:
-            seed = _check_int(seed, "seed", minimum=0)
-        sync = None  # distributed training: cnnx.distributed owns every exchange between ranks
-        if distributed is not None:
-            from .distributed import data_parallel
-
-            sync = data_parallel(distributed)
-            seed, callbacks, verbose = sync.begin_fit(self, len(x), batch_size, shuffle, seed, callbacks, verbose)
-        # With a seed, epoch e's order comes from (seed, e) counted over the whole history, so a
-        # network saved after 2 epochs and loaded again shuffles epoch 3 as an unbroken run would.
-        fresh_rng = np.random.default_rng() if shuffle and seed is None else None
-        from .training import FitExtras
-
-        extras = FitExtras(self, augment, clip_grad_norm, class_weight, ids, seed, validation_data is not None)
-
-        n = len(x)
-        n_batches = -(-n // batch_size)
-        if shuffle:
-            # Gather buffers, allocated once per call; np.take(..., mode="clip") writes straight
-            # into them (mode="raise" would go through a temporary).
-            bs = min(batch_size, n)
-            x_buf = np.empty((bs,) + x.shape[1:], dtype=x.dtype)
-            t_buf = np.empty((bs,) + targets.shape[1:], dtype=targets.dtype)
-            i_buf = t_buf if ids is targets else (None if ids is None else np.empty(bs, dtype=ids.dtype))
-
-        history = self.history
-        _ensure_keys(history, ("loss", "accuracy"))
-        if validation_data is not None:
-            _ensure_keys(history, ("val_loss", "val_accuracy"))
-        if extras.schedule is not None:
-            _ensure_keys(history, ("lr",))
-        self.stop_training = False
-        for cb in callbacks:
-            cb.set_network(self)
-        for cb in callbacks:
-            cb.on_train_begin({})
-
-        forward, backward = self._forward, self._backward
-        loss_fn, step, parameters = self.loss, self.optimizer.step, self.parameters
-        count_correct = self._correct_counter()
-
-        epochs_done = len(history["loss"])
-        for epoch in range(epochs):
-            for cb in callbacks:
-                cb.on_epoch_begin(epoch, {})
-            bar = _progress_bar(n_batches, epoch, epochs) if verbose == 1 else None
-            if shuffle:
-                rng = fresh_rng if seed is None else np.random.default_rng([seed, epochs_done + epoch])
-                order = rng.permutation(n)
-            loss_sum = 0.0
-            correct = 0
-            seen = 0
-            epoch_lr = self.optimizer.lr
-            extras.start_epoch(epochs_done + epoch)
-            try:
-                for b in range(n_batches):
-                    lo = b * batch_size
-                    hi = min(lo + batch_size, n)
-                    if sync is not None:
-                        lo, hi = sync.local_range(lo, hi)
-                    m = hi - lo
-                    if shuffle:
-                        idx = order[lo:hi]
-                        xb = np.take(x, idx, axis=0, out=x_buf[:m], mode="clip")
-                        tb = np.take(targets, idx, axis=0, out=t_buf[:m], mode="clip")
-                        if i_buf is t_buf:
-                            ib = tb
-                        elif i_buf is not None:
-                            ib = np.take(ids, idx, out=i_buf[:m], mode="clip")
-                        else:
-                            ib = None
-                    else:
-                        xb, tb = x[lo:hi], targets[lo:hi]
-                        ib = None if ids is None else ids[lo:hi]
-                    if callbacks:
-                        for cb in callbacks:
-                            cb.on_batch_begin(b, {"batch": b, "size": m})
-
-                    xb = extras.augment(xb, owned=shuffle)
-                    out = forward(xb, True)
-                    value = float(loss_fn.forward(out, tb))
-                    if not math.isfinite(value):
-                        raise NonFiniteLossError(
-                            f"Loss became {value} at epoch {epoch + 1}/{epochs}, batch {b + 1}/{n_batches} "
-                            "(1-based); check the inputs' scale or lower the learning rate",
-                            epoch, b, value,
-                        )
-                    batch_correct = count_correct(out, ib)
-                    backward(extras.weigh(loss_fn.backward(), ib))
-                    if sync is not None:
-                        sync.allreduce_gradients()  # before clipping: the norm is the global batch's
-                    params = parameters()
-                    extras.clip(params)
-                    step(params)
-                    extras.after_batch()
-
-                    loss_sum += value * m
-                    correct += batch_correct
-                    seen += m
-                    if bar is not None:
-                        bar.update(1)
-                        if b % _POSTFIX_EVERY == 0:
-                            bar.set_postfix_str(_format_metrics(loss_sum / seen, correct / seen), refresh=False)
-                    if callbacks:
-                        logs = {"batch": b, "size": m, "loss": value,
-                                "accuracy": batch_correct / m if ib is not None else math.nan}
-                        for cb in callbacks:
-                            cb.on_batch_end(b, logs)
-                        if self.stop_training:
-                            break
-
-                if sync is not None:
-                    loss_sum, correct, seen = sync.sum_over_ranks(loss_sum, correct, seen)
-                logs = {"loss": loss_sum / seen, "accuracy": correct / seen if ids is not None else math.nan}
-                if extras.schedule is not None:
-                    logs["lr"] = epoch_lr
-                if validation_data is not None:
-                    val = (self._evaluate if sync is None else sync.evaluate)(x_val, val_targets, val_ids, 256)
-                    logs["val_loss"], logs["val_accuracy"] = val["loss"], val["accuracy"]
-                for key in history:
-                    history[key].append(logs.get(key, math.nan))
-                extras.after_epoch(logs)
-                if bar is not None:
-                    bar.set_postfix_str(_format_metrics(**logs), refresh=False)
-            finally:
-                if bar is not None:
-                    bar.close()
-            if verbose == 2:
-                print(f"Epoch {epoch + 1}/{epochs}: {_format_metrics(**logs)}", file=sys.stderr)
-            for cb in callbacks:
-                cb.on_epoch_end(epoch, logs)
-            if self.stop_training:
-                break
-
-        for cb in callbacks:
-            cb.on_train_end({key: values[-1] for key, values in history.items() if values})
-        return history
+        return training.fit(self, x, y, epochs=epochs, batch_size=batch_size, validation_data=validation_data,
+                            shuffle=shuffle, seed=seed, callbacks=callbacks, verbose=verbose, augment=augment,
+                            clip_grad_norm=clip_grad_norm, class_weight=class_weight, distributed=distributed)
 
     @with_single_threaded_blas
     def evaluate(self, x, y, batch_size=256):
@@ -521,24 +348,10 @@ class Network:
             class scores).
         """
         self._require_compiled("evaluate")
-        batch_size = _check_int(batch_size, "batch_size", minimum=1)
-        x = self._check_x(x, "x")
-        targets, ids = self._check_y(y, len(x), "y")
-        return self._evaluate(x, targets, ids, batch_size)
-
-    def _evaluate(self, x, targets, ids, batch_size):
-        n = len(x)
-        loss_fn = self.loss
-        count_correct = self._correct_counter()
-        loss_sum = 0.0
-        correct = 0
-        for lo in range(0, n, batch_size):
-            hi = min(lo + batch_size, n)
-            out = self._forward(x[lo:hi], False)
-            loss_sum += float(loss_fn.forward(out, targets[lo:hi])) * (hi - lo)
-            if ids is not None:
-                correct += count_correct(out, ids[lo:hi])
-        return {"loss": loss_sum / n, "accuracy": correct / n if ids is not None else math.nan}
+        batch_size = check_int(batch_size, "batch_size", minimum=1)
+        x = self.check_inputs(x, "x")
+        targets, ids = self.check_targets(y, len(x), "y")
+        return training.evaluate_batches(self, x, targets, ids, batch_size)
 
     @with_single_threaded_blas
     def predict(self, x, batch_size=256):
@@ -552,7 +365,7 @@ class Network:
         ndarray of shape (n, *output_shape)
         """
         out = self._predict_raw(x, batch_size)
-        kind = _output_activation(self.loss)
+        kind = self.output_activation
         if kind == "softmax" and out.ndim == 2:
             out -= out.max(axis=1, keepdims=True)
             np.exp(out, out=out)
@@ -571,19 +384,18 @@ class Network:
         if out.ndim != 2:
             raise ValueError(f"predict_classes expects class scores of shape (n, k), the network outputs {out.shape}")
         if out.shape[1] == 1:
-            threshold = 0.0 if _output_activation(self.loss) == "sigmoid" else 0.5
-            return (out[:, 0] > threshold).astype(np.intp)
+            return (out[:, 0] > training.class_threshold(self.loss)).astype(np.intp)
         return out.argmax(axis=1)
 
     def _predict_raw(self, x, batch_size):
-        batch_size = _check_int(batch_size, "batch_size", minimum=1)
-        x = self._check_x(x, "x", check_finite=False)
+        batch_size = check_int(batch_size, "batch_size", minimum=1)
+        x = self.check_inputs(x, "x", check_finite=False)
         n = len(x)
         out = np.empty((n,) + self.output_shape, dtype=self.dtype)
         for lo in range(0, n, batch_size):
             hi = min(lo + batch_size, n)
             # Copy: the last layer may hand back a buffer it reuses on the next batch.
-            out[lo:hi] = self._forward(x[lo:hi], False)
+            out[lo:hi] = self.forward_checked(x[lo:hi], False)
         return out
 
     # ------------------------------------------------------------------ display ------------
@@ -595,7 +407,7 @@ class Network:
         rows = [("#", "Layer", "Output shape", "Params")]
         rows.append(("", "Input", _shape_str(self.input_shape), ""))
         for i, (layer, shape) in enumerate(zip(self.layers, self.shapes)):
-            rows.append((str(i), _describe(layer), _shape_str(shape), f"{layer_params(layer):,}"))
+            rows.append((str(i), layer_label(layer), _shape_str(shape), f"{layer.num_params:,}"))
         widths = [max(len(r[c]) for r in rows) for c in range(4)]
 
         def fmt(r):
@@ -626,8 +438,12 @@ class Network:
                 f"Network.{what}() needs a loss and an optimizer: call net.compile(loss, optimizer) first"
             )
 
-    def _check_x(self, x, name, check_finite=True):
-        """``x`` as a contiguous array of the network dtype, shaped ``(n, *input_shape)``."""
+    def check_inputs(self, x, name="x", check_finite=True):
+        """``x`` as a contiguous array of the network dtype, shaped ``(n, *input_shape)``.
+
+        Casts without a copy when ``x`` already is one; refuses (naming ``name``) a wrong shape,
+        no samples, non-real values and, with ``check_finite``, NaN or inf.
+        """
         if not isinstance(x, np.ndarray):
             try:
                 x = np.asarray(x)
@@ -638,7 +454,9 @@ class Network:
         expected = self.input_shape
         if x.shape[1:] != expected or x.ndim != len(expected) + 1:
             msg = f"Expected {name} of shape (n, {', '.join(map(str, expected))}), received: {x.shape}"
-            if len(expected) >= 2 and expected[0] == 1 and x.shape[1:] == expected[1:]:
+            if x.shape == expected:
+                msg += f"; a single sample needs a batch axis: {name}[None]"
+            elif len(expected) >= 2 and expected[0] == 1 and x.shape[1:] == expected[1:]:
                 msg += f"; add the channel axis with {name}[:, None]"
             elif len(expected) == 3 and x.ndim == 4 and x.shape[1:] == expected[1:] + expected[:1]:
                 msg += f"; channels-last input needs {name}.transpose(0, 3, 1, 2) (cnnx is NCHW)"
@@ -660,8 +478,9 @@ class Network:
                 )
         return x
 
-    def _check_y(self, y, n, name):
-        """Targets for the loss and class ids for accuracy (None when outputs are not class scores)."""
+    def check_targets(self, y, n, name="y"):
+        """``(targets, ids)`` for ``n`` samples: targets as the loss takes them, class ids
+        ``(n,)`` for accuracy (None when the outputs are not class scores)."""
         if not isinstance(y, np.ndarray):
             y = np.asarray(y)
         if y.dtype.kind not in "biuf":
@@ -688,7 +507,7 @@ class Network:
             if k == 1:
                 # Binary targets go to the loss with pred's shape (n, 1).
                 return np.ascontiguousarray(ids.reshape(n, 1), dtype=self.dtype), ids
-            if _wants_dense_targets(self.loss):
+            if self.loss is not None and self.loss.dense_targets:
                 # MSE / binary cross-entropy compare element-wise: give them one-hot rows.
                 rows = np.zeros((n, k), dtype=self.dtype)
                 rows[np.arange(n), ids] = 1
@@ -708,20 +527,6 @@ class Network:
         else:
             expected = f"(n, {', '.join(map(str, out_shape))})"
         raise ValueError(f"Expected {name} of shape {expected}, received: {y.shape}")
-
-    def _correct_counter(self):
-        """A function ``(outputs, ids) -> number of correct predictions`` for the output kind."""
-        if len(self.output_shape) != 1:
-            return lambda out, ids: 0
-        if self.output_shape[0] == 1:
-            threshold = 0.0 if _output_activation(self.loss) == "sigmoid" else 0.5
-
-            def count(out, ids):
-                return 0 if ids is None else int(np.count_nonzero((out[:, 0] > threshold) == ids))
-        else:
-            def count(out, ids):
-                return 0 if ids is None else int(np.count_nonzero(out.argmax(axis=1) == ids))
-        return count
 
     # ------------------------------------------------------------------ persistence (cnnx.io)
     def save(self, path):
@@ -746,35 +551,6 @@ class Network:
 
 
 # ---------------------------------------------------------------------- helpers --------------
-def layer_params(layer):
-    """Number of trainable scalars of one layer."""
-    return int(sum(p.size for _, p, _ in layer.named_parameters()))
-
-
-def _describe(layer):
-    """Class name, plus a fused activation so the summary says what the layer computes."""
-    name = type(layer).__name__
-    try:
-        config = layer.get_config()
-    except Exception:  # a summary must not fail because of a half-written layer
-        config = {}
-    activation = config.get("activation") if isinstance(config, dict) else None
-    if activation:
-        extra = ""
-        if activation == "leaky_relu" and "negative_slope" in config:
-            extra = f"({config['negative_slope']:g})"
-        name += f" + {activation}{extra}"
-    return name
-
-
-def _output_activation(loss):
-    """"softmax" / "sigmoid" when the loss works on logits of that kind, else None."""
-    if loss is None or not getattr(loss, "from_logits", False):
-        return None
-    name = type(loss).__name__.lower()
-    return "sigmoid" if ("binary" in name or "bce" in name) else "softmax"
-
-
 def _are_class_rows(targets):
     """True for class targets given as rows: one-hot / probability rows summing to 1, or 0/1 labels
     of a single-output binary classifier."""
@@ -783,73 +559,5 @@ def _are_class_rows(targets):
     return bool(np.all(targets >= 0)) and bool(np.allclose(targets.sum(axis=1), 1, atol=1e-3))
 
 
-def _wants_dense_targets(loss):
-    """True for element-wise losses (MSE, binary cross-entropy) that take targets of pred's shape."""
-    from . import losses
-
-    return isinstance(loss, (losses.MSE, losses.BinaryCrossEntropy, losses.BinaryCrossEntropyWithLogits))
-
-
-def _as_shape(shape):
-    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
-        shape = (shape,)
-    try:
-        shape = tuple(shape)
-    except TypeError:
-        raise TypeError(f"Expected a shape (tuple of ints), received: {shape!r}") from None
-    if not shape or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1 for s in shape):
-        raise ValueError(f"Expected a shape of positive ints, received: {shape!r}")
-    return tuple(int(s) for s in shape)
-
-
 def _shape_str(shape):
     return str(tuple(shape))
-
-
-def _check_int(value, name, minimum):
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise TypeError(f"Expected {name} to be an int, received: {name}={value!r}")
-    if value < minimum:
-        raise ValueError(f"Expected {name} >= {minimum}, received: {name}={value!r}")
-    return int(value)
-
-
-def _check_callbacks(callbacks):
-    if callbacks is None:
-        return []
-    from .callbacks import Callback
-
-    if isinstance(callbacks, Callback):
-        callbacks = [callbacks]
-    callbacks = list(callbacks)
-    for i, cb in enumerate(callbacks):
-        if not isinstance(cb, Callback):
-            raise TypeError(f"Expected callbacks to be Callback instances, received at index {i}: {type(cb).__name__}")
-    return callbacks
-
-
-def _ensure_keys(history, keys):
-    """Add missing lists, padded with NaN for the epochs already recorded (a history set by
-    ``cnnx.load`` or by hand may lack some), so that every list has one entry per epoch."""
-    length = max((len(v) for v in history.values()), default=0)
-    for key in keys:
-        if key not in history:
-            history[key] = [math.nan] * length
-
-
-def _format_metrics(loss, accuracy, val_loss=None, val_accuracy=None, lr=None):
-    text = f"loss={loss:.4f}, acc={accuracy:.4f}"
-    if val_loss is not None:
-        text += f", val_loss={val_loss:.4f}, val_acc={val_accuracy:.4f}"
-    return text
-
-
-def _progress_bar(total, epoch, epochs):
-    from tqdm import tqdm
-
-    # Redrawn often on a terminal; into a log file (CI, nohup) only every few seconds.
-    # leave=True: the closed bar, showing the epoch's final figures, is the epoch's record
-    # (the cnnx command prints no second line beside it).
-    interactive = getattr(sys.stderr, "isatty", lambda: False)()
-    return tqdm(total=total, unit="batch", desc=f"Epoch {epoch + 1}/{epochs}", leave=True,
-                dynamic_ncols=True, mininterval=0.1 if interactive else 5.0)

@@ -330,7 +330,7 @@ def to_model(net, opset=DEFAULT_OPSET, output="predict", metadata=None):
         raise ImportError("cnnx.onnx needs the onnx package: pip install 'cnnx[onnx]'") from None
     from onnx import TensorProto, helper
 
-    from .network import Network, _output_activation
+    from .network import Network
 
     if not isinstance(net, Network):
         raise TypeError(f"Expected a cnnx Network, received: {type(net).__name__}")
@@ -344,7 +344,7 @@ def to_model(net, opset=DEFAULT_OPSET, output="predict", metadata=None):
     g = GraphBuilder(opset)
     y = g.sequence(net.layers, "input", net.input_shape)
     if output == "predict":
-        kind = _output_activation(net.loss)
+        kind = net.output_activation
         if kind == "softmax" and len(net.output_shape) == 1:  # as Network.predict: class rows only
             y = g.activation("softmax", y)
         elif kind == "sigmoid":

@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 import time
 
-__all__ = ["Plan", "Step"]
+__all__ = ["Plan", "Step", "layer_label"]
 
 
 class Step:
@@ -49,7 +49,7 @@ class Step:
         self.layers = tuple(layers)
         self.indices = tuple(indices)
         self.reuse_output = reuse_output
-        self.label = " + ".join(_layer_label(layer) for layer in self.layers)
+        self.label = " + ".join(layer_label(layer) for layer in self.layers)
 
     @property
     def first(self):
@@ -314,7 +314,17 @@ def _is_elementwise_activation(layer):
     return type(layer) in (ReLU, LeakyReLU, Sigmoid, Tanh, GELU) and layer.fused_form() is not None
 
 
-def _layer_label(layer):
-    from .network import _describe
-
-    return _describe(layer)
+def layer_label(layer):
+    """Class name, plus a fused activation so the summary says what the layer computes."""
+    name = type(layer).__name__
+    try:
+        config = layer.get_config()
+    except Exception:  # a summary must not fail because of a half-written layer
+        config = {}
+    activation = config.get("activation") if isinstance(config, dict) else None
+    if activation:
+        extra = ""
+        if activation == "leaky_relu" and "negative_slope" in config:
+            extra = f"({config['negative_slope']:g})"
+        name += f" + {activation}{extra}"
+    return name

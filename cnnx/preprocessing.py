@@ -158,7 +158,7 @@ class Standardizer:
                              f"received: x.shape={x.shape}")
         return stat.reshape((1, -1) + (1,) * (x.ndim - 2))
 
-    def transform(self, x, dtype=None):
+    def transform(self, x, dtype=None, copy=True):
         """Standardise ``x`` with the fitted statistics.
 
         Parameters
@@ -166,6 +166,9 @@ class Standardizer:
         x : ndarray of the fitted layout
         dtype : floating dtype, optional
             Output dtype; default: ``x``'s dtype when floating, else float32.
+        copy : bool, default True
+            False standardises ``x`` in place when it already is a writeable array of the output
+            dtype (no second copy of a large training set); otherwise a copy is made anyway.
 
         Returns
         -------
@@ -184,7 +187,8 @@ class Standardizer:
             raise TypeError(f"Expected a floating output dtype, received: dtype={dtype}")
         mean = self._broadcast(x, self.mean_).astype(dtype)
         std = self._broadcast(x, self.std_).astype(dtype)
-        out = x.astype(dtype)  # always a copy: the caller's array is left alone
+        # A copy unless the caller gave its own array away (copy=False): then only when needed.
+        out = x.astype(dtype, copy=copy or not x.flags.writeable)
         out -= mean
         out /= std
         return out

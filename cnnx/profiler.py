@@ -1,7 +1,7 @@
 """Where a training step's time goes: per plan step forward / backward, loss, optimizer, the rest.
 
 This module owns measurement only. ``profile`` runs whole training steps through the very calls
-``Network.fit`` makes (``net._forward``, the loss, ``net._backward``, the optimizer's update),
+``Network.fit`` makes (``net.forward_checked``, the loss, ``net.backward``, the optimizer's update),
 asking the network's execution plan (``cnnx.plan``) to add each step's time to a counter. A row
 is a plan step: one layer, or several the plan fused into one pass (the row says which layers it
 covers, e.g. ``0-2  Conv2D + LeakyReLU + MaxPool2D``). The weights, gradients and buffers are
@@ -19,6 +19,9 @@ import time
 from typing import NamedTuple
 
 import numpy as np
+
+from .parallel import with_single_threaded_blas
+from .validation import check_int
 
 __all__ = ["Profile", "profile", "layer_flops", "forward_flops"]
 
@@ -127,6 +130,7 @@ class Profile(NamedTuple):
         return self.text
 
 
+@with_single_threaded_blas  # as Network.fit: BLAS at one thread, cnnx's threads are the parallelism
 def profile(net, x, y=None, steps=10, warmup=2, loss=None, optimizer=None, training=True):
     """Time each plan step's forward and backward over ``steps`` training steps on the batch ``(x, y)``.
 
@@ -164,14 +168,14 @@ def profile(net, x, y=None, steps=10, warmup=2, loss=None, optimizer=None, train
     """
     from . import losses
 
-    steps_count = _positive(steps, "steps", minimum=1)
-    warmup = _positive(warmup, "warmup", minimum=0)
-    x = net._check_x(x, "x", check_finite=False)
+    steps_count = check_int(steps, "steps", minimum=1)
+    warmup = check_int(warmup, "warmup", minimum=0)
+    x = net.check_inputs(x, "x", check_finite=False)
     batch = len(x)
     if training:
         if y is None:
             raise ValueError("Expected targets y for a training profile, received: y=None")
-        targets, _ = net._check_y(y, batch, "y")
+        targets, _ = net.check_targets(y, batch, "y")
         loss_fn = copy.deepcopy(loss if loss is not None else (net.loss or losses.SoftmaxCrossEntropy()))
         if isinstance(loss_fn, str):
             loss_fn = losses.get(loss_fn)
@@ -201,15 +205,15 @@ def profile(net, x, y=None, steps=10, warmup=2, loss=None, optimizer=None, train
                 cpu0 = time.process_time()
             t0 = clock()
             if not training:
-                net._forward(x, False, timer=fwd)
+                net.forward_checked(x, False, timer=fwd)
                 t_step += clock() - t0
                 continue
-            out = net._forward(x, True, timer=fwd)
+            out = net.forward_checked(x, True, timer=fwd)
             t1 = clock()
             loss_fn.forward(out, targets)
             d = loss_fn.backward()
             t2 = clock()
-            net._backward(d, timer=bwd)
+            net.backward(d, timer=bwd)
             t3 = clock()
             if opt is not None:
                 opt.step(net.parameters())
@@ -278,18 +282,6 @@ def profile(net, x, y=None, steps=10, warmup=2, loss=None, optimizer=None, train
 
 
 # ---------------------------------------------------------------------- helpers --------------
-def _describe(layer):
-    from .network import _describe as describe
-
-    return describe(layer)
-
-
-def _positive(value, name, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"Expected {name} to be an int >= {minimum}, received: {name}={value!r}")
-    return int(value)
-
-
 def _gf(value):
     return "" if value is None else f"{value:.1f}"
 

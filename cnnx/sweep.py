@@ -209,7 +209,7 @@ def prepare_data(sweep):
     if key in _data_cache:
         return _data_cache[key]
     from . import preprocessing
-    from .cli import load_dataset
+    from .datasets import load_dataset
 
     (x, y), _, class_names = load_dataset(sweep["dataset"])
     if sweep["limit"] is not None:

@@ -652,3 +652,15 @@ def test_format_v1_save_still_loads():
     np.testing.assert_allclose(net.predict(x), expected, rtol=1e-5, atol=1e-7)
     assert net.compiled and net.optimizer.state_dict()["step"] == 4
     assert len(net.history["loss"]) == 1
+
+
+def test_json_safe_makes_standard_json_all_the_way_down():
+    from cnnx.io import json_safe
+
+    obj = {"loss": [0.5, float("nan"), np.float32("inf")], 3: (np.int64(2), np.bool_(True)),
+           "nested": {"std": np.array([1.5, np.nan])}, "name": "x", "none": None}
+    safe = json_safe(obj)
+    assert safe == {"loss": [0.5, None, None], "3": [2, True], "nested": {"std": [1.5, None]},
+                    "name": "x", "none": None}
+    json.dumps(safe, allow_nan=False)  # raises if anything non-standard is left
+    assert type(safe["3"][0]) is int and type(safe["3"][1]) is bool

@@ -405,3 +405,19 @@ def test_confusion_matrix_errors():
         metrics.confusion_matrix(np.array([0]), np.array([0]), 0)
     with pytest.raises(ValueError, match="integer class ids"):
         metrics.confusion_matrix(np.array([0.5]), np.array([0]), 2)
+
+
+@pytest.mark.parametrize("name, activation, takes_probabilities, dense_targets", [
+    ("SoftmaxCrossEntropy", "softmax", False, False),
+    ("BinaryCrossEntropyWithLogits", "sigmoid", False, True),
+    ("CrossEntropy", None, True, False),
+    ("BinaryCrossEntropy", None, True, True),
+    ("MSE", None, False, True),
+])
+def test_loss_says_what_its_pred_is(name, activation, takes_probabilities, dense_targets):
+    # What Network.predict, cnnx.explain and the ONNX export read instead of class names.
+    loss = losses.get(name)
+    assert loss.output_activation == activation
+    assert loss.from_logits == (activation is not None)
+    assert loss.takes_probabilities is takes_probabilities
+    assert loss.dense_targets is dense_targets

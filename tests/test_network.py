@@ -127,8 +127,8 @@ def test_dtype_casts_layers():
 def test_float32_contiguous_input_is_not_copied(rng):
     net = mlp()
     x = rng.normal(size=(5, 6)).astype(np.float32)
-    assert net._check_x(x, "x") is x
-    assert net._check_x(x.astype(np.float64), "x").dtype == np.float32
+    assert net.check_inputs(x, "x") is x
+    assert net.check_inputs(x.astype(np.float64), "x").dtype == np.float32
 
 
 # ----------------------------------------------------------------------------- forward / backward
@@ -595,5 +595,5 @@ def test_inference_fuses_conv_and_max_pool_without_changing_results():
 
     net.forward(x)
     dx = net.backward(np.ones_like(fused), need_input_grad=True)
-    net._forward(x, True)  # unfused: caches filled layer by layer (no Dropout in lenet5)
+    net.forward_checked(x, True)  # unfused: caches filled layer by layer (no Dropout in lenet5)
     np.testing.assert_array_equal(dx, net.backward(np.ones_like(fused), need_input_grad=True))

@@ -249,3 +249,27 @@ def test_add_channel_axis():
     np.testing.assert_array_equal(y[:, 0], x)
     with pytest.raises(ValueError, match=r"\(n, h, w\)"):
         add_channel_axis(y)
+
+
+def test_standardizer_transform_in_place_with_copy_false(rng):
+    x = rng.normal(3.0, 2.0, size=(6, 3, 4, 4)).astype(np.float32)
+    s = Standardizer().fit(x)
+    expected = s.transform(x)
+    assert expected is not x
+    out = s.transform(x, copy=False)
+    assert out is x  # standardised in place: no second copy of a large training set
+    np.testing.assert_allclose(x, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_standardizer_copy_false_still_copies_what_it_must_not_write(rng):
+    raw = rng.integers(0, 256, size=(4, 1, 3, 3)).astype(np.uint8)
+    before = raw.copy()
+    s = Standardizer().fit(raw)
+    out = s.transform(raw, copy=False)  # uint8 -> float32: a new array, the input untouched
+    assert out.dtype == np.float32 and out is not raw
+    np.testing.assert_array_equal(raw, before)
+    frozen = raw.astype(np.float32)
+    frozen.flags.writeable = False
+    out = s.transform(frozen, copy=False)
+    assert out is not frozen
+    np.testing.assert_allclose(out, s.transform(frozen), rtol=1e-6)

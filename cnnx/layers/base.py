@@ -176,6 +176,47 @@ def default_rng(rng=None):
 
 
 # ---------------------------------------------------------------- registry and load budget --
+def layer_to_config(layer):
+    """``{"class": name, "config": {...}}``: how networks and containers write a layer."""
+    return {"class": type(layer).__name__, "config": layer.get_config()}
+
+
+def layer_class(name):
+    """The registered Layer class called ``name`` (see :func:`register_layer`).
+
+    Raises
+    ------
+    ValueError
+        Naming the known classes when there is none of that name.
+    """
+    cls = LAYER_CLASSES.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ValueError(
+            f"unknown layer class {name!r}: expected one of cnnx's layers or a class registered "
+            f"with cnnx.register_layer, known: {sorted(LAYER_CLASSES)}"
+        )
+    return cls
+
+
+def layers_from_config(entries, name="layers"):
+    """The layers a list of :func:`layer_to_config` entries describes, built afresh.
+
+    ``name`` (``"layers"``, ``"block"``, ``"branches[1]"``) starts every error message.
+    """
+    if not isinstance(entries, (list, tuple)):
+        raise TypeError(f"Expected {name} as a list of {{'class': ..., 'config': ...}}, received: {entries!r}")
+    layers = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise TypeError(f"Expected {name}[{i}] as {{'class': ..., 'config': ...}}, received: {entry!r}")
+        try:
+            cls = layer_class(entry.get("class"))
+        except ValueError as exc:
+            raise ValueError(f"{name}[{i}]: {exc}") from None
+        layers.append(cls.from_config(entry.get("config", {})))
+    return layers
+
+
 def register_layer(cls=None):
     """Allow ``cnnx.load`` (and ``from_config``) to rebuild layers of class ``cls``.
 

@@ -11,7 +11,8 @@ import numpy as np
 
 from ._common import check_dy
 from .base import Layer
-from .residual import _as_layer_list, _layers_from_config, _path_backward
+from .base import layer_to_config, layers_from_config
+from .residual import _as_layer_list, _path_backward
 
 
 class Concat(Layer):
@@ -177,7 +178,7 @@ class Concat(Layer):
     def get_config(self):
         return {
             "branches": [
-                [{"class": type(layer).__name__, "config": layer.get_config()} for layer in branch]
+                [layer_to_config(layer) for layer in branch]
                 for branch in self.branches
             ]
         }
@@ -187,7 +188,7 @@ class Concat(Layer):
         entries = config.get("branches") if isinstance(config, dict) else None
         if not isinstance(entries, (list, tuple)):
             raise TypeError(f"Expected a Concat config with a list of branches, received: {config!r}")
-        return cls([_layers_from_config(branch, f"branches[{b}]") for b, branch in enumerate(entries)])
+        return cls([layers_from_config(branch, f"branches[{b}]") for b, branch in enumerate(entries)])
 
     def __repr__(self):
         body = ", ".join("[" + ", ".join(repr(layer) for layer in branch) + "]" for branch in self.branches)

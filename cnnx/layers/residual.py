@@ -11,7 +11,7 @@ import numpy as np
 
 from ._common import check_dy
 from .activations import FusedActivation, check_activation, check_negative_slope
-from .base import LAYER_CLASSES, Layer
+from .base import Layer, layer_to_config, layers_from_config
 
 
 def _as_layer_list(layers, name, allow_none=False):
@@ -28,18 +28,6 @@ def _as_layer_list(layers, name, allow_none=False):
         if not isinstance(layer, Layer):
             raise TypeError(f"Expected {name}[{i}] to be a cnnx Layer, received: {type(layer).__name__}")
     return list(layers)
-
-
-def _layers_from_config(entries, name):
-    if not isinstance(entries, (list, tuple)):
-        raise TypeError(f"Expected {name} as a list of {{'class': ..., 'config': ...}}, received: {entries!r}")
-    layers = []
-    for entry in entries:
-        cls_name = entry.get("class") if isinstance(entry, dict) else None
-        if cls_name not in LAYER_CLASSES:
-            raise ValueError(f"Expected a known layer class {sorted(LAYER_CLASSES)} in {name}, received: {entry!r}")
-        layers.append(LAYER_CLASSES[cls_name].from_config(entry.get("config", {})))
-    return layers
 
 
 class Residual(Layer):
@@ -208,7 +196,7 @@ class Residual(Layer):
     # --- config ------------------------------------------------------------------------------
     def get_config(self):
         def nested(layers):
-            return [{"class": type(layer).__name__, "config": layer.get_config()} for layer in layers]
+            return [layer_to_config(layer) for layer in layers]
 
         return {
             "block": nested(self.block),
@@ -220,10 +208,10 @@ class Residual(Layer):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        block = _layers_from_config(config.pop("block", None), "block")
+        block = layers_from_config(config.pop("block", None), "block")
         shortcut = config.pop("shortcut", None)
         if shortcut is not None:
-            shortcut = _layers_from_config(shortcut, "shortcut")
+            shortcut = layers_from_config(shortcut, "shortcut")
         return cls(block, shortcut, **config)
 
     def __repr__(self):
