@@ -19,6 +19,8 @@ import numbers
 
 import numpy as np
 
+from .validation import check_int
+
 __all__ = [
     "Augmentation",
     "Compose",
@@ -118,7 +120,7 @@ class RandomCrop(Augmentation):
     """
 
     def __init__(self, padding=4):
-        self.padding = _check_int("padding", padding, 0)
+        self.padding = check_int(padding, "padding", 0)
 
     def _transform(self, x, rng, owned):
         p = self.padding
@@ -191,7 +193,7 @@ class Cutout(Augmentation):
     """
 
     def __init__(self, size=8, p=1.0):
-        self.size = _check_int("size", size, 1)
+        self.size = check_int(size, "size", 1)
         self.p = _check_probability("p", p)
 
     def _transform(self, x, rng, owned):
@@ -261,12 +263,6 @@ def _check_batch(x):
             f"Expected a float batch of images of shape (n, c, h, w), received: "
             f"{type(x).__name__} of shape {shape} and dtype {getattr(x, 'dtype', None)}"
         )
-
-
-def _check_int(name, value, minimum):
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"Expected {name} as an int >= {minimum}, received: {name}={value!r}")
-    return int(value)
 
 
 def _check_probability(name, value):

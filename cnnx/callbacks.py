@@ -13,6 +13,8 @@ import secrets
 import warnings
 from pathlib import Path
 
+from .validation import is_nan
+
 __all__ = ["Callback", "EarlyStopping", "LambdaCallback", "CSVLogger", "TensorBoard"]
 
 
@@ -110,10 +112,10 @@ class EarlyStopping(Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         current = (logs or {}).get(self.monitor)
-        if current is None or (isinstance(current, float) and math.isnan(current)):
+        if current is None or is_nan(current):
             warnings.warn(
                 f"EarlyStopping is monitoring {self.monitor!r}, which the epoch logs do not hold "
-                f"(available: {sorted(k for k, v in (logs or {}).items() if not _is_nan(v))})",
+                f"(available: {sorted(k for k, v in (logs or {}).items() if not is_nan(v))})",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -242,7 +244,3 @@ def __getattr__(name):
 
         return TensorBoard
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _is_nan(value):
-    return isinstance(value, float) and math.isnan(value)

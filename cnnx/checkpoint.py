@@ -5,13 +5,13 @@ checkpoint, and ``cnnx.load(path)`` followed by ``fit`` resumes it exactly.
 """
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from pathlib import Path
 
 from . import io
 from .callbacks import Callback
+from .validation import is_nan
 
 __all__ = ["ModelCheckpoint"]
 
@@ -75,7 +75,7 @@ class ModelCheckpoint(Callback):
 
     def on_train_begin(self, logs=None):
         if self.save_best_only and self.best is None and self._existing_checkpoint():
-            past = [v for v in self.network.history.get(self.monitor, []) if not _is_nan(v)]
+            past = [v for v in self.network.history.get(self.monitor, []) if not is_nan(v)]
             if past:
                 self.best = min(past, key=lambda v: self._sign * v)
 
@@ -87,10 +87,10 @@ class ModelCheckpoint(Callback):
             return
         if self.save_best_only:
             current = logs.get(self.monitor)
-            if current is None or _is_nan(current):
+            if current is None or is_nan(current):
                 warnings.warn(
                     f"ModelCheckpoint is monitoring {self.monitor!r}, which the epoch logs do not hold "
-                    f"(available: {sorted(k for k, v in logs.items() if not _is_nan(v))}); not saving",
+                    f"(available: {sorted(k for k, v in logs.items() if not is_nan(v))}); not saving",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -133,7 +133,3 @@ class ModelCheckpoint(Callback):
         if self.save_weights_only:
             args += ", save_weights_only=True"
         return f"ModelCheckpoint({args})"
-
-
-def _is_nan(value):
-    return isinstance(value, float) and math.isnan(value)

@@ -14,6 +14,7 @@ import numbers
 import numpy as np
 
 from ._geometry import conv_output_size, positive_pair
+from .validation import check_int
 
 __all__ = [
     "activations",
@@ -58,12 +59,6 @@ def layer_index(net, layer):
             return names.index(layer)
         raise ValueError(f"Expected a layer name, one of {names}, received: layer={layer!r}")
     raise TypeError(f"Expected a layer as an int index or a name (str), received: {type(layer).__name__}")
-
-
-def _check_batch_size(batch_size):
-    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"Expected batch_size as an int >= 1, received: batch_size={batch_size!r}")
-    return int(batch_size)
 
 
 def activations(net, x, layers=None):
@@ -247,7 +242,7 @@ def occlusion_map(net, x, target, patch=4, stride=2, fill=0.0, batch_size=256):
         fills = np.full(n, float(fill))
     else:
         raise ValueError(f"Expected fill as a finite number or 'mean', received: fill={fill!r}")
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
     k = _n_classes(net)
     target = _check_target(target, n, k)
 
@@ -362,7 +357,7 @@ def input_gradient(net, x, target, score="logit", batch_size=256):
     if score not in ("logit", "probability"):
         raise ValueError(f"Expected score 'logit' or 'probability', received: score={score!r}")
     x = net.check_inputs(x, "x", check_finite=False)
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
     n = len(x)
     k = _n_classes(net)
     target = _check_target(target, n, k)

@@ -7,7 +7,6 @@ caller closes it with ``matplotlib.pyplot.close(fig)``.
 """
 from __future__ import annotations
 
-import numbers
 import os
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 
 from ._geometry import positive_pair
 from .explain import activations, layer_index, layer_names
+from .validation import check_int
 
 __all__ = [
     "plot_feature_maps",
@@ -124,8 +124,7 @@ def plot_feature_maps(net, x, layer, max_maps=16, path=None, titles=None, cmap="
             f"Expected a layer with image-like outputs (channels, h, w), received: layer {name!r} "
             f"with outputs of shape {maps.shape[1:]}"
         )
-    if not isinstance(max_maps, numbers.Integral) or max_maps < 1:
-        raise ValueError(f"Expected max_maps as an int >= 1, received: max_maps={max_maps!r}")
+    max_maps = check_int(max_maps, "max_maps", minimum=1)
     n, channels = maps.shape[:2]
     if titles is not None and len(titles) < n:
         raise ValueError(f"Expected one title per image ({n}), received: {len(titles)} titles")
@@ -182,6 +181,8 @@ def plot_filters(net, layer=0, path=None, max_filters=64, max_in=8, cmap="RdBu_r
     -------
     matplotlib.figure.Figure
     """
+    max_filters = check_int(max_filters, "max_filters", minimum=1)
+    max_in = check_int(max_in, "max_in", minimum=1)
     plt = _pyplot()
     index = layer_index(net, layer)
     name = layer_names(net)[index]

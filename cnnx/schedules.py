@@ -25,6 +25,8 @@ import numbers
 
 import numpy as np
 
+from .validation import check_int
+
 __all__ = [
     "LRSchedule",
     "StepLR",
@@ -59,12 +61,6 @@ def _check_number(name, value, low=None, high=None, low_open=False, high_open=Fa
             f"received: {name}={value!r}"
         )
     return value
-
-
-def _check_count(name, value, minimum):
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"Expected {name} as an int >= {minimum}, received: {name}={value!r}")
-    return int(value)
 
 
 class LRSchedule:
@@ -153,7 +149,7 @@ class LRSchedule:
     def load_state_dict(self, state):
         """Restore a :meth:`state_dict` and set the optimizer's lr (and momentum) to match it."""
         self.base_lr = _check_number("base_lr", state["base_lr"], low=0.0)
-        self.last_epoch = _check_count("last_epoch", state["last_epoch"], 0)
+        self.last_epoch = check_int(state["last_epoch"], "last_epoch", 0)
         _set_lr(self.optimizer, _check_number("lr", state["lr"], low=0.0))
 
     def to_record(self):
@@ -182,7 +178,7 @@ class StepLR(LRSchedule):
 
     def __init__(self, optimizer, step_size, gamma=0.1, interval="epoch"):
         super().__init__(optimizer, interval)
-        self.step_size = _check_count("step_size", step_size, 1)
+        self.step_size = check_int(step_size, "step_size", 1)
         self.gamma = _check_number("gamma", gamma, low=0.0, low_open=True)
         self._start()
 
@@ -208,7 +204,7 @@ class MultiStepLR(LRSchedule):
         super().__init__(optimizer, interval)
         if isinstance(milestones, (str, bytes)) or not hasattr(milestones, "__iter__"):
             raise TypeError(f"Expected milestones as a list of ints, received: milestones={milestones!r}")
-        milestones = [_check_count("milestones[i]", m, 1) for m in milestones]
+        milestones = [check_int(m, "milestones[i]", 1) for m in milestones]
         if not milestones or any(b <= a for a, b in zip(milestones, milestones[1:])):
             raise ValueError(f"Expected milestones as a non-empty increasing list, received: {milestones!r}")
         self.milestones = milestones
@@ -259,7 +255,7 @@ class CosineAnnealingLR(LRSchedule):
 
     def __init__(self, optimizer, T_max, eta_min=0.0, interval="epoch"):
         super().__init__(optimizer, interval)
-        self.T_max = _check_count("T_max", T_max, 1)
+        self.T_max = check_int(T_max, "T_max", 1)
         self.eta_min = _check_number("eta_min", eta_min, low=0.0)
         self._start()
 
@@ -289,7 +285,7 @@ class LinearLR(LRSchedule):
         super().__init__(optimizer, interval)
         self.start_factor = _check_number("start_factor", start_factor, low=0.0, high=1.0, low_open=True)
         self.end_factor = _check_number("end_factor", end_factor, low=0.0, high=1.0)
-        self.total_iters = _check_count("total_iters", total_iters, 1)
+        self.total_iters = check_int(total_iters, "total_iters", 1)
         self._start()
 
     def lr_at(self, epoch):
@@ -341,8 +337,8 @@ class OneCycleLR(LRSchedule):
         if total_steps is None:
             if epochs is None or steps_per_epoch is None:
                 raise ValueError("Expected total_steps, or epochs and steps_per_epoch, received: none of them")
-            total_steps = _check_count("epochs", epochs, 1) * _check_count("steps_per_epoch", steps_per_epoch, 1)
-        self.total_steps = _check_count("total_steps", total_steps, 2)
+            total_steps = check_int(epochs, "epochs", 1) * check_int(steps_per_epoch, "steps_per_epoch", 1)
+        self.total_steps = check_int(total_steps, "total_steps", 2)
         self.pct_start = _check_number("pct_start", pct_start, low=0.0, high=1.0, low_open=True, high_open=True)
         if anneal_strategy not in ("cos", "linear"):
             raise ValueError(f"Expected anneal_strategy 'cos' or 'linear', received: {anneal_strategy!r}")
@@ -447,7 +443,7 @@ class SequentialLR(LRSchedule):
                 raise TypeError(f"Expected closed-form schedules (not ReduceLROnPlateau), received: {s!r}")
             if s.optimizer is not optimizer:
                 raise ValueError(f"Expected every schedule built on the same optimizer, received: {s!r}")
-        milestones = [_check_count("milestones[i]", m, 1) for m in milestones]
+        milestones = [check_int(m, "milestones[i]", 1) for m in milestones]
         if len(milestones) != len(schedules) - 1 or any(b <= a for a, b in zip(milestones, milestones[1:])):
             raise ValueError(
                 f"Expected {len(schedules) - 1} increasing milestones for {len(schedules)} schedules, "
@@ -509,10 +505,10 @@ class ReduceLROnPlateau(LRSchedule):
             raise TypeError(f"Expected monitor as a str, received: monitor={monitor!r}")
         self.mode = mode
         self.factor = _check_number("factor", factor, low=0.0, high=1.0, low_open=True, high_open=True)
-        self.patience = _check_count("patience", patience, 0)
+        self.patience = check_int(patience, "patience", 0)
         self.threshold = _check_number("threshold", threshold, low=0.0)
         self.threshold_mode = threshold_mode
-        self.cooldown = _check_count("cooldown", cooldown, 0)
+        self.cooldown = check_int(cooldown, "cooldown", 0)
         self.min_lr = _check_number("min_lr", min_lr, low=0.0)
         self.eps = _check_number("eps", eps, low=0.0)
         self.monitor = monitor
@@ -584,8 +580,8 @@ class ReduceLROnPlateau(LRSchedule):
         if not isinstance(best, numbers.Real) or isinstance(best, bool) or math.isnan(best):
             raise ValueError(f"Expected best as a number, received: best={best!r}")
         self.best = float(best)
-        self.num_bad_epochs = _check_count("num_bad_epochs", state["num_bad_epochs"], 0)
-        self.cooldown_counter = _check_count("cooldown_counter", state["cooldown_counter"], 0)
+        self.num_bad_epochs = check_int(state["num_bad_epochs"], "num_bad_epochs", 0)
+        self.cooldown_counter = check_int(state["cooldown_counter"], "cooldown_counter", 0)
 
 
 # ------------------------------------------------------------------------------------------------

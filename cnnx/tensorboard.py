@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .callbacks import Callback
+from .validation import is_nan
 
 __all__ = ["TensorBoard", "filter_grid"]
 
@@ -115,7 +116,7 @@ class TensorBoard(Callback):
         logs = logs or {}
         for key in ("loss", "accuracy"):
             value = logs.get(key)
-            if value is not None and not _is_nan(value):
+            if value is not None and not is_nan(value):
                 train.add_scalar(f"batch_{key}", value, step)
         train.add_scalar("batch_learning_rate", self._batch_lr, step)
 
@@ -126,7 +127,7 @@ class TensorBoard(Callback):
         step = len(self.network.history["loss"]) - 1  # the epoch over the whole history
         train, validation = self._writers["train"], self._writers["validation"]
         for key, value in logs.items():
-            if key == "lr" or value is None or _is_nan(value):
+            if key == "lr" or value is None or is_nan(value):
                 continue
             if key.startswith("val_"):
                 validation.add_scalar(f"epoch_{key[4:]}", value, step)
@@ -192,7 +193,3 @@ def filter_grid(weight, tile=24, gap=2):
         top, left = gap + r * (th + gap), gap + c * (tw + gap)
         grid[top:top + th, left:left + tw] = rgb[k]
     return grid
-
-
-def _is_nan(value):
-    return isinstance(value, float) and math.isnan(value)

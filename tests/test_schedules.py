@@ -272,7 +272,7 @@ def test_from_spec(spec, cls, attrs):
     ("sine", "schedule name"),
     ("step", "step_size"),
     ("step:gamma", "key=value"),
-    ("step:step_size=0", "step_size as an int >= 1"),
+    ("step:step_size=0", "step_size >= 1"),
     ("cosine:warp=2", "warp"),
 ])
 def test_from_spec_errors(spec, match):

@@ -390,3 +390,14 @@ def test_reconstruction_row_labels_can_be_named(plt, rng):
     with pytest.raises(ValueError, match="three strings"):
         V.plot_reconstructions(images, images, images, labels="abc")
     plt.close(fig)
+
+
+def test_plot_counts_are_checked_before_drawing(plt, rng):
+    net = models.lenet5(seed=2)
+    x = rng.standard_normal((1, 1, 28, 28)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"Expected max_maps >= 1, received: max_maps=0"):
+        V.plot_feature_maps(net, x, 0, max_maps=0)
+    with pytest.raises(ValueError, match=r"Expected max_filters >= 1, received: max_filters=0"):
+        V.plot_filters(net, max_filters=0)
+    with pytest.raises(TypeError, match=r"Expected max_in to be an int, received: max_in=2.5"):
+        V.plot_filters(net, max_in=2.5)

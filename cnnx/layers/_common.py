@@ -5,21 +5,16 @@ gradient helpers keep the contract that ``backward`` writes into the existing ``
 """
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 
 from ..init import initialize_bias, initialize_weight
+from ..validation import check_int
 from .base import check_state_size, default_rng
 
 
 def positive_int(value, name):
-    """``value`` as an int, which must be >= 1."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"Expected {name} to be an int, received: {name}={value!r}")
-    if value < 1:
-        raise ValueError(f"Expected {name} >= 1, received: {name}={value!r}")
-    return int(value)
+    """``value`` as an int, which must be >= 1 (``cnnx.validation.check_int``)."""
+    return check_int(value, name, minimum=1)
 
 
 def check_bool(value, name):
