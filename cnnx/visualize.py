@@ -6,9 +6,10 @@ gradients); ``cnnx.plots`` draws with matplotlib, imported only when a plot is a
 """
 from __future__ import annotations
 
-from .explain import activations, input_gradient, layer_names, occlusion_map, saliency_map
+from . import explain, plots
+from .explain import activations, input_gradient, layer_index, layer_names, occlusion_map, saliency_map  # noqa: F401
 from .metrics import confusion_matrix
-from .plots import (
+from .plots import (  # noqa: F401
     plot_confusion_matrix,
     plot_feature_maps,
     plot_filters,
@@ -18,18 +19,4 @@ from .plots import (
     plot_saliency,
 )
 
-__all__ = [
-    "activations",
-    "layer_names",
-    "occlusion_map",
-    "input_gradient",
-    "saliency_map",
-    "confusion_matrix",
-    "plot_feature_maps",
-    "plot_filters",
-    "plot_occlusion",
-    "plot_saliency",
-    "plot_history",
-    "plot_confusion_matrix",
-    "plot_reconstructions",
-]
+__all__ = [*explain.__all__, "confusion_matrix", *plots.__all__]

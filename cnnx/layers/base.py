@@ -53,7 +53,8 @@ class Layer:
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         # cnnx's own public layers register themselves; anything else must use register_layer.
-        if _is_cnnx_class(cls) and not cls.__name__.startswith("_"):
+        # An abstract base (``abstract = True`` in its own body, e.g. Container) is none of them.
+        if _is_cnnx_class(cls) and not cls.__name__.startswith("_") and not cls.__dict__.get("abstract", False):
             LAYER_CLASSES[cls.__name__] = cls
 
     #: True when the layer keeps its caches on itself (only ``forward`` / ``backward``).

@@ -10,12 +10,11 @@ from __future__ import annotations
 import numpy as np
 
 from ._common import check_dy
-from .base import Layer
-from .base import layer_to_config, layers_from_config
-from .residual import _as_layer_list, _path_backward
+from .base import Layer, layer_to_config, layers_from_config
+from .container import Container, as_layer_list, path_backward
 
 
-class Concat(Layer):
+class Concat(Container):
     """Parallel branches on the same input, outputs concatenated along axis 1 (channels).
 
     Parameters
@@ -38,7 +37,7 @@ class Concat(Layer):
                 "Expected branches as a non-empty list of branches (each a Layer or a list of layers), "
                 f"received: {branches!r}"
             )
-        self.branches = [_as_layer_list(branch, f"branches[{b}]") for b, branch in enumerate(branches)]
+        self.branches = [as_layer_list(branch, f"branches[{b}]") for b, branch in enumerate(branches)]
         children = [layer for branch in self.branches for layer in branch]
         if len({id(layer) for layer in children}) != len(children):
             raise ValueError("Expected every layer of the branches to be a distinct object, received a repeated layer")
@@ -50,56 +49,12 @@ class Concat(Layer):
         self._splits = None
         self._y_shape = None
 
-    # --- the Layer state, delegated to the branches ------------------------------------------
-    @property
-    def params(self):
-        return {name: p for name, p, _ in self.named_parameters()}
+    # --- the Layer state: the branches' (see Container) ---------------------------------
+    holders = "branches"
 
-    @params.setter
-    def params(self, value):
-        if value:
-            raise AttributeError("Concat keeps its parameters in its branches; set them there")
-
-    @property
-    def grads(self):
-        return {name: g for name, _, g in self.named_parameters()}
-
-    @grads.setter
-    def grads(self, value):
-        if value:
-            raise AttributeError("Concat keeps its gradients in its branches; set them there")
-
-    @property
-    def buffers(self):
-        return dict(self.named_buffers())
-
-    @buffers.setter
-    def buffers(self, value):
-        if value:
-            raise AttributeError("Concat keeps its buffers in its branches; set them there")
-
-    def named_parameters(self):
+    def paths(self):
         for b, branch in enumerate(self.branches):
-            for i, layer in enumerate(branch):
-                for name, p, g in layer.named_parameters():
-                    yield f"branches.{b}.{i}.{name}", p, g
-
-    def named_buffers(self):
-        for b, branch in enumerate(self.branches):
-            for i, layer in enumerate(branch):
-                for name, buf in layer.named_buffers():
-                    yield f"branches.{b}.{i}.{name}", buf
-
-    def astype(self, dtype):
-        for branch in self.branches:
-            for layer in branch:
-                layer.astype(dtype)
-        return self
-
-    def zero_grads(self):
-        for branch in self.branches:
-            for layer in branch:
-                layer.zero_grads()
+            yield f"branches.{b}", branch
 
     # --- shapes --------------------------------------------------------------------------
     def output_shape(self, input_shape):
@@ -168,7 +123,7 @@ class Concat(Layer):
         check_dy(self, dy, self._y_shape)
         dx = None
         for branch, d in zip(self.branches, np.split(dy, self._splits, axis=1)):
-            d_branch = _path_backward(branch, np.ascontiguousarray(d), self.needs_input_grad)
+            d_branch = path_backward(branch, np.ascontiguousarray(d), self.needs_input_grad)
             if self.needs_input_grad:
                 # The first branch's dx may be a buffer its layer keeps: sum into a fresh array.
                 dx = np.array(d_branch) if dx is None else np.add(dx, d_branch, out=dx)

@@ -11,26 +11,11 @@ import numpy as np
 
 from ._common import check_dy
 from .activations import FusedActivation, check_activation, check_negative_slope
-from .base import Layer, layer_to_config, layers_from_config
+from .base import layer_to_config, layers_from_config
+from .container import Container, as_layer_list, path_backward
 
 
-def _as_layer_list(layers, name, allow_none=False):
-    if layers is None and allow_none:
-        return None
-    if isinstance(layers, Layer):
-        layers = [layers]
-    if not isinstance(layers, (list, tuple)):
-        expected = "a Layer, a list of layers or None" if allow_none else "a Layer or a list of layers"
-        raise TypeError(f"Expected {name} to be {expected}, received: {type(layers).__name__}")
-    if len(layers) == 0:
-        raise ValueError(f"Expected {name} to hold at least one layer, received: an empty list")
-    for i, layer in enumerate(layers):
-        if not isinstance(layer, Layer):
-            raise TypeError(f"Expected {name}[{i}] to be a cnnx Layer, received: {type(layer).__name__}")
-    return list(layers)
-
-
-class Residual(Layer):
+class Residual(Container):
     """Residual connection: ``y = activation(block(x) + shortcut(x))``.
 
     Parameters
@@ -54,8 +39,8 @@ class Residual(Layer):
 
     def __init__(self, block, shortcut=None, activation=None, negative_slope=0.01):
         super().__init__()
-        self.block = _as_layer_list(block, "block")
-        self.shortcut = _as_layer_list(shortcut, "shortcut", allow_none=True)
+        self.block = as_layer_list(block, "block")
+        self.shortcut = as_layer_list(shortcut, "shortcut", allow_none=True)
         children = self.block + (self.shortcut or [])
         if len({id(layer) for layer in children}) != len(children):
             raise ValueError(
@@ -71,62 +56,11 @@ class Residual(Layer):
         self.needs_input_grad = True
         self._z = self._y = None
 
-    # --- the Layer state, delegated to the children ------------------------------------------
-    # Base.__init__ assigns empty dicts; accept exactly that and keep nothing.
-    @property
-    def params(self):
-        return {name: p for name, p, _ in self.named_parameters()}
-
-    @params.setter
-    def params(self, value):
-        if value:
-            raise AttributeError("Residual keeps its parameters in its children; set them there")
-
-    @property
-    def grads(self):
-        return {name: g for name, _, g in self.named_parameters()}
-
-    @grads.setter
-    def grads(self, value):
-        if value:
-            raise AttributeError("Residual keeps its gradients in its children; set them there")
-
-    @property
-    def buffers(self):
-        return dict(self.named_buffers())
-
-    @buffers.setter
-    def buffers(self, value):
-        if value:
-            raise AttributeError("Residual keeps its buffers in its children; set them there")
-
-    def _paths(self):
+    # --- the Layer state: the paths' (see Container) ---------------------------------------
+    def paths(self):
         yield "block", self.block
         if self.shortcut is not None:
             yield "shortcut", self.shortcut
-
-    def named_parameters(self):
-        for path, layers in self._paths():
-            for i, layer in enumerate(layers):
-                for name, p, g in layer.named_parameters():
-                    yield f"{path}.{i}.{name}", p, g
-
-    def named_buffers(self):
-        for path, layers in self._paths():
-            for i, layer in enumerate(layers):
-                for name, b in layer.named_buffers():
-                    yield f"{path}.{i}.{name}", b
-
-    def astype(self, dtype):
-        for _, layers in self._paths():
-            for layer in layers:
-                layer.astype(dtype)
-        return self
-
-    def zero_grads(self):
-        for _, layers in self._paths():
-            for layer in layers:
-                layer.zero_grads()
 
     # --- shapes --------------------------------------------------------------------------
     def output_shape(self, input_shape):
@@ -184,11 +118,11 @@ class Residual(Layer):
             raise RuntimeError("Residual.backward called before forward")
         check_dy(self, dy, self._y.shape)
         dz = self._act.backward(dy, self._z, self._y)
-        d_block = _path_backward(self.block, dz, self.needs_input_grad)
+        d_block = path_backward(self.block, dz, self.needs_input_grad)
         if self.shortcut is None:
             d_short = dz
         else:
-            d_short = _path_backward(self.shortcut, dz, self.needs_input_grad)
+            d_short = path_backward(self.shortcut, dz, self.needs_input_grad)
         if not self.needs_input_grad:
             return None
         return np.add(d_block, d_short)
@@ -234,11 +168,3 @@ def _path_shape(layers, shape, name):
                 f"Residual {name}[{i}] ({type(layer).__name__}) cannot take input of shape {shape}: {exc}"
             ) from exc
     return shape
-
-
-def _path_backward(layers, d, needs_input_grad):
-    # The first layer of a path need not compute dx when nobody wants the Residual's dx.
-    layers[0].needs_input_grad = needs_input_grad
-    for layer in reversed(layers):
-        d = layer.backward(d)
-    return d

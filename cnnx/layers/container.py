@@ -1,0 +1,104 @@
+"""The base of the container layers (``Residual``, ``Concat``): layers made of paths of other layers.
+
+A container owns no parameters of its own; the layers it holds do. It reports theirs under
+prefixed names (``"block.0.weight"``, ``"branches.1.0.weight"``), which is what optimizers and
+save/load key on, and its dtype, gradients and buffers are theirs. A subclass says what it holds
+with ``paths()`` and does its own shapes, forward, backward and config.
+"""
+from __future__ import annotations
+
+from .base import Layer
+
+__all__ = ["Container", "as_layer_list", "path_backward"]
+
+
+class Container(Layer):
+    """A layer whose state lives in the layers of its paths (see the module docstring).
+
+    ``params``, ``grads`` and ``buffers`` are read-only snapshots keyed like ``named_parameters``.
+    """
+
+    abstract = True  # not a layer of its own: not registered for cnnx.load
+    #: What the error messages call the layers it holds.
+    holders = "children"
+
+    def paths(self):
+        """Yield ``(prefix, layers)`` for every path, in the order of its names."""
+        raise NotImplementedError
+
+    # Layer.__init__ assigns empty dicts; accept exactly that and keep nothing.
+    @property
+    def params(self):
+        return {name: p for name, p, _ in self.named_parameters()}
+
+    @params.setter
+    def params(self, value):
+        if value:
+            raise AttributeError(f"{type(self).__name__} keeps its parameters in its {self.holders}; set them there")
+
+    @property
+    def grads(self):
+        return {name: g for name, _, g in self.named_parameters()}
+
+    @grads.setter
+    def grads(self, value):
+        if value:
+            raise AttributeError(f"{type(self).__name__} keeps its gradients in its {self.holders}; set them there")
+
+    @property
+    def buffers(self):
+        return dict(self.named_buffers())
+
+    @buffers.setter
+    def buffers(self, value):
+        if value:
+            raise AttributeError(f"{type(self).__name__} keeps its buffers in its {self.holders}; set them there")
+
+    def named_parameters(self):
+        for prefix, layers in self.paths():
+            for i, layer in enumerate(layers):
+                for name, p, g in layer.named_parameters():
+                    yield f"{prefix}.{i}.{name}", p, g
+
+    def named_buffers(self):
+        for prefix, layers in self.paths():
+            for i, layer in enumerate(layers):
+                for name, b in layer.named_buffers():
+                    yield f"{prefix}.{i}.{name}", b
+
+    def astype(self, dtype):
+        for _, layers in self.paths():
+            for layer in layers:
+                layer.astype(dtype)
+        return self
+
+    def zero_grads(self):
+        for _, layers in self.paths():
+            for layer in layers:
+                layer.zero_grads()
+
+
+def as_layer_list(layers, name, allow_none=False):
+    """``layers`` (a Layer or a non-empty list of them) as a list; None too when ``allow_none``."""
+    if layers is None and allow_none:
+        return None
+    if isinstance(layers, Layer):
+        layers = [layers]
+    if not isinstance(layers, (list, tuple)):
+        expected = "a Layer, a list of layers or None" if allow_none else "a Layer or a list of layers"
+        raise TypeError(f"Expected {name} to be {expected}, received: {type(layers).__name__}")
+    if len(layers) == 0:
+        raise ValueError(f"Expected {name} to hold at least one layer, received: an empty list")
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, Layer):
+            raise TypeError(f"Expected {name}[{i}] to be a cnnx Layer, received: {type(layer).__name__}")
+    return list(layers)
+
+
+def path_backward(layers, d, needs_input_grad):
+    """Back-propagate ``d`` through ``layers`` in reverse; returns the path's input gradient."""
+    # The first layer of a path need not compute dx when nobody wants the container's dx.
+    layers[0].needs_input_grad = needs_input_grad
+    for layer in reversed(layers):
+        d = layer.backward(d)
+    return d
