@@ -51,10 +51,11 @@ class Augmentation:
         _check_batch(x)
         if not isinstance(rng, np.random.Generator):
             raise TypeError(f"Expected rng as a numpy.random.Generator, received: {type(rng).__name__}")
-        return self._transform(x, rng, owned=False)
+        return self.transform(x, rng, owned=False)
 
-    def _transform(self, x, rng, owned):
-        """The transform; ``owned`` says ``x`` is a scratch array it may overwrite."""
+    def transform(self, x, rng, owned):
+        """The transform, unchecked (``fit`` calls it on batches it built; subclasses implement
+        it); ``owned`` says ``x`` is a scratch array it may overwrite."""
         raise NotImplementedError
 
     def get_config(self):
@@ -80,9 +81,9 @@ class Compose(Augmentation):
                 raise TypeError(f"Expected Augmentation instances, received at index {i}: {type(aug).__name__}")
         self.augmentations = augmentations
 
-    def _transform(self, x, rng, owned):
+    def transform(self, x, rng, owned):
         for aug in self.augmentations:
-            y = aug._transform(x, rng, owned)
+            y = aug.transform(x, rng, owned)
             owned = owned or y is not x  # after the first copy, later steps may work in place
             x = y
         return x
@@ -122,7 +123,7 @@ class RandomCrop(Augmentation):
     def __init__(self, padding=4):
         self.padding = check_int(padding, "padding", 0)
 
-    def _transform(self, x, rng, owned):
+    def transform(self, x, rng, owned):
         p = self.padding
         n = len(x)
         dy = rng.integers(-p, p + 1, size=n)
@@ -147,7 +148,7 @@ class RandomTranslation(Augmentation):
         self.height_factor = _check_fraction("height_factor", height_factor)
         self.width_factor = self.height_factor if width_factor is None else _check_fraction("width_factor", width_factor)
 
-    def _transform(self, x, rng, owned):
+    def transform(self, x, rng, owned):
         n, _, h, w = x.shape
         my = int(round(self.height_factor * h))
         mx = int(round(self.width_factor * w))
@@ -170,7 +171,7 @@ class RandomHorizontalFlip(Augmentation):
     def __init__(self, p=0.5):
         self.p = _check_probability("p", p)
 
-    def _transform(self, x, rng, owned):
+    def transform(self, x, rng, owned):
         flip = np.flatnonzero(rng.random(len(x)) < self.p)
         out = x if owned else x.copy()
         if len(flip):
@@ -196,7 +197,7 @@ class Cutout(Augmentation):
         self.size = check_int(size, "size", 1)
         self.p = _check_probability("p", p)
 
-    def _transform(self, x, rng, owned):
+    def transform(self, x, rng, owned):
         n, _, h, w = x.shape
         cy = rng.integers(0, h, size=n)
         cx = rng.integers(0, w, size=n)

@@ -204,7 +204,7 @@ def _conv_transpose2d(g, layer, x, shape):
 
 @converter("MaxPool2D", "AvgPool2D")
 def _pool2d(g, layer, x, shape):
-    (pt, pb), (pl, pr) = layer._pads
+    (pt, pb), (pl, pr) = layer.pads
     attrs = dict(kernel_shape=list(layer.kernel_size), strides=list(layer.stride), pads=[pt, pl, pb, pr])
     if type(layer).__name__ == "MaxPool2D":
         return g.node("MaxPool", [x], **attrs)  # padding never wins: ONNX pads max-pool with -inf
@@ -213,7 +213,7 @@ def _pool2d(g, layer, x, shape):
 
 @converter("MaxPool1D", "AvgPool1D")
 def _pool1d(g, layer, x, shape):
-    left, right = layer._lr
+    left, right = layer.pads
     attrs = dict(kernel_shape=[layer.kernel_size], strides=[layer.stride], pads=[left, right])
     if type(layer).__name__ == "MaxPool1D":
         return g.node("MaxPool", [x], **attrs)

@@ -130,11 +130,11 @@ class LRSchedule:
     def _apply(self, epoch):
         _set_lr(self.optimizer, self.lr_at(epoch))
 
-    def _fit_step(self, logs):
+    def fit_step(self, logs):
         """What ``Network.fit`` calls: a plain step; ReduceLROnPlateau reads its monitored value."""
         self.step()
 
-    def _check_fit(self, has_validation):
+    def check_fit(self, has_validation):
         """Raise before training when the schedule cannot run in this ``fit`` call."""
 
     # --- persistence --------------------------------------------------------------------
@@ -549,7 +549,7 @@ class ReduceLROnPlateau(LRSchedule):
     def lr_at(self, epoch):
         raise TypeError("ReduceLROnPlateau has no closed form: its lr depends on the metric it watches")
 
-    def _fit_step(self, logs):
+    def fit_step(self, logs):
         value = logs.get(self.monitor)
         if value is None or (isinstance(value, float) and math.isnan(value)):
             raise ValueError(
@@ -558,7 +558,7 @@ class ReduceLROnPlateau(LRSchedule):
             )
         self.step(value)
 
-    def _check_fit(self, has_validation):
+    def check_fit(self, has_validation):
         if self.monitor.startswith("val_") and not has_validation:
             raise ValueError(
                 f"Expected validation_data for ReduceLROnPlateau(monitor={self.monitor!r}), received: none; "

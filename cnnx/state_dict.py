@@ -366,10 +366,10 @@ def _torch_pool(layer):
 
     one_d = isinstance(layer, (L.MaxPool1D, L.AvgPool1D))
     if one_d:
-        left, right = layer._lr
+        left, right = layer.pads
         pads = (left, right)
     else:
-        (pt, pb), (pl, pr) = layer._pads
+        (pt, pb), (pl, pr) = layer.pads
         pads = (pt, pb, pl, pr)
     if pads[0::2] != pads[1::2]:
         raise NotImplementedError(f"to_torch: torch pooling has no asymmetric padding, received {layer!r}")

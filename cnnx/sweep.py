@@ -406,11 +406,11 @@ def summarize_local(root, sweep, trials, errors, failures):
         progress_file = root / name / "progress.json"
         progress = json.loads(progress_file.read_text()) if progress_file.is_file() else []
         status = "ERROR" if name in errors else ("DONE" if (root / name / "result.json").is_file() else "UNFINISHED")
-        rows.append(_row(name, config, progress, sweep, status, failures.get(name, 0), root / name / "checkpoint"))
+        rows.append(result_row(name, config, progress, sweep, status, failures.get(name, 0), root / name / "checkpoint"))
     return rows
 
 
-def _row(name, config, progress, sweep, status, restarts, checkpoint):
+def result_row(name, config, progress, sweep, status, restarts, checkpoint):
     """One line of the trials table from a trial's per-epoch reports."""
     metric, mode = sweep["metric"], metric_mode(sweep["metric"])
     values = [p.get(metric) for p in progress if p.get(metric) is not None]

@@ -330,7 +330,7 @@ class FitExtras:
             self.class_weights = class_weight_table(class_weight, ids, n_classes, network.dtype)
         self.schedule = getattr(network.optimizer, "schedule", None)
         if self.schedule is not None:
-            self.schedule._check_fit(has_validation)
+            self.schedule.check_fit(has_validation)
         self.seed = seed
         self._fresh_rng = np.random.default_rng() if seed is None else None
         self._rng = None
@@ -343,14 +343,14 @@ class FitExtras:
 
     def after_epoch(self, logs):
         if self.schedule is not None and self.schedule.interval == "epoch":
-            self.schedule._fit_step(logs)
+            self.schedule.fit_step(logs)
 
     # --- per batch ----------------------------------------------------------------------
     def augment(self, xb, owned):
         """The augmented batch (``owned``: ``xb`` is fit's scratch buffer and may be overwritten)."""
         if self.augmentation is None:
             return xb
-        return self.augmentation._transform(xb, self._rng, owned)
+        return self.augmentation.transform(xb, self._rng, owned)
 
     def weigh(self, dloss, ids):
         """The loss gradient of ``sum_i w[y_i] l_i / n``: row i of ``dloss`` times ``w[y_i]``."""

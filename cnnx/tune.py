@@ -261,7 +261,7 @@ def _rows(results, sweep, interrupted=False):
             status = "DONE"
         restarts = len({p.get("pid") for p in progress}) - 1 if progress else 0
         checkpoint = result.checkpoint
-        row = sweeps._row(Path(result.path).name, result.config, progress, sweep, status, max(0, restarts),
+        row = sweeps.result_row(Path(result.path).name, result.config, progress, sweep, status, max(0, restarts),
                           None if checkpoint is None else Path(checkpoint.path) / MODEL_DIR)
         row["trial"] = f"trial_{i:04d}"
         row["ray_trial_dir"] = result.path

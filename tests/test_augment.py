@@ -146,9 +146,9 @@ class Spy(RandomHorizontalFlip):
         super().__init__(p=0.5)
         self.seen = []
 
-    def _transform(self, x, rng, owned):
+    def transform(self, x, rng, owned):
         before = x.copy()  # with owned=True (fit's own buffer) the flip works in place
-        out = super()._transform(x, rng, owned)
+        out = super().transform(x, rng, owned)
         self.seen.append((before, out.copy()))
         return out
 

@@ -243,7 +243,7 @@ def test_pool_gradients_and_reference(cls, kwargs, shape, rng):
     ref = reference.max_pool2d if cls is MaxPool2D else reference.avg_pool2d
     y = layer.forward(x)
     assert y.shape == (shape[0],) + layer.output_shape(shape[1:])
-    np.testing.assert_allclose(y, ref(x, layer.kernel_size, layer.stride, layer._pads), rtol=1e-13)
+    np.testing.assert_allclose(y, ref(x, layer.kernel_size, layer.stride, layer.pads), rtol=1e-13)
 
 
 def test_maxpool_ties_send_gradient_to_first_maximum():

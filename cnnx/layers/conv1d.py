@@ -228,9 +228,10 @@ class _Pool1D(Layer):
         self.kernel_size = _positive_length(kernel_size, "kernel_size")
         self.stride = self.kernel_size if stride is None else _positive_length(stride, "stride")
         self.padding = canonical_padding_1d(padding, allow_strings=False)
-        self._lr = _explicit_pads(self.padding, self.kernel_size, self.stride, None)
+        # The explicit per-side padding (left, right), also read by the exporters.
+        self.pads = _explicit_pads(self.padding, self.kernel_size, self.stride, None)
         # As PyTorch: a window must always overlap the input (max-pool would otherwise see only padding).
-        if max(self._lr) > self.kernel_size // 2:
+        if max(self.pads) > self.kernel_size // 2:
             raise ValueError(
                 f"Expected padding at most half the kernel ({self.kernel_size // 2}), received: padding={padding!r}"
             )
@@ -245,7 +246,7 @@ class _Pool1D(Layer):
     @property
     def _geometry_2d(self):
         """kernel_size, stride, padding of the equivalent height-1 2-D pooling."""
-        return (1, self.kernel_size), (1, self.stride), ((0, 0), self._lr)
+        return (1, self.kernel_size), (1, self.stride), ((0, 0), self.pads)
 
     def output_shape(self, input_shape):
         input_shape = tuple(input_shape)
@@ -254,7 +255,7 @@ class _Pool1D(Layer):
                 f"{type(self).__name__} expected input of shape (c, length) per sample, received: {input_shape}"
             )
         c, length = input_shape
-        left, right = self._lr
+        left, right = self.pads
         if self.kernel_size > length + left + right:
             raise ValueError(
                 f"{type(self).__name__} expected a padded input at least as long as the kernel ({self.kernel_size}), "

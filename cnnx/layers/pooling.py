@@ -29,8 +29,9 @@ class _Pool2D(Layer):
             raise ValueError(
                 f"Expected padding at most half the kernel ({kh // 2}, {kw // 2}), received: padding={padding!r}"
             )
-        self._pads = ((pt, pb), (pl, pr))
-        self.padding = (pt, pl) if (pt == pb and pl == pr) else self._pads
+        # The explicit per-side padding ((top, bottom), (left, right)), also read by the exporters.
+        self.pads = ((pt, pb), (pl, pr))
+        self.padding = (pt, pl) if (pt == pb and pl == pr) else self.pads
 
     stateful = False
 
@@ -46,7 +47,7 @@ class _Pool2D(Layer):
                 f"{type(self).__name__} expected input of shape (c, h, w) per sample, received: {input_shape}"
             )
         c, h, w = input_shape
-        (pt, pb), (pl, pr) = self._pads
+        (pt, pb), (pl, pr) = self.pads
         kh, kw = self.kernel_size
         if kh > h + pt + pb or kw > w + pl + pr:
             raise ValueError(
@@ -121,17 +122,17 @@ class MaxPool2D(_Pool2D):
     @property
     def is_plain_2x2(self):
         """2x2 windows, stride 2, no padding: the pool a Network fuses into the Conv2D before it."""
-        return self.kernel_size == (2, 2) and self.stride == (2, 2) and self._pads == ((0, 0), (0, 0))
+        return self.kernel_size == (2, 2) and self.stride == (2, 2) and self.pads == ((0, 0), (0, 0))
 
     def _pool(self, x, training, state):
         # Inference skips the argmax; a backward after an eval forward (saliency maps) finds it then.
-        y, state.indices = F.max_pool2d(x, self.kernel_size, self.stride, self._pads, indices=training)
+        y, state.indices = F.max_pool2d(x, self.kernel_size, self.stride, self.pads, indices=training)
         state.x = None if training else x
         return y
 
     def _pool_backward(self, dy, state):
         if state.indices is None:
-            _, state.indices = F.max_pool2d(state.x, self.kernel_size, self.stride, self._pads)
+            _, state.indices = F.max_pool2d(state.x, self.kernel_size, self.stride, self.pads)
         return F.max_pool2d_backward(dy, state.indices, state.x_shape)
 
 
@@ -148,7 +149,7 @@ class AvgPool2D(_Pool2D):
     """
 
     def _pool(self, x, training, state):
-        return F.avg_pool2d(x, self.kernel_size, self.stride, self._pads)
+        return F.avg_pool2d(x, self.kernel_size, self.stride, self.pads)
 
     def _pool_backward(self, dy, state):
-        return F.avg_pool2d_backward(dy, state.x_shape, self.kernel_size, self.stride, self._pads)
+        return F.avg_pool2d_backward(dy, state.x_shape, self.kernel_size, self.stride, self.pads)
