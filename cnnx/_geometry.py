@@ -8,7 +8,7 @@ from __future__ import annotations
 import numbers
 
 
-def _pair(value, name="value"):
+def int_pair(value, name="value"):
     """Return ``value`` as a pair of ints: ``3 -> (3, 3)``, ``(2, 3) -> (2, 3)``."""
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return (int(value), int(value))
@@ -20,8 +20,8 @@ def _pair(value, name="value"):
 
 
 def positive_pair(value, name):
-    """``_pair`` that also refuses values below 1 (kernel sizes, strides)."""
-    pair = _pair(value, name)
+    """``int_pair`` that also refuses values below 1 (kernel sizes, strides)."""
+    pair = int_pair(value, name)
     if pair[0] < 1 or pair[1] < 1:
         raise ValueError(f"Expected {name} >= 1, received: {name}={value!r}")
     return pair
@@ -53,8 +53,8 @@ def explicit_padding(padding, kernel_size=None, stride=(1, 1), input_size=None):
             raise ValueError(f"Expected padding 'valid', 'same', an int or pairs, received: padding={padding!r}")
         if kernel_size is None:
             raise ValueError("padding='same' needs the kernel size")
-        kh, kw = _pair(kernel_size, "kernel_size")
-        sy, sx = _pair(stride, "stride")
+        kh, kw = int_pair(kernel_size, "kernel_size")
+        sy, sx = int_pair(stride, "stride")
         pads = []
         for k, s, axis in ((kh, sy, 0), (kw, sx, 1)):
             if s == 1:
@@ -71,9 +71,9 @@ def explicit_padding(padding, kernel_size=None, stride=(1, 1), input_size=None):
         result = ((int(padding), int(padding)), (int(padding), int(padding)))
     elif isinstance(padding, (tuple, list)) and len(padding) == 2:
         if all(isinstance(p, (tuple, list)) for p in padding):
-            result = (_pair(tuple(padding[0]), "padding"), _pair(tuple(padding[1]), "padding"))
+            result = (int_pair(tuple(padding[0]), "padding"), int_pair(tuple(padding[1]), "padding"))
         else:
-            ph, pw = _pair(tuple(padding), "padding")
+            ph, pw = int_pair(tuple(padding), "padding")
             result = ((ph, ph), (pw, pw))
     else:
         raise TypeError(

@@ -111,14 +111,8 @@ class EarlyStopping(Callback):
         self._reset()
 
     def on_epoch_end(self, epoch, logs=None):
-        current = (logs or {}).get(self.monitor)
-        if current is None or is_nan(current):
-            warnings.warn(
-                f"EarlyStopping is monitoring {self.monitor!r}, which the epoch logs do not hold "
-                f"(available: {sorted(k for k, v in (logs or {}).items() if not is_nan(v))})",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        current = monitored_value(logs, self.monitor, "EarlyStopping")
+        if current is None:
             return
         self._last_epoch = epoch
         if self._sign * (current - self.best) < -self.min_delta or self.best_epoch is None:
@@ -234,6 +228,21 @@ def _write_atomic(path, text):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def monitored_value(logs, monitor, who, consequence=""):
+    """``logs[monitor]``, or None after a RuntimeWarning (from ``who``, e.g. "EarlyStopping")
+    naming the metrics the logs do hold, when it is missing or NaN (an epoch without validation)."""
+    current = (logs or {}).get(monitor)
+    if current is None or is_nan(current):
+        warnings.warn(
+            f"{who} is monitoring {monitor!r}, which the epoch logs do not hold "
+            f"(available: {sorted(k for k, v in (logs or {}).items() if not is_nan(v))}){consequence}",
+            RuntimeWarning,
+            stacklevel=3,  # the caller of the callback's hook: fit
+        )
+        return None
+    return current
 
 
 def __getattr__(name):

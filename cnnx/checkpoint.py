@@ -6,11 +6,10 @@ checkpoint, and ``cnnx.load(path)`` followed by ``fit`` resumes it exactly.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 from . import io
-from .callbacks import Callback
+from .callbacks import Callback, monitored_value
 from .validation import is_nan
 
 __all__ = ["ModelCheckpoint"]
@@ -86,14 +85,8 @@ class ModelCheckpoint(Callback):
         if n_epochs % self.every:
             return
         if self.save_best_only:
-            current = logs.get(self.monitor)
-            if current is None or is_nan(current):
-                warnings.warn(
-                    f"ModelCheckpoint is monitoring {self.monitor!r}, which the epoch logs do not hold "
-                    f"(available: {sorted(k for k, v in logs.items() if not is_nan(v))}); not saving",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+            current = monitored_value(logs, self.monitor, "ModelCheckpoint", "; not saving")
+            if current is None:
                 return
             if self.best is not None and not self._sign * (current - self.best) < 0:
                 return

@@ -152,8 +152,8 @@ class Plan:
         self.layers = list(layers)
         self.layer_ids = tuple(id(layer) for layer in self.layers)
         self.fuse = fuse
-        self.train_steps = _build(self.layers, fuse, inference=False)
-        self.infer_steps = _build(self.layers, fuse, inference=True)
+        self.train_steps = _plan_steps(self.layers, fuse, inference=False)
+        self.infer_steps = _plan_steps(self.layers, fuse, inference=True)
         if all(a.indices == b.indices for a, b in zip(self.infer_steps, self.train_steps)) \
                 and len(self.infer_steps) == len(self.train_steps):
             # Nothing more to fuse for inference: one list, and every forward keeps its caches.
@@ -254,8 +254,9 @@ def _run(steps, x, training, states, timer):
 
 
 # ---------------------------------------------------------------------- building -------------
-def _build(layers, fuse, inference):
-    """The steps for ``layers``: greedy, left to right, longest fusion first."""
+def _plan_steps(layers, fuse, inference):
+    """The steps for ``layers``: which layers fuse (greedy, left to right, longest fusion first)
+    and which steps may reuse their output buffer from batch to batch."""
     from .layers import AvgPool2D, Conv1D, Conv2D, Dense, MaxPool2D
 
     steps = []

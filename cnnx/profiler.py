@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ._geometry import int_pair
 from .parallel import with_single_threaded_blas
 from .validation import check_int
 
@@ -55,7 +56,7 @@ def layer_flops(layer, input_shape, output_shape):
         return 2 * c_out * length * layer.in_channels * k
     if isinstance(layer, ConvTranspose2D):
         # Every input pixel scatters a (out_channels, kh, kw) patch.
-        kh, kw = _pair(layer.kernel_size)
+        kh, kw = int_pair(layer.kernel_size, "kernel_size")
         c_in, h, w = input_shape
         return 2 * c_in * h * w * layer.out_channels * kh * kw
     if isinstance(layer, Residual):
@@ -69,10 +70,6 @@ def layer_flops(layer, input_shape, output_shape):
 def forward_flops(net):
     """Forward FLOPs per sample of a ``Network`` (sum of :func:`layer_flops`)."""
     return sum(layer_flops(layer, shape_in, shape_out) for layer, shape_in, shape_out in _layer_shapes(net))
-
-
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
 def _layer_shapes(net):

@@ -12,7 +12,7 @@ import numbers
 import numpy as np
 
 from .. import functional as F
-from .._geometry import _pair, positive_pair
+from .._geometry import int_pair, positive_pair
 from ..init import check_initializer
 from ._common import check_bool, check_dy, check_floating, grad_buffer, init_weight_and_bias, positive_int, store_grads
 from .base import Layer
@@ -53,8 +53,8 @@ class ConvTranspose2D(Layer):
         self.out_channels = positive_int(out_channels, "out_channels")
         self.kernel_size = positive_pair(kernel_size, "kernel_size")
         self.stride = positive_pair(stride, "stride")
-        self.padding = _pair(padding, "padding")
-        self.output_padding = _pair(output_padding, "output_padding")
+        self.padding = int_pair(padding, "padding")
+        self.output_padding = int_pair(output_padding, "output_padding")
         if min(self.padding) < 0:
             raise ValueError(f"Expected padding >= 0, received: padding={padding!r}")
         op, s = self.output_padding, self.stride
