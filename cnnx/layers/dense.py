@@ -10,6 +10,7 @@ import numbers
 
 import numpy as np
 
+from .. import functional as F
 from .. import parallel
 from .. import random as _random
 from ..init import check_initializer
@@ -199,8 +200,12 @@ class Dropout(Layer):
         if not training or self.p == 0.0:
             self._mask = None
             return x
-        keep = _random.get_rng().random(x.shape, dtype=np.float32) >= self.p
-        mask = keep.astype(x.dtype)
+        uniforms = _random.get_rng().random(x.shape, dtype=np.float32)
+        if F.compiled_dtype(x):
+            # one threaded pass writes the mask and the output
+            y, self._mask = F.dropout(x, uniforms, self.p)
+            return y
+        mask = (uniforms >= self.p).astype(x.dtype)
         mask *= 1.0 / (1.0 - self.p)
         self._mask = mask
         return x * mask
@@ -209,7 +214,11 @@ class Dropout(Layer):
         if self._y_shape is None:
             raise RuntimeError("Dropout.backward called before forward")
         check_dy(self, dy, self._y_shape)
-        return dy if self._mask is None else dy * self._mask
+        if self._mask is None:
+            return dy
+        if F.compiled_dtype(dy, self._mask):
+            return F.multiply(dy, self._mask)
+        return dy * self._mask
 
     def get_config(self):
         return {"p": self.p}
