@@ -31,74 +31,6 @@ __all__ = [
 # groups keep the GEMM efficient, smaller ones keep the columns in L2 (see benchmarks/README.md).
 COLUMN_BUFFER_BYTES = 4 << 20
 
-# 3x3 / stride-1 convolutions with at least this many input channels run Winograd F(2x2, 3x3) in
-# the forward pass (2.25x fewer multiplications; the transforms cost memory passes, which only
-# pay off with enough channels). Measured slower than im2col + GEMM on AMD EPYC Zen 5 (see docs/INTERNALS.md), so off.
-# None turns Winograd off.
-WINOGRAD_MIN_CHANNELS = None
-
-
-def conv_algorithm(c, kernel_size, stride, maxpool2=False):
-    """The forward algorithm ``conv2d`` picks: ``"winograd"`` or ``"im2col"`` (+ GEMM).
-
-    ``c`` input channels, ``kernel_size`` and ``stride`` as ``(kh, kw)`` / ``(sy, sx)`` pairs.
-    The backward pass always runs im2col + GEMM.
-    """
-    if (WINOGRAD_MIN_CHANNELS is not None and tuple(kernel_size) == (3, 3) and tuple(stride) == (1, 1)
-            and c >= WINOGRAD_MIN_CHANNELS and not maxpool2):
-        return "winograd"
-    return "im2col"
-
-
-# Winograd F(2x2, 3x3): y = A^T [(G g G^T) .* (B^T d B)] A (Lavin & Gray, 2016).
-_WINOGRAD_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
-
-
-def _padded_stride(n, itemsize):
-    """``n`` rounded up to 16 elements (64 bytes), plus 16 more when the row would span a multiple
-    of 4 KiB: rows (or planes) at power-of-two distances map to the same cache sets, and the
-    transforms write 16 of them at once."""
-    n = -(-n // 16) * 16
-    if (n * itemsize) % 4096 == 0:
-        n += 16
-    return n
-
-
-def _conv2d_winograd(x, weight, b, has_bias, pads, out_hw, rectify, slope, y, ws):
-    n, c = x.shape[:2]
-    oc = weight.shape[0]
-    (pt, _), (pl, _) = pads
-    out_h, out_w = out_hw
-    dtype = x.dtype
-    tiles_h, tiles_w = -(-out_h // 2), -(-out_w // 2)
-    tiles = tiles_h * tiles_w
-    u = np.matmul(np.matmul(_WINOGRAD_G, weight), _WINOGRAD_G.T)  # (oc, c, 4, 4)
-    u = np.ascontiguousarray(u.transpose(2, 3, 0, 1).reshape(16, oc, c), dtype=dtype)
-    g = _group_size(n, 16 * (c + oc) * tiles * dtype.itemsize)
-    n_groups = -(-n // g)
-    nt = threads_for(n * 16 * (c + oc) * tiles) if n_groups == 1 else 1
-
-    def run_group(worker, index):
-        first = index * g
-        m = min(g, n - first)
-        used = m * tiles
-        ld = _padded_stride(g * tiles, dtype.itemsize)
-        plane_v = _padded_stride(c * ld, dtype.itemsize)
-        plane_m = _padded_stride(oc * ld, dtype.itemsize)
-        scratch = ws.worker(worker)
-        v = scratch.get("winograd_v", (16 * plane_v,), dtype)
-        prod = scratch.get("winograd_m", (16 * plane_m,), dtype)
-        _ops.winograd_input_transform(x, first, m, pt, pl, tiles_h, tiles_w, ld, plane_v, v, nt)
-        for xi in range(16):
-            vi = v[xi * plane_v: xi * plane_v + c * ld].reshape(c, ld)[:, :used]
-            mi = prod[xi * plane_m: xi * plane_m + oc * ld].reshape(oc, ld)[:, :used]
-            np.matmul(u[xi], vi, out=mi)
-        _ops.winograd_output_transform(prod, ld, plane_m, b, has_bias, rectify, slope, first, m, tiles_h, tiles_w,
-                                       y, nt)
-
-    for_each_group(n_groups, run_group)
-    return y
-
 
 class Workspace:
     """Grow-only scratch buffers, reused from call to call (one per layer).
@@ -283,13 +215,11 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, out=None, workspace=None, 
     ws = workspace if workspace is not None else Workspace()
     k = c * kh * kw
     p = out_h * out_w
-    has_bias = bias is not None
-    b = bias if has_bias else np.empty(0, dtype=dtype)
-    if conv_algorithm(c, (kh, kw), (sy, sx), maxpool2) == "winograd":
-        return _conv2d_winograd(x, weight, b, has_bias, ((pt, 0), (pl, 0)), (out_h, out_w), rectify, slope, y, ws)
     g = _group_size(n, (k + oc) * p * dtype.itemsize)
     n_groups = -(-n // g)
     w2 = weight.reshape(oc, k)
+    has_bias = bias is not None
+    b = bias if has_bias else np.empty(0, dtype=dtype)
     y3 = y.reshape(n, oc, -1)
     # One group: OpenMP loops and BLAS threads inside it; several: one thread per group.
     nt = threads_for(n * (k + oc) * p) if n_groups == 1 else 1
