@@ -6,7 +6,7 @@ Usage::
                                         [--steps 10] [--warmup 2] [--threads T] [--infer]
                                         [--json benchmarks/results/profile.json]
 
-Runs ``cnnx.profiler.profile`` on each zoo network at its BENCHMARKS.md batch size, with its
+Runs ``cnnx.profiler.profile`` on each zoo network at its benchmarks/README.md batch size, with its
 optimizer and softmax cross-entropy, on random inputs, and prints the table: each layer's mean
 forward and backward ms per step, its share of the whole step, its forward MFLOP per batch and the
 GFLOP/s it achieves; then the loss, the optimizer update and the Python left between the timed

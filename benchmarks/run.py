@@ -1,9 +1,20 @@
-"""Training and inference throughput of cnnx against PyTorch and Keras, following BENCHMARKS.md.
+"""Training and inference throughput of cnnx against PyTorch and Keras (see benchmarks/README.md).
 
 Usage::
 
     python benchmarks/run.py [--workloads seed-mnist lenet5 seed-cifar mind-cifar]
-                             [--seconds 5] [--rounds 3] [--threads T] [--out benchmarks/results]
+                             [--style user|zoo] [--seconds 5] [--rounds 3] [--threads T]
+                             [--out benchmarks/results]
+
+It measures the cnnx that Python imports from outside this folder: install it first
+(``pip install .``). The exit status is 1 when any measurement failed.
+
+Two styles of cnnx network (``--style``): ``user`` (the default) is what users write, each
+activation its own layer (Conv2D, then LeakyReLU, then MaxPool2D), trained through
+``Network.fit`` and run through ``Network.predict``; ``zoo`` is the zoo's form with the activation
+fused into the layer (``activation=``), driven step by step through ``forward``/``backward`` and the
+optimizer. The peers run their usual fastest loops: PyTorch ``nn.Sequential`` with an optimizer
+step, Keras ``Sequential`` with ``train_on_batch`` / ``predict_on_batch``.
 
 Every measurement runs in its own fresh subprocess (``run.py --worker FRAMEWORK WORKLOAD MODE``,
 which prints one JSON line), so the frameworks never share a process, a thread pool or an
@@ -36,17 +47,20 @@ from pathlib import Path
 # cnnx sets OMP_WAIT_POLICY, which must not leak into the peers' processes.
 _BASE_ENV = dict(os.environ)
 
+# Only this folder (for workloads.py) goes on the path: cnnx must be the installed package,
+# never the source tree above, which has no compiled kernels unless built in place.
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 PEERS = ("torch", "keras")
 FRAMEWORKS = ("cnnx",) + PEERS
 MODES = ("train", "infer")
 DEFAULT_WORKLOADS = ("seed-mnist", "lenet5", "seed-cifar", "mind-cifar")
+STYLES = ("user", "zoo")
+# The user style times fit/predict calls over this many batches each, so one call's fixed cost
+# (argument checks, history, progress bookkeeping) is spread as it is in a real epoch.
+BATCHES_PER_CALL = 8
 
 
 def _cores():
@@ -89,13 +103,25 @@ def _run_steps(step, seconds, warmup, min_steps=3):
             return len(times), t1 - start, times
 
 
-def _worker_cnnx(workload, mode, threads, x, y):
+def _worker_cnnx(workload, mode, threads, x, y, style="user"):
     import cnnx
+    import numpy as np
     from workloads import cnnx_model
 
     cnnx.parallel.set_num_threads(threads)
-    net = cnnx_model(workload)
-    if mode == "train":
+    net = cnnx_model(workload, fused=(style == "zoo"))
+    if style == "user":
+        # BATCHES_PER_CALL batches per call: the driver counts images with images_per_step.
+        xs = np.concatenate([x] * BATCHES_PER_CALL)
+        ys = np.concatenate([y] * BATCHES_PER_CALL)
+        batch = len(x)
+        if mode == "train":
+            def step():
+                net.fit(xs, ys, epochs=1, batch_size=batch, shuffle=False, verbose=0)
+        else:
+            def step():
+                net.predict(xs, batch_size=batch)
+    elif mode == "train":
         loss, opt = net.loss, net.optimizer
 
         def step():
@@ -182,7 +208,7 @@ def _worker_gemm(size, threads, seconds):
             "rss_mb": _rss_mb(), "loadavg": _loadavg(), "versions": {"numpy": np.__version__}}
 
 
-def worker(framework, workload, mode, seconds, threads, warmup, gemm_size):
+def worker(framework, workload, mode, seconds, threads, warmup, gemm_size, style="user"):
     """Measure one (framework, workload, mode) and print one JSON line."""
     if framework == "cnnx":
         # Imported before NumPy, as cnnx recommends: cnnx then loads OpenBLAS with idle threads
@@ -201,8 +227,13 @@ def worker(framework, workload, mode, seconds, threads, warmup, gemm_size):
     x = rng.standard_normal((batch,) + spec["input"], dtype=np.float32)
     y = rng.integers(0, 10, size=batch).astype(np.intp)
     t0 = time.perf_counter()
-    build = {"cnnx": _worker_cnnx, "torch": _worker_torch, "keras": _worker_keras}[framework]
-    step, params, versions = build(workload, mode, threads, x, y)
+    if framework == "cnnx":
+        step, params, versions = _worker_cnnx(workload, mode, threads, x, y, style)
+        images_per_step = batch * (BATCHES_PER_CALL if style == "user" else 1)
+    else:
+        build = {"torch": _worker_torch, "keras": _worker_keras}[framework]
+        step, params, versions = build(workload, mode, threads, x, y)
+        images_per_step = batch
     setup = time.perf_counter() - t0
     cpu0 = os.times()
     steps, elapsed, times = _run_steps(step, seconds, warmup)
@@ -211,13 +242,13 @@ def worker(framework, workload, mode, seconds, threads, warmup, gemm_size):
     # it actually got, which tells a thread setting that is not honoured from a loaded machine.
     cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
     wall = cpu1.elapsed - cpu0.elapsed
-    ips = steps * batch / elapsed
+    ips = steps * images_per_step / elapsed
     flops = cnnx_forward_flops(workload) * (3 if mode == "train" else 1)
     return {
         "framework": framework, "workload": workload, "mode": mode, "batch": batch, "threads": threads,
         "params": params, "params_expected": spec["params"], "steps": steps, "seconds": elapsed,
         "setup_s": setup, "images_per_s": ips,
-        "images_per_s_median_step": batch / statistics.median(times),
+        "images_per_s_median_step": images_per_step / statistics.median(times), "style": style,
         "flops_per_image": flops, "gflops": ips * flops / 1e9,
         "cores_used": cpu / wall if wall > 0 else None,
         "rss_mb": _rss_mb(), "loadavg": _loadavg(), "versions": versions,
@@ -230,11 +261,17 @@ def _machine():
     import numpy as np
 
     cpu = platform.processor() or platform.machine()
+    simd = []
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
                     cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    simd = [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw",
+                                        "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+                            if f in flags]
                     break
     except OSError:
         pass
@@ -265,7 +302,7 @@ def _machine():
             versions[key] = version(dist)
         except PackageNotFoundError:
             pass
-    return {"cpu": cpu, "cores": _cores(), "platform": platform.platform(), "blas": blas,
+    return {"cpu": cpu, "simd": simd, "cores": _cores(), "platform": platform.platform(), "blas": blas,
             "versions": versions, "loadavg_start": _loadavg()}
 
 
@@ -280,12 +317,11 @@ def _available_peers():
 def _spawn(framework, workload, mode, args):
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", framework, workload, mode,
            "--seconds", str(args.seconds), "--threads", str(args.threads), "--warmup", str(args.warmup),
-           "--gemm-size", str(args.gemm_size)]
+           "--gemm-size", str(args.gemm_size), "--style", args.style]
     env = dict(_BASE_ENV)
     t = str(args.threads)
     env.update(OMP_NUM_THREADS=t, OPENBLAS_NUM_THREADS=t, MKL_NUM_THREADS=t, CNNX_NUM_THREADS=t,
                TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     timeout = 120 + 20 * args.seconds + 60 * args.warmup
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -355,7 +391,11 @@ def render(machine, config, summary, gemm, found):
     peers = [f for f in frameworks if f != "cnnx"]
     v = machine["versions"]
     lines = ["# cnnx benchmark results", ""]
-    lines.append(f"- Machine: {machine['cpu']}, {machine['cores']} cores available, {machine['platform']}")
+    lines.append(f"- Machine: {machine['cpu']} (SIMD: {' '.join(machine.get('simd') or ['unknown'])}), "
+                 f"{machine['cores']} cores available, {machine['platform']}")
+    style = {"user": "user-written networks (separate activation layers) through fit / predict",
+             "zoo": "zoo networks (activations fused via activation=) through forward / backward"}
+    lines.append(f"- cnnx style: {style[config['style']]}")
     for info in machine["blas"]:
         lines.append(f"- NumPy BLAS: {info.get('internal_api')} {info.get('version')} "
                      f"({info.get('threading_layer')}, {info.get('architecture')}, {info.get('num_threads')} threads)")
@@ -415,6 +455,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="+", default=list(DEFAULT_WORKLOADS))
+    parser.add_argument("--style", default="user", choices=STYLES,
+                        help="user: separate activation layers through fit/predict; "
+                             "zoo: fused activations through forward/backward")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--frameworks", nargs="+", default=None, choices=FRAMEWORKS,
                         help="default: cnnx and every peer that is installed")
@@ -430,7 +473,8 @@ def main(argv=None):
     if args.worker:
         fw, wl, mode = args.worker
         try:
-            result = worker(fw, wl, mode, args.seconds, args.threads, args.warmup, args.gemm_size)
+            result = worker(fw, wl, mode, args.seconds, args.threads, args.warmup, args.gemm_size,
+                            args.style)
         except Exception as exc:  # the driver reports it and goes on with the others
             print(json.dumps({"framework": fw, "workload": wl, "mode": mode,
                               "error": f"{type(exc).__name__}: {exc}"}))
@@ -449,7 +493,8 @@ def main(argv=None):
         print(f"note: {', '.join(missing)} not installed; measuring without it", file=sys.stderr)
         frameworks = [f for f in frameworks if f not in missing]
     machine = _machine()
-    config = {"workloads": workloads, "modes": args.modes, "frameworks": frameworks, "seconds": args.seconds,
+    config = {"workloads": workloads, "modes": args.modes, "frameworks": frameworks, "style": args.style,
+              "seconds": args.seconds,
               "rounds": args.rounds, "threads": args.threads, "warmup": args.warmup, "gemm_size": args.gemm_size}
     print(f"peers found: {', '.join(p for p in PEERS if found[p]) or 'none'}; measuring {', '.join(frameworks)} "
           f"on {machine['cpu']} ({machine['cores']} cores), load {machine['loadavg_start']}", file=sys.stderr)
@@ -489,6 +534,11 @@ def main(argv=None):
                "gemm_gflops": gemm, "runs": runs}
     (out / "results.json").write_text(json.dumps(payload, indent=1))
     print(f"wrote {out / 'results.md'} and {out / 'results.json'}", file=sys.stderr)
+    failures = [r for r in runs if "error" in r]
+    if failures:
+        print(f"error: {len(failures)} of {len(runs)} measurements failed (see Problems above)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

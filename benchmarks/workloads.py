@@ -1,4 +1,4 @@
-"""The benchmark workloads of BENCHMARKS.md, built in cnnx, PyTorch and Keras (TensorFlow backend).
+"""The benchmark workloads (see benchmarks/README.md), built in cnnx, PyTorch and Keras (TensorFlow backend).
 
 This module owns the peer model definitions. Each peer mirrors the cnnx zoo model exactly: the
 same layers in the same order, the same parameter count (checked against the seed report's
@@ -24,7 +24,7 @@ WORKLOADS = {
     "mind-cifar": {"input": (3, 32, 32), "batch": 128, "params": 179_402},
 }
 
-#: Forward MFLOP per image as BENCHMARKS.md states them (run.py checks its own count against these).
+#: Forward MFLOP per image as the workload table states them (run.py checks its own count against these).
 STATED_MFLOP = {"seed-mnist": 2.51, "seed-cifar": 6.05, "lenet5": 0.83, "mind-cifar": 85.7}
 
 NUM_CLASSES = 10
@@ -77,12 +77,16 @@ def canonical(name):
 
 
 # ---------------------------------------------------------------------- cnnx -----------------
-def cnnx_model(name, seed=0):
-    """The zoo network, compiled with its BENCHMARKS.md optimizer and softmax cross-entropy."""
+def cnnx_model(name, seed=0, fused=True):
+    """The zoo network, compiled with its workload's optimizer and softmax cross-entropy.
+
+    ``fused=False`` writes each activation as its own layer, as users do; ``True`` passes it
+    to the Conv2D/Dense layer (``activation=``), the zoo's form.
+    """
     import cnnx
     from cnnx.models import build, default_optimizer
 
-    net = build(name, seed=seed)
+    net = build(name, seed=seed, fused=fused)
     net.compile(cnnx.losses.SoftmaxCrossEntropy(), default_optimizer(name))
     return net
 

@@ -4,6 +4,14 @@ __version__ = "0.1.0"
 import os as _os
 import sys as _sys
 
+from . import _source_tree
+
+# An uncompiled source tree (a clone's root first on sys.path) hands over to the installed cnnx:
+# from here on `import cnnx` yields that package. The rest of this file then only re-binds names
+# of modules the installed copy has already imported.
+if not _source_tree.has_compiled_ops(_os.path.dirname(__file__)):
+    _source_tree.hand_over_to_installed(__name__, _os.path.dirname(__file__))
+
 
 def _load_runtimes():
     """Import NumPy (OpenBLAS) and the compiled kernels (OpenMP) with idle threads that sleep.
@@ -37,9 +45,11 @@ _load_runtimes()
 from ._simd import show_config
 from .random import manual_seed
 from . import layers
+from .layers import register_layer
 from . import losses, optimizers, metrics
 from .network import Network, NonFiniteLossError
 from . import callbacks, models
+from . import augment, schedules
 from . import datasets, preprocessing
 from . import parallel, visualize
 from .io import ModelFormatError, load, load_weights, save, save_weights

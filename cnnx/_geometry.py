@@ -83,3 +83,9 @@ def explicit_padding(padding, kernel_size=None, stride=(1, 1), input_size=None):
     if min(result[0] + result[1]) < 0:
         raise ValueError(f"Expected padding >= 0, received: padding={padding!r}")
     return result
+
+
+def dilated_kernel_size(kernel_size, dilation):
+    """The span ``(d * (k - 1) + 1)`` per axis of a ``kernel_size`` pair dilated by a ``dilation`` pair:
+    what padding ("same"), output sizes and the fits-in-the-input check see."""
+    return tuple(d * (k - 1) + 1 for k, d in zip(kernel_size, dilation))

@@ -72,4 +72,19 @@ def batchnorm_normalize(
 def batchnorm_train_backward(
     dy: Float, x_hat: Float, scale: NDArray[np.float64], mean_dy: NDArray[np.float64],
     mean_dy_xhat: NDArray[np.float64], dx: Float, n_threads: int,
+def im2col_dilated(
+    x: Float, first: int, kh: int, kw: int, sy: int, sx: int, dil_y: int, dil_x: int, pad_top: int,
+    pad_left: int, out_h: int, out_w: int, cols: Float, n_threads: int,
+) -> None: ...
+def col2im_dilated(
+    cols: Float, first: int, kh: int, kw: int, sy: int, sx: int, dil_y: int, dil_x: int, pad_top: int,
+    pad_left: int, out_h: int, out_w: int, x: Float, n_threads: int,
+) -> None: ...
+def depthwise_conv2d(
+    x: Float, weight: Float, bias: Float, has_bias: bool, sy: int, sx: int, dil_y: int, dil_x: int,
+    pad_top: int, pad_left: int, rectify: bool, negative_slope: float, y: Float, n_threads: int,
+) -> None: ...
+def depthwise_conv2d_backward(
+    dz: Float, x: Float, weight: Float, sy: int, sx: int, dil_y: int, dil_x: int, pad_top: int, pad_left: int,
+    need_dx: bool, dx: Float, dweight_partial: Float, dbias_partial: NDArray[np.float64], n_threads: int,
 ) -> None: ...

@@ -1186,3 +1186,292 @@ def batchnorm_train_backward(
         b = <floating>mean_dy_xhat[ch]
         for l in range(L):
             dx[img, ch, l] = (dy[img, ch, l] - a - x_hat[img, ch, l] * b) * s
+# --- dilated im2col / col2im (grouped and dilated convolutions) ------------------------------
+# The same column layout as im2col / col2im; kernel tap (ki, kj) reads input row
+# oy * sy - pad_top + ki * dil_y and column ox * sx - pad_left + kj * dil_x. Rows of one group's
+# input channels are contiguous, so ``cols.reshape(groups, K // groups, g * P)`` is a view the
+# caller multiplies group by group in one batched GEMM (np.matmul over the leading axis).
+
+cdef inline Py_ssize_t _first_valid(Py_ssize_t out_w, Py_ssize_t sx, Py_ssize_t offset) noexcept nogil:
+    """The first output column whose input column ``ox * sx + offset`` is >= 0 (``out_w`` if none)."""
+    cdef Py_ssize_t lo = 0
+    while lo < out_w and lo * sx + offset < 0:
+        lo = lo + 1
+    return lo
+
+
+cdef inline Py_ssize_t _end_valid(Py_ssize_t lo, Py_ssize_t out_w, Py_ssize_t sx, Py_ssize_t offset,
+                                  Py_ssize_t w) noexcept nogil:
+    """One past the last output column (from ``lo``) whose input column ``ox * sx + offset`` is < ``w``."""
+    cdef Py_ssize_t hi = out_w
+    while hi > lo and (hi - 1) * sx + offset >= w:
+        hi = hi - 1
+    return hi
+
+
+# (Returned, not written through pointers: Cython makes a prange variable thread-private only
+# when the loop body assigns it; one written through its address would be shared and raced on.)
+
+
+def im2col_dilated(
+    const floating[:, :, :, ::1] x,
+    Py_ssize_t first,
+    Py_ssize_t kh,
+    Py_ssize_t kw,
+    Py_ssize_t sy,
+    Py_ssize_t sx,
+    Py_ssize_t dil_y,
+    Py_ssize_t dil_x,
+    Py_ssize_t pad_top,
+    Py_ssize_t pad_left,
+    Py_ssize_t out_h,
+    Py_ssize_t out_w,
+    floating[:, :, ::1] cols,
+    int n_threads,
+):
+    """``im2col`` with dilation: unfold ``x[first : first + g]`` into ``cols (c*kh*kw, g, out_h*out_w)``."""
+    cdef Py_ssize_t g = cols.shape[1]
+    cdef Py_ssize_t c = x.shape[1], h = x.shape[2], w = x.shape[3]
+    cdef Py_ssize_t j, img, ci, ki, kj, r, oy, ox, iy, ix, p, ox_lo, ox_hi, col0
+    if g == 0 or cols.shape[0] == 0 or cols.shape[2] == 0:
+        return
+    for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
+        img = first + j
+        for ci in range(c):
+            for ki in range(kh):
+                for kj in range(kw):
+                    r = (ci * kh + ki) * kw + kj
+                    col0 = kj * dil_x - pad_left
+                    ox_lo = _first_valid(out_w, sx, col0)
+                    ox_hi = _end_valid(ox_lo, out_w, sx, col0, w)
+                    for oy in range(out_h):
+                        iy = oy * sy - pad_top + ki * dil_y
+                        p = oy * out_w
+                        if iy < 0 or iy >= h:
+                            for ox in range(out_w):
+                                cols[r, j, p + ox] = 0
+                            continue
+                        for ox in range(ox_lo):
+                            cols[r, j, p + ox] = 0
+                        if sx == 1 and ox_hi > ox_lo and not CNNX_DEBUG_BUILD:
+                            memcpy(&cols[r, j, p + ox_lo], &x[img, ci, iy, ox_lo + col0],
+                                   (ox_hi - ox_lo) * sizeof(floating))
+                        else:
+                            for ox in range(ox_lo, ox_hi):
+                                ix = ox * sx + col0
+                                cols[r, j, p + ox] = x[img, ci, iy, ix]
+                        for ox in range(ox_hi, out_w):
+                            cols[r, j, p + ox] = 0
+
+
+def col2im_dilated(
+    const floating[:, :, ::1] cols,
+    Py_ssize_t first,
+    Py_ssize_t kh,
+    Py_ssize_t kw,
+    Py_ssize_t sy,
+    Py_ssize_t sx,
+    Py_ssize_t dil_y,
+    Py_ssize_t dil_x,
+    Py_ssize_t pad_top,
+    Py_ssize_t pad_left,
+    Py_ssize_t out_h,
+    Py_ssize_t out_w,
+    floating[:, :, :, ::1] x,
+    int n_threads,
+):
+    """Adjoint of ``im2col_dilated``: overwrite ``x[first : first + g]`` with ``cols`` folded back."""
+    cdef Py_ssize_t g = cols.shape[1]
+    cdef Py_ssize_t c = x.shape[1], h = x.shape[2], w = x.shape[3]
+    cdef Py_ssize_t j, img, ci, ki, kj, r, oy, ox, iy, ix, p, ox_lo, ox_hi, yy, xx, t, col0
+    cdef floating* dst
+    cdef const floating* src
+    if g == 0:
+        return
+    for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
+        img = first + j
+        for ci in range(c):
+            for yy in range(h):
+                for xx in range(w):
+                    x[img, ci, yy, xx] = 0
+            for ki in range(kh):
+                for kj in range(kw):
+                    r = (ci * kh + ki) * kw + kj
+                    col0 = kj * dil_x - pad_left
+                    ox_lo = _first_valid(out_w, sx, col0)
+                    ox_hi = _end_valid(ox_lo, out_w, sx, col0, w)
+                    for oy in range(out_h):
+                        iy = oy * sy - pad_top + ki * dil_y
+                        if iy < 0 or iy >= h:
+                            continue
+                        p = oy * out_w
+                        if sx == 1 and ox_hi > ox_lo and not CNNX_DEBUG_BUILD:
+                            dst = &x[img, ci, iy, ox_lo + col0]
+                            src = &cols[r, j, p + ox_lo]
+                            for t in range(ox_hi - ox_lo):
+                                dst[t] += src[t]
+                        else:
+                            for ox in range(ox_lo, ox_hi):
+                                ix = ox * sx + col0
+                                x[img, ci, iy, ix] += cols[r, j, p + ox]
+
+
+# --- direct depthwise convolution (groups == in_channels) -------------------------------------
+# Output channel o reads only input channel o // mult (mult = out_c // in_c). Each output plane
+# is a sum of kh*kw shifted, scaled copies of one input plane: no column buffer (an im2col would
+# hold kh*kw copies of the input) and, for stride 1, a contiguous inner loop the compiler
+# vectorises. Parallel over planes; every plane is written by one thread only.
+
+def depthwise_conv2d(
+    const floating[:, :, :, ::1] x,
+    const floating[:, :, :, ::1] weight,
+    const floating[::1] bias,
+    bint has_bias,
+    Py_ssize_t sy,
+    Py_ssize_t sx,
+    Py_ssize_t dil_y,
+    Py_ssize_t dil_x,
+    Py_ssize_t pad_top,
+    Py_ssize_t pad_left,
+    bint rectify,
+    double negative_slope,
+    floating[:, :, :, ::1] y,
+    int n_threads,
+):
+    """``y[i, o] = bias[o] + sum_{ki, kj} weight[o, 0, ki, kj] * x[i, o // mult, shifted]``, then an
+    optional leaky ReLU (``negative_slope`` 0: ReLU). ``weight`` has shape ``(out_c, 1, kh, kw)``."""
+    cdef Py_ssize_t n = y.shape[0], oc = y.shape[1], out_h = y.shape[2], out_w = y.shape[3]
+    cdef Py_ssize_t c = x.shape[1], h = x.shape[2], w = x.shape[3]
+    cdef Py_ssize_t kh = weight.shape[2], kw = weight.shape[3]
+    cdef Py_ssize_t mult = oc // c if c > 0 else 1
+    cdef Py_ssize_t plane, img, o, ci, ki, kj, oy, ox, iy, col0, ox_lo, ox_hi
+    cdef floating wv, b, v, scaled
+    cdef floating slope = <floating>negative_slope
+    cdef floating* dst
+    cdef const floating* src
+    if n == 0 or oc == 0 or out_h == 0 or out_w == 0:
+        return
+    for plane in prange(n * oc, nogil=True, schedule="static", num_threads=n_threads):
+        img = plane // oc
+        o = plane % oc
+        ci = o // mult
+        b = bias[o] if has_bias else 0
+        for oy in range(out_h):
+            for ox in range(out_w):
+                y[img, o, oy, ox] = b
+        for ki in range(kh):
+            for kj in range(kw):
+                wv = weight[o, 0, ki, kj]
+                col0 = kj * dil_x - pad_left
+                ox_lo = _first_valid(out_w, sx, col0)
+                ox_hi = _end_valid(ox_lo, out_w, sx, col0, w)
+                for oy in range(out_h):
+                    iy = oy * sy - pad_top + ki * dil_y
+                    if iy < 0 or iy >= h:
+                        continue
+                    if sx == 1 and ox_hi > ox_lo and not CNNX_DEBUG_BUILD:
+                        dst = &y[img, o, oy, ox_lo]
+                        src = &x[img, ci, iy, ox_lo + col0]
+                        for ox in range(ox_hi - ox_lo):
+                            dst[ox] += wv * src[ox]
+                    else:
+                        for ox in range(ox_lo, ox_hi):
+                            y[img, o, oy, ox] += wv * x[img, ci, iy, ox * sx + col0]
+        if rectify:
+            for oy in range(out_h):
+                for ox in range(out_w):
+                    v = y[img, o, oy, ox]
+                    scaled = v * slope
+                    y[img, o, oy, ox] = v if v > 0 else scaled
+
+
+def depthwise_conv2d_backward(
+    const floating[:, :, :, ::1] dz,
+    const floating[:, :, :, ::1] x,
+    const floating[:, :, :, ::1] weight,
+    Py_ssize_t sy,
+    Py_ssize_t sx,
+    Py_ssize_t dil_y,
+    Py_ssize_t dil_x,
+    Py_ssize_t pad_top,
+    Py_ssize_t pad_left,
+    bint need_dx,
+    floating[:, :, :, ::1] dx,
+    floating[:, :, ::1] dweight_partial,
+    double[:, ::1] dbias_partial,
+    int n_threads,
+):
+    """Gradients of ``depthwise_conv2d`` (before its activation: ``dz`` is the gradient of the
+    pre-activation output). Per image, so the caller sums in a fixed order whatever the thread
+    count: ``dweight_partial[i, o, ki * kw + kj]`` and ``dbias_partial[i, o]``. ``dx`` (when
+    ``need_dx``) is overwritten."""
+    cdef Py_ssize_t n = dz.shape[0], oc = dz.shape[1], out_h = dz.shape[2], out_w = dz.shape[3]
+    cdef Py_ssize_t c = x.shape[1], h = x.shape[2], w = x.shape[3]
+    cdef Py_ssize_t kh = weight.shape[2], kw = weight.shape[3]
+    cdef Py_ssize_t mult = oc // c if c > 0 else 1
+    cdef Py_ssize_t plane, img, o, ci, m, ki, kj, oy, ox, iy, iy2, ix2, col0, ox_lo, ox_hi
+    cdef floating wv, acc
+    cdef double bacc
+    cdef floating* dst
+    cdef const floating* src
+    cdef const floating* grad
+    if n == 0 or oc == 0:
+        return
+    # Weight and bias gradients: one thread per output plane.
+    for plane in prange(n * oc, nogil=True, schedule="static", num_threads=n_threads):
+        img = plane // oc
+        o = plane % oc
+        ci = o // mult
+        bacc = 0
+        for oy in range(out_h):
+            for ox in range(out_w):
+                bacc = bacc + dz[img, o, oy, ox]
+        dbias_partial[img, o] = bacc
+        for ki in range(kh):
+            for kj in range(kw):
+                col0 = kj * dil_x - pad_left
+                ox_lo = _first_valid(out_w, sx, col0)
+                ox_hi = _end_valid(ox_lo, out_w, sx, col0, w)
+                acc = 0
+                for oy in range(out_h):
+                    iy = oy * sy - pad_top + ki * dil_y
+                    if iy < 0 or iy >= h:
+                        continue
+                    if sx == 1 and ox_hi > ox_lo and not CNNX_DEBUG_BUILD:
+                        grad = &dz[img, o, oy, ox_lo]
+                        src = &x[img, ci, iy, ox_lo + col0]
+                        for ox in range(ox_hi - ox_lo):
+                            acc = acc + grad[ox] * src[ox]
+                    else:
+                        for ox in range(ox_lo, ox_hi):
+                            acc = acc + dz[img, o, oy, ox] * x[img, ci, iy, ox * sx + col0]
+                dweight_partial[img, o, ki * kw + kj] = acc
+    if not need_dx:
+        return
+    # Input gradient: one thread per input plane, which gathers from its mult output planes.
+    for plane in prange(n * c, nogil=True, schedule="static", num_threads=n_threads):
+        img = plane // c
+        ci = plane % c
+        for iy2 in range(h):
+            for ix2 in range(w):
+                dx[img, ci, iy2, ix2] = 0
+        for m in range(mult):
+            o = ci * mult + m
+            for ki in range(kh):
+                for kj in range(kw):
+                    wv = weight[o, 0, ki, kj]
+                    col0 = kj * dil_x - pad_left
+                    ox_lo = _first_valid(out_w, sx, col0)
+                    ox_hi = _end_valid(ox_lo, out_w, sx, col0, w)
+                    for oy in range(out_h):
+                        iy = oy * sy - pad_top + ki * dil_y
+                        if iy < 0 or iy >= h:
+                            continue
+                        if sx == 1 and ox_hi > ox_lo and not CNNX_DEBUG_BUILD:
+                            dst = &dx[img, ci, iy, ox_lo + col0]
+                            grad = &dz[img, o, oy, ox_lo]
+                            for ox in range(ox_hi - ox_lo):
+                                dst[ox] += wv * grad[ox]
+                        else:
+                            for ox in range(ox_lo, ox_hi):
+                                dx[img, ci, iy, ox * sx + col0] += wv * dz[img, o, oy, ox]

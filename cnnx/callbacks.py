@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import secrets
 import warnings
+from pathlib import Path
 
-__all__ = ["Callback", "EarlyStopping", "LambdaCallback"]
+__all__ = ["Callback", "EarlyStopping", "LambdaCallback", "CSVLogger", "TensorBoard"]
 
 
 class Callback:
@@ -161,6 +164,84 @@ class LambdaCallback(Callback):
 
     def __repr__(self):
         return f"LambdaCallback({', '.join(self._given)})"
+
+
+class CSVLogger(Callback):
+    """Write one CSV row per epoch: ``epoch`` then the epoch logs (as Keras' ``CSVLogger``).
+
+    ``epoch`` counts from 0 over the network's whole history, so a resumed run appending to the
+    same file continues the numbering. Values are written with ``repr`` (exact round trip; NaN as
+    ``nan``). The file is rewritten atomically at every epoch (a temporary file renamed over it),
+    so a run killed at any moment leaves a complete, readable file.
+
+    Parameters
+    ----------
+    filename : str or os.PathLike
+    separator : str, default ","
+    append : bool, default False
+        Keep the rows already in the file (its header must match) instead of starting afresh.
+    """
+
+    def __init__(self, filename, separator=",", append=False):
+        if not isinstance(filename, (str, os.PathLike)):
+            raise TypeError(f"Expected filename as a str or path, received: {type(filename).__name__}")
+        if not isinstance(separator, str) or len(separator) != 1 or separator in "\n\r\"":
+            raise ValueError(f"Expected separator as one character, received: separator={separator!r}")
+        self.filename = Path(filename)
+        self.separator = separator
+        self.append = bool(append)
+        self._header = None
+        self._lines = []
+
+    def on_train_begin(self, logs=None):
+        self._header = None
+        self._lines = []
+        if self.append and self.filename.is_file():
+            lines = self.filename.read_text().splitlines()
+            if lines:
+                self._header = lines[0].split(self.separator)
+                self._lines = lines
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        history = self.network.history if self.network is not None else {}
+        index = len(history.get("loss", [])) - 1 if history.get("loss") else epoch
+        if self._header is None:
+            self._header = ["epoch"] + sorted(logs)
+            self._lines = [self.separator.join(self._header)]
+        row = [str(index)] + [_csv_value(logs.get(key, math.nan)) for key in self._header[1:]]
+        self._lines.append(self.separator.join(row))
+        _write_atomic(self.filename, "\n".join(self._lines) + "\n")
+
+    def __repr__(self):
+        return f"CSVLogger({str(self.filename)!r}, separator={self.separator!r}, append={self.append})"
+
+
+def _csv_value(value):
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def _write_atomic(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def __getattr__(name):
+    # TensorBoard lives in its own module (it needs the optional tensorboardX); importing it
+    # lazily keeps ``import cnnx`` free of that dependency.
+    if name == "TensorBoard":
+        from .tensorboard import TensorBoard
+
+        return TensorBoard
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _is_nan(value):

@@ -8,8 +8,10 @@ A training run writes everything needed to reuse the model into one directory::
 
     runs/lenet5/
         (the saved network, as written by cnnx.io: loadable with cnnx.load(dir))
+        (history.json, part of the saved network: per-epoch loss / accuracy, train and validation)
         preprocessing.json     dataset, class names, input shape, standardisation mean/std
-        train_history.json     per-epoch loss / accuracy (train and validation), test result
+        run.json               the run's settings, training time and test result (no history:
+                               history.json is the one history file)
         curves.png             loss and accuracy curves        (when matplotlib is installed)
         confusion_matrix.png   on the test set                  (when matplotlib is installed)
 
@@ -32,7 +34,8 @@ import numpy as np
 __all__ = ["main", "build_parser", "CLIError"]
 
 PREPROCESSING_FILE = "preprocessing.json"
-HISTORY_FILE = "train_history.json"
+HISTORY_FILE = "history.json"  # written by cnnx.save with the network
+RUN_FILE = "run.json"
 CURVES_FILE = "curves.png"
 CONFUSION_FILE = "confusion_matrix.png"
 
@@ -80,6 +83,18 @@ def _positive_float(text):
     return value
 
 
+def _float_range(text):
+    from ._image_file import FLOAT_RANGES
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value not in FLOAT_RANGES:
+        raise argparse.ArgumentTypeError(f"expected 1 or 255, received: {text!r}")
+    return value
+
+
 def _fraction(text):
     try:
         value = float(text)
@@ -91,7 +106,7 @@ def _fraction(text):
 
 
 def build_parser():
-    """The ``cnnx`` argument parser (subcommands train, evaluate, predict, summary, explain)."""
+    """The ``cnnx`` argument parser (subcommands train, evaluate, predict, summary, explain, export)."""
     from . import _simd
     from .models import MODELS
 
@@ -129,15 +144,18 @@ def build_parser():
     p.add_argument("--val-fraction", type=_fraction, default=0.1, metavar="F",
                    help="share of the training set held out, stratified, for validation; 0 for none "
                         "(default: 0.1)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="floating type of the weights and the computation (default: float32)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="directory to save the model, preprocessing, history and plots in "
                         "(default: runs/MODEL-DATASET)")
     p.add_argument("--limit", type=_positive_int, metavar="N",
                    help="use only the first N training images (quick trials and tests)")
     p.add_argument("--no-progress", action="store_true",
-                   help="no progress bar")
+                   help="no progress bar: one plain line per epoch instead (the default when "
+                        "stderr is not a terminal, e.g. a log file)")
     p.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
+    _add_training_options(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", parents=[threads], help="test loss and accuracy of a trained model",
@@ -145,20 +163,30 @@ def build_parser():
     p.add_argument("model_dir", metavar="DIR", help="directory written by 'cnnx train'")
     p.add_argument("--dataset", metavar="DATASET",
                    help=f"{dataset_help} (default: the one the model was trained on)")
-    p.add_argument("--batch-size", type=_positive_int, default=256, metavar="B")
+    p.add_argument("--batch-size", type=_positive_int, default=256, metavar="B",
+                   help="images per forward pass (default: 256)")
     p.add_argument("--limit", type=_positive_int, metavar="N", help="use only the first N test images")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("predict", parents=[threads], help="classify images stored in a .npy file",
+    images = _Parser(add_help=False)
+    images.add_argument("--float-range", type=_float_range, default=1, metavar="{1,255}",
+                        help="the range of float images: 1 = values in [0, 1], used as they are; "
+                             "255 = values in [0, 255], divided by 255. Values outside the range, "
+                             "NaN and infinity are refused, never clipped. uint8 images are always "
+                             "divided by 255 (default: 1)")
+
+    p = sub.add_parser("predict", parents=[threads, images], help="classify images stored in a .npy file",
                        description="Classify images with a model saved by 'cnnx train'. The input "
-                                   "is a .npy array of uint8 (0..255) or float ([0, 1]) images of "
-                                   "shape (n, 28, 28), (n, 1, 28, 28) or (n, 3, 32, 32) (whatever "
-                                   "the model takes); the training preprocessing is applied.")
+                                   "is a .npy array of uint8 (0..255) or float (see --float-range) "
+                                   "images of shape (n, 28, 28), (n, 1, 28, 28) or (n, 3, 32, 32) "
+                                   "(whatever the model takes); the training preprocessing is applied.")
     p.add_argument("model_dir", metavar="DIR", help="directory written by 'cnnx train'")
     p.add_argument("input", metavar="INPUT.npy", help="images to classify")
-    p.add_argument("--out", metavar="FILE.npy",
-                   help="write the class ids here instead of printing one class name per line")
-    p.add_argument("--batch-size", type=_positive_int, default=256, metavar="B")
+    p.add_argument("--out", metavar="FILE",
+                   help="write the class ids (int64 .npy) to exactly this path instead of printing "
+                        "one class name per line")
+    p.add_argument("--batch-size", type=_positive_int, default=256, metavar="B",
+                   help="images per forward pass (default: 256)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("summary", help="print a model's layers, output shapes and parameter counts",
@@ -168,14 +196,29 @@ def build_parser():
     group.add_argument("model_dir", nargs="?", metavar="DIR", help="directory of a saved model")
     p.set_defaults(func=_cmd_summary)
 
-    p = sub.add_parser("explain", parents=[threads], help="feature maps, occlusion and saliency maps of one image",
+    p = sub.add_parser("explain", parents=[threads, images],
+                       help="feature maps, occlusion and saliency maps of one image",
                        description="Write PNGs that show what a trained model looks at for one "
                                    "image: feature maps, an occlusion map and a saliency map.")
     p.add_argument("model_dir", metavar="DIR", help="directory written by 'cnnx train'")
     p.add_argument("--input", required=True, metavar="INPUT.npy", help="images (as for predict)")
-    p.add_argument("--index", type=int, default=0, metavar="K", help="which image of INPUT.npy (default: 0)")
+    p.add_argument("--index", type=int, default=0, metavar="K",
+                   help="which image of INPUT.npy, counted from 0; negative counts from the end "
+                        "(-1 is the last) (default: 0)")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for the PNGs")
     p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser("export", help="write a saved model as ONNX and/or a PyTorch-style state dict",
+                       description="Export a model saved by 'cnnx train' (or Network.save): --onnx "
+                                   "writes an ONNX model (needs the onnx package) computing what "
+                                   "'cnnx predict' does after preprocessing (the preprocessing is "
+                                   "stored in its metadata); --state-dict writes the weights under "
+                                   "torch.nn.Sequential's keys as .npz.")
+    p.add_argument("model_dir", metavar="DIR", help="directory of a saved model")
+    p.add_argument("--onnx", metavar="FILE.onnx", help="write the ONNX model here")
+    p.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset (default: 17)")
+    p.add_argument("--state-dict", metavar="FILE.npz", help="write the PyTorch-style state dict here")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 
@@ -419,8 +462,13 @@ def _make_optimizer(model, name, lr):
     return optimizers.get(name, lr=1e-3 if lr is None else lr)
 
 
+def _stderr_is_terminal():
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
 def _epoch_printer(epochs):
-    """A callback printing one line per epoch (the progress bar, when shown, is transient)."""
+    """A callback printing one plain line per epoch, used when no progress bar is shown (the bar
+    stays on screen with the epoch's final figures, so the two are never shown together)."""
     from .callbacks import Callback
 
     class EpochLine(Callback):
@@ -472,18 +520,24 @@ def _cmd_train(args):
 
     optimizer = _make_optimizer(model_name, args.optimizer, args.lr)
     batch_size = args.batch_size or models.DEFAULT_BATCH_SIZE.get(model_name, 128)
-    net.compile(losses.SoftmaxCrossEntropy(), optimizer)
+    extras = _training_extras(args, optimizer, net)
+    net.compile(losses.SoftmaxCrossEntropy(label_smoothing=args.label_smoothing), optimizer)
     n_val = 0 if x_val is None else len(x_val)
     print(f"model {model_name} ({net.num_params:,} parameters), dataset {args.dataset}: "
           f"{len(x_train)} train / {n_val} validation / {len(x_test)} test images")
     print(f"optimizer {optimizer!r}, batch size {batch_size}, {args.epochs} epoch(s), "
           f"{_threads()} thread(s)", flush=True)
+    for line in extras.pop("describe"):
+        print(line, flush=True)
 
-    show_bar = not args.no_progress
+    # One record per epoch: on a terminal the tqdm bar, left on screen with the epoch's final
+    # loss / accuracy / validation figures; elsewhere (log files, pipes, --no-progress) one plain line.
+    show_bar = not args.no_progress and _stderr_is_terminal()
     start = time.perf_counter()
     net.fit(x_train, y_train, epochs=args.epochs, batch_size=batch_size,
-            validation_data=None if x_val is None else (x_val, y_val),
-            seed=args.seed, callbacks=[_epoch_printer(args.epochs)], verbose=1 if show_bar else 0)
+            validation_data=None if x_val is None else (x_val, y_val), seed=args.seed,
+            callbacks=([] if show_bar else [_epoch_printer(args.epochs)]) + extras.pop("callbacks"),
+            verbose=1 if show_bar else 0, **extras)
     train_seconds = time.perf_counter() - start
 
     test = net.evaluate(x_test, y_test)
@@ -500,18 +554,20 @@ def _cmd_train(args):
         "dataset": _dataset_record(args.dataset),
         "class_names": list(class_names),
         "input_shape": list(net.input_shape),
-        "scale": "uint8 images divided by 255; float images taken as already in [0, 1]",
+        "scale": "uint8 images divided by 255; float images must be in [0, 1] (predict and "
+                 "explain: or in [0, 255] with --float-range 255, divided by 255)",
         "mean": np.atleast_1d(state["mean"]).tolist(),
         "std": np.atleast_1d(state["std"]).tolist(),
     }
     (out / PREPROCESSING_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    # The per-epoch history is in history.json, saved with the network: not repeated here.
     record = {
         "model": model_name, "dataset": meta["dataset"], "epochs": args.epochs,
         "batch_size": batch_size, "optimizer": repr(optimizer), "seed": args.seed,
-        "train_seconds": train_seconds, "history": dict(net.history),
+        "train_seconds": train_seconds,
         "test_loss": test["loss"], "test_accuracy": test["accuracy"],
     }
-    (out / HISTORY_FILE).write_text(json.dumps(_json_safe(record), indent=2) + "\n")
+    (out / RUN_FILE).write_text(json.dumps(_json_safe(record), indent=2) + "\n")
     print(f"saved model and preprocessing to {out}")
 
     visualize = None if args.no_plots else _visualize()
@@ -523,6 +579,61 @@ def _cmd_train(args):
         _plot(visualize, "plot_confusion_matrix", out / CONFUSION_FILE, matrix,
               class_names=list(class_names), title=f"{model_name} on {args.dataset}: test set")
     return 0
+
+
+def _add_training_options(p):
+    """Options of 'cnnx train' for schedules, augmentation, logging and the training details."""
+    p.add_argument("--lr-schedule", metavar="SPEC",
+                   help="learning-rate schedule NAME[:key=value,...], with PyTorch's names and "
+                        "arguments: cosine, step:step_size=10, multistep:milestones=10/20, "
+                        "exponential:gamma=0.95, warmup:total_iters=5, onecycle, plateau:patience=3 "
+                        "(cosine defaults to T_max=EPOCHS); saved with the model")
+    p.add_argument("--augment", metavar="NAMES",
+                   help="augment training batches: comma-separated crop, flip, translate, cutout "
+                        "(e.g. crop,flip)")
+    p.add_argument("--tensorboard", metavar="DIR",
+                   help="write TensorBoard curves, histograms and filters to DIR "
+                        "(needs tensorboardX: pip install 'cnnx[tensorboard]')")
+    p.add_argument("--csv-log", metavar="FILE", help="write one CSV row of metrics per epoch to FILE")
+    p.add_argument("--label-smoothing", type=_fraction, default=0.0, metavar="EPS",
+                   help="label smoothing of the cross-entropy, as PyTorch's (default: 0)")
+    p.add_argument("--clip-grad-norm", type=_positive_float, metavar="MAX",
+                   help="clip the gradients' global L2 norm to MAX before each step")
+    p.add_argument("--class-weight", choices=("balanced",),
+                   help="weigh each class by n / (classes * its count) in the gradient")
+
+
+def _training_extras(args, optimizer, net):
+    """fit keyword arguments (and callbacks, and lines to print) from the training options."""
+    from . import augment, callbacks, schedules
+
+    describe, cbs = [], []
+    if args.lr_schedule:
+        try:
+            schedule = schedules.from_spec(args.lr_schedule, optimizer, args.epochs)
+        except (ValueError, TypeError) as exc:
+            raise CLIError(f"--lr-schedule {args.lr_schedule!r}: {exc}") from None
+        describe.append(f"lr schedule {schedule!r}")
+    aug = None
+    if args.augment:
+        if len(net.input_shape) != 3:
+            raise CLIError(f"--augment needs image inputs, model takes {net.input_shape}")
+        try:
+            aug = augment.from_names(args.augment, image_size=net.input_shape[1])
+        except ValueError as exc:
+            raise CLIError(f"--augment {args.augment!r}: {exc}") from None
+        describe.append(f"augmentation {aug!r}")
+    if args.tensorboard:
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError:
+            raise CLIError("--tensorboard needs tensorboardX: pip install 'cnnx[tensorboard]'") from None
+        cbs.append(callbacks.TensorBoard(args.tensorboard))
+        describe.append(f"TensorBoard logs in {args.tensorboard} (tensorboard --logdir {args.tensorboard})")
+    if args.csv_log:
+        cbs.append(callbacks.CSVLogger(args.csv_log))
+    return {"augment": aug, "clip_grad_norm": args.clip_grad_norm, "class_weight": args.class_weight,
+            "callbacks": cbs, "describe": describe}
 
 
 def _threads():
@@ -549,44 +660,39 @@ def _cmd_evaluate(args):
     return 0
 
 
-def _load_images(path, net):
-    """Images from a .npy file, shaped (n, *input_shape); one image without a batch axis is fine."""
+def _load_images(path, net, float_range, what):
+    """Images from a .npy file, shaped (n, *input_shape): see ``cnnx._image_file`` for the rules."""
+    from ._image_file import read_images
+
+    return read_images(path, net.input_shape, float_range=float_range, what=what)
+
+
+def _write_npy_exactly(path, array):
+    """``np.save`` to exactly ``path`` (np.save would append '.npy' to a name without it), through
+    a temporary file in the same folder, so a failed write never leaves half a file there."""
     path = Path(path)
-    if not path.is_file():
-        raise CLIError(f"input file {str(path)!r} does not exist")
-    # allow_pickle=False: an input file must not be able to run code.
-    x = np.load(path, allow_pickle=False)
-    if not isinstance(x, np.ndarray):
-        raise CLIError(f"{path}: expected one array (.npy), received an archive of arrays")
-    if x.dtype != np.uint8 and x.dtype.kind != "f":
-        raise CLIError(f"{path}: expected uint8 (0..255) or float ([0, 1]) images, received dtype {x.dtype}")
-    expected = tuple(net.input_shape)
-    grey = expected[0] == 1
-    if x.shape == expected or (grey and x.shape == expected[1:]):
-        x = x[np.newaxis]  # a single image
-    if grey and x.ndim == len(expected):
-        x = x[:, np.newaxis]
-    if tuple(x.shape[1:]) != expected:
-        raise CLIError(f"{path}: the model takes images of shape {expected}, received an array of "
-                       f"shape {x.shape}")
-    if len(x) == 0:
-        raise CLIError(f"{path}: holds no images")
-    if x.dtype.kind == "f":
-        if not np.all(np.isfinite(x)):
-            raise CLIError(f"{path}: holds NaN or infinite values")
-        if x.max() > 1.5:
-            _note(f"{path}: float images with values up to {x.max():g}; cnnx expects floats in "
-                  "[0, 1] (or uint8 0..255)")
-    return x
+    if path.is_dir():
+        raise CLIError(f"--out {str(path)!r}: expected a file path, received: a directory")
+    if not path.parent.is_dir():
+        raise CLIError(f"--out {str(path)!r}: the folder {str(path.parent)!r} does not exist")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
 
 
 def _cmd_predict(args):
     net, meta = _load_run(args.model_dir)
-    x = _preprocess(_load_images(args.input, net), net, meta)
+    x = _preprocess(_load_images(args.input, net, args.float_range, "input"), net, meta)
     classes = np.asarray(net.predict_classes(x, batch_size=args.batch_size), dtype=np.int64)
     if args.out:
-        np.save(args.out, classes)
-        print(f"wrote {len(classes)} class ids to {args.out}")
+        written = _write_npy_exactly(args.out, classes)
+        print(f"wrote {len(classes)} class ids to {written}")
     else:
         names = _class_names(meta, net.output_shape[0] if len(net.output_shape) == 1 else 0)
         print("\n".join(names[c] if c < len(names) else str(c) for c in classes))
@@ -607,16 +713,19 @@ def _cmd_summary(args):
 
 def _cmd_explain(args):
     net, meta = _load_run(args.model_dir)
-    images = _load_images(args.input, net)
-    if not -len(images) <= args.index < len(images):
-        raise CLIError(f"--index {args.index} is out of range for {len(images)} image(s)")
-    x = _preprocess(images[args.index:args.index + 1], net, meta)
+    images = _load_images(args.input, net, args.float_range, "--input")
+    n = len(images)
+    if not -n <= args.index < n:
+        raise CLIError(f"--index: expected an index in [{-n}, {n - 1}] ({n} image(s) in "
+                       f"{args.input}; negative counts from the end), received: {args.index}")
+    index = args.index % n  # Python's rule: -1 is the last image
+    x = _preprocess(images[index:index + 1], net, meta)
     names = _class_names(meta, net.output_shape[0] if len(net.output_shape) == 1 else 0)
     _ensure_compiled(net)
     probs = net.predict(x)[0]
     target = int(np.argmax(probs))
     label = names[target] if target < len(names) else str(target)
-    print(f"image {args.index}: predicted {label} (probability {probs[target]:.3f})")
+    print(f"image {index}: predicted {label} (probability {probs[target]:.3f})")
 
     visualize = _visualize()
     if visualize is None:
@@ -646,6 +755,37 @@ def _cmd_explain(args):
     return 0
 
 
+def _cmd_export(args):
+    if not args.onnx and not args.state_dict:
+        raise CLIError("nothing to export: give --onnx FILE.onnx and/or --state-dict FILE.npz")
+    for flag, target in (("--onnx", args.onnx), ("--state-dict", args.state_dict)):
+        if target and not Path(target).resolve().parent.is_dir():
+            raise CLIError(f"{flag} {target!r}: the directory {str(Path(target).parent)!r} does not exist")
+        if target and Path(target).is_dir():
+            raise CLIError(f"{flag} {target!r} is a directory; expected a file name")
+    net, meta = _load_run(args.model_dir)
+    if args.onnx:
+        try:
+            from . import onnx as cnnx_onnx
+
+            metadata = {"cnnx.preprocessing": json.dumps(_json_safe(meta))} if meta else None
+            cnnx_onnx.export(net, args.onnx, opset=args.opset, metadata=metadata)
+        except ImportError as exc:
+            raise CLIError(f"--onnx needs the onnx package (pip install 'cnnx[onnx]'): {exc}") from None
+        except NotImplementedError as exc:
+            raise CLIError(str(exc)) from None
+        print(f"wrote {args.onnx} (ONNX opset {args.opset}, input (batch, {', '.join(map(str, net.input_shape))}))")
+    if args.state_dict:
+        from .state_dict import save_npz
+
+        try:
+            save_npz(net, args.state_dict)
+        except NotImplementedError as exc:
+            raise CLIError(str(exc)) from None
+        print(f"wrote {args.state_dict} ({len(net.state_dict())} arrays, torch.nn.Sequential keys)")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
@@ -672,6 +812,23 @@ def _library_errors():
     return tuple(errors)
 
 
+def _check_global_options(parser, argv):
+    """Name an unknown option given before the command (argparse would only say that COMMAND is
+    missing), and say which commands there are when none is given."""
+    commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    known = [opt for opt in parser._option_string_actions]
+    expected = f"expected a command ({', '.join(commands)}) or --help / --version"
+    for token in argv:
+        if token in commands or token == "--":
+            return
+        if token.startswith("-"):
+            if any(opt.startswith(token) for opt in known):  # argparse accepts unique prefixes
+                return
+            parser.error(f"unknown option {token!r}: {expected}")
+        parser.error(f"unknown command {token!r}: {expected}")
+    parser.error(f"no command given: {expected}")
+
+
 def main(argv=None):
     """Run the ``cnnx`` command.
 
@@ -688,7 +845,9 @@ def main(argv=None):
         one line on stderr; set ``CNNX_TRACEBACK=1`` to get the traceback instead.
     """
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        _check_global_options(parser, argv)
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version and argument errors
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE

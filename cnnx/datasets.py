@@ -26,6 +26,7 @@ A directory counts only when it holds every file the dataset needs.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pickle
 import zlib
@@ -77,6 +78,8 @@ _IDX_DTYPES = {
     0x0E: np.dtype(">f8"),
 }
 _GZIP_MAGIC = b"\x1f\x8b"
+_IDX_MAX_DIMS = 32  # what every NumPy version accepts; real IDX files have 1 to 4
+_READ_CHUNK = 1 << 20
 
 # The four IDX files of an MNIST-style dataset, by role.
 _IDX_FILES = {
@@ -94,7 +97,9 @@ def load_idx(path):
     """Read one IDX file, gzipped or raw.
 
     Compression is detected from the gzip magic bytes ``1f 8b``, not from the file name, so a
-    decompressed file that kept its ``.gz`` name (or the reverse) still loads.
+    decompressed file that kept its ``.gz`` name (or the reverse) still loads. The file is read
+    as a stream: the header, exactly the payload it declares and one byte more (to detect
+    trailing data); a gzip stream is never decompressed beyond that.
 
     Parameters
     ----------
@@ -114,27 +119,49 @@ def load_idx(path):
         If ``path`` does not exist.
     ValueError
         If the file is a corrupt gzip stream, its magic number is wrong, its type code is not
-        an IDX type code, or its payload is shorter or longer than the dimensions say.
+        an IDX type code, it declares more than 32 dimensions, or its payload is shorter or
+        longer than the dimensions say. The message names the file.
     """
     path = Path(path)
-    raw = path.read_bytes()
-    if raw[:2] == _GZIP_MAGIC:
+    with open(path, "rb") as f:
+        compressed = f.read(2) == _GZIP_MAGIC
+        f.seek(0)
+        if not compressed:
+            return _read_idx_stream(f, path, os.fstat(f.fileno()).st_size)
         try:
-            raw = gzip.decompress(raw)
+            with gzip.GzipFile(fileobj=f, mode="rb") as stream:
+                return _read_idx_stream(stream, path, None)
         except (OSError, EOFError, zlib.error) as exc:
             raise ValueError(f"{path}: corrupt or truncated gzip stream ({exc})") from None
 
-    if len(raw) < 4:
+
+def _read_exactly(stream, n_bytes):
+    """Up to ``n_bytes`` from ``stream`` (fewer at its end), in chunks: a gzip stream is never
+    decompressed beyond what is asked, and nothing is allocated for bytes that do not come."""
+    data = bytearray()
+    while len(data) < n_bytes:
+        chunk = stream.read(min(n_bytes - len(data), _READ_CHUNK))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _read_idx_stream(stream, path, file_size):
+    """Parse one IDX file from ``stream``: the header, exactly the payload it declares, and one
+    byte more to detect trailing data. ``file_size`` (raw files) is checked before reading."""
+    magic = _read_exactly(stream, 4)
+    if len(magic) < 4:
         raise ValueError(
             f"{path}: not an IDX file: expected a 4-byte magic number, "
-            f"received a file of {len(raw)} bytes"
+            f"received a file of {len(magic)} bytes"
         )
-    if raw[0] != 0 or raw[1] != 0:
+    if magic[0] != 0 or magic[1] != 0:
         raise ValueError(
             f"{path}: not an IDX file: expected the magic number to start with two zero bytes, "
-            f"received: {raw[:4].hex(' ')}"
+            f"received: {magic.hex(' ')}"
         )
-    code, ndim = raw[2], raw[3]
+    code, ndim = magic[2], magic[3]
     if code not in _IDX_DTYPES:
         known = ", ".join(f"0x{c:02X}" for c in _IDX_DTYPES)
         raise ValueError(
@@ -142,30 +169,43 @@ def load_idx(path):
         )
     if ndim == 0:
         raise ValueError(f"{path}: expected at least one dimension in the IDX header, received: 0")
-
+    if ndim > _IDX_MAX_DIMS:
+        raise ValueError(
+            f"{path}: expected at most {_IDX_MAX_DIMS} dimensions in the IDX header (NumPy's limit), "
+            f"received: {ndim}"
+        )
+    dims = _read_exactly(stream, 4 * ndim)
     header_len = 4 + 4 * ndim
-    if len(raw) < header_len:
+    if len(dims) < 4 * ndim:
         raise ValueError(
             f"{path}: truncated IDX header: expected {header_len} bytes for {ndim} dimensions, "
-            f"received: {len(raw)} bytes"
+            f"received: {4 + len(dims)} bytes"
         )
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    shape = tuple(int(d) for d in np.frombuffer(dims, dtype=">u4"))
     dtype = _IDX_DTYPES[code]
     # Python ints: the product of four uint32 dimensions can overflow int64.
-    count = 1
-    for d in shape:
-        count *= d
-    expected = count * dtype.itemsize
-    received = len(raw) - header_len
-    if received != expected:
-        what = "truncated" if received < expected else "trailing bytes after the"
+    expected = math.prod(shape) * dtype.itemsize
+    if file_size is not None and file_size != header_len + expected:
+        _payload_error(path, shape, dtype, expected, file_size - header_len)
+    payload = _read_exactly(stream, expected)
+    if len(payload) < expected:
+        _payload_error(path, shape, dtype, expected, len(payload))
+    if stream.read(1):  # one byte, never more: a huge tail is not decompressed to be measured
         raise ValueError(
-            f"{path}: {what} IDX payload: expected {expected} bytes for shape {shape} of "
-            f"{dtype.name}, received: {received} bytes"
+            f"{path}: trailing bytes after the IDX payload: expected {expected} bytes for shape "
+            f"{shape} of {dtype.name}, received more"
         )
-    data = np.frombuffer(raw, dtype=dtype, count=count, offset=header_len)
+    data = np.frombuffer(payload, dtype=dtype)
     # astype copies, which both converts to native order and detaches from the read-only bytes.
     return data.astype(dtype.newbyteorder("="), copy=True).reshape(shape)
+
+
+def _payload_error(path, shape, dtype, expected, received):
+    what = "truncated" if received < expected else "trailing bytes after the"
+    raise ValueError(
+        f"{path}: {what} IDX payload: expected {expected} bytes for shape {shape} of "
+        f"{dtype.name}, received: {received} bytes"
+    )
 
 
 def _find_idx_file(directory, stem):
@@ -371,20 +411,57 @@ class RefusedPickleError(pickle.UnpicklingError):
     """A pickle asked for a global the restricted CIFAR-10 unpickler does not allow."""
 
 
+def _latin1_encode(text, encoding="utf-8", errors="strict"):
+    """Stands for ``_codecs.encode``, which Python 3 pickles of protocol 0-2 call to rebuild every
+    bytes object (``encode(str, "latin1")``); nothing else that function can do is allowed."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
+        raise RefusedPickleError(
+            f"refusing _codecs.encode({type(text).__name__}, {encoding!r}): only "
+            "encode(str, 'latin1'), as Python pickles bytes, is allowed"
+        )
+    return text.encode("latin1")
+
+
+def _empty_bytes(*args):
+    """Stands for ``bytes``, which protocol 0-2 pickles call without arguments for ``b""``."""
+    if args:
+        raise RefusedPickleError("refusing bytes() with arguments: only the empty bytes b'' is allowed")
+    return b""
+
+
+def _array_from_buffer(buffer, dtype, shape, order):
+    """Stands for NumPy's ``_frombuffer``, which protocol-5 pickles of arrays call."""
+    if not isinstance(buffer, (bytes, bytearray, pickle.PickleBuffer)) or not isinstance(dtype, np.dtype) \
+            or dtype.hasobject or order not in ("C", "F") or not isinstance(shape, tuple) \
+            or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise RefusedPickleError("refusing numpy _frombuffer with arguments that are not a plain array")
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order).copy()
+
+
 class _CifarUnpickler(pickle.Unpickler):
     """Unpickler that resolves only the globals a CIFAR-10 python batch references.
 
-    The batches are dicts of bytes keys holding lists, ints, bytes and NumPy arrays; rebuilding
-    an array needs ``_reconstruct``, ``ndarray`` and ``dtype`` and nothing else. Refusing every
-    other global is what stops a crafted file from calling ``os.system`` and the like: a pickle
-    can only call what ``find_class`` hands it.
+    The batches are dicts of bytes keys holding lists, ints, bytes and NumPy arrays. Supported:
+    the original Python 2 batches, and batches re-pickled by Python 3 with any protocol 0 to 5.
+    Rebuilding them needs NumPy's ``_reconstruct``, ``ndarray`` and ``dtype`` (``_frombuffer``
+    with protocol 5), and, for protocols 0 to 2, ``_codecs.encode`` and ``bytes``, which Python
+    calls to rebuild bytes objects. The last three are not handed over: cnnx's stand-ins accept
+    exactly the arguments Python's pickler writes (``encode(str, "latin1")``, ``bytes()``,
+    a plain buffer, dtype, shape and order) and refuse anything else. Refusing every other global
+    is what stops a crafted file from calling ``os.system`` and the like: a pickle can only call
+    what ``find_class`` hands it.
     """
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"): lambda: _numpy_reconstruct(),
+        ("numpy._core.multiarray", "_reconstruct"): lambda: _numpy_reconstruct(),
+        ("numpy.core.numeric", "_frombuffer"): lambda: _array_from_buffer,
+        ("numpy._core.numeric", "_frombuffer"): lambda: _array_from_buffer,
+        ("numpy", "ndarray"): lambda: np.ndarray,
+        ("numpy", "dtype"): lambda: np.dtype,
+        ("_codecs", "encode"): lambda: _latin1_encode,
+        ("__builtin__", "bytes"): lambda: _empty_bytes,
+        ("builtins", "bytes"): lambda: _empty_bytes,
     }
 
     def __init__(self, file, path):
@@ -393,15 +470,14 @@ class _CifarUnpickler(pickle.Unpickler):
         self._path = path
 
     def find_class(self, module, name):
-        if (module, name) not in self._ALLOWED:
+        resolve = self._ALLOWED.get((module, name))
+        if resolve is None:
             raise RefusedPickleError(
                 f"{self._path}: refusing to load global {module}.{name}: a CIFAR-10 batch "
-                f"only needs numpy arrays (allowed: "
+                f"only needs numpy arrays and bytes (allowed: "
                 f"{', '.join(sorted(m + '.' + n for m, n in self._ALLOWED))})"
             )
-        if name == "_reconstruct":
-            return _numpy_reconstruct()
-        return getattr(np, name)
+        return resolve()
 
 
 def _unpickle_batch(path):
@@ -409,8 +485,10 @@ def _unpickle_batch(path):
     with open(path, "rb") as f:
         try:
             obj = _CifarUnpickler(f, path).load()
-        except RefusedPickleError:
-            raise
+        except RefusedPickleError as exc:
+            if str(path) in str(exc):
+                raise
+            raise RefusedPickleError(f"{path}: {exc}") from None
         except Exception as exc:  # truncated / garbage files fail in many different ways
             raise ValueError(f"{path}: not a readable CIFAR-10 batch ({type(exc).__name__}: "
                              f"{exc})") from None
@@ -474,7 +552,12 @@ def load_cifar10(path=None, with_label_names=False):
     """Load CIFAR-10 from its python batches (``data_batch_1`` .. ``data_batch_5``, ``test_batch``).
 
     The batches are pickles; they are read with a restricted unpickler that resolves only the
-    NumPy globals an array needs, so a tampered file raises instead of running code.
+    NumPy globals an array needs, so a tampered file raises instead of running code. Supported:
+    the batches as distributed (pickled by Python 2) and batches re-pickled by Python 3 with any
+    protocol 0 to 5, with bytes or str keys. Protocols 0 to 2 rebuild bytes objects through
+    ``_codecs.encode`` and ``bytes``; these are answered by stand-ins that accept only
+    ``encode(str, "latin1")`` and ``bytes()`` (what Python's pickler writes), never the real
+    functions.
 
     Parameters
     ----------

@@ -8,11 +8,13 @@ buffers are allocated once per batch shape, not once per call.
 """
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
 from . import _simd
 from ._simd import ops as _ops  # the build for this CPU's instruction set (cnnx._simd)
-from ._geometry import conv_output_size, explicit_padding, positive_pair
+from ._geometry import conv_output_size, dilated_kernel_size, explicit_padding, positive_pair
 from .parallel import for_each_group, threads_for
 
 __all__ = [
@@ -25,6 +27,8 @@ __all__ = [
     "avg_pool2d_backward",
     "im2col",
     "col2im",
+    "conv2d_grouped",
+    "conv2d_grouped_backward",
 ]
 
 # Target size of one group's column matrix. Measured on the project's 2-core machines: larger
@@ -75,7 +79,9 @@ class Workspace:
 def _float_array(a, name, ndim, dtype=None):
     """Return ``a`` as a C-contiguous float32/float64 array of ``ndim`` dimensions.
 
-    Integer and boolean input becomes float32 (float16 too); complex and object input is refused.
+    Integer and boolean input becomes float32 (float16 too); complex and object input is refused,
+    and so are floats wider than float64 (``np.longdouble``): the kernels compute in float32 or
+    float64 only, and narrowing them would silently drop the precision the caller asked for.
     ``dtype`` forces the result dtype (used to bring weights to the input's dtype).
     """
     if not isinstance(a, np.ndarray):
@@ -87,6 +93,11 @@ def _float_array(a, name, ndim, dtype=None):
     if kind not in "fiub":
         raise TypeError(
             f"Expected {name} with a real floating or integer dtype, received: {name}.dtype={a.dtype}"
+        )
+    if kind == "f" and a.dtype.itemsize > 8:
+        raise TypeError(
+            f"Expected {name} with dtype float32 or float64 (float16 and integers are widened to "
+            f"float32), received: {name}.dtype={a.dtype}; cast it with .astype(np.float64) first"
         )
     if a.ndim != ndim:
         raise ValueError(f"Expected {name} with {ndim} dimensions, received: {name}.shape={a.shape}")
@@ -377,13 +388,25 @@ def col2im(cols, x_shape, kernel_size, stride=1, padding=0, out=None):
 
 
 def _shape4(shape, name):
-    try:
-        shape = tuple(int(s) for s in shape)
-    except TypeError as exc:
-        raise TypeError(f"Expected {name} as a tuple of 4 ints, received: {name}={shape!r}") from exc
-    if len(shape) != 4 or min(shape) < 0:
-        raise ValueError(f"Expected {name} as 4 non-negative ints (n, c, h, w), received: {name}={shape!r}")
-    return shape
+    """``shape`` as a tuple of 4 non-negative ints; anything that is not an integer is refused.
+
+    ``int()`` would truncate 8.7 to 8 and a string would iterate into digits ('2338' -> 2, 3, 3,
+    8), so every entry must be an integer (``operator.index``: int, NumPy integers; not bool).
+    """
+    received = f"{name}={shape!r}"
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, (tuple, list, np.ndarray)):
+        raise TypeError(f"Expected {name} as a tuple of 4 ints (n, c, h, w), received: {received}")
+    entries = []
+    for s in shape:
+        if isinstance(s, (bool, np.bool_)):
+            raise TypeError(f"Expected {name} as a tuple of 4 ints (n, c, h, w), received: {received}")
+        try:
+            entries.append(operator.index(s))
+        except TypeError:
+            raise TypeError(f"Expected {name} as a tuple of 4 ints (n, c, h, w), received: {received}") from None
+    if len(entries) != 4 or min(entries) < 0:
+        raise ValueError(f"Expected {name} as 4 non-negative ints (n, c, h, w), received: {received}")
+    return tuple(entries)
 
 
 # --- pooling -----------------------------------------------------------------------------------
@@ -439,6 +462,13 @@ def max_pool2d_backward(dy, indices, x_shape, out=None):
     n, c, h, w = x_shape
     if dy.shape[:2] != (n, c):
         raise ValueError(f"Expected dy with batch and channels {(n, c)} of x_shape, received: dy.shape={dy.shape}")
+    if out is not None and indices.size:
+        # Validate before writing into the caller's array. Seen as uint64, a negative index is
+        # huge, so one max finds both kinds of bad index. (Without ``out`` the kernel's own count
+        # suffices: it writes into a fresh array that is dropped when it raises.)
+        if int(indices.view(np.uint64).max()) >= h * w:
+            bad = int(np.count_nonzero((indices < 0) | (indices >= h * w)))
+            raise ValueError(f"Expected indices in [0, {h * w}) for x_shape={x_shape}, received: {bad} out of range")
     dx = _check_out(out, x_shape, dy.dtype)
     bad = _ops.max_pool2d_backward(dy, indices, dx.reshape(n, c, h * w), threads_for(dx.size))
     if bad:
@@ -767,3 +797,212 @@ def batch_norm_train_backward(dy3, x_hat, scale, mean_dy, mean_dy_xhat):
     dx = np.empty_like(dy3)
     _ops.batchnorm_train_backward(dy3, x_hat, scale, mean_dy, mean_dy_xhat, dx, threads_for(dy3.size))
     return dx
+# --- grouped and dilated convolution ----------------------------------------------------------
+# The general convolution (PyTorch's ``conv2d(..., dilation, groups)``), kept apart from the
+# plain conv2d above so each stays simple. Same schedule (groups of images, one column buffer
+# each); the dilated im2col puts each convolution group's input channels in a contiguous block of
+# rows, so all convolution groups are one batched GEMM (np.matmul over a leading groups axis):
+# no Python loop over groups. A depthwise convolution (groups == channels) is then ``c`` GEMVs
+# of length kh*kw in one call.
+
+def _grouped_geometry(x_shape, weight_shape, stride, padding, dilation, groups):
+    """Validate the grouped geometry; return ``(kh, kw), (sy, sx), (dy, dx), (pt, pl), (out_h, out_w)``."""
+    n, c, h, w = x_shape
+    oc = weight_shape[0]
+    groups = _positive_int(groups, "groups")
+    if c % groups or oc % groups:
+        raise ValueError(
+            f"Expected in_channels ({c}) and out_channels ({oc}) divisible by groups, received: groups={groups}"
+        )
+    if weight_shape[1] * groups != c:
+        raise ValueError(
+            f"Expected weight of shape ({oc}, {c // groups}, kh, kw) for {c} input channels in {groups} groups, "
+            f"received: weight.shape={tuple(weight_shape)}"
+        )
+    dil = positive_pair(dilation, "dilation")
+    kh, kw = weight_shape[2:]
+    span = dilated_kernel_size((kh, kw), dil)
+    _, (sy, sx), ((pt, _), (pl, _)), out_hw = _geometry((h, w), span, stride, padding)
+    return (kh, kw), (sy, sx), dil, (pt, pl), out_hw, groups
+
+
+def _positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"Expected {name} to be an int, received: {name}={value!r}")
+    if value < 1:
+        raise ValueError(f"Expected {name} >= 1, received: {name}={value!r}")
+    return int(value)
+
+
+def conv2d_grouped(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, out=None, workspace=None,
+                   activation=None, negative_slope=0.01, maxpool2=False):
+    """2-D cross-correlation with dilation and channel groups (PyTorch's ``conv2d``).
+
+    Parameters
+    ----------
+    x : ndarray of shape (n, c, h, w)
+    weight : ndarray of shape (out_c, c // groups, kh, kw)
+        Output channels ``[g * out_c // groups, (g + 1) * out_c // groups)`` see only input channels
+        ``[g * c // groups, (g + 1) * c // groups)``; ``groups == c`` is a depthwise convolution.
+    bias : ndarray of shape (out_c,) or None
+    stride : int or (sy, sx)
+    padding : int, (ph, pw), ((top, bottom), (left, right)), "valid" or "same"
+        ``"same"`` pads for the dilated kernel span ``d * (k - 1) + 1``.
+    dilation : int or (dy, dx), spacing between kernel taps
+    groups : int, dividing both ``c`` and ``out_c``
+    out, workspace, activation, negative_slope, maxpool2 : as :func:`conv2d`
+
+    Returns
+    -------
+    y : ndarray of shape (n, out_c, out_h, out_w) (``(n, out_c, out_h // 2, out_w // 2)`` with ``maxpool2``)
+    """
+    rectify, slope = _rectifier(activation, negative_slope)
+    dtype = _common_dtype(x, weight, bias)
+    x = _float_array(x, "x", 4, dtype)
+    weight = _float_array(weight, "weight", 4, dtype)
+    n, c, h, w = x.shape
+    oc = weight.shape[0]
+    (kh, kw), (sy, sx), (dil_y, dil_x), (pt, pl), (out_h, out_w), groups = _grouped_geometry(
+        x.shape, weight.shape, stride, padding, dilation, groups)
+    if bias is not None:
+        bias = _float_array(bias, "bias", 1, dtype)
+        if bias.shape[0] != oc:
+            raise ValueError(f"Expected bias of shape ({oc},), received: bias.shape={bias.shape}")
+    if maxpool2 and (out_h < 2 or out_w < 2):
+        raise ValueError(f"Expected a conv output of at least 2x2 to max-pool, received: {(out_h, out_w)}")
+    y_shape = (n, oc, out_h // 2, out_w // 2) if maxpool2 else (n, oc, out_h, out_w)
+    y = _check_out(out, y_shape, dtype)
+    if y.size == 0:
+        return y
+    ws = workspace if workspace is not None else Workspace()
+    has_bias = bias is not None
+    b = bias if has_bias else np.empty(0, dtype=dtype)
+    if groups == c:
+        # Depthwise: the direct kernel (no column buffer kh*kw times the input's size).
+        full = ws.get("depthwise_y", (n, oc, out_h, out_w), dtype) if maxpool2 else y
+        _ops.depthwise_conv2d(x, weight, b, has_bias, sy, sx, dil_y, dil_x, pt, pl, rectify, slope, full,
+                              threads_for(full.size * kh * kw))
+        return max_pool2d(full, 2, out=(y, None), indices=False)[0] if maxpool2 else y
+    k = c * kh * kw
+    p = out_h * out_w
+    g = _group_size(n, (k + oc) * p * dtype.itemsize)
+    n_groups = -(-n // g)
+    w3 = weight.reshape(groups, oc // groups, k // groups)
+    y3 = y.reshape(n, oc, -1)
+    nt = threads_for(n * (k + oc) * p) if n_groups == 1 else 1
+
+    def run_group(worker, index):
+        first = index * g
+        m = min(g, n - first)
+        scratch = ws.worker(worker)
+        cols = scratch.get("cols", (k, m, p), dtype)
+        _ops.im2col_dilated(x, first, kh, kw, sy, sx, dil_y, dil_x, pt, pl, out_h, out_w, cols, nt)
+        y_gemm = scratch.get("y_gemm", (oc, m, p), dtype)
+        np.matmul(w3, cols.reshape(groups, k // groups, m * p), out=y_gemm.reshape(groups, oc // groups, m * p))
+        if maxpool2:
+            _ops.gemm_to_nchw_maxpool2(y_gemm, b, has_bias, rectify, slope, first, out_w, y3, nt)
+        else:
+            _ops.gemm_to_nchw(y_gemm, b, has_bias, rectify, slope, first, y3, nt)
+
+    for_each_group(n_groups, run_group)
+    return y
+
+
+def conv2d_grouped_backward(dy, x, weight, stride=1, padding=0, dilation=1, groups=1, need_dx=True, out=None,
+                            workspace=None, activation=None, negative_slope=0.01, y=None):
+    """Gradients of :func:`conv2d_grouped` with respect to its input, weight and bias.
+
+    Parameters
+    ----------
+    dy : ndarray of shape (n, out_c, out_h, out_w)
+    x : ndarray of shape (n, c, h, w), the forward input
+    weight : ndarray of shape (out_c, c // groups, kh, kw)
+    stride, padding, dilation, groups : as given to :func:`conv2d_grouped`
+    need_dx, out, workspace, activation, negative_slope, y : as :func:`conv2d_backward`
+
+    Returns
+    -------
+    dx : ndarray of shape (n, c, h, w), or None when ``need_dx`` is False
+    dweight : ndarray of shape (out_c, c // groups, kh, kw)
+    dbias : ndarray of shape (out_c,)
+    """
+    dtype = _common_dtype(dy, x, weight)
+    x = _float_array(x, "x", 4, dtype)
+    weight = _float_array(weight, "weight", 4, dtype)
+    dy = _float_array(dy, "dy", 4, dtype)
+    n, c, h, w = x.shape
+    oc = weight.shape[0]
+    (kh, kw), (sy, sx), (dil_y, dil_x), (pt, pl), (out_h, out_w), groups = _grouped_geometry(
+        x.shape, weight.shape, stride, padding, dilation, groups)
+    if dy.shape != (n, oc, out_h, out_w):
+        raise ValueError(f"Expected dy of shape {(n, oc, out_h, out_w)}, received: dy.shape={dy.shape}")
+    rectify, slope = _rectifier(activation, negative_slope)
+    if rectify:
+        if y is None:
+            raise ValueError(f"Expected y, the output of conv2d_grouped, with activation={activation!r}")
+        y = _float_array(y, "y", 4, dtype)
+        if y.shape != dy.shape:
+            raise ValueError(f"Expected y of the shape of dy {dy.shape}, received: y.shape={y.shape}")
+    else:
+        y = dy  # unread
+    dx = _check_out(out, x.shape, dtype, "out") if need_dx else None
+    k = c * kh * kw
+    p = out_h * out_w
+    if n == 0 or p == 0:
+        if dx is not None:
+            dx[...] = 0
+        dz = dy if not rectify else np.where(y > 0, dy, dy * slope)
+        return dx, np.zeros(weight.shape, dtype=dtype), dz.sum(axis=(0, 2, 3))
+    ws = workspace if workspace is not None else Workspace()
+    if groups == c:
+        return _depthwise_backward(dy, x, weight, (sy, sx), (dil_y, dil_x), (pt, pl), dx, rectify, slope, y, ws)
+    g = _group_size(n, (2 * k + oc) * p * dtype.itemsize)
+    n_groups = -(-n // g)
+    kg, ocg = k // groups, oc // groups
+    w3 = weight.reshape(groups, ocg, kg)
+    dy3 = dy.reshape(n, oc, p)
+    y3 = y.reshape(n, oc, p)
+    dbias_partial = np.empty((n, oc), dtype=np.float64)
+    # Per image group, summed in group order afterwards: identical for any thread count.
+    dweight_parts = ws.get("dweight_parts", (n_groups, groups, ocg, kg), dtype)
+    nt = threads_for(n * (k + oc) * p) if n_groups == 1 else 1
+
+    def run_group(worker, index):
+        first = index * g
+        m = min(g, n - first)
+        scratch = ws.worker(worker)
+        cols = scratch.get("cols", (k, m, p), dtype)
+        _ops.im2col_dilated(x, first, kh, kw, sy, sx, dil_y, dil_x, pt, pl, out_h, out_w, cols, nt)
+        dy_gemm = scratch.get("dy_gemm", (oc, m, p), dtype)
+        _ops.nchw_to_gemm(dy3, y3, rectify, slope, first, dy_gemm, dbias_partial[first:first + m], nt)
+        dy_g = dy_gemm.reshape(groups, ocg, m * p)
+        np.matmul(dy_g, cols.reshape(groups, kg, m * p).transpose(0, 2, 1), out=dweight_parts[index])
+        if need_dx:
+            dcols = scratch.get("dcols", (k, m, p), dtype)
+            np.matmul(w3.transpose(0, 2, 1), dy_g, out=dcols.reshape(groups, kg, m * p))
+            _ops.col2im_dilated(dcols, first, kh, kw, sy, sx, dil_y, dil_x, pt, pl, out_h, out_w, dx, nt)
+
+    for_each_group(n_groups, run_group)
+    dweight = dweight_parts[0].copy()
+    for part in dweight_parts[1:]:
+        dweight += part
+    dbias = dbias_partial.sum(axis=0).astype(dtype)
+    return dx, dweight.reshape(weight.shape), dbias
+
+
+def _depthwise_backward(dy, x, weight, stride, dilation, pads, dx, rectify, slope, y, ws):
+    """``conv2d_grouped_backward`` for ``groups == in_channels`` with the direct kernel."""
+    n, oc, kh, kw = dy.shape[0], weight.shape[0], weight.shape[2], weight.shape[3]
+    dz = np.where(y > 0, dy, dy * dy.dtype.type(slope)) if rectify else dy
+    dweight_partial = ws.get("depthwise_dweight", (n, oc, kh * kw), dy.dtype)
+    dbias_partial = ws.get("depthwise_dbias", (n, oc), np.dtype(np.float64))
+    need_dx = dx is not None
+    _ops.depthwise_conv2d_backward(dz, x, weight, *stride, *dilation, *pads, need_dx,
+                                   dx if need_dx else _NO_DX.astype(dy.dtype), dweight_partial, dbias_partial,
+                                   threads_for(x.size * kh * kw))
+    # Summed over images here, in one fixed order: identical for any thread count.
+    dweight = dweight_partial.sum(axis=0).reshape(weight.shape)
+    return dx, dweight, dbias_partial.sum(axis=0).astype(dy.dtype)
+
+
+_NO_DX = np.zeros((1, 1, 1, 1))  # never written (need_dx=False)

@@ -15,30 +15,45 @@ Keys inside a layer file are the names from ``layer.named_parameters()`` (``"wei
 prefixed with ``"buffer:"`` (``"buffer:running_mean"``). ``save_weights`` writes a single .npz
 keyed like ``Network.parameters()``: ``"3.weight"``, and ``"3.buffer:running_mean"`` for buffers.
 
-Loading is all-or-nothing: every file is read with ``allow_pickle=False``, checked against its
-recorded size and checksum, and every array against the network rebuilt from the config (keys,
-shapes, dtypes) before a single value is assigned. Whatever is wrong -- a missing or truncated
-file, bad JSON, an unknown layer class, a format newer than this cnnx -- raises
-:class:`ModelFormatError` naming the file (and the key).
+Loading is all-or-nothing and spends memory only on what has been checked:
 
-Atomic saving. A save never destroys the previous checkpoint before the new one is complete:
+* a file is read only if it is a regular file of the size recorded in config.json (never a
+  device or FIFO, never more bytes than recorded), then its SHA-256 is compared;
+* an .npz is read header first (``_Npz``): each member's shape and dtype, never pickle;
+* a layer is built only if ``config.json`` names one of cnnx's layers or a class registered
+  with ``cnnx.register_layer``, and within the number of values its file holds
+  (``cnnx.layers.base.state_budget``), so an edited config cannot make it allocate gigabytes;
+* every array header is compared with the rebuilt network (keys, shapes, dtypes in either byte
+  order) before its values are read, and every value (finite; running variances >= 0, unless
+  ``allow_nonfinite``) before a single one is assigned.
 
+Whatever is wrong -- a missing or truncated file, bad JSON, an unknown layer class, a format newer
+than this cnnx -- raises :class:`ModelFormatError` naming the file (and the key).
+
+Atomic saving. A save never destroys the previous checkpoint before the new one is complete,
+and never deletes what cnnx did not write:
+
+0. the lock file ``<name>.cnnx-lock`` beside ``path`` is taken (``flock``; a concurrent save to
+   the same path waits for it), and ``path`` and ``<name>.bak`` are checked to hold only the
+   files a save writes (otherwise ``FileExistsError``, nothing touched);
 1. stale ``<name>.tmp-<pid>-*`` directories beside ``path`` left by dead processes are removed;
 2. everything is written into a fresh ``<name>.tmp-<pid>-<hex>/`` in the same parent directory
    (so renames are atomic), ``config.json`` last; each file and directory is fsynced;
 3. if ``path`` holds a complete checkpoint, the stale ``<name>.bak`` is removed and ``path`` is
    renamed to ``<name>.bak``;
 4. the temporary directory is renamed to ``path`` (the parent directory is fsynced after each
-   rename), then ``<name>.bak`` is removed.
+   rename), then ``<name>.bak`` is removed, and the lock file deleted and released.
 
 A directory counts as complete when it has ``config.json``; since that file is written last and
 only after every other file is on disk, a complete directory is a whole checkpoint. ``load``
 reads ``path`` and falls back to ``<name>.bak`` when ``path`` is missing or incomplete, so at every
 moment of a save -- the process may be killed anywhere -- one of the two names holds a complete
-checkpoint. Concurrent saves to the same path from several processes are not supported.
+checkpoint. Saves to one path from several processes take turns on the lock; loads take no
+lock (a load racing a save may fail with ModelFormatError and can be retried).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io as _io
 import json
@@ -48,11 +63,19 @@ import os
 import re
 import secrets
 import shutil
+import stat
+import time
 import zipfile
 import zlib
 from pathlib import Path
 
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
 
 __all__ = ["ModelFormatError", "save", "load", "save_weights", "load_weights", "FORMAT_VERSION"]
 
@@ -65,6 +88,13 @@ _HISTORY = "history.json"
 _OPTIMIZER = "optimizer.npz"
 _BUFFER_PREFIX = "buffer:"
 _TMP_RE = re.compile(r"\.tmp-(\d+)-[0-9a-f]+$")
+_LOCK_SUFFIX = ".cnnx-lock"
+_SAVE_FILES = {_CONFIG, _HISTORY, _OPTIMIZER}
+_LAYER_FILE_RE = re.compile(r"\d+_\w+\.npz")
+_BUILD_SLACK_VALUES = 2**16  # what a layer may allocate beyond its file's values while it is built
+_MAX_OPTIMIZER_ENTRY_BYTES = 2**20  # "step", "lr_schedule" (JSON as uint8): far below this
+_MAX_JSON_BYTES = 64 * 2**20  # config.json of a very deep network is well under a megabyte
+_MAX_INT_DIGITS = 40  # longer integer literals in a JSON file are refused (see _HugeInt)
 
 
 class ModelFormatError(ValueError):
@@ -74,7 +104,7 @@ class ModelFormatError(ValueError):
 
 
 # ============================================================================ public API ======
-def save(net, path):
+def save(net, path, *, lock_timeout=60.0):
     """Save ``net`` (architecture, weights, loss, optimizer state, history) into directory ``path``.
 
     The write is atomic (see the module docstring): if the process dies during the save,
@@ -85,26 +115,28 @@ def save(net, path):
     net : Network
     path : str or os.PathLike
         The directory to write; its parent directories are created. An existing checkpoint there
-        is replaced. A non-empty directory that is not a cnnx checkpoint is left alone.
+        is replaced. A directory holding anything cnnx.save does not write is left alone.
+    lock_timeout : float, default 60.0
+        Saves to one path are serialised by the lock file ``<path>.cnnx-lock`` beside it: a save
+        waits up to this many seconds for another process's save to the same path to finish.
 
     Raises
     ------
     FileExistsError
-        If ``path`` is a file, or a non-empty directory that does not look like a cnnx save.
+        If ``path`` (or ``<path>.bak``) is a file, or a directory holding files or folders that
+        cnnx.save did not write; nothing is deleted.
+    TimeoutError
+        If another process kept saving to ``path`` for longer than ``lock_timeout``.
     ValueError
-        If a layer, loss or optimizer config is not JSON-serialisable.
+        If a layer class is not registered (see :func:`cnnx.register_layer`), or a layer, loss
+        or optimizer config is not JSON-serialisable.
     """
     from . import __version__
 
     path = _as_path(path)
-    parent = path.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and not _replaceable(path):
-        raise FileExistsError(
-            f"Refusing to overwrite {path}: it is not a directory written by cnnx.save "
-            f"(no {_CONFIG}); remove it or choose another path"
-        )
-    _remove_stale_temporaries(path)
+    if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, numbers.Real) or not lock_timeout >= 0:
+        raise ValueError(f"Expected lock_timeout to be a number of seconds >= 0, received: lock_timeout={lock_timeout!r}")
+    _check_registered(net)
 
     # Serialise everything in memory first: a config that cannot be written fails before any
     # file is touched.
@@ -143,22 +175,29 @@ def save(net, path):
     }
     config_bytes = _json_bytes(config, "config")
 
-    tmp = parent / f"{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        tmp.mkdir()
-        (tmp / "layers").mkdir()
-        for name, data in files.items():
-            _write_durable(tmp / name, data)
-        _fsync_dir(tmp / "layers")
-        _write_durable(tmp / _CONFIG, config_bytes)  # last: its presence marks the dir complete
-        _fsync_dir(tmp)
-        _swap_into_place(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    parent = path.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with _save_lock(path, lock_timeout):
+        # Checked under the lock: what a save may delete is what cnnx wrote there, nothing else.
+        for target in (path, _backup_path(path)):
+            _check_replaceable(target, path)
+        _remove_stale_temporaries(path)
+        tmp = parent / f"{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            tmp.mkdir()
+            (tmp / "layers").mkdir()
+            for name, data in files.items():
+                _write_durable(tmp / name, data)
+            _fsync_dir(tmp / "layers")
+            _write_durable(tmp / _CONFIG, config_bytes)  # last: its presence marks the dir complete
+            _fsync_dir(tmp)
+            _swap_into_place(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
-def load(path):
+def load(path, *, allow_nonfinite=False):
     """Rebuild a network saved with :func:`save`.
 
     Parameters
@@ -166,6 +205,10 @@ def load(path):
     path : str or os.PathLike
         The directory given to ``save``. When it is missing or incomplete (a save was
         interrupted), the previous checkpoint ``<path>.bak`` is read instead.
+    allow_nonfinite : bool, default False
+        By default a parameter, buffer or optimizer array holding NaN or infinity, or a
+        BatchNorm running variance below zero, is refused (such a network predicts NaN).
+        True loads the values as they are, e.g. to inspect a run that diverged.
 
     Returns
     -------
@@ -179,6 +222,7 @@ def load(path):
         If the save is missing, truncated, corrupted or inconsistent; nothing is half-loaded.
     """
     path = _as_path(path)
+    allow_nonfinite = _check_flag(allow_nonfinite, "allow_nonfinite")
     root = path
     if not (path / _CONFIG).is_file():
         backup = _backup_path(path)
@@ -193,7 +237,7 @@ def load(path):
             raise ModelFormatError(f"{path / _CONFIG}: missing; {path} is not a complete cnnx save")
         else:
             raise ModelFormatError(f"{path}: no such directory (and no backup {backup.name})")
-    return _load_dir(root)
+    return _load_dir(root, allow_nonfinite)
 
 
 def save_weights(net, path):
@@ -217,33 +261,48 @@ def save_weights(net, path):
         raise
 
 
-def load_weights(net, path):
+def load_weights(net, path, *, allow_nonfinite=False):
     """Load a file written by :func:`save_weights` into ``net``, all or nothing.
 
-    Every key, shape and dtype is checked against ``net`` before any value is copied, so on
-    error ``net`` is unchanged. Arrays are copied into the existing ones, so references held
-    elsewhere (an optimizer's) stay valid.
+    Every key, shape and dtype is checked against ``net`` from the array headers, before any
+    array is read, and every value before any is copied, so on error ``net`` is unchanged.
+    Arrays are copied into the existing ones, so references held elsewhere (an optimizer's)
+    stay valid. Big-endian arrays are converted to the native byte order.
+
+    Parameters
+    ----------
+    net : Network
+    path : str or os.PathLike
+    allow_nonfinite : bool, default False
+        As in :func:`load`: True accepts NaN/infinite values and negative running variances.
 
     Raises
     ------
     ModelFormatError
-        Missing or unreadable file, missing or unexpected keys, wrong shape or dtype.
+        Missing or unreadable file, missing or unexpected keys, wrong shape or dtype,
+        non-finite values.
     """
     path = _as_path(path)
+    allow_nonfinite = _check_flag(allow_nonfinite, "allow_nonfinite")
+    targets = _network_targets(net)
+    # An honest file is the arrays plus a few hundred bytes of zip and .npy headers per key.
+    limit = 2 * sum(t.nbytes for t in targets.values()) + 4096 * (len(targets) + 1)
     try:
-        data = path.read_bytes()
+        data = _read_regular_file(path, limit=limit)
     except FileNotFoundError:
         raise ModelFormatError(f"{path}: no such file") from None
     except OSError as exc:
         raise ModelFormatError(f"{path}: cannot be read ({exc})") from None
-    arrays = _read_npz(data, path)
-    targets = _network_targets(net)
-    _check_arrays(arrays, targets, path)
+    npz = _Npz(data, path)
+    _check_headers(npz.headers, targets, path)
+    arrays = {key: npz.read(key) for key in targets}
+    if not allow_nonfinite:
+        _check_values(arrays, path)
     _assign(arrays, targets)
 
 
 # ============================================================================ loading ========
-def _load_dir(root):
+def _load_dir(root, allow_nonfinite):
     from .losses import LOSSES
     from .network import Network
     from .optimizers import OPTIMIZERS
@@ -253,31 +312,24 @@ def _load_dir(root):
     _check_config(config, config_file)
     files = config["files"]
 
-    # Every file the config refers to must be listed with a checksum, and nothing else.
-    width = max(2, len(str(len(config["layers"]) - 1)))
-    layers = []
-    expected_files = set()
+    # 1. The layer entries and the files they name, checked before any class is looked up.
+    entries = config["layers"]
+    width = max(2, len(str(len(entries) - 1)))
     layer_files = []
-    for i, entry in enumerate(config["layers"]):
+    for i, entry in enumerate(entries):
         where = f"{config_file}: layers[{i}]"
         if not isinstance(entry, dict) or not isinstance(entry.get("class"), str) or not isinstance(
             entry.get("config"), dict
         ):
             raise ModelFormatError(f"{where}: expected {{'class': str, 'config': dict, 'file': ...}}, received: {entry!r:.200}")
-        layers.append(_build_layer(entry, where))
-        layer_files.append(entry.get("file"))
-    for i, (layer, name) in enumerate(zip(layers, layer_files)):
-        has_state = bool(_expected_layer_keys(layer))
-        expected = _layer_file(i, layer, width) if has_state else None
-        if name != expected:
-            raise ModelFormatError(
-                f"{config_file}: layers[{i}] 'file': expected {expected!r}, received: {name!r}"
-            )
-        if expected:
-            expected_files.add(expected)
-    expected_files.add(_HISTORY)
+        name = entry.get("file")
+        expected = f"layers/{i:0{width}d}_{entry['class'].lower()}.npz"
+        if name is not None and name != expected:
+            raise ModelFormatError(f"{where} 'file': expected {expected!r} or None, received: {name!r:.200}")
+        layer_files.append(name)
+    expected_files = {name for name in layer_files if name is not None} | {_HISTORY}
     if config["history"] != _HISTORY:
-        raise ModelFormatError(f"{config_file}: 'history': expected {_HISTORY!r}, received: {config['history']!r}")
+        raise ModelFormatError(f"{config_file}: 'history': expected {_HISTORY!r}, received: {config['history']!r:.200}")
     opt_entry = config["optimizer"]
     if opt_entry is not None:
         if not isinstance(opt_entry, dict) or opt_entry.get("file") != _OPTIMIZER:
@@ -291,10 +343,34 @@ def _load_dir(root):
             f"{config_file}: 'files': expected entries {sorted(expected_files)}, received: {sorted(files)}"
         )
 
+    # 2. Every layer file read (size and checksum checked) and its array headers parsed: what
+    #    the layers may allocate is known before any is built.
+    archives = [None if name is None else _Npz(_read_checked(root, name, files[name]), root / name)
+                for name in layer_files]
+
+    # 3. Build each layer within the number of values its file holds, then compare exactly.
+    layers = []
+    for i, (entry, npz) in enumerate(zip(entries, archives)):
+        layer = _build_layer(entry, f"{config_file}: layers[{i}]", npz)
+        has_state = bool(_expected_layer_keys(layer))
+        if has_state != (npz is not None):
+            expected = _layer_file(i, layer, width) if has_state else None
+            raise ModelFormatError(
+                f"{config_file}: layers[{i}] 'file': expected {expected!r}, received: {layer_files[i]!r}"
+            )
+        if npz is not None:
+            # Keys and shapes now; dtypes once the network has cast the layers to its dtype.
+            _check_headers(npz.headers, _expected_layer_keys(layer), npz.file, dtypes=False)
+        layers.append(layer)
+
     try:
         net = Network(layers, tuple(config["input_shape"]), dtype=config["dtype"])
     except Exception as exc:  # whatever a layer's output_shape raises on a doctored config
         raise ModelFormatError(f"{config_file}: the layers do not form a network: {exc}") from None
+    # Network casts the layers to its dtype: compare the headers once more, dtypes included.
+    for i, npz in enumerate(archives):
+        if npz is not None:
+            _check_headers(npz.headers, _expected_layer_keys(layers[i]), npz.file)
 
     loss = optimizer = None
     if config["loss"] is not None:
@@ -302,33 +378,24 @@ def _load_dir(root):
     if opt_entry is not None:
         optimizer = _build_from_registry(opt_entry, OPTIMIZERS, "optimizer", config_file)
 
-    # Read and check every array before assigning any.
+    # 4. Read and check every array before assigning any.
     arrays = {}
-    for i, layer in enumerate(layers):
-        name = layer_files[i]
-        if name is None:
+    for i, npz in enumerate(archives):
+        if npz is None:
             continue
-        file = root / name
-        layer_arrays = _read_npz(_read_checked(root, name, files[name]), file)
-        expected = _expected_layer_keys(layer)
-        _check_arrays(layer_arrays, expected, file)
+        layer_arrays = {key: npz.read(key) for key in npz.headers}
+        archives[i] = None  # the file's bytes are no longer needed: peak memory ~ model + 1 file
+        if not allow_nonfinite:
+            _check_values(layer_arrays, npz.file)
         arrays.update((f"{i}.{key}", a) for key, a in layer_arrays.items())
     history = _history_from_json(_read_json(root / _HISTORY, _read_checked(root, _HISTORY, files[_HISTORY])),
                                  root / _HISTORY)
     if optimizer is not None:
-        file = root / _OPTIMIZER
-        state = _read_npz(_read_checked(root, _OPTIMIZER, files[_OPTIMIZER]), file)
-        for key, a in state.items():
-            if a.dtype.kind not in "fiu":
-                raise ModelFormatError(f"{file}: key {key!r}: expected a numeric array, received: dtype={a.dtype}")
-            if a.dtype.kind == "f" and a.dtype != net.dtype:
-                raise ModelFormatError(
-                    f"{file}: key {key!r}: expected dtype {net.dtype.name}, received: {a.dtype.name}"
-                )
+        state = _read_optimizer_state(root, files[_OPTIMIZER], net, allow_nonfinite)
         try:
             optimizer.load_state_dict(state, params=net.parameters())
         except Exception as exc:
-            raise ModelFormatError(f"{file}: {exc}") from None
+            raise ModelFormatError(f"{root / _OPTIMIZER}: {exc}") from None
 
     # Everything is valid: assign (copying into the arrays the layers own) and compile.
     _assign(arrays, _network_targets(net))
@@ -338,6 +405,43 @@ def _load_dir(root):
     else:
         net.loss, net.optimizer = loss, optimizer
     return net
+
+
+def _read_optimizer_state(root, entry, net, allow_nonfinite):
+    """The arrays of optimizer.npz, each header checked against the network's parameters first."""
+    file = root / _OPTIMIZER
+    npz = _Npz(_read_checked(root, _OPTIMIZER, entry), file)
+    params = {key: p for key, p, _ in net.parameters()}
+    for key, (shape, dtype) in npz.headers.items():
+        if dtype.kind not in "fiu":
+            raise ModelFormatError(f"{file}: key {key!r}: expected a numeric array, received: dtype={dtype.str}")
+        if dtype.kind == "f" and dtype.newbyteorder("=") != net.dtype:
+            raise ModelFormatError(
+                f"{file}: key {key!r}: expected dtype {net.dtype.name}, received: {dtype.str!r}"
+            )
+        if "/" not in key:
+            # Optimizer-wide entries ("step", a schedule's "lr_schedule" record) are small; the
+            # optimizer validates their contents.
+            n_bytes = math.prod(shape) * dtype.itemsize
+            if n_bytes > _MAX_OPTIMIZER_ENTRY_BYTES:
+                raise ModelFormatError(
+                    f"{file}: key {key!r}: expected an optimizer-wide entry of at most "
+                    f"{_MAX_OPTIMIZER_ENTRY_BYTES} bytes, received: shape {shape} of {dtype.str!r} ({n_bytes} bytes)"
+                )
+            continue
+        param = params.get(key.partition("/")[2])
+        if param is None:
+            raise ModelFormatError(
+                f"{file}: key {key!r}: expected '<state>/<parameter key>' naming a parameter of the "
+                f"network, received: {key!r}"
+            )
+        allowed = [(), param.shape]  # per-parameter counts are scalars, moments as the parameter
+        if shape not in allowed:
+            raise ModelFormatError(f"{file}: key {key!r}: expected shape {allowed[-1]}, received: {shape}")
+    state = {key: npz.read(key) for key in npz.headers}
+    if not allow_nonfinite:
+        _check_values(state, file)
+    return state
 
 
 def _check_config(config, file):
@@ -373,21 +477,35 @@ def _check_config(config, file):
         raise ModelFormatError(f"{file}: key 'dtype': expected 'float32' or 'float64', received: {config['dtype']!r}")
     for name, entry in config["files"].items():
         if (not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str)
-                or not isinstance(entry.get("bytes"), int)):
+                or not isinstance(entry.get("bytes"), int) or isinstance(entry["bytes"], bool)
+                or entry["bytes"] < 0):
             raise ModelFormatError(
                 f"{file}: key 'files' / {name!r}: expected {{'bytes': int, 'sha256': str}}, received: {entry!r:.200}"
             )
 
 
-def _build_layer(entry, where):
+def _build_layer(entry, where, npz):
+    """Build the layer ``entry`` names, allocating at most what its file ``npz`` holds."""
     from .layers import LAYER_CLASSES
+    from .layers.base import StateSizeError, state_budget
 
     name = entry["class"]
     cls = LAYER_CLASSES.get(name)
     if cls is None:
-        raise ModelFormatError(f"{where}: unknown layer class {name!r}; known: {sorted(LAYER_CLASSES)}")
+        raise ModelFormatError(
+            f"{where}: unknown layer class {name!r}: expected one of cnnx's layers or a class registered "
+            f"with cnnx.register_layer, known: {sorted(LAYER_CLASSES)}"
+        )
+    budget = 0 if npz is None else sum(math.prod(shape) for shape, _ in npz.headers.values())
     try:
-        return cls.from_config(entry["config"])
+        # A little slack, so that a small mismatch reaches the exact per-key comparison (whose
+        # message names the key) while a config asking for millions of values more is refused.
+        with state_budget(budget + _BUILD_SLACK_VALUES):
+            return cls.from_config(entry["config"])
+    except StateSizeError as exc:
+        held = "it has no file" if npz is None else (
+            f"{npz.file.name} holds {budget} values in all, keys {sorted(npz.headers)}")
+        raise ModelFormatError(f"{where}: {name}: {exc} ({held}); refusing to build it") from None
     except Exception as exc:  # a bad config must surface as a format error, whatever the layer raises
         raise ModelFormatError(f"{where}: {name}.from_config failed: {type(exc).__name__}: {exc}") from None
 
@@ -410,70 +528,189 @@ def _read_checked(root, name, entry):
     """Bytes of ``root / name`` after checking its recorded size and SHA-256."""
     file = root / name
     try:
-        data = file.read_bytes()
+        data = _read_regular_file(file, limit=entry["bytes"], exact=True)
     except FileNotFoundError:
         raise ModelFormatError(f"{file}: missing (listed in {_CONFIG})") from None
     except OSError as exc:
         raise ModelFormatError(f"{file}: cannot be read ({exc})") from None
-    if len(data) != entry["bytes"]:
-        raise ModelFormatError(
-            f"{file}: expected {entry['bytes']} bytes as recorded in {_CONFIG}, received: {len(data)} (truncated?)"
-        )
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise ModelFormatError(f"{file}: checksum does not match the one recorded in {_CONFIG} (corrupted)")
     return data
 
 
-def _read_npz(data, file):
-    """All arrays of an .npz held in ``data``, read without pickle; errors name file and key."""
-    if not data.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        raise ModelFormatError(f"{file}: not an .npz (zip) archive")
-    arrays = {}
-    key = None
-    try:
-        with np.load(_io.BytesIO(data), allow_pickle=False) as npz:
-            for key in npz.files:
-                arrays[key] = npz[key]
-    except ModelFormatError:
-        raise
-    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, RuntimeError,
-            NotImplementedError, MemoryError) as exc:
-        where = f"{file}: key {key!r}" if key is not None else f"{file}"
-        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
-            raise ModelFormatError(f"{where}: holds Python objects (pickle), which cnnx refuses to load") from None
-        raise ModelFormatError(f"{where}: unreadable ({type(exc).__name__}: {exc})") from None
-    for key, a in arrays.items():
-        if a.dtype.hasobject:
-            raise ModelFormatError(f"{file}: key {key!r}: holds Python objects, which cnnx refuses to load")
-    return arrays
+def _read_regular_file(file, limit, exact=False):
+    """The bytes of ``file``, refusing anything but a regular file of at most ``limit`` bytes
+    (exactly ``limit`` with ``exact``): a layer file that is a link to /dev/zero or a FIFO must
+    not be read without end, or block."""
+    fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ModelFormatError(f"{file}: expected a regular file, received: {_file_kind(st.st_mode)}")
+        size = st.st_size
+        if exact and size != limit:
+            raise ModelFormatError(
+                f"{file}: expected {limit} bytes as recorded in {_CONFIG}, received: {size} (truncated?)"
+            )
+        if size > limit:
+            raise ModelFormatError(f"{file}: expected at most {limit} bytes, received: {size}")
+        data = f.read(size + 1)  # one byte more: a file that grew since fstat is caught below
+    if len(data) != size:
+        raise ModelFormatError(f"{file}: changed size while being read ({size} -> {len(data)} bytes)")
+    return data
+
+
+def _file_kind(mode):
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+class _Npz:
+    """An .npz held in memory, read without pickle: the header (shape, dtype) of every member
+    first, each array's values only on request, so sizes are checked before memory is spent.
+
+    Attributes
+    ----------
+    file : Path
+        Named in every error.
+    headers : dict
+        ``key -> (shape, dtype)`` with the dtype as stored (possibly big-endian).
+    """
+
+    def __init__(self, data, file):
+        self.file = file
+        if not data.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+            raise ModelFormatError(f"{file}: not an .npz (zip) archive")
+        self._members = {}  # key -> (ZipInfo, offset of the data, fortran_order)
+        self.headers = {}
+        try:
+            self._zip = zipfile.ZipFile(_io.BytesIO(data))
+            infos = self._zip.infolist()
+        except _ZIP_ERRORS as exc:
+            raise ModelFormatError(f"{file}: unreadable ({type(exc).__name__}: {exc})") from None
+        for info in infos:
+            if not info.filename.endswith(".npy"):
+                raise ModelFormatError(
+                    f"{file}: member {info.filename!r:.100}: expected a .npy array, received another kind of file"
+                )
+            key = info.filename[: -len(".npy")]
+            if key in self.headers:
+                raise ModelFormatError(f"{file}: key {key!r}: stored twice")
+            self._read_header(key, info)
+
+    def _read_header(self, key, info):
+        where = f"{self.file}: key {key!r}"
+        try:
+            with self._zip.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise ValueError(f"unsupported .npy format version {version}")
+                offset = f.tell()
+        except _ZIP_ERRORS as exc:
+            raise ModelFormatError(f"{where}: unreadable ({type(exc).__name__}: {exc})") from None
+        if dtype.hasobject:
+            raise ModelFormatError(f"{where}: holds Python objects (pickle), which cnnx refuses to load")
+        if dtype.kind not in "biuf" or dtype.subdtype is not None or dtype.fields is not None:
+            raise ModelFormatError(f"{where}: expected a numeric array, received: dtype={dtype.str!r}")
+        n_bytes = math.prod(shape) * dtype.itemsize
+        if info.file_size != offset + n_bytes:
+            raise ModelFormatError(
+                f"{where}: header declares shape {shape} of {dtype.str!r} ({n_bytes} bytes), but the "
+                f"member holds {info.file_size - offset} bytes of data (truncated or forged)"
+            )
+        self.headers[key] = (shape, dtype)
+        self._members[key] = (info, offset, fortran)
+
+    def read(self, key):
+        """The array ``key``: a C-contiguous, writable copy in native byte order."""
+        shape, dtype = self.headers[key]
+        info, offset, fortran = self._members[key]
+        n_bytes = math.prod(shape) * dtype.itemsize
+        try:
+            with self._zip.open(info) as f:
+                f.seek(offset)
+                raw = f.read(n_bytes)
+        except _ZIP_ERRORS as exc:
+            raise ModelFormatError(f"{self.file}: key {key!r}: unreadable ({type(exc).__name__}: {exc})") from None
+        if len(raw) != n_bytes:
+            raise ModelFormatError(f"{self.file}: key {key!r}: expected {n_bytes} bytes, received: {len(raw)}")
+        a = np.frombuffer(raw, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+        return np.array(a, dtype=dtype.newbyteorder("="), order="C")
+
+
+_ZIP_ERRORS = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, RuntimeError,
+               NotImplementedError, OverflowError)
+
+
+class _HugeInt:
+    """What a JSON integer literal too long to be any count cnnx writes becomes: Python would
+    spend quadratic time converting it (or refuse with a ValueError beyond 4300 digits)."""
+
+    def __init__(self, digits):
+        self.digits = digits
+
+    def __repr__(self):
+        return f"<an integer of {self.digits} digits>"
+
+
+def _parse_json_int(text):
+    digits = len(text.lstrip("-"))
+    return _HugeInt(digits) if digits > _MAX_INT_DIGITS else int(text)
 
 
 def _read_json(file, data=None):
     try:
         if data is None:
-            data = file.read_bytes()
-        return json.loads(data.decode("utf-8"))
+            data = _read_regular_file(file, limit=_MAX_JSON_BYTES)
+        return json.loads(data.decode("utf-8"), parse_int=_parse_json_int)
     except FileNotFoundError:
         raise ModelFormatError(f"{file}: missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except ModelFormatError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ModelFormatError(f"{file}: not valid JSON ({exc})") from None
 
 
-def _check_arrays(arrays, targets, file):
-    """Raise unless ``arrays`` has exactly the keys of ``targets`` with their shapes and dtypes."""
-    missing = sorted(set(targets) - set(arrays))
-    extra = sorted(set(arrays) - set(targets))
+def _check_headers(headers, targets, file, dtypes=True):
+    """Raise unless ``headers`` (key -> (shape, dtype)) has exactly the keys of ``targets`` with
+    their shapes and dtypes (either byte order: arrays are converted to native when read)."""
+    missing = sorted(set(targets) - set(headers))
+    extra = sorted(set(headers) - set(targets))
     if missing:
         raise ModelFormatError(f"{file}: missing key {missing[0]!r} (missing: {missing}; expected: {sorted(targets)})")
     if extra:
         raise ModelFormatError(f"{file}: unexpected key {extra[0]!r} (unexpected: {extra}; expected: {sorted(targets)})")
     for key, target in targets.items():
-        a = arrays[key]
-        if a.shape != target.shape:
-            raise ModelFormatError(f"{file}: key {key!r}: expected shape {target.shape}, received: {a.shape}")
-        if a.dtype != target.dtype:
+        shape, dtype = headers[key]
+        if shape != target.shape:
+            raise ModelFormatError(f"{file}: key {key!r}: expected shape {target.shape}, received: {shape}")
+        if dtypes and dtype.newbyteorder("=") != target.dtype:
             raise ModelFormatError(
-                f"{file}: key {key!r}: expected dtype {target.dtype.name}, received: {a.dtype.name}"
+                f"{file}: key {key!r}: expected dtype {target.dtype.name} ({target.dtype.str!r} or its "
+                f"big-endian twin), received: {dtype.str!r}"
+            )
+
+
+def _check_values(arrays, file):
+    """Refuse what no trained network holds: NaN or infinity, a negative running variance."""
+    for key, a in arrays.items():
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            n = int(a.size - np.count_nonzero(np.isfinite(a)))
+            raise ModelFormatError(
+                f"{file}: key {key!r}: expected finite values, received: {n} NaN or infinite of {a.size} "
+                "(pass allow_nonfinite=True to load them anyway)"
+            )
+        if key.startswith(_BUFFER_PREFIX) and key.endswith("running_var") and a.size and a.min() < 0:
+            raise ModelFormatError(
+                f"{file}: key {key!r}: expected a variance >= 0, received: min {a.min()!r} "
+                "(pass allow_nonfinite=True to load it anyway)"
             )
 
 
@@ -547,6 +784,12 @@ def _history_to_json(history):
     return out
 
 
+def _check_flag(value, name):
+    if not isinstance(value, bool):
+        raise TypeError(f"Expected {name} to be True or False, received: {name}={value!r}")
+    return value
+
+
 def _history_from_json(obj, file):
     if not isinstance(obj, dict):
         raise ModelFormatError(f"{file}: expected a JSON object of lists, received: {type(obj).__name__}")
@@ -576,12 +819,135 @@ def _backup_path(path):
     return path.parent / f"{path.name}.bak"
 
 
-def _replaceable(path):
-    """True for what a save may replace: a cnnx save (complete or not) or an empty directory."""
-    if not path.is_dir():
+def _foreign_entries(directory):
+    """What ``directory`` holds that cnnx.save does not write (relative names), by name and kind:
+    config.json, history.json, optimizer.npz and layers/<NN>_<class>.npz, as regular files."""
+    foreign = []
+    for entry in sorted(directory.iterdir()):
+        if entry.name in _SAVE_FILES and entry.is_file() and not entry.is_symlink():
+            continue
+        if entry.name == "layers" and entry.is_dir() and not entry.is_symlink():
+            foreign += [f"layers/{f.name}" for f in sorted(entry.iterdir())
+                        if not (_LAYER_FILE_RE.fullmatch(f.name) and f.is_file() and not f.is_symlink())]
+            continue
+        foreign.append(entry.name + ("/" if entry.is_dir() and not entry.is_symlink() else ""))
+    return foreign
+
+
+def _check_replaceable(target, path):
+    """Raise FileExistsError unless ``target`` is absent or a directory of cnnx's own files."""
+    if not target.exists() and not target.is_symlink():
+        return
+    if target.is_symlink() or not target.is_dir():
+        raise FileExistsError(
+            f"Refusing to overwrite {target}: it is not a directory written by cnnx.save "
+            f"(a {'symlink' if target.is_symlink() else 'file'}); remove it or choose another path"
+        )
+    foreign = _foreign_entries(target)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(
+            f"Refusing to save to {path}: {target} is not a directory written by cnnx.save: it holds "
+            f"{shown}, which cnnx did not write and a save would delete; move them or choose another path"
+        )
+
+
+def _check_registered(net):
+    """A save that cnnx.load would refuse is refused now, before any file is written: every
+    layer, and every layer a container holds, must be of the class registered under its name."""
+    from .layers import LAYER_CLASSES, Layer
+
+    seen = set()
+
+    def check(layer, where):
+        if id(layer) in seen:  # shared or self-referencing layers are checked once
+            return
+        seen.add(id(layer))
+        cls = type(layer)
+        if LAYER_CLASSES.get(cls.__name__) is not cls:
+            raise ValueError(
+                f"Cannot save {where}: layer class {cls.__module__}.{cls.__qualname__} is not registered, "
+                "so cnnx.load could not rebuild it; decorate the class with @cnnx.register_layer"
+            )
+        for attr, value in vars(layer).items():  # a container's children (Residual's block, ...)
+            children = value if isinstance(value, (list, tuple)) else [value]
+            for j, child in enumerate(children):
+                if isinstance(child, Layer):
+                    check(child, f"{where}.{attr}[{j}]" if isinstance(value, (list, tuple)) else f"{where}.{attr}")
+
+    for i, layer in enumerate(net.layers):
+        check(layer, f"layers[{i}]")
+
+
+@contextlib.contextmanager
+def _save_lock(path, timeout):
+    """Hold ``<path>.cnnx-lock`` (an advisory lock, released by the OS if the process dies) for
+    the duration of one save; wait up to ``timeout`` seconds for another holder."""
+    lock_file = path.parent / f"{path.name}{_LOCK_SUFFIX}"
+    deadline = time.monotonic() + timeout
+    while True:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if _try_lock(fd):
+                # The previous holder deletes the file before unlocking; if it did while we
+                # waited, we hold a lock no other process will look at: take the new file's.
+                try:
+                    current = os.path.samestat(os.fstat(fd), os.stat(lock_file))
+                except FileNotFoundError:
+                    current = False
+                if current:
+                    break
+                _unlock(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        if time.monotonic() >= deadline:
+            holder = _read_lock_holder(lock_file)
+            raise TimeoutError(
+                f"Cannot save to {path}: another save to it{holder} has held {lock_file.name} for more "
+                f"than lock_timeout={timeout:g} s; wait for it, or save to another path"
+            )
+        time.sleep(0.02)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for the message above
+        yield
+    finally:
+        if os.name != "nt":  # an open file cannot be deleted there; it stays, empty and unlocked
+            _unlink_quietly(lock_file)
+        _unlock(fd)
+        os.close(fd)
+
+
+def _try_lock(fd):
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    except OSError:  # BlockingIOError / PermissionError: held by someone else
         return False
-    names = {p.name for p in path.iterdir()}
-    return _CONFIG in names or names <= {"layers", _OPTIMIZER, _HISTORY}
+    return True
+
+
+def _unlock(fd):
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        else:
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+    except OSError:
+        pass
+
+
+def _read_lock_holder(lock_file):
+    try:
+        pid = lock_file.read_text()[:20].strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return f" (process {pid})" if pid.isdigit() else ""
 
 
 def _write_durable(file, data):
@@ -648,7 +1014,12 @@ def _remove_stale_temporaries(path):
         if pid != os.getpid() and _pid_alive(pid):
             continue  # another process may be saving right now
         if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
+            try:
+                foreign = _foreign_entries(entry)
+            except OSError:  # unreadable: not ours to judge, so not ours to delete
+                continue
+            if not foreign:  # only what a save writes there, never a user's file
+                shutil.rmtree(entry, ignore_errors=True)
         else:
             _unlink_quietly(entry)
 

@@ -1,7 +1,7 @@
-"""The model zoo: the networks of BENCHMARKS.md (and ResNet-8), built uncompiled, by function or name.
+"""The model zoo: the networks of benchmarks/README.md (and ResNet-8), built uncompiled, by function or name.
 
 Each builder returns a fresh ``Network``; ``default_optimizer(name)`` and ``DEFAULT_BATCH_SIZE``
-give the training setup BENCHMARKS.md uses for it. A convolution or dense layer directly followed
+give the training setup benchmarks/README.md uses for it. A convolution or dense layer directly followed
 by its activation is built with the fused ``activation=`` argument (one pass instead of two, the
 same function); ``fused=False`` builds separate activation layers instead, e.g. to compare.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .network import Network
+from .zoo_modern import convnext_mini, mini_inception
 from .zoo_resnet import resnet8
 
 __all__ = [
@@ -18,6 +19,9 @@ __all__ = [
     "seed_cifar",
     "mind_cifar",
     "resnet8",
+    "vgg_small",
+    "mini_inception",
+    "convnext_mini",
     "MODELS",
     "DEFAULT_BATCH_SIZE",
     "build",
@@ -161,24 +165,65 @@ def mind_cifar(dtype="float32", seed=None, fused=True):
     return Network(b.layers, (3, 32, 32), dtype=dtype)
 
 
+def vgg_small(num_classes=10, in_channels=3, dtype="float32", seed=None, fused=True):
+    """A small VGG for 32×32 inputs (550,570 parameters with 3 input channels and 10 classes).
+
+    Three stages of two 3×3 "same" convolutions with ReLU and a 2×2 max-pool (32, 64, 128
+    channels) · Flatten · Dense 128 ReLU · Dropout 0.5 · Dense ``num_classes``.
+
+    Parameters
+    ----------
+    num_classes : int, default 10
+    in_channels : int, default 3
+        1 for grey images (Fashion-MNIST padded to 32×32).
+    dtype, seed, fused
+        As :func:`lenet5`.
+
+    Returns
+    -------
+    Network
+        Uncompiled; outputs ``num_classes`` logits.
+    """
+    b = _Builder(fused, _generator(seed))
+    c_in = in_channels
+    for width in (32, 64, 128):
+        b.conv(c_in, width, 3, "same", "relu")
+        b.conv(width, width, 3, "same", "relu")
+        b.add(b.L.MaxPool2D(2))
+        c_in = width
+    b.add(b.L.Flatten())
+    b.dense(128 * 4 * 4, 128, "relu")
+    b.add(b.L.Dropout(0.5))
+    b.dense(128, num_classes)
+    return Network(b.layers, (in_channels, 32, 32), dtype=dtype)
+
+
 MODELS = {
     "lenet5": lenet5,
     "seed-mnist": seed_mnist,
     "seed-cifar": seed_cifar,
     "mind-cifar": mind_cifar,
-    "resnet8": resnet8,  # cnnx/zoo_resnet.py; not one of BENCHMARKS.md's workloads
+    "resnet8": resnet8,  # cnnx/zoo_resnet.py; not one of benchmarks/README.md's workloads
+    # The course's later architectures for 32x32 inputs (not benchmark workloads either).
+    "vgg-small": vgg_small,
+    "mini-inception": mini_inception,  # cnnx/zoo_modern.py
+    "convnext-mini": convnext_mini,    # cnnx/zoo_modern.py
 }
 
-#: Batch size BENCHMARKS.md trains each model with.
-DEFAULT_BATCH_SIZE = {"lenet5": 128, "seed-mnist": 256, "seed-cifar": 64, "mind-cifar": 128, "resnet8": 128}
+#: Batch size benchmarks/README.md trains each model with.
+DEFAULT_BATCH_SIZE = {"lenet5": 128, "seed-mnist": 256, "seed-cifar": 64, "mind-cifar": 128, "resnet8": 128,
+                      "vgg-small": 128, "mini-inception": 128, "convnext-mini": 128}
 
-# Optimizer (class name, constructor arguments) BENCHMARKS.md trains each model with.
+# Optimizer (class name, constructor arguments) benchmarks/README.md trains each model with.
 _OPTIMIZERS = {
     "lenet5": ("SGD", {"lr": 0.05, "momentum": 0.9}),
     "seed-mnist": ("Adam", {"lr": 1e-4}),
     "seed-cifar": ("Adam", {"lr": 5e-5}),
     "mind-cifar": ("Adam", {"lr": 1e-3}),
-    "resnet8": ("Adam", {"lr": 1e-3}),  # not in BENCHMARKS.md: the usual Adam default
+    "resnet8": ("Adam", {"lr": 1e-3}),  # not in benchmarks/README.md: the usual Adam default
+    "vgg-small": ("Adam", {"lr": 1e-3}),
+    "mini-inception": ("Adam", {"lr": 1e-3}),
+    "convnext-mini": ("AdamW", {"lr": 1e-3, "weight_decay": 0.05}),  # the ConvNeXt paper's optimizer
 }
 
 
@@ -200,7 +245,7 @@ def build(name, **kwargs):
 
 
 def default_optimizer(name):
-    """A fresh instance of the optimizer BENCHMARKS.md trains model ``name`` with."""
+    """A fresh instance of the optimizer benchmarks/README.md trains model ``name`` with."""
     from . import optimizers
 
     cls_name, config = _OPTIMIZERS[_canonical(name)]

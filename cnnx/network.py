@@ -179,6 +179,20 @@ class Network:
                 raise ValueError(f"Expected {key} of shape {target.shape}, received: {value.shape}")
             target[...] = value
 
+    def state_dict(self):
+        """Parameters and buffers under the keys of the equivalent ``torch.nn.Sequential``
+        (``"0.weight"``, ``"1.running_mean"``, ...), as copies. See :mod:`cnnx.state_dict`."""
+        from . import state_dict as _sd
+
+        return _sd.state_dict(self)
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Copy a PyTorch-style state dict (NumPy arrays or torch tensors) into the network, all
+        or nothing; returns ``(missing_keys, unexpected_keys)``. See :mod:`cnnx.state_dict`."""
+        from . import state_dict as _sd
+
+        return _sd.load_state_dict(self, state_dict, strict=strict)
+
     def get_config(self):
         """JSON-serialisable description: input shape, dtype and each layer's class and config."""
         return {
@@ -292,7 +306,7 @@ class Network:
 
     @owns_blas
     def fit(self, x, y, epochs=1, batch_size=32, validation_data=None, shuffle=True, seed=None,
-            callbacks=None, verbose=1):
+            callbacks=None, verbose=1, augment=None, clip_grad_norm=None, class_weight=None):
         """Train for ``epochs`` passes over ``(x, y)``.
 
         Parameters
@@ -317,6 +331,20 @@ class Network:
         callbacks : list of Callback, optional
         verbose : {0, 1, 2}
             0 silent, 1 a progress bar per epoch, 2 one line per epoch.
+        augment : cnnx.augment.Augmentation or list of them, optional
+            Applied to every training batch (never to validation, ``evaluate`` or ``predict``),
+            drawing from ``default_rng([seed, e, ...])`` for epoch ``e`` of the history: a seeded
+            run repeats exactly.
+        clip_grad_norm : float > 0, optional
+            Clip the gradients' global L2 norm to this before each step
+            (``cnnx.gradients.clip_grad_norm_``, as ``torch.nn.utils.clip_grad_norm_``).
+        class_weight : dict {class id: weight} or "balanced", optional
+            Keras' ``class_weight``: the gradient is that of ``sum_i w[y_i] loss_i / n``. The
+            reported ``loss`` stays the unweighted mean, the quantity ``evaluate`` reports.
+
+        The learning-rate schedule attached to the optimizer (``cnnx.schedules``), if any, is
+        stepped after every epoch (or batch, with ``interval="batch"``); epoch logs then carry
+        ``lr`` (the rate at the epoch's start) and ``history`` gains an ``lr`` list.
 
         Returns
         -------
@@ -353,6 +381,9 @@ class Network:
         # With a seed, epoch e's order comes from (seed, e) counted over the whole history, so a
         # network saved after 2 epochs and loaded again shuffles epoch 3 as an unbroken run would.
         fresh_rng = np.random.default_rng() if shuffle and seed is None else None
+        from .training import FitExtras
+
+        extras = FitExtras(self, augment, clip_grad_norm, class_weight, ids, seed, validation_data is not None)
 
         n = len(x)
         n_batches = -(-n // batch_size)
@@ -368,6 +399,8 @@ class Network:
         _ensure_keys(history, ("loss", "accuracy"))
         if validation_data is not None:
             _ensure_keys(history, ("val_loss", "val_accuracy"))
+        if extras.schedule is not None:
+            _ensure_keys(history, ("lr",))
         self.stop_training = False
         for cb in callbacks:
             cb.set_network(self)
@@ -389,6 +422,8 @@ class Network:
             loss_sum = 0.0
             correct = 0
             seen = 0
+            epoch_lr = self.optimizer.lr
+            extras.start_epoch(epochs_done + epoch)
             try:
                 for b in range(n_batches):
                     lo = b * batch_size
@@ -411,6 +446,7 @@ class Network:
                         for cb in callbacks:
                             cb.on_batch_begin(b, {"batch": b, "size": m})
 
+                    xb = extras.augment(xb, owned=shuffle)
                     out = forward(xb, True)
                     value = float(loss_fn.forward(out, tb))
                     if not math.isfinite(value):
@@ -420,8 +456,11 @@ class Network:
                             epoch, b, value,
                         )
                     batch_correct = count_correct(out, ib)
-                    backward(loss_fn.backward())
-                    step(parameters())
+                    backward(extras.weigh(loss_fn.backward(), ib))
+                    params = parameters()
+                    extras.clip(params)
+                    step(params)
+                    extras.after_batch()
 
                     loss_sum += value * m
                     correct += batch_correct
@@ -439,11 +478,14 @@ class Network:
                             break
 
                 logs = {"loss": loss_sum / seen, "accuracy": correct / seen if ids is not None else math.nan}
+                if extras.schedule is not None:
+                    logs["lr"] = epoch_lr
                 if validation_data is not None:
                     val = self._evaluate(x_val, val_targets, val_ids, 256)
                     logs["val_loss"], logs["val_accuracy"] = val["loss"], val["accuracy"]
                 for key in history:
                     history[key].append(logs.get(key, math.nan))
+                extras.after_epoch(logs)
                 if bar is not None:
                     bar.set_postfix_str(_format_metrics(**logs), refresh=False)
             finally:
@@ -787,7 +829,7 @@ def _ensure_keys(history, keys):
             history[key] = [math.nan] * length
 
 
-def _format_metrics(loss, accuracy, val_loss=None, val_accuracy=None):
+def _format_metrics(loss, accuracy, val_loss=None, val_accuracy=None, lr=None):
     text = f"loss={loss:.4f}, acc={accuracy:.4f}"
     if val_loss is not None:
         text += f", val_loss={val_loss:.4f}, val_acc={val_accuracy:.4f}"
@@ -798,6 +840,8 @@ def _progress_bar(total, epoch, epochs):
     from tqdm import tqdm
 
     # Redrawn often on a terminal; into a log file (CI, nohup) only every few seconds.
+    # leave=True: the closed bar, showing the epoch's final figures, is the epoch's record
+    # (the cnnx command prints no second line beside it).
     interactive = getattr(sys.stderr, "isatty", lambda: False)()
     return tqdm(total=total, unit="batch", desc=f"Epoch {epoch + 1}/{epochs}", leave=True,
                 dynamic_ncols=True, mininterval=0.1 if interactive else 5.0)

@@ -63,9 +63,13 @@ class Optimizer:
     state : dict[str, dict]
         Per-parameter state by key: arrays named as in ``_state_names`` (plus an int ``"step"``
         for optimizers that count steps per parameter).
+    schedule : cnnx.schedules.LRSchedule or None
+        The learning-rate schedule built on this optimizer (it attaches itself); ``fit`` steps
+        it, and the state dict carries it.
     """
 
     _state_names: tuple[str, ...] = ()
+    schedule = None
     _counts_param_steps = False
 
     def __init_subclass__(cls, **kwargs):
@@ -84,7 +88,9 @@ class Optimizer:
 
     @lr.setter
     def lr(self, value):
-        self._lr = _check_real("lr", value, low=0.0, low_open=True)
+        # 0 is allowed, as in PyTorch: a schedule may anneal to it (cosine with eta_min=0), and a
+        # network saved there must load again.
+        self._lr = _check_real("lr", value, low=0.0)
 
     # --- the contract -------------------------------------------------------------------
     def step(self, params):
@@ -150,7 +156,9 @@ class Optimizer:
             ``"step"`` (int64 scalar: number of steps taken) and ``"<name>/<key>"`` for each
             per-parameter array (``"momentum_buffer/3.weight"``, ``"exp_avg/3.weight"``,
             ``"exp_avg_sq/3.weight"``) and, for Adam, ``"step/<key>"`` (steps that parameter has
-            been updated: a parameter skipped with grad None does not advance its bias correction).
+            been updated: a parameter skipped with grad None does not advance its bias correction),
+            and ``"lr_schedule"`` when a schedule is attached (its class, config and state as
+            UTF-8 JSON in a uint8 array, see :mod:`cnnx.schedules`).
         """
         out = {"step": np.array(self.iterations, dtype=np.int64)}
         for key, state in self.state.items():
@@ -159,6 +167,10 @@ class Optimizer:
                     out[f"{name}/{key}"] = value.copy()
                 else:
                     out[f"{name}/{key}"] = np.array(value, dtype=np.int64)
+        if self.schedule is not None:
+            from . import schedules
+
+            out[schedules.STATE_KEY] = schedules.encode_record(self.schedule)
         return out
 
     def load_state_dict(self, state_dict, params=None):
@@ -185,10 +197,15 @@ class Optimizer:
                 f"received keys: {sorted(state_dict)}"
             )
         iterations = self._as_count("step", state_dict["step"])
+        schedule_record = None
+        if "lr_schedule" in state_dict:
+            from . import schedules
+
+            schedule_record = schedules.decode_record(state_dict["lr_schedule"])
         known = set(self._state_names) | ({"step"} if self._counts_param_steps else set())
         new_state: dict[str, dict] = {}
         for full, value in state_dict.items():
-            if full == "step":
+            if full in ("step", "lr_schedule"):
                 continue
             name, sep, key = str(full).partition("/")
             if not sep or not key or name not in known:
@@ -219,6 +236,22 @@ class Optimizer:
                         f"Expected state only for known parameters {sorted(by_key)}, received state for {key!r}"
                     )
                 self._conform_state(key, by_key[key], state)
+        if schedule_record is not None:
+            # Built last, once everything else is valid: it attaches itself and sets lr / momentum.
+            from . import schedules
+
+            previous = (self.schedule, self._lr, getattr(self, "momentum", None), getattr(self, "betas", None))
+            try:
+                schedules.from_record(schedule_record, self)
+            except (TypeError, ValueError, KeyError) as exc:
+                self.schedule, self._lr = previous[0], previous[1]
+                if previous[2] is not None:
+                    self.momentum = previous[2]
+                if previous[3] is not None:
+                    self.betas = previous[3]
+                raise ValueError(f"Expected a valid 'lr_schedule' entry: {type(exc).__name__}: {exc}") from None
+        else:
+            self.schedule = None
         self.iterations = iterations
         self.state = new_state
         self._scratch = {}
@@ -277,7 +310,7 @@ class SGD(Optimizer):
 
     Parameters
     ----------
-    lr : float > 0
+    lr : float >= 0
     momentum : float >= 0, default 0
     nesterov : bool, default False
         Needs ``momentum > 0`` and ``dampening == 0``.
@@ -366,7 +399,7 @@ class Adam(Optimizer):
 
     Parameters
     ----------
-    lr : float > 0, default 1e-3
+    lr : float >= 0, default 1e-3
     betas : pair of floats in [0, 1), default (0.9, 0.999)
     eps : float >= 0, default 1e-8
     weight_decay : float >= 0, default 0
@@ -450,7 +483,7 @@ class AdamW(Adam):
 
     Parameters
     ----------
-    lr : float > 0, default 1e-3
+    lr : float >= 0, default 1e-3
     betas : pair of floats in [0, 1), default (0.9, 0.999)
     eps : float >= 0, default 1e-8
     weight_decay : float >= 0, default 1e-2 (torch's default)

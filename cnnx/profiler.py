@@ -8,7 +8,7 @@ gradients and buffers are restored, so the network is left as it was. Layer cach
 library random generator, which Dropout draws from) do change. The optimizer and loss are
 deep-copied, so their state is untouched too.
 
-FLOPs are counted as BENCHMARKS.md counts them: 2 x multiply-adds of convolutions and dense
+FLOPs are counted as benchmarks/README.md counts them: 2 x multiply-adds of convolutions and dense
 layers only (elementwise passes and pooling count zero); a training step is about 3x the forward.
 """
 from __future__ import annotations

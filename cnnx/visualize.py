@@ -495,12 +495,15 @@ def _show_image(ax, image, title=None):
 
 
 def plot_feature_maps(net, x, layer, max_maps=16, path=None, titles=None, cmap="viridis"):
-    """Feature maps of one layer: per image, the input in the first column, then its maps.
+    """Feature maps of one layer: per image, the input beside its maps laid out in a grid.
+
+    The maps of one image fill a near-square grid (16 maps: 4 x 4, 6 maps: 3 x 2) rather than
+    one long strip, so each map stays large enough to read; images are stacked top to bottom.
 
     Parameters
     ----------
     net : Network
-    x : ndarray of shape (c, h, w) (one image) or (n, c, h, w) (one row per image)
+    x : ndarray of shape (c, h, w) (one image) or (n, c, h, w) (one block of maps per image)
     layer : int or str
         The layer whose output is shown (index or name, see :func:`layer_names`); its output must
         be ``(channels, h, w)`` per sample.
@@ -509,13 +512,13 @@ def plot_feature_maps(net, x, layer, max_maps=16, path=None, titles=None, cmap="
     path : str or Path, optional
         Save the figure there as PNG.
     titles : sequence of str, optional
-        One label per image (e.g. its class name), shown over the input image.
+        One label per image (e.g. its class name), shown beside the input image.
     cmap : str, default "viridis"
 
     Returns
     -------
     matplotlib.figure.Figure
-        The maps of one image share one colour scale, shown by the colour bar at the row's end.
+        The maps of one image share one colour scale, shown by the colour bar at its grid's side.
     """
     plt = _pyplot()
     x = np.asarray(x)
@@ -532,23 +535,34 @@ def plot_feature_maps(net, x, layer, max_maps=16, path=None, titles=None, cmap="
     if not isinstance(max_maps, numbers.Integral) or max_maps < 1:
         raise ValueError(f"Expected max_maps as an int >= 1, received: max_maps={max_maps!r}")
     n, channels = maps.shape[:2]
+    if titles is not None and len(titles) < n:
+        raise ValueError(f"Expected one title per image ({n}), received: {len(titles)} titles")
     shown = min(channels, int(max_maps))
-    cols = shown + 1
-    fig, axes = plt.subplots(n, cols, figsize=(1.25 * cols + 1.0, 1.3 * n + 0.6), squeeze=False,
-                             layout="constrained")
-    for i in range(n):
-        _show_image(axes[i, 0], x[i], "input" if i == 0 else None)
+    grid_cols = int(np.ceil(np.sqrt(shown)))
+    grid_rows = -(-shown // grid_cols)
+    fig = plt.figure(figsize=(1.3 * (grid_cols + 1) + 1.0, (1.3 * grid_rows + 0.4) * n + 0.6),
+                     layout="constrained")
+    blocks = fig.subfigures(n, 1, squeeze=False)[:, 0]
+    for i, block in enumerate(blocks):
+        # Column 0 holds the input (top cell); columns 1.. hold the maps, row by row.
+        axes = block.subplots(grid_rows, grid_cols + 1, squeeze=False)
+        for ax in axes.ravel():
+            ax.axis("off")
+        _show_image(axes[0, 0], x[i], "input")
+        axes[0, 0].axis("on")
         if titles is not None:
-            axes[i, 0].set_ylabel(titles[i], fontsize=9)
+            axes[0, 0].set_ylabel(titles[i], fontsize=9)
         lo, hi = float(maps[i, :shown].min()), float(maps[i, :shown].max())
+        map_axes = []
         for j in range(shown):
-            ax = axes[i, j + 1]
+            ax = axes[j // grid_cols, 1 + j % grid_cols]
+            ax.axis("on")
             im = ax.imshow(maps[i, j], cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            if i == 0:
-                ax.set_title(f"ch {j}", fontsize=9)
-        fig.colorbar(im, ax=axes[i, 1:].tolist(), fraction=0.02, pad=0.01, label="activation")
+            ax.set_title(f"ch {j}", fontsize=8)
+            map_axes.append(ax)
+        block.colorbar(im, ax=map_axes, fraction=0.04, pad=0.02, label="activation")
     fig.suptitle(f"Feature maps of layer {name} ({shown} of {channels} channels)")
     return _finish(fig, path)
 
@@ -828,7 +842,8 @@ def plot_confusion_matrix(cm, class_names=None, path=None, normalize=False, titl
     return _finish(fig, path)
 
 
-def plot_reconstructions(noisy, reconstructed, clean, path=None, max_images=8, title="Reconstructions"):
+def plot_reconstructions(noisy, reconstructed, clean, path=None, max_images=8, title="Reconstructions",
+                         labels=("noisy", "reconstructed", "clean")):
     """A grid for denoising / autoencoder results: rows noisy input, reconstruction, clean target.
 
     Parameters
@@ -839,14 +854,18 @@ def plot_reconstructions(noisy, reconstructed, clean, path=None, max_images=8, t
     max_images : int, default 8
         Show the first ``max_images`` images (one column each).
     title : str
+    labels : three str, default ("noisy", "reconstructed", "clean")
+        The row labels, e.g. ``("noisy", "denoised", "clean")`` for a denoising autoencoder.
 
     Returns
     -------
     matplotlib.figure.Figure
     """
     plt = _pyplot()
+    if isinstance(labels, str) or len(labels) != 3 or not all(isinstance(t, str) for t in labels):
+        raise ValueError(f"Expected labels as three strings (noisy, reconstructed, clean), received: labels={labels!r}")
     rows = [(label, np.asarray(a)) for label, a in
-            (("noisy", noisy), ("reconstructed", reconstructed), ("clean", clean)) if a is not None]
+            zip(labels, (noisy, reconstructed, clean)) if a is not None]
     if not rows:
         raise ValueError("Expected at least one of noisy, reconstructed, clean, received: all None")
     n = min(len(a) for _, a in rows)

@@ -34,18 +34,27 @@ from cnnx import datasets, preprocessing
 from cnnx.layers import Conv2D, ConvTranspose2D, Dense, Flatten, MaxPool2D, ReLU, Reshape
 
 
+# Row labels of denoising.png, the words the README uses for this grid.
+ROW_LABELS = ("noisy", "denoised", "clean")
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=5, help="passes over the training set")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per training step")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     parser.add_argument("--noise", type=float, default=0.3, help="standard deviation of the noise")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--limit", type=int, help="use only the first N training images")
-    parser.add_argument("--data", help="directory of the Fashion-MNIST IDX files (default: search)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the weights, the noise and the shuffling")
+    parser.add_argument("--limit", type=int, help="use only the first N training images; None: all")
+    parser.add_argument("--data",
+                        help="directory of the Fashion-MNIST IDX files; None: look in $CNNX_DATA and the usual places")
     parser.add_argument("--sample", action="store_true", help="use the sample shipped with cnnx")
-    parser.add_argument("--threads", type=int, help="threads for the compiled kernels")
-    parser.add_argument("--out", type=Path, default=Path("runs/conv_autoencoder"))
+    parser.add_argument("--threads", type=int,
+                        help="threads for the compiled kernels; None: $CNNX_NUM_THREADS or all cores")
+    parser.add_argument("--out", type=Path, default=Path("runs/conv_autoencoder"),
+                        help="folder for denoising.png and the saved network")
     return parser.parse_args(argv)
 
 
@@ -152,7 +161,7 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     fig = visualize.plot_reconstructions(
         noisy_test[:10], outputs["conv"][:10], x_test[:10], path=args.out / "denoising.png", max_images=10,
-        title=f"Convolutional denoising autoencoder (noise sigma {args.noise})")
+        title=f"Convolutional denoising autoencoder (noise sigma {args.noise})", labels=ROW_LABELS)
     plt.close(fig)
     cnnx.save(conv, args.out / "model")
     print(f"wrote {args.out / 'denoising.png'}, saved the convolutional network in {args.out / 'model'}")

@@ -6,7 +6,8 @@ output is a valid pixel in [0, 1], mean squared error against the clean pixels. 
 draw every epoch means the network never sees the same noisy image twice, so it has to learn
 what clothes look like rather than memorise the noise.
 
-Writes ``denoising.png``: rows noisy input, network output, clean image (needs matplotlib).
+Writes ``denoising.png``: rows noisy (the input), denoised (the network's output), clean (the
+target); needs matplotlib.
 
 Run from the repository root::
 
@@ -27,17 +28,26 @@ from cnnx import datasets, preprocessing
 from cnnx.layers import Dense
 
 
+# Row labels of denoising.png, the words the README uses for this grid.
+ROW_LABELS = ("noisy", "denoised", "clean")
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=10, help="passes over the training set")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per training step")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     parser.add_argument("--noise", type=float, default=0.3, help="standard deviation of the noise")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data", help="directory of the Fashion-MNIST IDX files (default: search)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the weights, the noise and the shuffling")
+    parser.add_argument("--data",
+                        help="directory of the Fashion-MNIST IDX files; None: look in $CNNX_DATA and the usual places")
     parser.add_argument("--sample", action="store_true", help="use the sample shipped with cnnx")
-    parser.add_argument("--threads", type=int, help="threads for the compiled kernels")
-    parser.add_argument("--out", type=Path, default=Path("runs/dense-autoencoder"))
+    parser.add_argument("--threads", type=int,
+                        help="threads for the compiled kernels; None: $CNNX_NUM_THREADS or all cores")
+    parser.add_argument("--out", type=Path, default=Path("runs/dense-autoencoder"),
+                        help="folder for denoising.png and the saved network")
     return parser.parse_args(argv)
 
 
@@ -108,7 +118,7 @@ def main(argv=None):
     fig = visualize.plot_reconstructions(
         noisy_test[:10].reshape(shape), denoised[:10].reshape(shape), x_test[:10].reshape(shape),
         path=args.out / "denoising.png", max_images=10,
-        title=f"Denoising autoencoder (noise sigma {args.noise})")
+        title=f"Denoising autoencoder (noise sigma {args.noise})", labels=ROW_LABELS)
     import matplotlib.pyplot as plt
 
     plt.close(fig)

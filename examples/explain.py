@@ -30,12 +30,14 @@ EXPLAIN_CLASSES = ("Sneaker", "Ankle boot", "Sandal", "Shirt", "T-shirt/top", "T
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/explain"), help="folder for the PNGs")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=2, help="passes over the training set")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per training step")
     parser.add_argument("--sample", action="store_true", help="use the 7000-image sample shipped with cnnx")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the weights, the split and the shuffling")
     return parser.parse_args(argv)
 
 

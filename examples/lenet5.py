@@ -24,14 +24,18 @@ from cnnx.layers import Conv2D, Dense, Flatten, MaxPool2D
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data", help="directory of the Fashion-MNIST IDX files (default: search)")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=3, help="passes over the training set")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per training step")
+    parser.add_argument("--lr", type=float, default=0.05, help="learning rate")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the weights, the split and the shuffling")
+    parser.add_argument("--data",
+                        help="directory of the Fashion-MNIST IDX files; None: look in $CNNX_DATA and the usual places")
     parser.add_argument("--sample", action="store_true", help="use the sample shipped with cnnx")
-    parser.add_argument("--threads", type=int, help="threads for the compiled kernels")
+    parser.add_argument("--threads", type=int,
+                        help="threads for the compiled kernels; None: $CNNX_NUM_THREADS or all cores")
     parser.add_argument("--out", default="runs/lenet5", help="where to save the trained network")
     return parser.parse_args(argv)
 

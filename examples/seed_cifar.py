@@ -33,14 +33,17 @@ then pass --data cifar-10-batches-py, or set CNNX_DATA to the directory holding 
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", help="cifar-10-batches-py or its parent (default: $CNNX_DATA)")
-    parser.add_argument("--epochs", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--limit", type=int, help="use only the first N training images")
-    parser.add_argument("--threads", type=int, help="threads for the compiled kernels")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", help="cifar-10-batches-py or its parent; None: look in $CNNX_DATA")
+    parser.add_argument("--epochs", type=int, default=50, help="passes over the training set")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per training step")
+    parser.add_argument("--lr", type=float, default=5e-5, help="learning rate")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the weights, the split and the shuffling")
+    parser.add_argument("--limit", type=int, help="use only the first N training images; None: all")
+    parser.add_argument("--threads", type=int,
+                        help="threads for the compiled kernels; None: $CNNX_NUM_THREADS or all cores")
     parser.add_argument("--out", default="runs/seed-cifar", help="where to save the trained network")
     return parser.parse_args(argv)
 

@@ -28,15 +28,20 @@ SLOPE = 0.01  # the seed library's LeakyReLU slope
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", choices=("fashion-mnist", "mnist"), default="fashion-mnist")
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data", help="directory of the dataset's IDX files (default: search)")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--dataset", choices=("fashion-mnist", "mnist"), default="fashion-mnist",
+                        help="dataset to train on")
+    parser.add_argument("--epochs", type=int, default=15, help="passes over the training set")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per training step")
+    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the weights, the split and the shuffling")
+    parser.add_argument("--data",
+                        help="directory of the dataset's IDX files; None: look in $CNNX_DATA and the usual places")
     parser.add_argument("--sample", action="store_true", help="the Fashion-MNIST sample shipped with cnnx")
-    parser.add_argument("--threads", type=int, help="threads for the compiled kernels")
+    parser.add_argument("--threads", type=int,
+                        help="threads for the compiled kernels; None: $CNNX_NUM_THREADS or all cores")
     parser.add_argument("--keep-last", action="store_true",
                         help="test the last epoch's weights instead of the best validation epoch's")
     parser.add_argument("--out", default="runs/seed-mnist", help="where to save the trained network")

@@ -98,10 +98,51 @@ def test_train_writes_a_loadable_model_preprocessing_and_history(run_dir):
     assert len(meta["mean"]) == 1 and 0.2 < meta["mean"][0] < 0.4
     assert 0.25 < meta["std"][0] < 0.45
 
-    record = json.loads((out / cli.HISTORY_FILE).read_text())
-    assert set(record["history"]) >= {"loss", "accuracy", "val_loss", "val_accuracy"}
-    assert all(len(v) == 1 for v in record["history"].values())
+    history = json.loads((out / cli.HISTORY_FILE).read_text())
+    assert set(history) >= {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert all(len(v) == 1 for v in history.values())
+    record = json.loads((out / cli.RUN_FILE).read_text())
     assert record["test_accuracy"] == pytest.approx(accuracy, abs=1e-4)
+
+
+def test_train_writes_one_history_file(run_dir):
+    """Defect: cnnx train wrote both history.json and train_history.json."""
+    out, _ = run_dir
+    histories = sorted(p.name for p in out.iterdir() if "history" in p.name)
+    assert histories == ["history.json"]
+    assert json.loads((out / "history.json").read_text())["loss"] == cnnx.load(out).history["loss"]
+    assert "history" not in json.loads((out / cli.RUN_FILE).read_text())
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "log-file"])
+def test_each_epoch_is_reported_once_bar_or_line(terminal, tmp_path, monkeypatch):
+    """Defect: on a terminal each epoch showed the tqdm bar and then a plain line with the same
+    figures. Now a terminal gets the bar (left on screen with the final figures), anything else
+    one plain line."""
+    monkeypatch.setattr(cli, "_stderr_is_terminal", lambda: terminal)
+    code, stdout, stderr = _run([
+        "train", "--model", "lenet5", "--dataset", "fashion-mnist-sample", "--limit", "40",
+        "--epochs", "2", "--out", str(tmp_path / "run"), "--no-plots",
+    ])
+    assert code == 0, stderr
+    plain_lines = [line for line in stdout.splitlines() if line.startswith("epoch ")]
+    bar_epochs = {f"Epoch {e}/2" for e in (1, 2) if f"Epoch {e}/2" in stderr}
+    if terminal:
+        assert plain_lines == []
+        assert bar_epochs == {"Epoch 1/2", "Epoch 2/2"} and "val_loss=" in stderr
+    else:
+        assert [line.split("  ")[0] for line in plain_lines] == ["epoch 1/2", "epoch 2/2"]
+        assert bar_epochs == set()
+
+
+def test_no_progress_gives_plain_lines_on_a_terminal(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "_stderr_is_terminal", lambda: True)
+    code, stdout, stderr = _run([
+        "train", "--model", "lenet5", "--dataset", "fashion-mnist-sample", "--limit", "40",
+        "--epochs", "1", "--out", str(tmp_path / "run"), "--no-plots", "--no-progress",
+    ])
+    assert code == 0, stderr
+    assert stdout.count("epoch 1/1  loss") == 1 and "Epoch 1/1" not in stderr
 
 
 def test_train_draws_curves_and_confusion_matrix(run_dir):
@@ -248,8 +289,10 @@ def test_summary_of_a_saved_model(run_dir, capsys):
     ["train", "--model", "lenet5", "--val-fraction", "1.5"],
     ["train", "--model", "lenet5", "--lr", "-1"],
     ["summary", "--model", "lenet5", "--bogus"],
+    ["--bogus"],
+    ["predict", "run", "x.npy", "--float-range", "100"],
 ], ids=["nothing", "unknown-command", "no-model", "unknown-model", "zero-epochs", "bad-fraction",
-        "negative-lr", "unknown-option"])
+        "negative-lr", "unknown-option", "unknown-global-option", "bad-float-range"])
 def test_bad_arguments_exit_2_with_one_line(argv, capsys):
     code = cli.main(argv)
     _assert_one_line_error(code, capsys.readouterr().err)
@@ -339,3 +382,160 @@ def test_python_dash_m_cnnx_help():
                             text=True, timeout=120, env=dict(os.environ))
     assert result.returncode == 0, result.stderr
     assert "--limit N" in result.stdout and "use only the first N training images" in result.stdout
+
+
+def test_unknown_option_before_the_command_is_named(capsys):
+    """Defect: 'cnnx --bogus' said "the following arguments are required: COMMAND"."""
+    code = cli.main(["--bogus"])
+    err = capsys.readouterr().err
+    _assert_one_line_error(code, err)
+    assert "unknown option '--bogus'" in err and "expected a command (train, evaluate" in err
+    assert cli.main([]) == 2 and "no command given" in capsys.readouterr().err
+    # argparse's unique prefixes of the real options still work
+    assert cli.main(["--vers"]) == 0
+    assert capsys.readouterr().out.startswith("cnnx ")
+
+
+# ------------------------------------------------------- predict / explain: what they accept -
+def _predict(run, path, *extra):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(["predict", str(run), str(path), *extra])
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_predict_refuses_huge_float_values(run_dir, tmp_path):
+    """Defect: a float64 image holding 1e300 passed the finite check, overflowed in the cast to
+    float32 and was classified with exit 0."""
+    np.save(tmp_path / "huge.npy", np.full((2, 28, 28), 1e300))
+    for extra in ((), ("--float-range", "255")):
+        code, out, err = _predict(run_dir[0], tmp_path / "huge.npy", *extra)
+        _assert_one_line_error(code, err, "cnnx: error:")
+        assert "huge.npy" in err and "received: values in [1e+300, 1e+300]" in err
+        assert out == ""
+
+
+def test_predict_refuses_float_images_in_0_255_unless_told(run_dir, test_images, tmp_path):
+    """Defect: float images holding 0..255 were taken as [0, 1] with only a note, and accuracy
+    silently fell from 0.90 to 0.76. Now they are refused, or divided by 255 with --float-range 255."""
+    x, _ = test_images
+    np.save(tmp_path / "f255.npy", x[:20].astype(np.float32))
+    np.save(tmp_path / "u8.npy", x[:20])
+    code, out, err = _predict(run_dir[0], tmp_path / "f255.npy")
+    _assert_one_line_error(code, err, "cnnx: error:")
+    assert "expected float images with values in [0, 1]" in err and "--float-range 255" in err
+    assert out == ""
+
+    code, scaled, err = _predict(run_dir[0], tmp_path / "f255.npy", "--float-range", "255")
+    assert code == 0, err
+    code, reference, err = _predict(run_dir[0], tmp_path / "u8.npy")
+    assert code == 0, err
+    # Exact: both paths divide the same float32 integers by float32 255, so the network sees
+    # bit-identical inputs.
+    assert scaled == reference
+
+
+@pytest.mark.parametrize("values", [[np.nan], [np.inf], [-0.5], [1.5]], ids=["nan", "inf", "negative", "above-1"])
+def test_predict_refuses_floats_outside_the_stated_range(values, run_dir, tmp_path):
+    x = np.full((1, 28, 28), 0.5, dtype=np.float32)
+    x[0, 0, 0] = values[0]
+    np.save(tmp_path / "x.npy", x)
+    code, out, err = _predict(run_dir[0], tmp_path / "x.npy")
+    _assert_one_line_error(code, err, "cnnx: error:")
+    assert "x.npy" in err and "expected" in err and out == ""
+
+
+def test_predict_out_writes_exactly_the_path_it_reports(run_dir, test_images, tmp_path):
+    """Defect: --out /x/outx said 'wrote ... to /x/outx' but np.save wrote /x/outx.npy."""
+    np.save(tmp_path / "x.npy", test_images[0][:4])
+    target = tmp_path / "outx"
+    code, out, err = _predict(run_dir[0], tmp_path / "x.npy", "--out", str(target))
+    assert code == 0, err
+    assert out.strip() == f"wrote 4 class ids to {target}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outx", "x.npy"]  # no outx.npy, no temp file
+    assert np.load(target).shape == (4,)
+
+    code, _, err = _predict(run_dir[0], tmp_path / "x.npy", "--out", str(tmp_path / "missing" / "ids.npy"))
+    _assert_one_line_error(code, err, "cnnx: error:")
+    assert "does not exist" in err
+    code, _, err = _predict(run_dir[0], tmp_path / "x.npy", "--out", str(tmp_path))
+    _assert_one_line_error(code, err, "cnnx: error:")
+    assert "received: a directory" in err
+
+
+def _npy_bytes(array):
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+GOOD = np.zeros((3, 28, 28), dtype=np.uint8)
+BAD_FILES = {
+    # name: (bytes of the file, words the one-line error must hold)
+    "empty": (b"", "received: an empty file (0 bytes)"),
+    "text": (b"0.1 0.2 0.3\n", "expected a .npy array written by numpy.save, received: a file starting with"),
+    "malformed-header": (_npy_bytes(GOOD).replace(b"'descr': '|u1'", b"'descr': 1+2  "),
+                         "expected a .npy header as numpy.save writes it"),
+    "truncated": (_npy_bytes(GOOD)[:-100], "truncated: expected 2352 bytes of data for shape (3, 28, 28) uint8, received: 2252"),
+    "over-long": (_npy_bytes(GOOD) + b"\0" * 8, "longer than its header says"),
+    "negative-shape": (_npy_bytes(GOOD).replace(b"(3, 28, 28), } ", b"(-3, 28, 28), }"),
+                       "expected a .npy header with a non-negative shape, received: (-3, 28, 28)"),
+    "npz": (None, "received: a zip archive"),
+    "object-dtype": (None, "which cnnx never unpickles"),
+    "int64": (_npy_bytes(GOOD.astype(np.int64)), "expected uint8 (0..255) or float16/32/64 images, received: dtype int64"),
+    "no-images": (_npy_bytes(GOOD[:0]), "expected at least one image, received: an array of shape (0, 28, 28)"),
+    "wrong-shape": (_npy_bytes(np.zeros((5, 32, 32), dtype=np.uint8)), "received: an array of shape (5, 32, 32)"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_FILES))
+def test_a_bad_input_file_is_one_line_naming_it(name, run_dir, tmp_path):
+    """Defects: a 0-byte .npy printed a traceback; a text file got NumPy's 'allow_pickle=' advice;
+    a malformed header gave 'malformed node or string ... <ast.BinOp>'; a truncated .npy did not
+    name the file; a (5, 32, 32) input was reported as (5, 1, 32, 32)."""
+    content, words = BAD_FILES[name]
+    path = tmp_path / f"{name}.npy"
+    if name == "npz":
+        np.savez(path, a=GOOD)
+        path = path.with_suffix(".npy.npz")
+    elif name == "object-dtype":
+        np.save(path, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    else:
+        path.write_bytes(content)
+    code, out, err = _predict(run_dir[0], path)
+    _assert_one_line_error(code, err, "cnnx: error:")
+    assert f"input {str(path)!r}: " in err
+    assert words in err
+    assert out == ""
+
+
+def test_predict_reads_fortran_order_big_endian_and_single_images(run_dir, test_images, tmp_path):
+    x = test_images[0][:3]
+    np.save(tmp_path / "c.npy", x)
+    np.save(tmp_path / "f.npy", np.asfortranarray(x.astype(np.float32) / np.float32(255)).astype(">f4"))
+    np.save(tmp_path / "one.npy", x[1])
+    code, c_order, err = _predict(run_dir[0], tmp_path / "c.npy")
+    assert code == 0, err
+    code, fortran, err = _predict(run_dir[0], tmp_path / "f.npy")
+    assert code == 0, err
+    assert fortran == c_order  # exact: the same float32 values as uint8 / 255, read back in C order
+    code, one, err = _predict(run_dir[0], tmp_path / "one.npy")
+    assert code == 0, err
+    assert one.splitlines() == c_order.splitlines()[1:2]
+
+
+def test_explain_takes_negative_indices_python_style(run_dir, test_images, tmp_path, capsys):
+    """Defect: 'explain --index -1' reported 'at least one sample, received (0, 1, 28, 28)'."""
+    pytest.importorskip("matplotlib")
+    np.save(tmp_path / "x.npy", test_images[0][:3])
+    code = cli.main(["explain", str(run_dir[0]), "--input", str(tmp_path / "x.npy"), "--index", "-1",
+                     "--out", str(tmp_path / "why")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.out.startswith("image 2: predicted ")
+
+    code = cli.main(["explain", str(run_dir[0]), "--input", str(tmp_path / "x.npy"), "--index", "-4",
+                     "--out", str(tmp_path / "why")])
+    err = capsys.readouterr().err
+    _assert_one_line_error(code, err, "cnnx: error:")
+    assert "--index: expected an index in [-3, 2]" in err and "received: -4" in err

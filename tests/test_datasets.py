@@ -340,10 +340,10 @@ def py2_pickle(obj):
     return b"\x80\x02" + _py2_obj(obj) + b"."
 
 
-def make_cifar_dir(directory, rng, n=4, py2=False, meta=True):
+def make_cifar_dir(directory, rng, n=4, py2=False, meta=True, protocol=4):
     """Fake cifar-10-batches-py with ``n`` images per batch; returns the expected arrays."""
     directory.mkdir(parents=True, exist_ok=True)
-    dump = py2_pickle if py2 else (lambda o: pickle.dumps(o, protocol=4))
+    dump = py2_pickle if py2 else (lambda o: pickle.dumps(o, protocol=protocol))
     xs, ys = [], []
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
@@ -459,3 +459,90 @@ def test_cifar10_malicious_pickle_is_refused_without_running(tmp_path, rng, wher
         f = pickle.loads(payload)[b"labels"][0]
         f.close()
         assert open_marker.exists()
+
+
+@pytest.mark.parametrize("keys", ["bytes-keys", "str-keys"])
+@pytest.mark.parametrize("protocol", [0, 1, 2, 3, 4, 5])
+def test_cifar10_batch_re_pickled_by_python3_with_any_protocol(tmp_path, rng, protocol, keys):
+    """Defect: a batch re-pickled by Python 3 with protocol 2 was refused ("refusing to load
+    global _codecs.encode"): protocols 0-2 rebuild every bytes object with _codecs.encode, and
+    protocol 5 rebuilds arrays with numpy's _frombuffer. All load now, through stand-ins."""
+    d_tr, y_tr, d_te, y_te = make_cifar_dir(tmp_path, rng, py2=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        # What a user does: load the original batch with encoding="bytes", dump it again.
+        batch = pickle.loads((tmp_path / name).read_bytes(), encoding="bytes")
+        if keys == "str-keys":
+            batch = {k.decode(): v for k, v in batch.items()}
+        batch[b"empty" if keys == "bytes-keys" else "empty"] = b""  # bytes() with protocols 0-2
+        (tmp_path / name).write_bytes(pickle.dumps(batch, protocol=protocol))
+    if protocol <= 2:
+        assert b"_codecs" in (tmp_path / "test_batch").read_bytes()  # the case of the defect
+    (x_train, y_train), (x_test, y_test), names = load_cifar10(tmp_path, with_label_names=True)
+    np.testing.assert_array_equal(x_train.reshape(20, -1), d_tr)
+    np.testing.assert_array_equal(y_train, y_tr)
+    np.testing.assert_array_equal(x_test.reshape(4, -1), d_te)
+    np.testing.assert_array_equal(y_test, y_te)
+    assert names == tuple(f"class{i}" for i in range(10))
+
+
+@pytest.mark.parametrize("payload,match", [
+    # _codecs.encode("abc", "rot13"): allowed only as Python pickles bytes, encode(str, "latin1").
+    (b"\x80\x02c_codecs\nencode\nX\x03\x00\x00\x00abcX\x05\x00\x00\x00rot13\x86R.",
+     r"refusing _codecs.encode\(str, 'rot13'\)"),
+    # bytes(10**9): only the argument-less bytes() of b"" is allowed (this one would allocate 1 GB).
+    (b"\x80\x02c__builtin__\nbytes\nJ\x00\xca\x9a;\x85R.", r"refusing bytes\(\) with arguments"),
+], ids=["codecs-rot13", "bytes-one-gigabyte"])
+def test_cifar10_stand_ins_refuse_other_arguments(tmp_path, rng, payload, match):
+    make_cifar_dir(tmp_path, rng)
+    (tmp_path / "data_batch_1").write_bytes(payload)
+    with pytest.raises(pickle.UnpicklingError, match=match) as exc:
+        load_cifar10(tmp_path)
+    assert "data_batch_1" in str(exc.value)
+
+
+# --------------------------------------------------------------------------------------------
+# load_idx reads what the header says, never more
+# --------------------------------------------------------------------------------------------
+def test_idx_gzip_with_a_huge_tail_is_not_decompressed(tmp_path):
+    """Defect: a 1 MB gzip whose header claims a small array was decompressed whole (2.1 GB
+    peak) before "trailing bytes" was reported. Here a 10-byte array followed by 48 MB of zeros
+    (about 50 KB compressed): refused after reading the header, the payload and one byte."""
+    import tracemalloc
+
+    path = tmp_path / "bomb-idx1-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(idx_bytes(np.arange(10, dtype=np.uint8)))
+        block = bytes(1 << 20)
+        for _ in range(48):
+            f.write(block)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=rf"{path.name}: trailing bytes after the IDX payload: expected 10 bytes"):
+            load_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20, f"{peak} bytes traced: the tail was decompressed"
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gzip"])
+def test_idx_header_claiming_a_huge_array_is_not_allocated(tmp_path, gz):
+    """A (2**31, 2**31) header in front of 100 bytes: refused as truncated, nothing allocated
+    for the claimed size."""
+    header = bytes([0, 0, 0x08, 2]) + struct.pack(">2I", 2**31, 2**31)
+    path = tmp_path / "claims-idx2-ubyte"
+    data = header + bytes(100)
+    path.write_bytes(gzip.compress(data) if gz else data)
+    with pytest.raises(ValueError, match=rf"{path.name}: truncated IDX payload: expected {2**62} bytes"):
+        load_idx(path)
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gzip"])
+def test_idx_255_dimension_header_names_the_file(tmp_path, gz):
+    """Defect: a 255-dimension header leaked NumPy's "maximum supported dimension" error,
+    without the file name."""
+    data = bytes([0, 0, 0x08, 255]) + struct.pack(">255I", *([1] * 255)) + b"\x07"
+    path = tmp_path / "deep-idx-ubyte"
+    path.write_bytes(gzip.compress(data) if gz else data)
+    with pytest.raises(ValueError, match=rf"{path.name}: expected at most 32 dimensions .*received: 255"):
+        load_idx(path)

@@ -277,3 +277,69 @@ def test_debug_build_catches_out_of_bounds_access():
     too_small = np.zeros((4, 1, 8), dtype=np.float32)  # needs (4, 1, 9) for a 2x2 kernel on 4x4
     with pytest.raises(IndexError):
         _ops.im2col(x, 0, 2, 2, 1, 1, 0, 0, 3, 3, too_small, 1)
+
+
+# --- regressions from issue 11: validate first, then write; refuse what is not an integer shape --
+
+def test_max_pool2d_backward_leaves_out_untouched_when_indices_are_out_of_range():
+    """Defect: max_pool2d_backward(..., out=o) wrote into ``o`` before raising on bad indices."""
+    dy = np.ones((2, 3, 4, 4), dtype=np.float32)
+    for bad_value in (64, -1):  # past the end of the 8x8 input, and negative
+        indices = np.zeros((2, 3, 4, 4), dtype=np.int64)
+        indices[1, 2, 3, 3] = bad_value
+        out = np.full(X.shape, 7.0, dtype=np.float32)
+        with pytest.raises(ValueError, match=r"indices in \[0, 64\).*1 out of range"):
+            F.max_pool2d_backward(dy, indices, X.shape, out=out)
+        # Exact: nothing may have been written, so every element still holds the sentinel.
+        assert np.all(out == 7.0)
+
+
+def test_max_pool2d_backward_with_out_still_writes_valid_indices(rng):
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    dy = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    _, indices = F.max_pool2d(x, 2)
+    out = np.full(x.shape, 7.0, dtype=np.float32)
+    assert F.max_pool2d_backward(dy, indices, x.shape, out=out) is out
+    # Exact: the same kernel routes the same values in both calls (a copy, no arithmetic order).
+    np.testing.assert_array_equal(out, F.max_pool2d_backward(dy, indices, x.shape))
+
+
+@pytest.mark.parametrize("x_shape", [(2, 3, 8.7, 8.9), (2, 3, 8.0, 8.0), "2338", b"2338", (2, 3, True, 8),
+                                     (2, 3, "8", 8), 2338, None],
+                         ids=["fractional", "integral-floats", "str", "bytes", "bool", "str-entry", "int", "none"])
+def test_shapes_that_are_not_integers_are_refused(x_shape):
+    """Defect: col2im accepted x_shape=(2, 3, 8.7, 8.9) (truncated to 8) and '2338' (as 2, 3, 3, 8)."""
+    cols = np.zeros((2, 3 * 3 * 3, 36), dtype=np.float32)
+    with pytest.raises(TypeError, match=r"Expected x_shape as a tuple of 4 ints \(n, c, h, w\), received: x_shape="):
+        F.col2im(cols, x_shape, 3)
+    dy = np.zeros((2, 3, 4, 4), dtype=np.float32)
+    with pytest.raises(TypeError, match="x_shape"):
+        F.max_pool2d_backward(dy, np.zeros(dy.shape, dtype=np.int64), x_shape)
+    with pytest.raises(TypeError, match="x_shape"):
+        F.avg_pool2d_backward(dy, x_shape, 2)
+
+
+def test_numpy_integer_shapes_are_accepted():
+    cols = np.zeros((2, 27, 36), dtype=np.float32)
+    shape = np.array([2, 3, 8, 8], dtype=np.int64)
+    assert F.col2im(cols, shape, 3).shape == (2, 3, 8, 8)
+    assert F.col2im(cols, [np.int32(2), 3, 8, np.uint8(8)], 3).shape == (2, 3, 8, 8)
+
+
+@pytest.mark.skipif(np.dtype(np.longdouble).itemsize <= 8, reason="long double is float64 on this platform")
+def test_longdouble_is_refused_not_computed_in_float32():
+    """Defect: np.longdouble input was silently computed in float32."""
+    x = X.astype(np.longdouble)
+    name = np.dtype(np.longdouble).name  # float128 on x86-64 Linux
+    with pytest.raises(TypeError, match=rf"Expected x with dtype float32 or float64.*received: x.dtype={name}"):
+        F.conv2d(x, W)
+    with pytest.raises(TypeError, match=f"weight.dtype={name}"):
+        F.conv2d(X, W.astype(np.longdouble))
+    with pytest.raises(TypeError, match=f"x.dtype={name}"):
+        F.max_pool2d(x, 2)
+    with pytest.raises(TypeError, match=f"cols.dtype={name}"):
+        F.col2im(np.zeros((2, 27, 36), dtype=np.longdouble), X.shape, 3)
+
+
+def test_float16_is_widened_to_float32():
+    assert F.max_pool2d(X.astype(np.float16), 2)[0].dtype == np.float32

@@ -76,7 +76,8 @@ def edit_config(save_dir, fn):
 
 @pytest.fixture
 def buffered_layer():
-    """A layer with a buffer (as BatchNorm's running stats), registered only for this test."""
+    """A layer with a buffer (as BatchNorm's running stats), registered (cnnx.register_layer)
+    only for this test."""
 
     class IoTestScale(Layer):
         def __init__(self, features):
@@ -100,6 +101,7 @@ def buffered_layer():
         def get_config(self):
             return {"features": self.features}
 
+    cnnx.register_layer(IoTestScale)
     yield IoTestScale
     LAYER_CLASSES.pop("IoTestScale", None)
 

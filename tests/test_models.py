@@ -1,4 +1,4 @@
-"""Model zoo: exact parameter counts of BENCHMARKS.md, shapes, fused vs separate activations."""
+"""Model zoo: exact parameter counts of benchmarks/README.md, shapes, fused vs separate activations."""
 import numpy as np
 import pytest
 
@@ -8,7 +8,7 @@ from cnnx.losses import SoftmaxCrossEntropy
 from cnnx.network import Network
 from cnnx.optimizers import SGD, Adam
 
-# name -> (parameters, input shape), from BENCHMARKS.md
+# name -> (parameters, input shape), from benchmarks/README.md
 ZOO = {
     "lenet5": (61_706, (1, 28, 28)),
     "seed-mnist": (806_394, (1, 28, 28)),

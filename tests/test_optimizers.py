@@ -193,7 +193,7 @@ def test_lr_can_change_between_steps():
     opt.lr = 0.01
     opt.step([("w", p, np.array([1.0]))])
     assert p[0] == pytest.approx(0.89, abs=1e-15)
-    with pytest.raises(ValueError, match=r"lr in \(0.0, inf\].*-1"):
+    with pytest.raises(ValueError, match=r"lr in \[0.0, inf\].*-1"):
         opt.lr = -1
 
 
@@ -310,7 +310,8 @@ def test_loaded_state_is_cast_to_param_dtype(rng):
 @pytest.mark.parametrize(
     "build, error, match",
     [
-        (lambda: SGD(lr=0), ValueError, r"lr in \(0.0, inf\].*lr=0"),
+        # lr = 0 is valid, as in PyTorch (a cosine schedule anneals to it): negative is not.
+        (lambda: SGD(lr=-0.5), ValueError, r"lr in \[0.0, inf\].*lr=-0.5"),
         (lambda: SGD(lr=float("nan")), ValueError, "finite.*lr=nan"),
         (lambda: SGD(lr="0.1"), ValueError, "finite number.*'0.1'"),
         (lambda: SGD(lr=0.1, momentum=-0.1), ValueError, "momentum.*-0.1"),
@@ -326,7 +327,7 @@ def test_loaded_state_is_cast_to_param_dtype(rng):
         (lambda: AdamW(weight_decay=-0.1), ValueError, "weight_decay.*-0.1"),
     ],
     ids=[
-        "lr-zero", "lr-nan", "lr-str", "momentum", "dampening", "weight-decay", "nesterov-no-momentum",
+        "lr-negative", "lr-nan", "lr-str", "momentum", "dampening", "weight-decay", "nesterov-no-momentum",
         "nesterov-dampening", "nesterov-int", "beta2-one", "beta1-negative", "betas-scalar", "eps", "adamw-wd",
     ],
 )

@@ -10,7 +10,7 @@ import numbers
 import numpy as np
 
 from ..init import initialize_bias, initialize_weight
-from .base import default_rng
+from .base import check_state_size, default_rng
 
 
 def positive_int(value, name):
@@ -49,6 +49,9 @@ def init_weight_and_bias(layer, shape, rng, bias_shape=None):
     ``bias_shape`` is the shape whose first axis gives the bias length and whose others give its
     fan-in (default ``shape``).
     """
+    check_state_size(shape, "a weight")  # before drawing: a doctored saved config is refused here
+    if layer.use_bias:
+        check_state_size((shape if bias_shape is None else bias_shape)[:1], "a bias")
     gen = default_rng(rng)
     layer.params["weight"] = initialize_weight(layer.weight_init, shape, gen)
     if layer.use_bias:
@@ -77,3 +80,14 @@ def store_grads(layer, **grads):
     for name, g in grads.items():
         if name in layer.params:
             np.copyto(grad_buffer(layer, name), g)
+
+
+def check_groups(groups, in_channels, out_channels):
+    """``groups`` of a convolution as an int >= 1 dividing both channel counts."""
+    groups = positive_int(groups, "groups")
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(
+            f"Expected groups to divide in_channels ({in_channels}) and out_channels ({out_channels}), "
+            f"received: groups={groups}"
+        )
+    return groups

@@ -6,12 +6,18 @@ whatever it caches between ``forward`` and ``backward``.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import math
+
 import numpy as np
 
 from .. import random as _random
 
-
-# Every Layer subclass, by class name: what save/load uses to rebuild a network from its config.
+# The layer classes a saved config may name, by class name: what save/load (and
+# ``Network.from_config``, ``Residual``) use to rebuild a network. cnnx's own layers enter it as
+# they are defined; any other class only through ``register_layer``, because loading a file
+# runs the constructor of whatever class it names: a file must not choose code to run.
 LAYER_CLASSES: dict[str, type] = {}
 
 
@@ -24,7 +30,8 @@ class Layer:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if not cls.__name__.startswith("_"):  # private helper bases are never saved by name
+        # cnnx's own public layers register themselves; anything else must use register_layer.
+        if _is_cnnx_class(cls) and not cls.__name__.startswith("_"):
             LAYER_CLASSES[cls.__name__] = cls
 
     def __init__(self):
@@ -105,3 +112,93 @@ class Layer:
 def default_rng(rng=None):
     """The generator a layer draws its initial weights from (``cnnx.random.manual_seed`` seeds it)."""
     return _random.get_rng() if rng is None else np.random.default_rng(rng)
+
+
+# ---------------------------------------------------------------- registry and load budget --
+def register_layer(cls=None):
+    """Allow ``cnnx.load`` (and ``from_config``) to rebuild layers of class ``cls``.
+
+    Use as a decorator, like Keras's ``register_keras_serializable``::
+
+        @cnnx.register_layer
+        class Scale(cnnx.layers.Layer):
+            ...
+
+    Only cnnx's own layers and the classes registered here can be named by a saved
+    ``config.json``; a file naming any other class is refused without running its code.
+
+    Parameters
+    ----------
+    cls : type
+        A subclass of :class:`Layer`; saved and looked up by its ``__name__``.
+
+    Returns
+    -------
+    cls, unchanged (so it works as a decorator).
+
+    Raises
+    ------
+    TypeError
+        If ``cls`` is not a Layer subclass.
+    ValueError
+        If another class is already registered under the same name (cnnx's own ``Dense``, say):
+        a saved file could not tell the two apart.
+    """
+    if cls is None:  # @register_layer() with parentheses
+        return register_layer
+    if not (isinstance(cls, type) and issubclass(cls, Layer)) or cls is Layer:
+        raise TypeError(f"Expected a subclass of cnnx.layers.Layer, received: {cls!r}")
+    name = cls.__name__
+    current = LAYER_CLASSES.get(name)
+    # The same class defined again (a re-run notebook cell) replaces its earlier definition.
+    same_definition = current is not None and (current.__module__, current.__qualname__) == (
+        cls.__module__, cls.__qualname__) and not _is_cnnx_class(current)
+    if current is not None and current is not cls and not same_definition:
+        raise ValueError(
+            f"Expected a layer class name not yet registered, received: {name!r}, already taken by "
+            f"{current.__module__}.{current.__qualname__}; rename the class"
+        )
+    LAYER_CLASSES[name] = cls
+    return cls
+
+
+def _is_cnnx_class(cls):
+    return cls.__module__ == "cnnx" or cls.__module__.startswith("cnnx.")
+
+
+# While a saved network is loaded, the number of parameter and buffer values its files hold:
+# layers check each array against it *before* allocating (``check_state_size``), so a config
+# edited to ``out_features=3_000_000`` is refused without spending the memory. None: no limit.
+_state_budget: contextvars.ContextVar = contextvars.ContextVar("cnnx_state_budget", default=None)
+
+
+class StateSizeError(ValueError):
+    """A layer being loaded would allocate more parameter values than the saved files hold."""
+
+
+@contextlib.contextmanager
+def state_budget(n_values):
+    """Within the block, layers may allocate at most ``n_values`` parameter/buffer values in all
+    (see :func:`check_state_size`); used by ``cnnx.io`` while it rebuilds a saved network."""
+    token = _state_budget.set([int(n_values)])
+    try:
+        yield
+    finally:
+        _state_budget.reset(token)
+
+
+def check_state_size(shape, what):
+    """Raise :class:`StateSizeError` if allocating ``shape`` exceeds the current load budget.
+
+    Layers call this before creating a parameter or buffer; outside a load it does nothing.
+    """
+    budget = _state_budget.get()
+    if budget is None:
+        return
+    n = math.prod(int(s) for s in shape)
+    if n > budget[0]:
+        raise StateSizeError(
+            f"its config asks for {what} of shape {tuple(shape)} ({n} values), more than its saved "
+            "file holds"
+        )
+    budget[0] -= n

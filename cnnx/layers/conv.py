@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from .. import functional as F
-from .._geometry import conv_output_size, explicit_padding, positive_pair
+from .._geometry import conv_output_size, dilated_kernel_size, explicit_padding, positive_pair
 from ..init import check_initializer
-from ._common import check_bool, check_dy, check_floating, init_weight_and_bias, positive_int, store_grads
+from ._common import (check_bool, check_dy, check_floating, check_groups, init_weight_and_bias, positive_int,
+                      store_grads)
 from .activations import FusedActivation, check_activation, check_negative_slope
 from .base import Layer
 
@@ -45,27 +46,38 @@ class Conv2D(Layer):
         (fan_in = in_channels * kh * kw).
     rng : None, int or numpy.random.Generator
         Source of the initial weights; ``None`` uses the generator ``cnnx.manual_seed`` seeds.
+    dilation : int or (dy, dx), default 1 (keyword only)
+        Spacing between kernel taps; the kernel spans ``d * (k - 1) + 1`` input pixels per axis
+        (what ``"same"`` padding and the output size are computed from).
+    groups : int, default 1 (keyword only)
+        Split the channels into ``groups`` independent convolutions (both channel counts must be
+        divisible by it); ``groups == in_channels`` is a depthwise convolution.
 
     Attributes
     ----------
     params : dict
-        ``"weight"`` of shape (out_channels, in_channels, kh, kw), ``"bias"`` of shape (out_channels,).
+        ``"weight"`` of shape (out_channels, in_channels // groups, kh, kw), ``"bias"`` of shape
+        (out_channels,): PyTorch's layout.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
-                 activation=None, negative_slope=0.01, weight_init="default", rng=None):
+                 activation=None, negative_slope=0.01, weight_init="default", rng=None, *, dilation=1, groups=1):
         super().__init__()
         self.in_channels = positive_int(in_channels, "in_channels")
         self.out_channels = positive_int(out_channels, "out_channels")
         self.kernel_size = positive_pair(kernel_size, "kernel_size")
         self.stride = positive_pair(stride, "stride")
-        self.padding = canonical_padding(padding, self.kernel_size, self.stride)
+        self.dilation = positive_pair(dilation, "dilation")
+        self.groups = check_groups(groups, self.in_channels, self.out_channels)
+        # What the padding and the output size see: the dilated kernel's span.
+        self._span = dilated_kernel_size(self.kernel_size, self.dilation)
+        self.padding = canonical_padding(padding, self._span, self.stride)
         self.use_bias = check_bool(bias, "bias")
         self.activation = check_activation(activation)
         self.negative_slope = check_negative_slope(negative_slope)
         self.weight_init = check_initializer(weight_init)
         self.needs_input_grad = True
-        init_weight_and_bias(self, (self.out_channels, self.in_channels) + self.kernel_size, rng)
+        init_weight_and_bias(self, (self.out_channels, self.in_channels // self.groups) + self.kernel_size, rng)
         self._act = FusedActivation(self.activation, self.negative_slope)
         # The kernels fuse ReLU and leaky ReLU (slope >= 0); other activations run as NumPy passes.
         fusable = self.activation == "relu" or (self.activation == "leaky_relu" and self.negative_slope >= 0)
@@ -79,7 +91,7 @@ class Conv2D(Layer):
 
     def explicit_padding(self, hw):
         """``((top, bottom), (left, right))`` for an input of spatial size ``hw = (h, w)``."""
-        return explicit_padding(self.padding, self.kernel_size, self.stride, tuple(hw))
+        return explicit_padding(self.padding, self._span, self.stride, tuple(hw))
 
     def output_shape(self, input_shape):
         input_shape = tuple(input_shape)
@@ -89,10 +101,11 @@ class Conv2D(Layer):
             )
         _, h, w = input_shape
         (pt, pb), (pl, pr) = self.explicit_padding((h, w))
-        kh, kw = self.kernel_size
+        kh, kw = self._span
         if kh > h + pt + pb or kw > w + pl + pr:
+            dilated = "" if self.dilation == (1, 1) else f" (dilation {self.dilation})"
             raise ValueError(
-                f"Conv2D expected a padded input at least as large as the kernel {self.kernel_size}, "
+                f"Conv2D expected a padded input at least as large as the kernel {self._span}{dilated}, "
                 f"received: input {(h, w)} padded to {(h + pt + pb, w + pl + pr)}"
             )
         sy, sx = self.stride
@@ -122,10 +135,9 @@ class Conv2D(Layer):
         if self._compiled_act is not None:
             # Bias and (leaky) ReLU in the kernel's layout pass: no separate sweep over the output.
             self._z = None
-            self._y = F.conv2d(x, w, self.params.get("bias"), self.stride, pads, out=out, workspace=self._workspace,
-                               activation=self._compiled_act, negative_slope=self.negative_slope)
+            self._y = self._conv(x, pads, out=out, activation=self._compiled_act, negative_slope=self.negative_slope)
             return self._y
-        z = F.conv2d(x, w, self.params.get("bias"), self.stride, pads, out=out, workspace=self._workspace)
+        z = self._conv(x, pads, out=out)
         self._y, self._z = self._act.forward(z)
         return self._y
 
@@ -140,10 +152,8 @@ class Conv2D(Layer):
         Keeps no cache for ``backward`` (the Network redoes a plain forward first when asked).
         """
         x, pads, _ = self._checked(x)
-        w = self.params["weight"]
         self._x = self._y = None
-        return F.conv2d(x, w, self.params.get("bias"), self.stride, pads, workspace=self._workspace,
-                        activation=self._compiled_act, negative_slope=self.negative_slope, maxpool2=True)
+        return self._conv(x, pads, activation=self._compiled_act, negative_slope=self.negative_slope, maxpool2=True)
 
     def backward(self, dy):
         """Parameters
@@ -160,16 +170,33 @@ class Conv2D(Layer):
         w = self.params["weight"]
         dz = dy.astype(w.dtype, copy=False)
         if self._compiled_act is not None:
-            dx, dw, db = F.conv2d_backward(dz, self._x, w, self.stride, self._pads,
-                                           need_dx=self.needs_input_grad, workspace=self._workspace,
-                                           activation=self._compiled_act, negative_slope=self.negative_slope,
-                                           y=self._y)
+            dx, dw, db = self._conv_backward(dz, activation=self._compiled_act, negative_slope=self.negative_slope,
+                                             y=self._y)
         else:
             dz = self._act.backward(dz, self._z, self._y)
-            dx, dw, db = F.conv2d_backward(dz, self._x, w, self.stride, self._pads,
-                                           need_dx=self.needs_input_grad, workspace=self._workspace)
+            dx, dw, db = self._conv_backward(dz)
         store_grads(self, weight=dw, bias=db)
         return dx if self.needs_input_grad else None
+
+    # --- the kernels: the plain convolution, or the grouped/dilated one ---------------------
+    @property
+    def _plain(self):
+        return self.groups == 1 and self.dilation == (1, 1)
+
+    def _conv(self, x, pads, **kwargs):
+        w, b = self.params["weight"], self.params.get("bias")
+        if self._plain:
+            return F.conv2d(x, w, b, self.stride, pads, workspace=self._workspace, **kwargs)
+        return F.conv2d_grouped(x, w, b, self.stride, pads, self.dilation, self.groups, workspace=self._workspace,
+                                **kwargs)
+
+    def _conv_backward(self, dz, **kwargs):
+        w = self.params["weight"]
+        if self._plain:
+            return F.conv2d_backward(dz, self._x, w, self.stride, self._pads, need_dx=self.needs_input_grad,
+                                     workspace=self._workspace, **kwargs)
+        return F.conv2d_grouped_backward(dz, self._x, w, self.stride, self._pads, self.dilation, self.groups,
+                                         need_dx=self.needs_input_grad, workspace=self._workspace, **kwargs)
 
     def get_config(self):
         return {
@@ -182,4 +209,6 @@ class Conv2D(Layer):
             "activation": self.activation,
             "negative_slope": self.negative_slope,
             "weight_init": self.weight_init,
+            "dilation": self.dilation,
+            "groups": self.groups,
         }

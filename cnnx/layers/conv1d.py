@@ -12,7 +12,8 @@ import numbers
 from .. import functional as F
 from .._geometry import conv_output_size, explicit_padding
 from ..init import check_initializer
-from ._common import check_bool, check_dy, check_floating, init_weight_and_bias, positive_int, store_grads
+from ._common import (check_bool, check_dy, check_floating, check_groups, init_weight_and_bias, positive_int,
+                      store_grads)
 from .activations import FusedActivation, check_activation, check_negative_slope
 from .base import Layer
 
@@ -81,34 +82,42 @@ class Conv1D(Layer):
         One of ``cnnx.init.INITIALIZERS``; ``"default"`` is PyTorch's rule (fan_in = in_channels * k).
     rng : None, int or numpy.random.Generator
         Source of the initial weights; ``None`` uses the generator ``cnnx.manual_seed`` seeds.
+    dilation : int, default 1 (keyword only)
+        Spacing between kernel taps; the kernel spans ``dilation * (kernel_size - 1) + 1`` samples.
+    groups : int, default 1 (keyword only)
+        Independent channel groups (dividing both channel counts); ``in_channels`` is depthwise.
 
     Attributes
     ----------
     params : dict
-        ``"weight"`` of shape (out_channels, in_channels, kernel_size), ``"bias"`` of shape (out_channels,).
+        ``"weight"`` of shape (out_channels, in_channels // groups, kernel_size), ``"bias"`` of
+        shape (out_channels,).
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
-                 activation=None, negative_slope=0.01, weight_init="default", rng=None):
+                 activation=None, negative_slope=0.01, weight_init="default", rng=None, *, dilation=1, groups=1):
         super().__init__()
         self.in_channels = positive_int(in_channels, "in_channels")
         self.out_channels = positive_int(out_channels, "out_channels")
         self.kernel_size = _positive_length(kernel_size, "kernel_size")
         self.stride = _positive_length(stride, "stride")
+        self.dilation = _positive_length(dilation, "dilation")
+        self.groups = check_groups(groups, self.in_channels, self.out_channels)
+        self._span = self.dilation * (self.kernel_size - 1) + 1  # what padding and output size see
         self.padding = canonical_padding_1d(padding)
         self.use_bias = check_bool(bias, "bias")
         self.activation = check_activation(activation)
         self.negative_slope = check_negative_slope(negative_slope)
         self.weight_init = check_initializer(weight_init)
         self.needs_input_grad = True
-        init_weight_and_bias(self, (self.out_channels, self.in_channels, self.kernel_size), rng)
+        init_weight_and_bias(self, (self.out_channels, self.in_channels // self.groups, self.kernel_size), rng)
         self._act = FusedActivation(self.activation, self.negative_slope)
         self._workspace = F.Workspace()
         self._x4 = self._z = self._y = self._pads = None
 
     def explicit_padding(self, length):
         """``(left, right)`` for an input of ``length`` samples."""
-        return _explicit_pads(self.padding, self.kernel_size, self.stride, length)
+        return _explicit_pads(self.padding, self._span, self.stride, length)
 
     def output_shape(self, input_shape):
         input_shape = tuple(input_shape)
@@ -118,12 +127,13 @@ class Conv1D(Layer):
             )
         length = input_shape[1]
         left, right = self.explicit_padding(length)
-        if self.kernel_size > length + left + right:
+        if self._span > length + left + right:
+            dilated = "" if self.dilation == 1 else f", dilation {self.dilation}"
             raise ValueError(
-                f"Conv1D expected a padded input at least as long as the kernel ({self.kernel_size}), "
+                f"Conv1D expected a padded input at least as long as the kernel ({self._span}{dilated}), "
                 f"received: length {length} padded to {length + left + right}"
             )
-        return (self.out_channels, conv_output_size(length, self.kernel_size, self.stride, left, right))
+        return (self.out_channels, conv_output_size(length, self._span, self.stride, left, right))
 
     def forward(self, x, training=False):
         """Parameters
@@ -140,8 +150,13 @@ class Conv1D(Layer):
         w = self.params["weight"]
         x4 = x.astype(w.dtype, copy=False)[:, :, None, :]
         pads = ((0, 0), self.explicit_padding(x.shape[2]))
-        z = F.conv2d(x4, w[:, :, None, :], self.params.get("bias"), (1, self.stride), pads,
-                     workspace=self._workspace)[:, :, 0, :]
+        w4, b = w[:, :, None, :], self.params.get("bias")
+        if self.groups == 1 and self.dilation == 1:
+            z = F.conv2d(x4, w4, b, (1, self.stride), pads, workspace=self._workspace)
+        else:
+            z = F.conv2d_grouped(x4, w4, b, (1, self.stride), pads, (1, self.dilation), self.groups,
+                                 workspace=self._workspace)
+        z = z[:, :, 0, :]
         self._x4, self._pads = x4, pads
         self._y, self._z = self._act.forward(z)
         return self._y
@@ -160,8 +175,13 @@ class Conv1D(Layer):
         check_dy(self, dy, self._y.shape)
         w = self.params["weight"]
         dz = self._act.backward(dy.astype(w.dtype, copy=False), self._z, self._y)
-        dx, dw, db = F.conv2d_backward(dz[:, :, None, :], self._x4, w[:, :, None, :], (1, self.stride),
-                                       self._pads, need_dx=self.needs_input_grad, workspace=self._workspace)
+        if self.groups == 1 and self.dilation == 1:
+            dx, dw, db = F.conv2d_backward(dz[:, :, None, :], self._x4, w[:, :, None, :], (1, self.stride),
+                                           self._pads, need_dx=self.needs_input_grad, workspace=self._workspace)
+        else:
+            dx, dw, db = F.conv2d_grouped_backward(dz[:, :, None, :], self._x4, w[:, :, None, :], (1, self.stride),
+                                                   self._pads, (1, self.dilation), self.groups,
+                                                   need_dx=self.needs_input_grad, workspace=self._workspace)
         store_grads(self, weight=dw[:, :, 0, :], bias=db)
         return dx[:, :, 0, :] if self.needs_input_grad else None
 
@@ -176,6 +196,8 @@ class Conv1D(Layer):
             "activation": self.activation,
             "negative_slope": self.negative_slope,
             "weight_init": self.weight_init,
+            "dilation": self.dilation,
+            "groups": self.groups,
         }
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import functional as F
 from ._common import check_bool, check_dy, check_floating, positive_int, store_grads
-from .base import Layer
+from .base import Layer, check_state_size
 
 
 class _BatchNorm(Layer):
@@ -34,6 +34,7 @@ class _BatchNorm(Layer):
         self.affine = check_bool(affine, "affine")
         self.needs_input_grad = True
         c = self.num_features
+        check_state_size(((4 if self.affine else 2) * c,), "num_features")  # weight, bias, 2 buffers
         if self.affine:
             self.params["weight"] = np.ones(c, dtype=np.float32)
             self.params["bias"] = np.zeros(c, dtype=np.float32)
