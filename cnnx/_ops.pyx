@@ -491,7 +491,8 @@ def avg_pool2d_backward(
 # depend on the thread count. Data-dependent choices are written as selects (`a if c else b` on
 # values both computed), never branches: signs of activations are unpredictable.
 
-from libc.math cimport exp, erfc, sqrt, log, fabs
+from libc.math cimport ceil, exp, erfc, sqrt, log, fabs
+from libc.stdint cimport uint32_t, uint64_t
 
 cdef extern from *:
     """
@@ -790,34 +791,62 @@ def gelu_backward(
         _gelu(&dy[lo], &x[lo], &dx[lo], hi - lo, approximate_tanh, True)
 
 
-cdef inline void _dropout(const floating* x, const float* u, floating* y, floating* mask, Py_ssize_t n,
-                          float p, floating scale) noexcept nogil:
+cdef extern from *:
+    """
+    /* C. Wellons' "lowbias32" integer hash: a bijection of 32-bit words with near-ideal
+       avalanche. Element i of a dropout mask draws the top 24 bits of
+       hash(hash(lo(i) ^ k0) + hi(i) + k1) (k0, k1 the two halves of the seed): any element can be
+       drawn by any thread, so the mask depends on the seed only, never on the thread count.
+       32-bit multiplies vectorise on every x86 build; 64-bit ones are emulated below AVX-512. */
+    static inline uint32_t cnnx_hash32(uint32_t x) {
+        x ^= x >> 16;
+        x *= 0x7feb352dU;
+        x ^= x >> 15;
+        x *= 0x846ca68bU;
+        x ^= x >> 16;
+        return x;
+    }
+    static inline uint32_t cnnx_draw24(uint64_t seed, uint64_t i) {
+        uint32_t h = cnnx_hash32((uint32_t)i ^ (uint32_t)seed);
+        return cnnx_hash32(h + (uint32_t)(i >> 32) + (uint32_t)(seed >> 32)) >> 8;
+    }
+    """
+    uint32_t cnnx_draw24(uint64_t seed, uint64_t i) noexcept nogil
+
+
+cdef inline void _dropout(const floating* x, floating* y, floating* mask, Py_ssize_t start, Py_ssize_t n,
+                          uint64_t seed, uint32_t threshold, floating scale) noexcept nogil:
     cdef Py_ssize_t i
     cdef floating m
+    cdef uint32_t draw
     for i in range(n):
-        m = scale if u[i] >= p else 0
+        draw = cnnx_draw24(seed, <uint64_t>(start + i))
+        m = scale if draw >= threshold else 0
         mask[i] = m
         y[i] = x[i] * m
 
 
 def dropout_forward(
     const floating[::1] x,
-    const float[::1] u,
+    uint64_t seed,
     double p,
     floating[::1] y,
     floating[::1] mask,
     int n_threads,
 ):
-    """Inverted dropout from uniforms ``u`` in [0, 1): ``mask = (u >= p) / (1 - p)``, ``y = x * mask``."""
+    """Inverted dropout with a mask drawn from ``seed``: element ``i`` is kept when its 24-bit draw
+    ``cnnx_draw24(seed, i)`` is at least ``ceil(p * 2^24)`` (probability ``p`` to 2^-24);
+    ``mask = keep / (1 - p)``, ``y = x * mask``."""
     cdef Py_ssize_t n = x.shape[0], lo, hi
     cdef int t, nt = _chunks(n, n_threads)
     cdef floating scale = <floating>(1.0 / (1.0 - p))
+    cdef uint32_t threshold = <uint32_t>ceil(p * 16777216.0)
     if n == 0:
         return
     for t in prange(nt, nogil=True, schedule="static", num_threads=nt):
         lo = cnnx_chunk_edge(n, t, nt)
         hi = cnnx_chunk_edge(n, t + 1, nt)
-        _dropout(&x[lo], &u[lo], &y[lo], &mask[lo], hi - lo, <float>p, scale)
+        _dropout(&x[lo], &y[lo], &mask[lo], lo, hi - lo, seed, threshold, scale)
 
 
 cdef inline void _mul(const floating* a, const floating* b, floating* out, Py_ssize_t n) noexcept nogil:

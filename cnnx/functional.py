@@ -640,13 +640,16 @@ def gelu_backward(dy, x, approximate="none", out=None):
     return _finish(out, dxf)
 
 
-def dropout(x, uniforms, p):
-    """Inverted dropout: ``mask = (uniforms >= p) / (1 - p)``, ``y = x * mask``.
+def dropout(x, seed, p):
+    """Inverted dropout: drop each element with probability ``p``, scale the rest by ``1 / (1 - p)``.
+
+    The mask is a function of ``seed`` and the element's flat index only (a counter-based draw,
+    computed in parallel): the same seed gives the same mask for any dtype and thread count.
 
     Parameters
     ----------
     x : ndarray of any shape, float32 or float64
-    uniforms : float32 ndarray of x's shape, draws from [0, 1)
+    seed : int in [0, 2**64)
     p : float in [0, 1), the drop probability
 
     Returns
@@ -655,13 +658,12 @@ def dropout(x, uniforms, p):
     """
     if not 0.0 <= p < 1.0:
         raise ValueError(f"Expected p in [0, 1), received: p={p!r}")
-    if not isinstance(uniforms, np.ndarray) or uniforms.dtype != np.float32 or uniforms.shape != x.shape:
-        raise ValueError(f"Expected float32 uniforms of shape {x.shape}, received: {getattr(uniforms, 'shape', None)}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"Expected a seed in [0, 2**64), received: seed={seed!r}")
     (xf,) = _flat_inputs(x)
-    uf = np.ascontiguousarray(uniforms).reshape(-1)
     y = np.empty(x.shape, dtype=x.dtype)
     mask = np.empty(x.shape, dtype=x.dtype)
-    _ops.dropout_forward(xf, uf, float(p), y.reshape(-1), mask.reshape(-1), threads_for(xf.size))
+    _ops.dropout_forward(xf, int(seed), float(p), y.reshape(-1), mask.reshape(-1), threads_for(xf.size))
     return y, mask
 
 

@@ -134,14 +134,30 @@ def test_elementwise_results_identical_for_any_thread_count(threads, rng, monkey
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_dropout_mask_and_output(dtype, rng):
-    x = rng.standard_normal((4, 3, 5)).astype(dtype)
-    u = rng.random(x.shape, dtype=np.float32)
-    y, mask = F.dropout(x, u, 0.3)
-    expected_mask = (u >= 0.3).astype(dtype) * dtype(1 / 0.7)
-    np.testing.assert_array_equal(mask, expected_mask)
-    np.testing.assert_array_equal(y, x * expected_mask)
+    x = rng.standard_normal((40, 30, 50)).astype(dtype)
+    y, mask = F.dropout(x, 12345, 0.3)
+    kept = mask != 0
+    # the scale is one rounding of 1 / 0.7 in the data's dtype; y is one product: exact
+    np.testing.assert_array_equal(mask[kept], np.full(kept.sum(), 1 / 0.7, dtype=dtype))
+    np.testing.assert_array_equal(y, x * mask)
+    assert abs(kept.mean() - 0.7) < 0.005  # 60000 draws: 5 standard deviations is ~0.0094 / 2
+
+
+def test_dropout_mask_depends_on_seed_only(rng, monkeypatch):
+    x = rng.standard_normal(5 * 4096 + 7)
+    monkeypatch.setattr(cnnx.parallel, "MIN_WORK_PER_THREAD", 1)
+    with num_threads(1):
+        _, serial = F.dropout(x, 99, 0.5)
+    with num_threads(3):
+        _, threaded = F.dropout(x.astype(np.float32), 99, 0.5)
+    np.testing.assert_array_equal(serial != 0, threaded != 0)  # any dtype, any thread count
+    _, other = F.dropout(x, 100, 0.5)
+    assert 0.4 < np.mean((other != 0) == (serial != 0)) < 0.6  # another seed: an unrelated mask
+    np.testing.assert_array_equal(F.dropout(x, 7, 0.0)[0], x)
     with pytest.raises(ValueError, match="Expected p in"):
-        F.dropout(x, u, 1.0)
+        F.dropout(x, 1, 1.0)
+    with pytest.raises(ValueError, match="Expected a seed"):
+        F.dropout(x, -1, 0.5)
 
 
 # --- softmax cross-entropy ----------------------------------------------------------------------
