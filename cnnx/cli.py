@@ -106,7 +106,7 @@ def _fraction(text):
 
 
 def build_parser():
-    """The ``cnnx`` argument parser (subcommands train, evaluate, predict, summary, explain, export)."""
+    """The ``cnnx`` argument parser (subcommands train, evaluate, predict, summary, explain, export, tune)."""
     from . import _simd
     from .models import MODELS
 
@@ -156,6 +156,9 @@ def build_parser():
                         "stderr is not a terminal, e.g. a log file)")
     p.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
     _add_training_options(p)
+    p.add_argument("--distributed", choices=("mpi",),
+                   help="data-parallel training over the ranks of 'mpiexec -n R cnnx train ...': each "
+                        "batch is split across them; only rank 0 prints and saves (needs cnnx[mpi])")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", parents=[threads], help="test loss and accuracy of a trained model",
@@ -219,6 +222,28 @@ def build_parser():
     p.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset (default: 17)")
     p.add_argument("--state-dict", metavar="FILE.npz", help="write the PyTorch-style state dict here")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("tune", help="run a hyper-parameter sweep (locally or on Ray Tune)",
+                       description="Train the trials of a sweep file in parallel, print the table of "
+                                   "trials, write it as trials.csv / trials.json and save the best "
+                                   "trial's model in STORAGE/NAME/best (for 'cnnx evaluate').")
+    p.add_argument("sweep_file", metavar="SWEEP.json", help="the sweep (see cnnx.sweep for its keys)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: processes on this machine; ray: Ray Tune (needs cnnx[ray]) (default: local)")
+    p.add_argument("--address", metavar="ADDR", help="Ray cluster to join (engine ray; default: start Ray here)")
+    p.add_argument("--num-samples", type=_positive_int, default=1, metavar="N",
+                   help="repeat the grid N times with fresh random draws (default: 1)")
+    p.add_argument("--cpus-per-trial", type=_positive_int, default=1, metavar="K",
+                   help="cores (and threads) each trial gets (default: 1)")
+    p.add_argument("--scheduler", choices=("fifo", "asha"), default="fifo",
+                   help="asha stops poor trials early (engine ray) (default: fifo)")
+    p.add_argument("--max-failures", type=int, default=1, metavar="M",
+                   help="restart a failed trial from its last checkpoint up to M times (default: 1)")
+    p.add_argument("--storage", default="runs/sweeps", metavar="DIR",
+                   help="results and checkpoints go to DIR/NAME (shared by all nodes on a cluster) "
+                        "(default: runs/sweeps)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in DIR/NAME")
+    p.set_defaults(func=_cmd_tune)
     return parser
 
 
@@ -494,6 +519,11 @@ def _cmd_train(args):
     model_name = args.model
     out = Path(args.out) if args.out else Path("runs") / f"{model_name}-{Path(args.dataset).name}"
     _check_out_dir(out)
+    if args.distributed:
+        from . import distributed
+
+        distributed.init()  # join the MPI job, size this rank's threads
+        distributed.quiet_unless_root()
 
     (x_train, y_train), (x_test, y_test), class_names = load_dataset(args.dataset)
     if args.limit is not None:
@@ -537,8 +567,10 @@ def _cmd_train(args):
     net.fit(x_train, y_train, epochs=args.epochs, batch_size=batch_size,
             validation_data=None if x_val is None else (x_val, y_val), seed=args.seed,
             callbacks=([] if show_bar else [_epoch_printer(args.epochs)]) + extras.pop("callbacks"),
-            verbose=1 if show_bar else 0, **extras)
+            verbose=1 if show_bar else 0, distributed=args.distributed, **extras)
     train_seconds = time.perf_counter() - start
+    if args.distributed and not distributed.is_root():
+        return 0  # rank 0 evaluates and saves
 
     test = net.evaluate(x_test, y_test)
     print(f"training time: {train_seconds:.1f} s ({train_seconds / args.epochs:.1f} s per epoch)")
@@ -640,6 +672,27 @@ def _threads():
     from . import parallel
 
     return parallel.get_num_threads()
+
+
+def _cmd_tune(args):
+    from . import sweep
+
+    if args.max_failures < 0:
+        raise CLIError(f"--max-failures must be >= 0, received: {args.max_failures}")
+    spec = sweep.load_sweep(args.sweep_file)
+    rows, best = sweep.run(spec, engine=args.engine, storage=args.storage, num_samples=args.num_samples,
+                           cpus_per_trial=args.cpus_per_trial, scheduler=args.scheduler,
+                           max_failures=args.max_failures, resume=args.resume, address=args.address)
+    print(sweep.format_table(rows, spec))
+    root = Path(args.storage) / spec["name"]
+    print(f"wrote {root / 'trials.csv'} and {root / 'trials.json'}")
+    if best is None:
+        raise CLIError("no trial finished an epoch; nothing to save")
+    print(f"best trial's model: {best} (cnnx evaluate {best})")
+    if any(r["status"] == "UNFINISHED" for r in rows):
+        print("cnnx: the sweep was interrupted; continue it with --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0 if all(r["status"] != "ERROR" for r in rows) else EXIT_FAILURE
 
 
 def _cmd_evaluate(args):
@@ -859,12 +912,22 @@ def main(argv=None):
         return args.func(args)
     except KeyboardInterrupt:
         print("\ncnnx: interrupted", file=sys.stderr)
+        _abort_distributed(args, EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
     except _library_errors() as exc:
         if os.environ.get("CNNX_TRACEBACK"):  # for maintainers chasing where an error came from
             raise
         print(f"cnnx: error: {_one_line(exc)}", file=sys.stderr)
+        _abort_distributed(args, EXIT_FAILURE)
         return EXIT_FAILURE
+
+
+def _abort_distributed(args, status):
+    """A rank that fails ends the whole MPI job: the others would wait for it forever."""
+    if getattr(args, "distributed", None):
+        from . import distributed
+
+        distributed.abort(status)
 
 
 if __name__ == "__main__":  # pragma: no cover

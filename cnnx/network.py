@@ -15,6 +15,7 @@ import numpy as np
 
 from .layers.base import Layer
 from .parallel import owns_blas
+from .plan import Plan
 
 __all__ = ["Network", "NonFiniteLossError"]
 
@@ -98,11 +99,12 @@ class Network:
         self.dtype = dtype
         self.shapes = self._infer_shapes()
         self.output_shape = self.shapes[-1]
-        for i, layer in enumerate(self.layers):
+        for layer in self.layers:
             layer.astype(dtype)
-            # The input of the network needs no gradient (backward(need_input_grad=True) turns it on).
-            layer.needs_input_grad = i > 0
-        self._plan_output_reuse()
+        # How the layers run (fusions, per-thread caches): see cnnx.plan. Rebuilt when the layer
+        # list changes or ``fuse`` is switched.
+        self._fuse = True
+        self._plan = Plan(self.layers)
 
         self.loss = None
         self.optimizer = None
@@ -235,64 +237,53 @@ class Network:
 
     __call__ = forward
 
-    def _plan_output_reuse(self):
-        """Let a Conv2D reuse its output buffer across batches where that is invisible: when the
-        next layer reads it and writes a new array (so the buffer never reaches the network's
-        output, and is only read again by that layer's backward in the same step)."""
-        from .layers import AvgPool2D, Conv2D, Dense, MaxPool2D
+    @property
+    def fuse(self):
+        """Whether the plan fuses layers (Conv2D + activation layer + max-pool, Dense + activation).
 
-        # Inference runs a Conv2D and the 2x2 / stride-2 max-pool after it as one pass.
-        self._fused_pools = set()
-        for i, (layer, after) in enumerate(zip(self.layers, self.layers[1:])):
-            if isinstance(layer, Conv2D):
-                layer.reuse_output = type(after) in (Conv2D, MaxPool2D, AvgPool2D, Dense)
-                if layer.can_fuse_maxpool2 and type(after) is MaxPool2D and after.is_plain_2x2:
-                    self._fused_pools.add(i)
-        self._fused_input = None
+        True by default; False runs every layer as its own step (same results to round-off,
+        slower). Settable.
+        """
+        return self._fuse
 
-    def _forward(self, x, training):
-        if training or not self._fused_pools:
-            self._fused_input = None
-            for layer in self.layers:
-                x = layer.forward(x, training)
-            return x
-        # Inference with conv + max-pool pairs fused: those layers keep no caches, so the input is
-        # kept for a backward that may follow (saliency maps), which first redoes the forward.
-        self._fused_input = x
-        layers, i = self.layers, 0
-        while i < len(layers):
-            if i in self._fused_pools:
-                x = layers[i].forward_maxpool2(x)
-                i += 2
-            else:
-                x = layers[i].forward(x, False)
-                i += 1
-        return x
+    @fuse.setter
+    def fuse(self, value):
+        if not isinstance(value, bool):
+            raise TypeError(f"Expected fuse to be a bool, received: fuse={value!r}")
+        self._fuse = value
+        self._plan = None
+
+    @property
+    def plan(self):
+        """The execution plan (``cnnx.plan.Plan``) for the current layer list."""
+        plan = self._plan
+        if plan is None or plan.fuse != self._fuse or not plan.matches(self.layers):
+            plan = self._plan = Plan(self.layers, fuse=self._fuse)
+        return plan
+
+    def __getstate__(self):
+        # The plan holds locks and per-thread caches: a copy or a pickle builds its own.
+        state = self.__dict__.copy()
+        state["_plan"] = None
+        return state
+
+    def _forward(self, x, training, timer=None):
+        # Inference may run steps that keep no caches (conv + max-pool): a backward that follows
+        # (saliency maps) replays the forward first.
+        return self.plan.forward(x, training, keep_caches=False, timer=timer)
 
     @owns_blas
     def backward(self, dloss, need_input_grad=False):
         """Back-propagate ``dloss`` (the gradient w.r.t. the last ``forward``'s output).
 
         Fills every layer's ``grads``. Returns the gradient w.r.t. the network input when
-        ``need_input_grad`` is true (saliency maps), else None.
+        ``need_input_grad`` is true (saliency maps), else None. Uses the caches of the calling
+        thread's last ``forward``.
         """
-        if not need_input_grad:
-            return self._backward(dloss)
-        first = self.layers[0]
-        first.needs_input_grad = True
-        try:
-            return self._backward(dloss)
-        finally:
-            first.needs_input_grad = False
+        return self._backward(dloss, need_input_grad)
 
-    def _backward(self, d):
-        if self._fused_input is not None:
-            x, self._fused_input = self._fused_input, None
-            for layer in self.layers:
-                x = layer.forward(x, False)
-        for layer in reversed(self.layers):
-            d = layer.backward(d)
-        return d
+    def _backward(self, d, need_input_grad=False, timer=None):
+        return self.plan.backward(d, need_input_grad, timer=timer)
 
     # ------------------------------------------------------------------ training ----------
     def compile(self, loss, optimizer):
@@ -306,7 +297,8 @@ class Network:
 
     @owns_blas
     def fit(self, x, y, epochs=1, batch_size=32, validation_data=None, shuffle=True, seed=None,
-            callbacks=None, verbose=1, augment=None, clip_grad_norm=None, class_weight=None):
+            callbacks=None, verbose=1, augment=None, clip_grad_norm=None, class_weight=None,
+            distributed=None):
         """Train for ``epochs`` passes over ``(x, y)``.
 
         Parameters
@@ -341,6 +333,10 @@ class Network:
         class_weight : dict {class id: weight} or "balanced", optional
             Keras' ``class_weight``: the gradient is that of ``sum_i w[y_i] loss_i / n``. The
             reported ``loss`` stays the unweighted mean, the quantity ``evaluate`` reports.
+        distributed : {None, "mpi"} or cnnx.distributed.MPIDataParallel
+            ``"mpi"``: data-parallel training over the ranks started by ``mpiexec``; every rank
+            calls ``fit`` alike, each global batch is split across them and gradients are summed
+            (see :mod:`cnnx.distributed`). Only rank 0 prints and runs ``callbacks``.
 
         The learning-rate schedule attached to the optimizer (``cnnx.schedules``), if any, is
         stepped after every epoch (or batch, with ``interval="batch"``); epoch logs then carry
@@ -378,6 +374,12 @@ class Network:
         callbacks = _check_callbacks(callbacks)
         if seed is not None:
             seed = _check_int(seed, "seed", minimum=0)
+        sync = None  # distributed training: cnnx.distributed owns every exchange between ranks
+        if distributed is not None:
+            from .distributed import data_parallel
+
+            sync = data_parallel(distributed)
+            seed, callbacks, verbose = sync.begin_fit(self, len(x), batch_size, shuffle, seed, callbacks, verbose)
         # With a seed, epoch e's order comes from (seed, e) counted over the whole history, so a
         # network saved after 2 epochs and loaded again shuffles epoch 3 as an unbroken run would.
         fresh_rng = np.random.default_rng() if shuffle and seed is None else None
@@ -428,6 +430,8 @@ class Network:
                 for b in range(n_batches):
                     lo = b * batch_size
                     hi = min(lo + batch_size, n)
+                    if sync is not None:
+                        lo, hi = sync.local_range(lo, hi)
                     m = hi - lo
                     if shuffle:
                         idx = order[lo:hi]
@@ -457,6 +461,8 @@ class Network:
                         )
                     batch_correct = count_correct(out, ib)
                     backward(extras.weigh(loss_fn.backward(), ib))
+                    if sync is not None:
+                        sync.allreduce_gradients()  # before clipping: the norm is the global batch's
                     params = parameters()
                     extras.clip(params)
                     step(params)
@@ -477,11 +483,13 @@ class Network:
                         if self.stop_training:
                             break
 
+                if sync is not None:
+                    loss_sum, correct, seen = sync.sum_over_ranks(loss_sum, correct, seen)
                 logs = {"loss": loss_sum / seen, "accuracy": correct / seen if ids is not None else math.nan}
                 if extras.schedule is not None:
                     logs["lr"] = epoch_lr
                 if validation_data is not None:
-                    val = self._evaluate(x_val, val_targets, val_ids, 256)
+                    val = (self._evaluate if sync is None else sync.evaluate)(x_val, val_targets, val_ids, 256)
                     logs["val_loss"], logs["val_accuracy"] = val["loss"], val["accuracy"]
                 for key in history:
                     history[key].append(logs.get(key, math.nan))

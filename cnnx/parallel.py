@@ -10,12 +10,19 @@ Two mechanisms, chosen by what a call does:
   on 2 cores).
 Neither changes the arithmetic: results are identical whatever the thread count.
 ``set_num_threads`` sets the count for both and, through threadpoolctl, BLAS's own.
+
+This module is the one place thread policy lives: the count, the worker pool, the BLAS limit
+(one process-wide setting shared by concurrent callers, restored by the last to leave), and the
+rule that a parallel call made from inside a worker runs inline (no nested pool, no deadlock).
+Nothing here depends on whether NumPy, torch or cnnx was imported first: the BLAS libraries are
+looked up again when modules were imported since the last look.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
+import sys
 import threading
 
 import numpy as np
@@ -72,23 +79,52 @@ def set_num_threads(n, blas=True):
 
 _executor = None
 _executor_size = 0
-_blas_controller = None
+# Guards the pool and the BLAS limit below: several user threads may call a Network at once.
+_state_lock = threading.Lock()
+# Set in every thread while it runs work for ``for_each_group``: a parallel call made from there
+# runs inline (the pool's threads are all busy with the outer call; waiting on them could deadlock).
+_inside = threading.local()
 
 
 def _workers(n):
     """A thread pool with at least ``n`` threads, created once and grown when asked for more."""
     global _executor, _executor_size
-    if _executor is None or _executor_size < n:
-        from concurrent.futures import ThreadPoolExecutor
+    with _state_lock:
+        if _executor is None or _executor_size < n:
+            from concurrent.futures import ThreadPoolExecutor
 
-        if _executor is not None:
-            _executor.shutdown(wait=True)
-        _executor = ThreadPoolExecutor(max_workers=n, thread_name_prefix="cnnx")
-        _executor_size = n
-    return _executor
+            if _executor is not None:
+                # Not wait=True: another caller may still be waiting on work queued there.
+                _executor.shutdown(wait=False)
+            _executor = ThreadPoolExecutor(max_workers=n, thread_name_prefix="cnnx")
+            _executor_size = n
+        return _executor
 
 
-_blas_depth = 0
+def in_parallel_region():
+    """True in a thread that is running work of a ``for_each_group`` call (nested calls run inline)."""
+    return getattr(_inside, "depth", 0) > 0
+
+
+# BLAS thread limit: one process-wide setting, entered by the first concurrent user and restored
+# by the last (a per-thread counter would let one thread restore it under another's feet).
+_blas_users = 0
+_blas_limiter = None
+_blas_controller = None
+_blas_modules_seen = -1
+
+
+def _controller():
+    """threadpoolctl's view of the loaded BLAS libraries, refreshed when modules were imported
+    since it was made (a BLAS loaded after cnnx, e.g. by torch, is then limited too)."""
+    global _blas_controller, _blas_modules_seen
+    loaded = len(sys.modules)
+    if _blas_controller is None or loaded != _blas_modules_seen:
+        from threadpoolctl import ThreadpoolController
+
+        _blas_controller = ThreadpoolController()
+        _blas_modules_seen = loaded
+    return _blas_controller
 
 
 @contextlib.contextmanager
@@ -98,22 +134,22 @@ def single_threaded_blas():
     The Network enters this once per fit / evaluate / predict / forward / backward call. Besides
     sparing a switch per GEMM, it keeps OpenBLAS's own threads idle, so none spins against the
     kernels' OpenMP loops, whether or not NumPy was imported before cnnx (measured: inference
-    40 % slower on 2 cores with a spinning BLAS thread). Nested uses cost nothing.
+    40 % slower on 2 cores with a spinning BLAS thread). Nested and concurrent uses share one
+    limit, restored when the last of them leaves.
     """
-    global _blas_depth, _blas_controller
-    if _blas_depth:
+    global _blas_users, _blas_limiter
+    with _state_lock:
+        if _blas_users == 0:
+            _blas_limiter = _controller().limit(limits=1, user_api="blas")
+        _blas_users += 1
+    try:
         yield
-        return
-    if _blas_controller is None:
-        from threadpoolctl import ThreadpoolController
-
-        _blas_controller = ThreadpoolController()
-    with _blas_controller.limit(limits=1, user_api="blas"):
-        _blas_depth += 1
-        try:
-            yield
-        finally:
-            _blas_depth -= 1
+    finally:
+        with _state_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _blas_limiter.restore_original_limits()
+                _blas_limiter = None
 
 
 # Below this many multiply-adds a GEMM runs in the calling thread.
@@ -145,10 +181,12 @@ def for_each_group(n_groups, work, n_threads=None):
     ``worker`` is the index (0 .. threads-1) of the thread running the call, so a caller can give
     each thread its own scratch buffers; every group is processed exactly once, and a worker
     writes only what belongs to its group, so the result does not depend on the schedule.
-    Exceptions from any worker are raised here.
+    Exceptions from any worker are raised here. Called from inside another ``for_each_group``'s
+    work, it runs inline in the calling thread (worker 0): nested parallelism never waits on the
+    pool it is running in.
     """
     n_threads = min(_num_threads if n_threads is None else n_threads, n_groups)
-    if n_threads <= 1:
+    if n_threads <= 1 or in_parallel_region():
         for group in range(n_groups):
             work(0, group)
         return
@@ -157,16 +195,20 @@ def for_each_group(n_groups, work, n_threads=None):
     failed = []
 
     def run(worker):
-        while not failed:
-            with lock:
-                group = next(next_group, None)
-            if group is None:
-                return
-            try:
-                work(worker, group)
-            except BaseException as exc:  # stop the others, re-raise in the caller
-                failed.append(exc)
-                raise
+        _inside.depth = getattr(_inside, "depth", 0) + 1
+        try:
+            while not failed:
+                with lock:
+                    group = next(next_group, None)
+                if group is None:
+                    return
+                try:
+                    work(worker, group)
+                except BaseException as exc:  # stop the others, re-raise in the caller
+                    failed.append(exc)
+                    raise
+        finally:
+            _inside.depth -= 1
 
     with single_threaded_blas():
         futures = [_workers(n_threads - 1).submit(run, w) for w in range(1, n_threads)]
@@ -174,7 +216,10 @@ def for_each_group(n_groups, work, n_threads=None):
             run(0)
         finally:
             for future in futures:
-                future.exception()  # wait for every worker before buffers are released
+                # A helper still queued (the pool busy with another caller's groups) is dropped:
+                # run(0) has done its share. One that started is waited for before buffers go.
+                if not future.cancel():
+                    future.exception()
     if failed:
         raise failed[0]
 

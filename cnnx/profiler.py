@@ -1,12 +1,13 @@
-"""Where a training step's time goes: per-layer forward / backward, loss, optimizer, the rest.
+"""Where a training step's time goes: per plan step forward / backward, loss, optimizer, the rest.
 
-This module owns measurement only. ``profile`` wraps each top-level layer's ``forward`` and
-``backward`` with ``time.perf_counter`` accounting (instance attributes that shadow the class
-methods), runs whole training steps exactly as ``Network.fit`` does (forward, loss, backward,
-optimizer update) and puts everything back afterwards: the wrappers are removed, and the weights,
-gradients and buffers are restored, so the network is left as it was. Layer caches (and the
-library random generator, which Dropout draws from) do change. The optimizer and loss are
-deep-copied, so their state is untouched too.
+This module owns measurement only. ``profile`` runs whole training steps through the very calls
+``Network.fit`` makes (``net._forward``, the loss, ``net._backward``, the optimizer's update),
+asking the network's execution plan (``cnnx.plan``) to add each step's time to a counter. A row
+is a plan step: one layer, or several the plan fused into one pass (the row says which layers it
+covers, e.g. ``0-2  Conv2D + LeakyReLU + MaxPool2D``). The weights, gradients and buffers are
+restored afterwards, so the network is left as it was; the plan's caches (and the library
+random generator, which Dropout draws from) do change. The optimizer and loss are deep-copied,
+so their state is untouched too.
 
 FLOPs are counted as benchmarks/README.md counts them: 2 x multiply-adds of convolutions and dense
 layers only (elementwise passes and pooling count zero); a training step is about 3x the forward.
@@ -99,17 +100,21 @@ class Profile(NamedTuple):
     Attributes
     ----------
     rows : list of dict
-        One per top-level layer, in order: ``index``, ``layer`` (class, with a fused activation),
-        ``output_shape`` (with the batch axis), ``forward_ms``, ``backward_ms``, ``total_ms``
-        (means per step), ``percent`` (of the whole step), ``mflop`` (forward MFLOP per batch),
-        ``forward_gflops`` and ``backward_gflops`` (achieved; backward counts 2x the forward
-        FLOPs, 1x for a layer that skips its input gradient; None where a layer has no FLOPs).
+        One per step of the network's plan, in order: ``index`` (of the step), ``layers`` (the
+        indices of the layers it runs: one, or several fused into one pass), ``kind``
+        (``"layer"``, ``"conv+act"``, ...), ``layer`` (their classes joined by " + ", with a
+        layer's own fused activation), ``output_shape`` (of the step's last layer, with the batch
+        axis), ``forward_ms``, ``backward_ms``, ``total_ms`` (means per step), ``percent`` (of
+        the whole step), ``mflop`` (forward MFLOP per batch), ``forward_gflops`` and
+        ``backward_gflops`` (achieved; backward counts 2x the forward FLOPs, 1x for the first
+        step, which skips its input gradient; None where a step has no FLOPs).
     totals : dict
         Means per step in ms: ``step_ms`` (wall time of a whole step), ``forward_ms``,
-        ``backward_ms`` (sums over layers), ``loss_ms`` (loss forward + backward),
+        ``backward_ms`` (sums over steps), ``loss_ms`` (loss forward + backward),
         ``optimizer_ms``, ``overhead_ms`` (the rest: Python between the timed calls), their
         ``*_percent``, plus ``batch``, ``steps``, ``images_per_s``, ``gflops`` (achieved over
-        the whole step, 3x forward FLOPs for training) and ``training``.
+        the whole step, 3x forward FLOPs for training), ``cores_used`` (CPU time of all threads
+        over wall time: how many cores the step kept busy) and ``training``.
     text : str
         The table, formatted for a terminal.
     """
@@ -123,11 +128,12 @@ class Profile(NamedTuple):
 
 
 def profile(net, x, y=None, steps=10, warmup=2, loss=None, optimizer=None, training=True):
-    """Time each layer's forward and backward over ``steps`` training steps on the batch ``(x, y)``.
+    """Time each plan step's forward and backward over ``steps`` training steps on the batch ``(x, y)``.
 
-    A step is what ``Network.fit`` runs per batch: ``forward(x, training=True)``, the loss's
-    forward and backward, the layers' backward and the optimizer's update. With
-    ``training=False`` a step is one eval-mode forward (inference): no loss, backward or update.
+    A step is what ``Network.fit`` runs per batch, through the same calls: the plan's training
+    forward, the loss's forward and backward, the plan's backward and the optimizer's update.
+    With ``training=False`` a step is one inference forward as ``predict`` runs it (with its
+    conv + max-pool fusions): no loss, backward or update.
 
     Parameters
     ----------
@@ -148,17 +154,17 @@ def profile(net, x, y=None, steps=10, warmup=2, loss=None, optimizer=None, train
     Returns
     -------
     Profile
-        ``rows`` (one dict per layer), ``totals`` and ``text``; ``str(profile)`` is the table.
+        ``rows`` (one dict per plan step), ``totals`` and ``text``; ``str(profile)`` is the table.
 
     Notes
     -----
-    The network's weights, gradients and buffers are restored afterwards and the timing wrappers
-    removed; only the layers' caches and the library random generator (Dropout) change.
-    Per-call timing adds about a microsecond per layer call, counted in the layer's time.
+    The network's weights, gradients and buffers are restored afterwards; only the plan's
+    caches and the library random generator (Dropout) change. Per-step timing adds about a
+    microsecond per step call, counted in the step's time.
     """
     from . import losses
 
-    steps = _positive(steps, "steps", minimum=1)
+    steps_count = _positive(steps, "steps", minimum=1)
     warmup = _positive(warmup, "warmup", minimum=0)
     x = net._check_x(x, "x", check_finite=False)
     batch = len(x)
@@ -176,36 +182,34 @@ def profile(net, x, y=None, steps=10, warmup=2, loss=None, optimizer=None, train
             opt = optimizers.get(opt)
         opt = copy.deepcopy(opt)
 
-    layers = net.layers
-    n_layers = len(layers)
-    fwd = np.zeros(n_layers)
-    bwd = np.zeros(n_layers)
+    plan = net.plan
+    steps = plan.steps(training)
+    # An inference forward runs the inference steps only where predict would (no caches kept).
+    fwd = np.zeros(len(steps))
+    bwd = np.zeros(len(steps))
     saved_weights = net.get_weights()
     saved_grads = [(g, g.copy()) for _, _, g in net.parameters() if isinstance(g, np.ndarray)]
-    shadowed = _wrap(layers, fwd, bwd)
     clock = time.perf_counter
     t_loss = t_opt = t_step = 0.0
     try:
-        for s in range(warmup + steps):
+        for s in range(warmup + steps_count):
             if s == warmup:  # discard what the warm-up steps accumulated
                 fwd[:] = 0.0
                 bwd[:] = 0.0
                 t_loss = t_opt = t_step = 0.0
+            if s == warmup:
+                cpu0 = time.process_time()
             t0 = clock()
             if not training:
-                # Layer by layer: the Network's fused conv + max-pool inference pass would hide
-                # both layers from the per-layer timers.
-                h = x
-                for layer in layers:
-                    h = layer.forward(h, False)
+                net._forward(x, False, timer=fwd)
                 t_step += clock() - t0
                 continue
-            out = net._forward(x, True)
+            out = net._forward(x, True, timer=fwd)
             t1 = clock()
             loss_fn.forward(out, targets)
             d = loss_fn.backward()
             t2 = clock()
-            net._backward(d)
+            net._backward(d, timer=bwd)
             t3 = clock()
             if opt is not None:
                 opt.step(net.parameters())
@@ -213,13 +217,13 @@ def profile(net, x, y=None, steps=10, warmup=2, loss=None, optimizer=None, train
             t_loss += t2 - t1
             t_opt += t4 - t3
             t_step += t4 - t0
+        cpu_s = time.process_time() - cpu0
     finally:
-        _unwrap(layers, shadowed)
         net.set_weights(saved_weights)
         for grad, value in saved_grads:
             np.copyto(grad, value)
 
-    scale = 1e3 / steps  # seconds summed over steps -> ms per step
+    scale = 1e3 / steps_count  # seconds summed over steps -> ms per step
     fwd_ms, bwd_ms = fwd * scale, bwd * scale
     step_ms = t_step * scale
     loss_ms, opt_ms = t_loss * scale, t_opt * scale
@@ -229,18 +233,21 @@ def profile(net, x, y=None, steps=10, warmup=2, loss=None, optimizer=None, train
     def pct(ms):
         return 100.0 * ms / step_ms if step_ms > 0 else 0.0
 
+    shapes = _layer_shapes(net)
     rows = []
     total_flops = 0
-    for i, (layer, shape_in, shape_out) in enumerate(_layer_shapes(net)):
-        flops = layer_flops(layer, shape_in, shape_out) * batch
+    for k, step in enumerate(steps):
+        flops = sum(layer_flops(*shapes[i]) for i in step.indices) * batch
         total_flops += flops
-        # The first layer skips its input gradient: its backward is one GEMM, not two.
-        bwd_flops = flops * (2 if getattr(layer, "needs_input_grad", True) else 1)
-        f, b = float(fwd_ms[i]), float(bwd_ms[i])
+        # The first step skips its input gradient: a conv / dense backward is one GEMM, not two.
+        bwd_flops = flops * (2 if k > 0 else 1)
+        f, b = float(fwd_ms[k]), float(bwd_ms[k])
         rows.append({
-            "index": i,
-            "layer": _describe(layer),
-            "output_shape": (batch,) + tuple(shape_out),
+            "index": k,
+            "layers": tuple(step.indices),
+            "kind": step.kind,
+            "layer": step.label,
+            "output_shape": (batch,) + tuple(net.shapes[step.indices[-1]]),
             "forward_ms": f,
             "backward_ms": b,
             "total_ms": f + b,
@@ -253,7 +260,7 @@ def profile(net, x, y=None, steps=10, warmup=2, loss=None, optimizer=None, train
     totals = {
         "training": bool(training),
         "batch": batch,
-        "steps": steps,
+        "steps": steps_count,
         "step_ms": step_ms,
         "forward_ms": layer_fwd_total,
         "backward_ms": layer_bwd_total,
@@ -262,6 +269,8 @@ def profile(net, x, y=None, steps=10, warmup=2, loss=None, optimizer=None, train
         "overhead_ms": overhead_ms,
         "images_per_s": batch * 1e3 / step_ms if step_ms > 0 else float("inf"),
         "gflops": step_flops / (step_ms * 1e6) if step_ms > 0 else 0.0,
+        # CPU time of all the process's threads over wall time of the timed steps.
+        "cores_used": cpu_s * 1e3 / (step_ms * steps_count) if step_ms > 0 else 0.0,
     }
     for key in ("forward_ms", "backward_ms", "loss_ms", "optimizer_ms", "overhead_ms"):
         totals[key.replace("_ms", "_percent")] = pct(totals[key])
@@ -269,41 +278,6 @@ def profile(net, x, y=None, steps=10, warmup=2, loss=None, optimizer=None, train
 
 
 # ---------------------------------------------------------------------- helpers --------------
-def _wrap(layers, fwd, bwd):
-    """Shadow each layer's forward/backward with a timed version; return what to put back."""
-    clock = time.perf_counter
-    shadowed = []
-    for i, layer in enumerate(layers):
-        own = {name: layer.__dict__[name] for name in ("forward", "backward") if name in layer.__dict__}
-        shadowed.append(own)
-        inner_f, inner_b = layer.forward, layer.backward
-
-        def timed_forward(x, training=False, _f=inner_f, _i=i):
-            t0 = clock()
-            out = _f(x, training)
-            fwd[_i] += clock() - t0
-            return out
-
-        def timed_backward(dy, _b=inner_b, _i=i):
-            t0 = clock()
-            out = _b(dy)
-            bwd[_i] += clock() - t0
-            return out
-
-        layer.forward = timed_forward
-        layer.backward = timed_backward
-    return shadowed
-
-
-def _unwrap(layers, shadowed):
-    for layer, own in zip(layers, shadowed):
-        for name in ("forward", "backward"):
-            if name in own:
-                setattr(layer, name, own[name])
-            else:
-                layer.__dict__.pop(name, None)
-
-
 def _describe(layer):
     from .network import _describe as describe
 
@@ -323,9 +297,9 @@ def _gf(value):
 def _format(rows, totals):
     training = totals["training"]
     if training:
-        header = ["#", "layer", "output shape", "fwd ms", "bwd ms", "% step", "MFLOP", "fwd GF/s", "bwd GF/s"]
+        header = ["#", "layers", "layer", "output shape", "fwd ms", "bwd ms", "% step", "MFLOP", "fwd GF/s", "bwd GF/s"]
     else:
-        header = ["#", "layer", "output shape", "fwd ms", "% step", "MFLOP", "fwd GF/s"]
+        header = ["#", "layers", "layer", "output shape", "fwd ms", "% step", "MFLOP", "fwd GF/s"]
     col = {name: j for j, name in enumerate(header)}
 
     def line(**cells):
@@ -336,7 +310,9 @@ def _format(rows, totals):
 
     table = [header]
     for r in rows:
-        cells = {"#": str(r["index"]), "layer": r["layer"], "output shape": str(r["output_shape"]),
+        first, last = r["layers"][0], r["layers"][-1]
+        cells = {"#": str(r["index"]), "layers": str(first) if first == last else f"{first}-{last}",
+                 "layer": r["layer"], "output shape": str(r["output_shape"]),
                  "fwd ms": f"{r['forward_ms']:.3f}", "% step": f"{r['percent']:.1f}",
                  "MFLOP": f"{r['mflop']:.1f}" if r["mflop"] else "", "fwd GF/s": _gf(r["forward_gflops"])}
         if training:
@@ -363,6 +339,7 @@ def _format(rows, totals):
     rule = "-" * len(fmt([h.ljust(w) for h, w in zip(header, widths)]))
     mode = "training step" if training else "inference (eval forward)"
     title = (f"{mode}: batch {totals['batch']}, mean of {totals['steps']} steps: {totals['step_ms']:.2f} ms/step, "
-             f"{totals['images_per_s']:,.0f} images/s, {totals['gflops']:.2f} GFLOP/s")
+             f"{totals['images_per_s']:,.0f} images/s, {totals['gflops']:.2f} GFLOP/s, "
+             f"{totals['cores_used']:.2f} cores used")
     lines = [title, rule, fmt(header), rule] + [fmt(r) for r in table[1:]] + [rule] + [fmt(r) for r in extra]
     return "\n".join(lines)

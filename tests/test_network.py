@@ -85,8 +85,8 @@ def test_shapes_and_parameters():
     expected = (4 * 1 * 4 + 4) + (8 * 4 * 4 + 8) + (8 * 8 * 8 * 32 + 32) + (32 * 3 + 3)
     assert net.num_params == expected
     assert len(net) == 7
-    assert net.layers[0].needs_input_grad is False
-    assert all(layer.needs_input_grad for layer in net.layers[1:])
+    # The network writes no flags into its layers: the plan passes need_input_grad per call.
+    assert all(layer.needs_input_grad for layer in net.layers)
 
 
 def test_parameters_are_rebuilt_each_call():
@@ -141,7 +141,7 @@ def test_backward_input_grad_only_when_asked(rng):
     net.forward(x)
     dx = net.backward(np.ones_like(out), need_input_grad=True)
     assert dx.shape == x.shape and np.abs(dx).sum() > 0
-    assert net.layers[0].needs_input_grad is False  # restored
+    assert net.layers[0].needs_input_grad is True  # untouched: the flag is passed per call
 
 
 def test_full_network_gradient_check_float64(rng):
@@ -558,13 +558,13 @@ def test_reused_conv_outputs_are_invisible():
     def build(reuse):
         net = cnnx.models.seed_mnist(seed=0)
         if not reuse:
-            for layer in net.layers:
-                layer.reuse_output = False
+            for step in net.plan.train_steps + net.plan.infer_steps:
+                step.reuse_output = False
         net.compile("softmax_cross_entropy", cnnx.optimizers.Adam(lr=1e-3))
         return net
 
     net = build(reuse=True)
-    assert [getattr(layer, "reuse_output", None) for layer in net.layers][:3] == [True, None, False]
+    assert [step.reuse_output for step in net.plan.train_steps][:3] == [True, False, False]
     rng = np.random.default_rng(0)
     x1, x2 = rng.standard_normal((2, 4, 1, 28, 28)).astype(np.float32)
     first = net.forward(x1)
@@ -584,7 +584,8 @@ def test_inference_fuses_conv_and_max_pool_without_changing_results():
     import cnnx
 
     net = cnnx.models.lenet5(seed=0)
-    assert net._fused_pools == {0, 2}
+    fused = [step.indices for step in net.plan.infer_steps if step.kind == "conv+pool"]
+    assert fused == [(0, 1), (2, 3)]
     x = np.random.default_rng(1).standard_normal((5, 1, 28, 28)).astype(np.float32)
     fused = net.forward(x)
     plain = x

@@ -28,18 +28,36 @@ def batch(rng):
     return rng.standard_normal((5, 1, 8, 8)).astype(np.float32), rng.integers(0, 10, size=5)
 
 
-def test_one_row_per_layer_with_non_negative_times(batch):
+def test_one_row_per_plan_step_naming_the_layers_it_covers(batch):
     net = tiny_net()
     result = profile(net, *batch, steps=3, warmup=1)
-    assert [r["index"] for r in result.rows] == list(range(len(net.layers)))
-    assert [r["layer"].split(" ")[0] for r in result.rows] == [type(layer).__name__ for layer in net.layers]
-    assert [r["output_shape"] for r in result.rows] == [(5,) + s for s in net.shapes]
+    # Training: the separate LeakyReLU runs inside the second convolution's kernels.
+    assert [r["layers"] for r in result.rows] == [(0,), (1,), (2, 3), (4,), (5,), (6,)]
+    assert [r["layers"] for r in result.rows] == [s.indices for s in net.plan.train_steps]
+    assert [r["index"] for r in result.rows] == list(range(6))
+    assert result.rows[2]["layer"] == "Conv2D + LeakyReLU" and result.rows[2]["kind"] == "conv+act"
+    assert [r["output_shape"] for r in result.rows] == [(5,) + net.shapes[r["layers"][-1]] for r in result.rows]
     for r in result.rows:
         assert r["forward_ms"] >= 0 and r["backward_ms"] >= 0 and r["percent"] >= 0
         assert r["total_ms"] == pytest.approx(r["forward_ms"] + r["backward_ms"])
-    assert result.rows[0]["forward_ms"] > 0
+    assert result.rows[0]["forward_ms"] > 0 and result.rows[0]["backward_ms"] > 0
     assert isinstance(result.text, str) and str(result) == result.text
     assert "Conv2D + relu" in result.text and "optimizer step" in result.text
+    assert "2-3" in result.text  # the covered layers' range
+
+    # Inference runs what predict runs: conv + max-pool fused as well.
+    result = profile(net, batch[0], steps=2, warmup=1, training=False)
+    assert [r["layers"] for r in result.rows] == [(0, 1), (2, 3), (4,), (5,), (6,)]
+    assert result.rows[0]["kind"] == "conv+pool" and "0-1" in result.text
+
+
+def test_unfused_network_gives_one_row_per_layer_and_the_same_flops(batch):
+    fused, plain = tiny_net(), tiny_net()
+    plain.fuse = False
+    a = profile(fused, *batch, steps=1, warmup=0)
+    b = profile(plain, *batch, steps=1, warmup=0)
+    assert [r["layers"] for r in b.rows] == [(i,) for i in range(len(plain.layers))]
+    assert sum(r["mflop"] for r in a.rows) == pytest.approx(sum(r["mflop"] for r in b.rows))
 
 
 def test_totals_are_consistent(batch):
@@ -54,6 +72,7 @@ def test_totals_are_consistent(batch):
     assert shares == pytest.approx(100.0)
     assert t["batch"] == 5 and t["steps"] == 3 and t["training"] is True
     assert t["images_per_s"] == pytest.approx(5e3 / t["step_ms"])
+    assert t["cores_used"] > 0 and "cores used" in result.text
 
 
 def test_network_methods_weights_and_optimizer_are_restored(batch):

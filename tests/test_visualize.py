@@ -257,7 +257,7 @@ def test_explaining_never_changes_weights_grads_or_optimizer(rng):
     assert sorted(after) == sorted(state)
     for key, value in state.items():
         np.testing.assert_array_equal(after[key], value, err_msg=key)
-    assert net.layers[0].needs_input_grad is False
+    assert net.layers[0].needs_input_grad is True  # never written: the plan passes it per call
 
 
 # ---------------------------------------------------------------------- plots -----------------

@@ -377,6 +377,12 @@ def activation_kwargs(name, negative_slope=0.01):
     return {"negative_slope": negative_slope} if name == "leaky_relu" else {}
 
 
+def compiled_rectifier(name, negative_slope=0.01):
+    """True when the compiled convolution kernels can apply activation ``name`` themselves:
+    ReLU, and leaky ReLU with a slope >= 0 (its backward reads the sign of the output)."""
+    return name == "relu" or (name == "leaky_relu" and negative_slope >= 0)
+
+
 def check_negative_slope(negative_slope):
     if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float, np.floating)) \
             or not math.isfinite(negative_slope):
@@ -421,16 +427,17 @@ class _Activation(Layer):
     _fn = None
     _min_ndim = 1
 
-    def __init__(self):
-        super().__init__()
-        self.needs_input_grad = True
-        self._x = None
-        self._y = None
+    stateful = False
+
+    def new_state(self):
+        state = super().new_state()
+        state.x = state.y = None
+        return state
 
     def _kw(self):
         return {}
 
-    def forward(self, x, training=False):
+    def call(self, x, training, state):
         """Apply the activation.
 
         Parameters
@@ -453,11 +460,11 @@ class _Activation(Layer):
         check_floating(self, x)
         kw = self._kw()
         y = self._fn.forward(x, **kw)
-        self._x = x if self._fn.needs_input(**kw) else None
-        self._y = y
+        state.x = x if self._fn.needs_input(**kw) else None
+        state.y = y
         return y
 
-    def backward(self, dy):
+    def call_backward(self, dy, state, need_input_grad):
         """Gradient with respect to the input.
 
         Parameters
@@ -468,10 +475,18 @@ class _Activation(Layer):
         -------
         dx : ndarray, same shape
         """
-        if self._y is None:
+        if state.y is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
-        check_dy(self, dy, self._y.shape)
-        return self._fn.backward(dy, self._x, self._y, **self._kw())
+        check_dy(self, dy, state.y.shape)
+        if not need_input_grad:
+            return None
+        return self._fn.backward(dy, state.x, state.y, **self._kw())
+
+    def fused_form(self):
+        """``FusedActivation`` computing this layer (how a plan folds it into the layer before)."""
+        name = self._fn.name
+        return FusedActivation(name, getattr(self, "negative_slope", 0.01)) if name in ACTIVATIONS and \
+            self._kw().get("approximate", "none") == "none" else None
 
     def output_shape(self, input_shape):
         input_shape = tuple(input_shape)

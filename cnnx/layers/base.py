@@ -1,8 +1,20 @@
 """The Layer base class: the contract every layer keeps (see DESIGN.md).
 
 A layer owns its parameters (``params``), the gradients ``backward`` fills (``grads``, same keys
-and shapes), optional non-trainable state (``buffers``, e.g. BatchNorm running statistics) and
-whatever it caches between ``forward`` and ``backward``.
+and shapes) and optional non-trainable state (``buffers``, e.g. BatchNorm running statistics).
+
+Two ways to call a layer:
+
+- ``forward(x, training)`` / ``backward(dy)``: standalone use. What ``backward`` needs is kept in
+  a state object the layer owns, and ``needs_input_grad`` (an attribute) says whether
+  ``backward`` computes the input gradient.
+- ``call(x, training, state)`` / ``call_backward(dy, state, need_input_grad)``: the protocol a
+  Network's execution plan (``cnnx.plan``) uses. The caller owns ``state`` (from
+  ``new_state()``): caches and scratch buffers live there, not in the layer, so one layer can sit
+  in two networks and one network can run in several threads at once.
+
+Layers written before that protocol (``stateful = True``, the base default) implement only
+``forward`` / ``backward`` and keep their caches on themselves; the plan runs them under a lock.
 """
 from __future__ import annotations
 
@@ -21,8 +33,18 @@ from .. import random as _random
 LAYER_CLASSES: dict[str, type] = {}
 
 
+class CallState:
+    """Per-call-site storage of one layer: what ``call`` caches for ``call_backward`` and the
+    scratch buffers it reuses. Plain attributes, set by the layer that owns the protocol."""
+
+    def __repr__(self):
+        return f"CallState({', '.join(sorted(self.__dict__))})"
+
+
 class Layer:
-    """Base class. Subclasses implement ``forward``, ``backward``, ``output_shape``, ``get_config``.
+    """Base class. Subclasses implement ``forward``, ``backward``, ``output_shape``, ``get_config``
+    (stateful layers) or ``call``, ``call_backward``, ``output_shape``, ``get_config`` with
+    ``stateful = False``.
 
     Shapes passed to ``output_shape`` exclude the batch axis: ``(c, h, w)`` for images,
     ``(features,)`` after Flatten.
@@ -34,17 +56,56 @@ class Layer:
         if _is_cnnx_class(cls) and not cls.__name__.startswith("_"):
             LAYER_CLASSES[cls.__name__] = cls
 
+    #: True when the layer keeps its caches on itself (only ``forward`` / ``backward``).
+    stateful = True
+
     def __init__(self):
         self.params: dict[str, np.ndarray] = {}
         self.grads: dict[str, np.ndarray] = {}
         self.buffers: dict[str, np.ndarray] = {}
+        self.needs_input_grad = True
+        self._own_state = None
 
     # --- the contract -------------------------------------------------------------------
     def forward(self, x, training=False):
-        raise NotImplementedError
+        """Standalone forward: ``call`` with the layer's own state."""
+        if self.stateful:
+            raise NotImplementedError
+        return self.call(x, training, self.own_state)
 
     def backward(self, dy):
-        raise NotImplementedError
+        """Standalone backward of the last ``forward``; the input gradient when ``needs_input_grad``."""
+        if self.stateful:
+            raise NotImplementedError
+        return self.call_backward(dy, self.own_state, self.needs_input_grad)
+
+    def new_state(self):
+        """A fresh ``CallState`` for one call site (a network's plan, a thread)."""
+        return CallState()
+
+    @property
+    def own_state(self):
+        """The state standalone ``forward`` / ``backward`` use."""
+        if self._own_state is None:
+            self._own_state = self.new_state()
+        return self._own_state
+
+    def call(self, x, training, state):
+        """Forward with caches kept in ``state``. Stateful layers: ``forward`` (``state`` unused)."""
+        return self.forward(x, training)
+
+    def call_backward(self, dy, state, need_input_grad):
+        """Backward of the ``call`` that filled ``state``: fills ``grads`` and returns the input
+        gradient, or None when ``need_input_grad`` is false."""
+        # A stateful layer reads the flag from itself: set it for this call only (the plan runs
+        # stateful layers under a lock), so a first layer still skips its input gradient.
+        previous = getattr(self, "needs_input_grad", True)  # a custom layer may not set it
+        self.needs_input_grad = bool(need_input_grad)
+        try:
+            dx = self.backward(dy)
+        finally:
+            self.needs_input_grad = previous
+        return dx if need_input_grad else None
 
     def output_shape(self, input_shape):
         """Per-sample output shape; raises ValueError when ``input_shape`` does not fit."""

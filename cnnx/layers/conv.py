@@ -7,7 +7,7 @@ from .._geometry import conv_output_size, dilated_kernel_size, explicit_padding,
 from ..init import check_initializer
 from ._common import (check_bool, check_dy, check_floating, check_groups, init_weight_and_bias, positive_int,
                       store_grads)
-from .activations import FusedActivation, check_activation, check_negative_slope
+from .activations import FusedActivation, check_activation, check_negative_slope, compiled_rectifier
 from .base import Layer
 
 
@@ -76,18 +76,10 @@ class Conv2D(Layer):
         self.activation = check_activation(activation)
         self.negative_slope = check_negative_slope(negative_slope)
         self.weight_init = check_initializer(weight_init)
-        self.needs_input_grad = True
         init_weight_and_bias(self, (self.out_channels, self.in_channels // self.groups) + self.kernel_size, rng)
         self._act = FusedActivation(self.activation, self.negative_slope)
         # The kernels fuse ReLU and leaky ReLU (slope >= 0); other activations run as NumPy passes.
-        fusable = self.activation == "relu" or (self.activation == "leaky_relu" and self.negative_slope >= 0)
-        self._compiled_act = self.activation if fusable else None
-        self._workspace = F.Workspace()
-        # Set by Network when only the next layer reads this output (and writes a new array of its
-        # own): the output buffer is then reused from batch to batch. A fresh 33 MB output costs
-        # its page faults on every call (4 ms of a 100 ms mind-cifar forward on 2 cores).
-        self.reuse_output = False
-        self._x = self._z = self._y = self._pads = None
+        self._compiled_act = self.activation if compiled_rectifier(self.activation, self.negative_slope) else None
 
     def explicit_padding(self, hw):
         """``((top, bottom), (left, right))`` for an input of spatial size ``hw = (h, w)``."""
@@ -119,84 +111,114 @@ class Conv2D(Layer):
         x = x.astype(self.params["weight"].dtype, copy=False)
         return x, self.explicit_padding(x.shape[2:]), y_shape
 
-    def forward(self, x, training=False):
-        """Parameters
+    stateful = False
+
+    def new_state(self):
+        state = super().new_state()
+        # Scratch buffers (im2col columns, a reused output) belong to the call site, not the layer.
+        state.workspace = F.Workspace()
+        state.x = state.z = state.y = state.pads = None
+        state.rectifier = None
+        return state
+
+    def call(self, x, training, state, *, fused_activation=None, maxpool2=False, reuse_output=False):
+        """Forward with caches in ``state`` (see ``Layer.call``).
+
+        Parameters
         ----------
         x : ndarray of shape (n, in_channels, h, w), floating (cast to the parameters' dtype)
+        training : bool
+        state : CallState from ``new_state()``
+        fused_activation : ("relu" | "leaky_relu", negative_slope), optional
+            The activation layer that follows, run inside the kernel (only for a layer without an
+            activation of its own; an execution plan passes it).
+        maxpool2 : bool
+            Also apply the 2x2 / stride-2 max-pool that follows, in the same pass. Inference
+            only: nothing is cached for a backward.
+        reuse_output : bool
+            Write the output into a buffer of ``state`` reused from call to call: only when the
+            caller knows the next layer copies what it needs before the next call.
 
         Returns
         -------
-        y : ndarray of shape (n, out_channels, out_h, out_w)
+        y : ndarray of shape (n, out_channels, out_h, out_w), halved spatially with ``maxpool2``
         """
+        if fused_activation is not None:
+            if self.activation is not None or not compiled_rectifier(*fused_activation):
+                raise ValueError(f"Conv2D cannot fuse activation {fused_activation!r}")
+            rectifier = fused_activation
+        else:
+            rectifier = (self._compiled_act, self.negative_slope)
         x, pads, y_shape = self._checked(x)
         w = self.params["weight"]
-        self._x, self._pads = x, pads
-        out = self._workspace.get("output", y_shape, w.dtype) if self.reuse_output else None
-        if self._compiled_act is not None:
+        ws = state.workspace
+        if maxpool2:
+            state.x = state.y = state.z = None
+            return self._conv(x, pads, ws, activation=rectifier[0], negative_slope=rectifier[1], maxpool2=True)
+        state.x, state.pads, state.rectifier = x, pads, rectifier
+        # A fresh 33 MB output costs its page faults on every call (4 ms of a 100 ms mind-cifar
+        # forward on 2 cores): the plan asks for a reused buffer where that is invisible.
+        out = ws.get("output", y_shape, w.dtype) if reuse_output else None
+        if self._act.fn is None or rectifier[0] is not None:
             # Bias and (leaky) ReLU in the kernel's layout pass: no separate sweep over the output.
-            self._z = None
-            self._y = self._conv(x, pads, out=out, activation=self._compiled_act, negative_slope=self.negative_slope)
-            return self._y
-        z = self._conv(x, pads, out=out)
-        self._y, self._z = self._act.forward(z)
-        return self._y
+            state.z = None
+            state.y = self._conv(x, pads, ws, out=out, activation=rectifier[0], negative_slope=rectifier[1])
+            return state.y
+        z = self._conv(x, pads, ws, out=out)
+        state.y, state.z = self._act.forward(z)
+        return state.y
 
     @property
     def can_fuse_maxpool2(self):
-        """Whether ``forward_maxpool2`` applies (the activation, if any, runs in the kernels)."""
+        """Whether ``call(..., maxpool2=True)`` applies (the activation, if any, runs in the kernels)."""
         return self.activation is None or self._compiled_act is not None
 
     def forward_maxpool2(self, x):
-        """Inference: this layer followed by a 2x2 / stride-2 max-pool, in one pass.
+        """Inference: this layer followed by a 2x2 / stride-2 max-pool, in one pass (no caches)."""
+        return self.call(x, False, self.own_state, maxpool2=True)
 
-        Keeps no cache for ``backward`` (the Network redoes a plain forward first when asked).
-        """
-        x, pads, _ = self._checked(x)
-        self._x = self._y = None
-        return self._conv(x, pads, activation=self._compiled_act, negative_slope=self.negative_slope, maxpool2=True)
-
-    def backward(self, dy):
+    def call_backward(self, dy, state, need_input_grad):
         """Parameters
         ----------
-        dy : ndarray of shape (n, out_channels, out_h, out_w)
+        dy : ndarray of shape (n, out_channels, out_h, out_w), the gradient of the last output
+        state : the CallState the forward ``call`` filled
+        need_input_grad : bool
 
         Returns
         -------
-        dx : ndarray of shape (n, in_channels, h, w), or None when ``needs_input_grad`` is False
+        dx : ndarray of shape (n, in_channels, h, w), or None when ``need_input_grad`` is False
         """
-        if self._x is None:
+        if state.x is None:
             raise RuntimeError("Conv2D.backward called before forward")
-        check_dy(self, dy, self._y.shape)
+        check_dy(self, dy, state.y.shape)
         w = self.params["weight"]
         dz = dy.astype(w.dtype, copy=False)
-        if self._compiled_act is not None:
-            dx, dw, db = self._conv_backward(dz, activation=self._compiled_act, negative_slope=self.negative_slope,
-                                             y=self._y)
-        else:
-            dz = self._act.backward(dz, self._z, self._y)
-            dx, dw, db = self._conv_backward(dz)
+        activation, slope = state.rectifier
+        if self._act.fn is not None and activation is None:
+            dz = self._act.backward(dz, state.z, state.y)
+        dx, dw, db = self._conv_backward(dz, state.x, state.pads, need_input_grad, state.workspace,
+                                         activation=activation, negative_slope=slope, y=state.y)
         store_grads(self, weight=dw, bias=db)
-        return dx if self.needs_input_grad else None
+        return dx if need_input_grad else None
 
     # --- the kernels: the plain convolution, or the grouped/dilated one ---------------------
     @property
     def _plain(self):
         return self.groups == 1 and self.dilation == (1, 1)
 
-    def _conv(self, x, pads, **kwargs):
+    def _conv(self, x, pads, workspace, **kwargs):
         w, b = self.params["weight"], self.params.get("bias")
         if self._plain:
-            return F.conv2d(x, w, b, self.stride, pads, workspace=self._workspace, **kwargs)
-        return F.conv2d_grouped(x, w, b, self.stride, pads, self.dilation, self.groups, workspace=self._workspace,
+            return F.conv2d(x, w, b, self.stride, pads, workspace=workspace, **kwargs)
+        return F.conv2d_grouped(x, w, b, self.stride, pads, self.dilation, self.groups, workspace=workspace,
                                 **kwargs)
 
-    def _conv_backward(self, dz, **kwargs):
+    def _conv_backward(self, dz, x, pads, need_dx, workspace, **kwargs):
         w = self.params["weight"]
         if self._plain:
-            return F.conv2d_backward(dz, self._x, w, self.stride, self._pads, need_dx=self.needs_input_grad,
-                                     workspace=self._workspace, **kwargs)
-        return F.conv2d_grouped_backward(dz, self._x, w, self.stride, self._pads, self.dilation, self.groups,
-                                         need_dx=self.needs_input_grad, workspace=self._workspace, **kwargs)
+            return F.conv2d_backward(dz, x, w, self.stride, pads, need_dx=need_dx, workspace=workspace, **kwargs)
+        return F.conv2d_grouped_backward(dz, x, w, self.stride, pads, self.dilation, self.groups, need_dx=need_dx,
+                                         workspace=workspace, **kwargs)
 
     def get_config(self):
         return {

@@ -109,11 +109,16 @@ class Conv1D(Layer):
         self.activation = check_activation(activation)
         self.negative_slope = check_negative_slope(negative_slope)
         self.weight_init = check_initializer(weight_init)
-        self.needs_input_grad = True
         init_weight_and_bias(self, (self.out_channels, self.in_channels // self.groups, self.kernel_size), rng)
         self._act = FusedActivation(self.activation, self.negative_slope)
-        self._workspace = F.Workspace()
-        self._x4 = self._z = self._y = self._pads = None
+
+    stateful = False
+
+    def new_state(self):
+        state = super().new_state()
+        state.workspace = F.Workspace()  # scratch of the 2-D kernels, per call site
+        state.x4 = state.z = state.y = state.pads = state.act = None
+        return state
 
     def explicit_padding(self, length):
         """``(left, right)`` for an input of ``length`` samples."""
@@ -135,15 +140,27 @@ class Conv1D(Layer):
             )
         return (self.out_channels, conv_output_size(length, self._span, self.stride, left, right))
 
-    def forward(self, x, training=False):
-        """Parameters
+    def call(self, x, training, state, *, fused_activation=None):
+        """Forward with caches in ``state`` (see ``Layer.call``).
+
+        Parameters
         ----------
         x : ndarray of shape (n, in_channels, length), floating (cast to the parameters' dtype)
+        training : bool
+        state : CallState from ``new_state()``
+        fused_activation : FusedActivation, optional
+            The activation layer that follows, applied in place on this layer's output (only for
+            a layer without an activation of its own; an execution plan passes it).
 
         Returns
         -------
         y : ndarray of shape (n, out_channels, out_length)
         """
+        act = self._act
+        if fused_activation is not None:
+            if self.activation is not None:
+                raise ValueError("Conv1D cannot fuse a second activation after its own")
+            act = fused_activation
         self._check_input(x, (self.in_channels, None))
         check_floating(self, x)
         self.output_shape(x.shape[1:])
@@ -152,38 +169,40 @@ class Conv1D(Layer):
         pads = ((0, 0), self.explicit_padding(x.shape[2]))
         w4, b = w[:, :, None, :], self.params.get("bias")
         if self.groups == 1 and self.dilation == 1:
-            z = F.conv2d(x4, w4, b, (1, self.stride), pads, workspace=self._workspace)
+            z = F.conv2d(x4, w4, b, (1, self.stride), pads, workspace=state.workspace)
         else:
             z = F.conv2d_grouped(x4, w4, b, (1, self.stride), pads, (1, self.dilation), self.groups,
-                                 workspace=self._workspace)
+                                 workspace=state.workspace)
         z = z[:, :, 0, :]
-        self._x4, self._pads = x4, pads
-        self._y, self._z = self._act.forward(z)
-        return self._y
+        state.x4, state.pads, state.act = x4, pads, act
+        state.y, state.z = act.forward(z)
+        return state.y
 
-    def backward(self, dy):
+    def call_backward(self, dy, state, need_input_grad):
         """Parameters
         ----------
         dy : ndarray of shape (n, out_channels, out_length)
+        state : the CallState the forward ``call`` filled
+        need_input_grad : bool
 
         Returns
         -------
-        dx : ndarray of shape (n, in_channels, length), or None when ``needs_input_grad`` is False
+        dx : ndarray of shape (n, in_channels, length), or None when ``need_input_grad`` is False
         """
-        if self._x4 is None:
+        if state.x4 is None:
             raise RuntimeError("Conv1D.backward called before forward")
-        check_dy(self, dy, self._y.shape)
+        check_dy(self, dy, state.y.shape)
         w = self.params["weight"]
-        dz = self._act.backward(dy.astype(w.dtype, copy=False), self._z, self._y)
+        dz = state.act.backward(dy.astype(w.dtype, copy=False), state.z, state.y)
         if self.groups == 1 and self.dilation == 1:
-            dx, dw, db = F.conv2d_backward(dz[:, :, None, :], self._x4, w[:, :, None, :], (1, self.stride),
-                                           self._pads, need_dx=self.needs_input_grad, workspace=self._workspace)
+            dx, dw, db = F.conv2d_backward(dz[:, :, None, :], state.x4, w[:, :, None, :], (1, self.stride),
+                                           state.pads, need_dx=need_input_grad, workspace=state.workspace)
         else:
-            dx, dw, db = F.conv2d_grouped_backward(dz[:, :, None, :], self._x4, w[:, :, None, :], (1, self.stride),
-                                                   self._pads, (1, self.dilation), self.groups,
-                                                   need_dx=self.needs_input_grad, workspace=self._workspace)
+            dx, dw, db = F.conv2d_grouped_backward(dz[:, :, None, :], state.x4, w[:, :, None, :], (1, self.stride),
+                                                   state.pads, (1, self.dilation), self.groups,
+                                                   need_dx=need_input_grad, workspace=state.workspace)
         store_grads(self, weight=dw[:, :, 0, :], bias=db)
-        return dx[:, :, 0, :] if self.needs_input_grad else None
+        return dx[:, :, 0, :] if need_input_grad else None
 
     def get_config(self):
         return {
@@ -215,8 +234,13 @@ class _Pool1D(Layer):
             raise ValueError(
                 f"Expected padding at most half the kernel ({self.kernel_size // 2}), received: padding={padding!r}"
             )
-        self.needs_input_grad = True
-        self._x_shape = None
+
+    stateful = False
+
+    def new_state(self):
+        state = super().new_state()
+        state.x_shape = state.indices = None
+        return state
 
     @property
     def _geometry_2d(self):
@@ -238,7 +262,7 @@ class _Pool1D(Layer):
             )
         return (c, conv_output_size(length, self.kernel_size, self.stride, left, right))
 
-    def forward(self, x, training=False):
+    def call(self, x, training, state):
         """Parameters
         ----------
         x : ndarray of shape (n, c, length), floating
@@ -250,11 +274,11 @@ class _Pool1D(Layer):
         self._check_input(x, (None, None))
         check_floating(self, x)
         self.output_shape(x.shape[1:])
-        y = self._pool(x[:, :, None, :])[:, :, 0, :]
-        self._x_shape = x.shape
+        y = self._pool(x[:, :, None, :], state)[:, :, 0, :]
+        state.x_shape = x.shape
         return y
 
-    def backward(self, dy):
+    def call_backward(self, dy, state, need_input_grad):
         """Parameters
         ----------
         dy : ndarray of shape (n, c, out_length)
@@ -263,19 +287,19 @@ class _Pool1D(Layer):
         -------
         dx : ndarray of shape (n, c, length), or None when ``needs_input_grad`` is False
         """
-        if self._x_shape is None:
+        if state.x_shape is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
-        check_dy(self, dy, (self._x_shape[0],) + self.output_shape(self._x_shape[1:]))
-        if not self.needs_input_grad:
+        check_dy(self, dy, (state.x_shape[0],) + self.output_shape(state.x_shape[1:]))
+        if not need_input_grad:
             return None
-        n, c, length = self._x_shape
-        return self._pool_backward(dy[:, :, None, :], (n, c, 1, length))[:, :, 0, :]
+        n, c, length = state.x_shape
+        return self._pool_backward(dy[:, :, None, :], (n, c, 1, length), state)[:, :, 0, :]
 
-    def _pool(self, x4):
+    def _pool(self, x4, state):
         """The 2-D kernel's output for ``x4``, the height-1 view of a checked input."""
         raise NotImplementedError
 
-    def _pool_backward(self, dy4, x4_shape):
+    def _pool_backward(self, dy4, x4_shape, state):
         """The 2-D kernel's dx (of shape ``x4_shape``) for ``dy4``, the height-1 view of a checked dy."""
         raise NotImplementedError
 
@@ -298,16 +322,12 @@ class MaxPool1D(_Pool1D):
     With ties the gradient goes to the first maximum of the window, as in PyTorch.
     """
 
-    def __init__(self, kernel_size, stride=None, padding=0):
-        super().__init__(kernel_size, stride, padding)
-        self._indices = None
-
-    def _pool(self, x4):
-        y4, self._indices = F.max_pool2d(x4, *self._geometry_2d)
+    def _pool(self, x4, state):
+        y4, state.indices = F.max_pool2d(x4, *self._geometry_2d)
         return y4
 
-    def _pool_backward(self, dy4, x4_shape):
-        return F.max_pool2d_backward(dy4, self._indices, x4_shape)
+    def _pool_backward(self, dy4, x4_shape, state):
+        return F.max_pool2d_backward(dy4, state.indices, x4_shape)
 
 
 class AvgPool1D(_Pool1D):
@@ -322,8 +342,8 @@ class AvgPool1D(_Pool1D):
         At most half the kernel on each side.
     """
 
-    def _pool(self, x4):
+    def _pool(self, x4, state):
         return F.avg_pool2d(x4, *self._geometry_2d)
 
-    def _pool_backward(self, dy4, x4_shape):
+    def _pool_backward(self, dy4, x4_shape, state):
         return F.avg_pool2d_backward(dy4, x4_shape, *self._geometry_2d)

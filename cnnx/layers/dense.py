@@ -50,10 +50,8 @@ class Dense(Layer):
         self.activation = check_activation(activation)
         self.negative_slope = check_negative_slope(negative_slope)
         self.weight_init = check_initializer(weight_init)
-        self.needs_input_grad = True
         init_weight_and_bias(self, (self.out_features, self.in_features), rng)
         self._act = FusedActivation(self.activation, self.negative_slope)
-        self._x = self._z = self._y = None
 
     def output_shape(self, input_shape):
         input_shape = tuple(input_shape)
@@ -64,15 +62,34 @@ class Dense(Layer):
             )
         return (self.out_features,)
 
-    def forward(self, x, training=False):
-        """Parameters
+    stateful = False
+
+    def new_state(self):
+        state = super().new_state()
+        state.x = state.z = state.y = state.act = None
+        return state
+
+    def call(self, x, training, state, *, fused_activation=None):
+        """Forward with caches in ``state`` (see ``Layer.call``).
+
+        Parameters
         ----------
         x : ndarray of shape (n, in_features), floating (cast to the parameters' dtype)
+        training : bool
+        state : CallState from ``new_state()``
+        fused_activation : FusedActivation, optional
+            The activation layer that follows, applied in place on this layer's output (only for
+            a layer without an activation of its own; an execution plan passes it).
 
         Returns
         -------
         y : ndarray of shape (n, out_features)
         """
+        act = self._act
+        if fused_activation is not None:
+            if self.activation is not None:
+                raise ValueError("Dense cannot fuse a second activation after its own")
+            act = fused_activation
         self._check_input(x, (self.in_features,))
         check_floating(self, x)
         w = self.params["weight"]
@@ -80,28 +97,30 @@ class Dense(Layer):
         z = parallel.matmul(x, w.T, np.empty((x.shape[0], w.shape[0]), dtype=w.dtype))
         if self.use_bias:
             z += self.params["bias"]
-        self._x = x
-        self._y, self._z = self._act.forward(z)
-        return self._y
+        state.x, state.act = x, act
+        state.y, state.z = act.forward(z)
+        return state.y
 
-    def backward(self, dy):
+    def call_backward(self, dy, state, need_input_grad):
         """Parameters
         ----------
         dy : ndarray of shape (n, out_features)
+        state : the CallState the forward ``call`` filled
+        need_input_grad : bool
 
         Returns
         -------
-        dx : ndarray of shape (n, in_features), or None when ``needs_input_grad`` is False
+        dx : ndarray of shape (n, in_features), or None when ``need_input_grad`` is False
         """
-        if self._x is None:
+        if state.x is None:
             raise RuntimeError("Dense.backward called before forward")
-        check_dy(self, dy, self._y.shape)
+        check_dy(self, dy, state.y.shape)
         w = self.params["weight"]
-        dz = self._act.backward(dy.astype(w.dtype, copy=False), self._z, self._y)
-        parallel.matmul(dz.T, self._x, out=grad_buffer(self, "weight"))
+        dz = state.act.backward(dy.astype(w.dtype, copy=False), state.z, state.y)
+        parallel.matmul(dz.T, state.x, out=grad_buffer(self, "weight"))
         if self.use_bias:
             np.sum(dz, axis=0, out=grad_buffer(self, "bias"))
-        if not self.needs_input_grad:
+        if not need_input_grad:
             return None
         return parallel.matmul(dz, w, np.empty((dz.shape[0], w.shape[1]), dtype=w.dtype))
 
@@ -123,10 +142,12 @@ Linear = Dense
 class Flatten(Layer):
     """Flatten every axis after the batch axis: ``(n, d1, d2, ...) -> (n, d1 * d2 * ...)``."""
 
-    def __init__(self):
-        super().__init__()
-        self.needs_input_grad = True
-        self._x_shape = None
+    stateful = False
+
+    def new_state(self):
+        state = super().new_state()
+        state.x_shape = None
+        return state
 
     def output_shape(self, input_shape):
         input_shape = tuple(input_shape)
@@ -134,7 +155,7 @@ class Flatten(Layer):
             raise ValueError(f"Flatten expected a per-sample shape with at least 1 axis, received: {input_shape}")
         return (int(np.prod(input_shape, dtype=np.int64)),)
 
-    def forward(self, x, training=False):
+    def call(self, x, training, state):
         """Parameters
         ----------
         x : ndarray of shape (n, d1, ...)
@@ -147,14 +168,15 @@ class Flatten(Layer):
             raise TypeError(f"Flatten expected a numpy array, received: {type(x).__name__}")
         if x.ndim < 2:
             raise ValueError(f"Flatten expected input of shape (batch, d1, ...), received: {x.shape}")
-        self._x_shape = x.shape
+        state.x_shape = x.shape
         return x.reshape(x.shape[0], -1)
 
-    def backward(self, dy):
-        if self._x_shape is None:
+    def call_backward(self, dy, state, need_input_grad):
+        shape = state.x_shape
+        if shape is None:
             raise RuntimeError("Flatten.backward called before forward")
-        check_dy(self, dy, (self._x_shape[0], int(np.prod(self._x_shape[1:], dtype=np.int64))))
-        return dy.reshape(self._x_shape)
+        check_dy(self, dy, (shape[0], int(np.prod(shape[1:], dtype=np.int64))))
+        return dy.reshape(shape) if need_input_grad else None
 
 
 class Dropout(Layer):
@@ -172,6 +194,8 @@ class Dropout(Layer):
         Probability of dropping an element.
     """
 
+    stateful = False
+
     def __init__(self, p=0.5):
         super().__init__()
         if isinstance(p, bool) or not isinstance(p, (numbers.Real, np.floating)):
@@ -179,11 +203,13 @@ class Dropout(Layer):
         if not 0.0 <= float(p) < 1.0:
             raise ValueError(f"Expected p in [0, 1), received: p={p!r}")
         self.p = float(p)
-        self.needs_input_grad = True
-        self._mask = None
-        self._y_shape = None
 
-    def forward(self, x, training=False):
+    def new_state(self):
+        state = super().new_state()
+        state.mask = state.y_shape = None
+        return state
+
+    def call(self, x, training, state):
         """Parameters
         ----------
         x : ndarray of shape (n, ...), floating
@@ -197,29 +223,31 @@ class Dropout(Layer):
         if not isinstance(x, np.ndarray):
             raise TypeError(f"Dropout expected a numpy array, received: {type(x).__name__}")
         check_floating(self, x)
-        self._y_shape = x.shape
+        state.y_shape = x.shape
         if not training or self.p == 0.0:
-            self._mask = None
+            state.mask = None
             return x
         # One draw from the library generator seeds a counter-based mask, computed in parallel in
         # one pass with the output (NumPy's generator drew the uniforms on one core, 5 ms for 3.2 M).
         seed = int(_random.get_rng().integers(0, 2**63))
         if F.compiled_dtype(x):
-            y, self._mask = F.dropout(x, seed, self.p)
+            y, state.mask = F.dropout(x, seed, self.p)
             return y
         y, mask = F.dropout(x.astype(np.float32), seed, self.p)  # float16: the same mask, cast
-        self._mask = mask.astype(x.dtype)
+        state.mask = mask.astype(x.dtype)
         return y.astype(x.dtype)
 
-    def backward(self, dy):
-        if self._y_shape is None:
+    def call_backward(self, dy, state, need_input_grad):
+        if state.y_shape is None:
             raise RuntimeError("Dropout.backward called before forward")
-        check_dy(self, dy, self._y_shape)
-        if self._mask is None:
+        check_dy(self, dy, state.y_shape)
+        if not need_input_grad:
+            return None
+        if state.mask is None:
             return dy
-        if F.compiled_dtype(dy, self._mask):
-            return F.multiply(dy, self._mask)
-        return dy * self._mask
+        if F.compiled_dtype(dy, state.mask):
+            return F.multiply(dy, state.mask)
+        return dy * state.mask
 
     def get_config(self):
         return {"p": self.p}

@@ -31,8 +31,13 @@ class _Pool2D(Layer):
             )
         self._pads = ((pt, pb), (pl, pr))
         self.padding = (pt, pl) if (pt == pb and pl == pr) else self._pads
-        self.needs_input_grad = True
-        self._x_shape = None
+
+    stateful = False
+
+    def new_state(self):
+        state = super().new_state()
+        state.x_shape = state.x = state.indices = None
+        return state
 
     def output_shape(self, input_shape):
         input_shape = tuple(input_shape)
@@ -51,7 +56,7 @@ class _Pool2D(Layer):
         sy, sx = self.stride
         return (c, conv_output_size(h, kh, sy, pt, pb), conv_output_size(w, kw, sx, pl, pr))
 
-    def forward(self, x, training=False):
+    def call(self, x, training, state):
         """Parameters
         ----------
         x : ndarray of shape (n, c, h, w), floating
@@ -63,11 +68,11 @@ class _Pool2D(Layer):
         self._check_input(x, (None, None, None))
         check_floating(self, x)
         self.output_shape(x.shape[1:])
-        y = self._pool(x, training)
-        self._x_shape = x.shape
+        y = self._pool(x, training, state)
+        state.x_shape = x.shape
         return y
 
-    def backward(self, dy):
+    def call_backward(self, dy, state, need_input_grad):
         """Parameters
         ----------
         dy : ndarray of shape (n, c, out_h, out_w)
@@ -76,19 +81,19 @@ class _Pool2D(Layer):
         -------
         dx : ndarray of shape (n, c, h, w), or None when ``needs_input_grad`` is False
         """
-        if self._x_shape is None:
+        if state.x_shape is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
-        check_dy(self, dy, (self._x_shape[0],) + self.output_shape(self._x_shape[1:]))
-        if not self.needs_input_grad:
+        check_dy(self, dy, (state.x_shape[0],) + self.output_shape(state.x_shape[1:]))
+        if not need_input_grad:
             return None
-        return self._pool_backward(dy)
+        return self._pool_backward(dy, state)
 
-    def _pool(self, x, training):
-        """The kernel's output for a checked input ``x``; may cache what ``_pool_backward`` needs."""
+    def _pool(self, x, training, state):
+        """The kernel's output for a checked input ``x``; may cache what ``_pool_backward`` needs in ``state``."""
         raise NotImplementedError
 
-    def _pool_backward(self, dy):
-        """dx for a checked ``dy`` (``self._x_shape`` holds the input's shape)."""
+    def _pool_backward(self, dy, state):
+        """dx for a checked ``dy`` (``state.x_shape`` holds the input's shape)."""
         raise NotImplementedError
 
     def get_config(self):
@@ -112,24 +117,22 @@ class MaxPool2D(_Pool2D):
 
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__(kernel_size, stride, padding)
-        self._indices = None
-        self._x = None
 
     @property
     def is_plain_2x2(self):
         """2x2 windows, stride 2, no padding: the pool a Network fuses into the Conv2D before it."""
         return self.kernel_size == (2, 2) and self.stride == (2, 2) and self._pads == ((0, 0), (0, 0))
 
-    def _pool(self, x, training):
+    def _pool(self, x, training, state):
         # Inference skips the argmax; a backward after an eval forward (saliency maps) finds it then.
-        y, self._indices = F.max_pool2d(x, self.kernel_size, self.stride, self._pads, indices=training)
-        self._x = None if training else x
+        y, state.indices = F.max_pool2d(x, self.kernel_size, self.stride, self._pads, indices=training)
+        state.x = None if training else x
         return y
 
-    def _pool_backward(self, dy):
-        if self._indices is None:
-            _, self._indices = F.max_pool2d(self._x, self.kernel_size, self.stride, self._pads)
-        return F.max_pool2d_backward(dy, self._indices, self._x_shape)
+    def _pool_backward(self, dy, state):
+        if state.indices is None:
+            _, state.indices = F.max_pool2d(state.x, self.kernel_size, self.stride, self._pads)
+        return F.max_pool2d_backward(dy, state.indices, state.x_shape)
 
 
 class AvgPool2D(_Pool2D):
@@ -144,8 +147,8 @@ class AvgPool2D(_Pool2D):
         At most half the kernel on each side.
     """
 
-    def _pool(self, x, training):
+    def _pool(self, x, training, state):
         return F.avg_pool2d(x, self.kernel_size, self.stride, self._pads)
 
-    def _pool_backward(self, dy):
-        return F.avg_pool2d_backward(dy, self._x_shape, self.kernel_size, self.stride, self._pads)
+    def _pool_backward(self, dy, state):
+        return F.avg_pool2d_backward(dy, state.x_shape, self.kernel_size, self.stride, self._pads)

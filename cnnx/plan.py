@@ -1,0 +1,320 @@
+"""The execution plan: how a Network runs its layer list.
+
+A ``Plan`` is built once per network (and rebuilt when its layer list changes). It groups the
+layers into steps; most steps run one layer, and some run several as one fused pass:
+
+- ``Conv2D`` (no activation of its own) followed by a ``ReLU`` or ``LeakyReLU(slope >= 0)``
+  layer: the activation runs inside the convolution kernel's layout pass, forward and backward,
+  exactly as ``Conv2D(..., activation="leaky_relu")`` does;
+- in inference, such a convolution (or one with its own compiled activation) followed by a
+  2x2 / stride-2 ``MaxPool2D``: convolution, activation and pool in one pass;
+- ``Dense`` or ``Conv1D`` (no activation of its own) followed by an elementwise activation
+  layer: the activation is applied in place on the layer's output, as ``activation=`` does.
+
+Fused and unfused forms compute the same arithmetic (the same function objects and kernels),
+so results agree to float round-off; tests/test_plan.py checks both against each other.
+
+The plan also owns what used to be written into layers: whether a layer computes its input
+gradient (the first layer does not, unless asked) is passed on each call; caches and scratch
+buffers live in per-thread ``CallState`` objects (``Context``), not in the layers. So one
+Network can run in several threads at once and one layer object can sit in two networks.
+Layers still on the stateful protocol (``Layer.stateful``) keep caches on themselves; a plan
+holding one runs its forward passes under a lock.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+__all__ = ["Plan", "Step"]
+
+
+class Step:
+    """One unit of a plan: the layers it covers and how it runs them.
+
+    Attributes
+    ----------
+    indices : tuple of int
+        Indices into the network's layer list this step runs, in order.
+    kind : str
+        ``"layer"``, ``"conv+act"``, ``"conv+pool"``, ``"conv+act+pool"``, ``"dense+act"`` or
+        ``"conv1d+act"``.
+    label : str
+        What the profiler shows: the layers' classes joined by ``" + "``.
+    """
+
+    kind = "layer"
+
+    def __init__(self, layers, indices, reuse_output=False):
+        self.layers = tuple(layers)
+        self.indices = tuple(indices)
+        self.reuse_output = reuse_output
+        self.label = " + ".join(_layer_label(layer) for layer in self.layers)
+
+    @property
+    def first(self):
+        return self.indices[0]
+
+    def forward(self, x, training, states):
+        layer = self.layers[0]
+        if self.reuse_output:
+            return layer.call(x, training, states[self.first], reuse_output=True)
+        return layer.call(x, training, states[self.first])
+
+    def backward(self, d, states, need_input_grad):
+        return self.layers[0].call_backward(d, states[self.first], need_input_grad)
+
+    def __repr__(self):
+        return f"Step({self.kind}: {self.label}, layers {list(self.indices)})"
+
+
+class _ConvActivation(Step):
+    """Conv2D + ReLU / LeakyReLU layer: the activation runs in the convolution's kernels."""
+
+    kind = "conv+act"
+
+    def __init__(self, layers, indices, reuse_output=False):
+        super().__init__(layers, indices, reuse_output)
+        act = layers[1]
+        self.rectifier = (act._fn.name, getattr(act, "negative_slope", 0.0))
+
+    def forward(self, x, training, states):
+        return self.layers[0].call(x, training, states[self.first], fused_activation=self.rectifier,
+                                   reuse_output=self.reuse_output)
+
+    def backward(self, d, states, need_input_grad):
+        # The conv's state remembers the fused rectifier: its backward applies the activation's too.
+        return self.layers[0].call_backward(d, states[self.first], need_input_grad)
+
+
+class _ConvPool(Step):
+    """Inference: Conv2D (+ its own or a separate compiled activation) + 2x2 max-pool in one pass."""
+
+    def __init__(self, layers, indices):
+        super().__init__(layers, indices)
+        self.rectifier = None
+        if len(layers) == 3:
+            act = layers[1]
+            self.rectifier = (act._fn.name, getattr(act, "negative_slope", 0.0))
+        self.kind = "conv+act+pool" if len(layers) == 3 else "conv+pool"
+
+    def forward(self, x, training, states):
+        return self.layers[0].call(x, False, states[self.first], fused_activation=self.rectifier, maxpool2=True)
+
+    def backward(self, d, states, need_input_grad):  # pragma: no cover - the plan replays instead
+        raise RuntimeError("a fused conv + max-pool inference step keeps nothing for backward")
+
+
+class _LinearActivation(Step):
+    """Dense / Conv1D + elementwise activation layer: the activation runs in place on the
+    layer's output, as the layer's own ``activation=`` does."""
+
+    def __init__(self, layers, indices):
+        super().__init__(layers, indices)
+        self.kind = f"{type(layers[0]).__name__.lower()}+act"
+        self.activation = layers[1].fused_form()
+
+    def forward(self, x, training, states):
+        return self.layers[0].call(x, training, states[self.first], fused_activation=self.activation)
+
+    def backward(self, d, states, need_input_grad):
+        return self.layers[0].call_backward(d, states[self.first], need_input_grad)
+
+
+class Context:
+    """One thread's run of a plan: a ``CallState`` per layer, and the input of the last
+    inference forward that kept no caches (a following backward replays it)."""
+
+    def __init__(self, layers):
+        self.states = [layer.new_state() for layer in layers]
+        self.replay = None
+
+
+class Plan:
+    """How a list of layers runs, forward and backward, in training and in inference.
+
+    Parameters
+    ----------
+    layers : list of Layer
+        The network's layers (the plan keeps the list object to notice changes).
+    fuse : bool, default True
+        False runs every layer as its own step (the reference the fused plan is tested against).
+
+    Attributes
+    ----------
+    train_steps : list of Step
+        Steps of a training forward (and of any forward whose caches a backward will read).
+    infer_steps : list of Step
+        Steps of an inference forward: also fuses conv + max-pool.
+    """
+
+    def __init__(self, layers, fuse=True):
+        self.layers = list(layers)
+        self.layer_ids = tuple(id(layer) for layer in self.layers)
+        self.fuse = fuse
+        self.train_steps = _build(self.layers, fuse, inference=False)
+        self.infer_steps = _build(self.layers, fuse, inference=True)
+        if all(a.indices == b.indices for a, b in zip(self.infer_steps, self.train_steps)) \
+                and len(self.infer_steps) == len(self.train_steps):
+            # Nothing more to fuse for inference: one list, and every forward keeps its caches.
+            self.infer_steps = self.train_steps
+        self._local = threading.local()
+        # Stateful layers keep caches on themselves: their calls must not overlap.
+        self._stateful = any(layer.stateful for layer in self.layers)
+        self._forward_lock = threading.RLock()
+        # Gradients live in the layers: backward passes never overlap.
+        self._backward_lock = threading.RLock()
+
+    def matches(self, layers):
+        """Whether the plan was built for exactly this sequence of layer objects."""
+        return len(layers) == len(self.layer_ids) and all(id(a) == b for a, b in zip(layers, self.layer_ids))
+
+    def context(self):
+        """The calling thread's ``Context`` (created on first use, freed with the thread)."""
+        ctx = getattr(self._local, "ctx", None)
+        if ctx is None:
+            ctx = self._local.ctx = Context(self.layers)
+        return ctx
+
+    def steps(self, training):
+        return self.train_steps if training else self.infer_steps
+
+    def forward(self, x, training, keep_caches=True, timer=None):
+        """Run the layers on ``x``.
+
+        Parameters
+        ----------
+        x : ndarray of shape (n, *input_shape)
+        training : bool
+        keep_caches : bool
+            For an inference forward: False allows steps that keep nothing for backward (conv +
+            max-pool); a backward that follows then replays the forward first.
+        timer : ndarray of shape (len(steps),), optional
+            Seconds spent in each step are added to it (the profiler).
+        """
+        ctx = self.context()
+        fast = not training and not keep_caches
+        steps = self.infer_steps if fast else self.train_steps
+        ctx.replay = x if steps is not self.train_steps else None
+        if self._stateful:
+            with self._forward_lock:
+                return _run(steps, x, training, ctx.states, timer)
+        return _run(steps, x, training, ctx.states, timer)
+
+    def backward(self, d, need_input_grad=False, timer=None):
+        """Back-propagate ``d`` through the calling thread's last forward; fills the layers'
+        ``grads``. Returns the input gradient when ``need_input_grad``, else None."""
+        ctx = self.context()
+        # Stateful layers' caches are shared by all threads: hold off their forwards too.
+        with self._backward_lock, (self._forward_lock if self._stateful else _NO_LOCK):
+            if ctx.replay is not None:
+                x, ctx.replay = ctx.replay, None
+                _run(self.train_steps, x, False, ctx.states, None)
+            steps = self.train_steps
+            clock = time.perf_counter
+            for k in range(len(steps) - 1, -1, -1):
+                step = steps[k]
+                t0 = clock() if timer is not None else 0.0
+                d = step.backward(d, ctx.states, need_input_grad or k > 0)
+                if timer is not None:
+                    timer[k] += clock() - t0
+            return d
+
+    def describe(self, training=True):
+        """One line per step: index, kind, the layers it covers."""
+        return "\n".join(f"{k}: {s.kind:<14} layers {list(s.indices)}  {s.label}"
+                         for k, s in enumerate(self.steps(training)))
+
+    def __repr__(self):
+        return f"Plan({len(self.layers)} layers, {len(self.train_steps)} training steps, {len(self.infer_steps)} inference steps)"
+
+
+class _NoLock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NO_LOCK = _NoLock()
+
+
+def _run(steps, x, training, states, timer):
+    if timer is None:
+        for step in steps:
+            x = step.forward(x, training, states)
+        return x
+    clock = time.perf_counter
+    for k, step in enumerate(steps):
+        t0 = clock()
+        x = step.forward(x, training, states)
+        timer[k] += clock() - t0
+    return x
+
+
+# ---------------------------------------------------------------------- building -------------
+def _build(layers, fuse, inference):
+    """The steps for ``layers``: greedy, left to right, longest fusion first."""
+    from .layers import AvgPool2D, Conv1D, Conv2D, Dense, MaxPool2D
+
+    steps = []
+    i, n = 0, len(layers)
+    while i < n:
+        layer = layers[i]
+        nxt = layers[i + 1] if i + 1 < n else None
+        after_nxt = layers[i + 2] if i + 2 < n else None
+        if fuse and type(layer) is Conv2D:
+            act_fusable = layer.activation is None and _is_rectifier_layer(nxt)
+            if inference and act_fusable and _is_plain_maxpool2(after_nxt):
+                steps.append(_ConvPool(layers[i:i + 3], range(i, i + 3)))
+                i += 3
+                continue
+            if inference and layer.can_fuse_maxpool2 and _is_plain_maxpool2(nxt):
+                steps.append(_ConvPool(layers[i:i + 2], range(i, i + 2)))
+                i += 2
+                continue
+            if act_fusable:
+                # The output buffer can be reused from batch to batch when the next layer reads it
+                # and writes a new array (it never reaches the network's output, and only this
+                # step's backward reads it again within the same training step).
+                reuse = type(after_nxt) in (Conv2D, MaxPool2D, AvgPool2D, Dense)
+                steps.append(_ConvActivation(layers[i:i + 2], range(i, i + 2), reuse_output=reuse))
+                i += 2
+                continue
+        if fuse and type(layer) in (Dense, Conv1D) and layer.activation is None and _is_elementwise_activation(nxt):
+            steps.append(_LinearActivation(layers[i:i + 2], range(i, i + 2)))
+            i += 2
+            continue
+        reuse = type(layer) is Conv2D and type(nxt) in (Conv2D, MaxPool2D, AvgPool2D, Dense)
+        steps.append(Step([layer], [i], reuse_output=reuse))
+        i += 1
+    return steps
+
+
+def _is_rectifier_layer(layer):
+    """A ReLU or LeakyReLU(slope >= 0) layer: the activations the convolution kernels apply."""
+    from .layers import LeakyReLU, ReLU
+    from .layers.activations import compiled_rectifier
+
+    if type(layer) is ReLU:
+        return True
+    return type(layer) is LeakyReLU and compiled_rectifier("leaky_relu", layer.negative_slope)
+
+
+def _is_plain_maxpool2(layer):
+    from .layers import MaxPool2D
+
+    return type(layer) is MaxPool2D and layer.is_plain_2x2
+
+
+def _is_elementwise_activation(layer):
+    from .layers import GELU, LeakyReLU, ReLU, Sigmoid, Tanh
+
+    return type(layer) in (ReLU, LeakyReLU, Sigmoid, Tanh, GELU) and layer.fused_form() is not None
+
+
+def _layer_label(layer):
+    from .network import _describe
+
+    return _describe(layer)
