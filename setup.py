@@ -1,4 +1,10 @@
-"""Build of the compiled extension ``cnnx._ops`` only; all metadata lives in pyproject.toml.
+"""Build of the compiled kernels ``cnnx._ops*`` only; all metadata lives in pyproject.toml.
+
+- One source, ``cnnx/_ops.pyx``, compiled once per instruction set: ``cnnx._ops`` (the portable
+  baseline, no ``-march``) and, on x86-64 with GCC or Clang, ``cnnx._ops_avx2`` (AVX2 + FMA) and
+  ``cnnx._ops_avx512`` (AVX-512 F/BW/VL/DQ + FMA); ``cnnx._simd`` picks one at import from the
+  CPU's features. Each variant is built only when the compiler accepts its flags;
+  ``CNNX_ISA_BUILDS=0`` builds the baseline alone.
 
 - Cython directives are set once here (checks off, cdivision on); ``CNNX_DEBUG=1`` turns bounds and
   initialisation checks back on for a debug build that the tests also run against.
@@ -6,6 +12,7 @@
   are compiled serial (``prange`` becomes a plain loop).
 """
 import os
+import platform
 import sys
 import tempfile
 import textwrap
@@ -56,6 +63,36 @@ def openmp_flags():
     return [], []
 
 
+# The per-ISA variants: module suffix and the compiler flags that enable the instruction set.
+ISA_VARIANTS = {
+    "avx2": ["-mavx2", "-mfma"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],
+}
+
+
+def isa_variants():
+    """The ISA variants this platform and compiler can build: {name: flags}."""
+    if os.environ.get("CNNX_ISA_BUILDS", "") == "0" or sys.platform == "win32":
+        return {}
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return {}
+    compiler = new_compiler()
+    customize_compiler(compiler)
+    accepted = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "isa_check.c")
+        with open(src, "w") as f:
+            f.write("int cnnx_isa_check(void) { return 0; }\n")
+        for name, flags in ISA_VARIANTS.items():
+            try:
+                compiler.compile([src], output_dir=os.path.join(tmp, name), extra_postargs=flags)
+            except CompileError:
+                print(f"cnnx: the compiler does not accept {' '.join(flags)}; no {name} kernels", file=sys.stderr)
+                continue
+            accepted[name] = flags
+    return accepted
+
+
 omp_compile, omp_link = openmp_flags()
 if sys.platform == "win32":
     opt_args = ["/O2"]
@@ -63,16 +100,25 @@ else:
     # -O3 but no -march=native: a wheel must run on any CPU of its platform.
     # -fno-trapping-math lets the compiler turn data-dependent float selects into blends instead
     # of branches (cnnx never enables floating-point traps).
-    opt_args = ["-O3", "-ffp-contract=fast", "-fno-trapping-math"] if not DEBUG else ["-O1", "-g"]
+    # -fno-math-errno: sqrt (Adam) becomes one vector instruction; cnnx never reads errno.
+    opt_args = ["-O3", "-ffp-contract=fast", "-fno-trapping-math", "-fno-math-errno"] if not DEBUG else ["-O1", "-g"]
 
-extension = Extension(
-    "cnnx._ops",
-    sources=["cnnx/_ops.pyx"],
-    include_dirs=[np.get_include()],
-    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"), ("CNNX_DEBUG_BUILD", "1" if DEBUG else "0")],
-    extra_compile_args=opt_args + omp_compile,
-    extra_link_args=omp_link,
-)
+
+
+def kernels_extension(suffix, isa_flags):
+    """``cnnx._ops<suffix>`` from ``cnnx/_ops<suffix>.pyx`` (each variant's .pyx includes _ops.pyx)."""
+    return Extension(
+        f"cnnx._ops{suffix}",
+        sources=[f"cnnx/_ops{suffix}.pyx"],
+        include_dirs=[np.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"), ("CNNX_DEBUG_BUILD", "1" if DEBUG else "0")],
+        extra_compile_args=opt_args + isa_flags + omp_compile,
+        extra_link_args=omp_link,
+    )
+
+
+extensions = [kernels_extension("", [])]
+extensions += [kernels_extension(f"_{name}", flags) for name, flags in isa_variants().items()]
 
 directives = {
     "language_level": 3,
@@ -87,7 +133,7 @@ directives = {
 
 setup(
     ext_modules=cythonize(
-        [extension],
+        extensions,
         compiler_directives=directives,
         # Separate generated C for the two builds, so switching CNNX_DEBUG always recompiles.
         build_dir="build/cython-debug" if DEBUG else "build/cython-release",

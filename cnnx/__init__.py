@@ -31,7 +31,7 @@ def _load_runtimes():
         _os.environ.setdefault(key, value)
     try:
         import numpy  # noqa: F401
-        from . import _ops  # noqa: F401
+        from . import _simd  # noqa: F401  (imports the kernels built for this CPU)
     finally:
         for key, value in saved.items():
             if value is None:
@@ -42,6 +42,7 @@ def _load_runtimes():
 
 _load_runtimes()
 
+from ._simd import show_config
 from .random import manual_seed
 from . import layers
 from .layers import register_layer

@@ -483,6 +483,738 @@ def avg_pool2d_backward(
                         dx[img, ch, iy, ix] += g
 
 
+# --- per-element passes ------------------------------------------------------------------------
+# Each runs over flat, C-contiguous arrays that the caller (cnnx.functional) checked for equal
+# length. The array is cut into one contiguous chunk per thread (chunk edges on 64-byte lines, so
+# two threads never write the same cache line) and each chunk is a plain pointer loop the compiler
+# vectorises. Every element is computed the same way whatever the chunking, so results do not
+# depend on the thread count. Data-dependent choices are written as selects (`a if c else b` on
+# values both computed), never branches: signs of activations are unpredictable.
+
+from libc.math cimport ceil, exp, erfc, sqrt, log, fabs
+from libc.stdint cimport uint32_t, uint64_t
+
+cdef extern from *:
+    """
+    /* Bounds of chunk t of n_chunks over n elements, rounded to 16 elements (64 bytes). */
+    static inline Py_ssize_t cnnx_chunk_edge(Py_ssize_t n, Py_ssize_t t, Py_ssize_t n_chunks) {
+        if (t >= n_chunks) return n;
+        Py_ssize_t e = (Py_ssize_t)(((long double)n * t) / n_chunks);
+        e &= ~(Py_ssize_t)15;
+        return e;
+    }
+    """
+    Py_ssize_t cnnx_chunk_edge(Py_ssize_t n, Py_ssize_t t, Py_ssize_t n_chunks) noexcept nogil
+
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+    /* exp and expm1 in double precision, branch-free so that loops calling them vectorise (libm's
+       exp is a scalar call). x = k ln2 + r with |r| <= ln2/2; expm1(r) by its Taylor series to
+       r^13 (truncation below 1e-17); e^x = 2^k (1 + expm1(r)), 2^k built from its bits. x is
+       clamped to [-708, 709] so 2^k stays a normal number; callers that need e^x -> 0 below
+       -708 select it. NaN propagates. */
+    static inline void cnnx_exp_parts(double x, double *scale, double *scaled_p) {
+        const double shifter = 6755399441055744.0;  /* 1.5 * 2^52: adding it rounds to an integer */
+        x = x < -708.0 ? -708.0 : x;
+        x = x > 709.0 ? 709.0 : x;
+        double t = x * 1.4426950408889634 + shifter;
+        double k = t - shifter;
+        double r = x - k * 6.93147180369123816490e-01;  /* ln 2 split in two (fdlibm) */
+        r = r - k * 1.90821492927058770002e-10;
+        double p = 1.6059043836821613e-10;              /* 1/13! */
+        p = p * r + 2.0876756987868099e-09;
+        p = p * r + 2.5052108385441720e-08;
+        p = p * r + 2.7557319223985893e-07;
+        p = p * r + 2.7557319223985888e-06;
+        p = p * r + 2.4801587301587302e-05;
+        p = p * r + 1.9841269841269841e-04;
+        p = p * r + 1.3888888888888889e-03;
+        p = p * r + 8.3333333333333332e-03;
+        p = p * r + 4.1666666666666664e-02;
+        p = p * r + 1.6666666666666666e-01;
+        p = p * r + 0.5;
+        p = p * (r * r) + r;
+        uint64_t bits;
+        memcpy(&bits, &t, sizeof bits);
+        bits = (bits + 1023u) << 52;  /* the low bits of t hold k */
+        double s;
+        memcpy(&s, &bits, sizeof s);
+        *scale = s;
+        *scaled_p = s * p;
+    }
+    static inline double cnnx_exp(double x) {
+        double s, sp;
+        cnnx_exp_parts(x, &s, &sp);
+        return s + sp;
+    }
+    static inline double cnnx_expm1(double x) {
+        double s, sp;
+        cnnx_exp_parts(x, &s, &sp);
+        return sp + (s - 1.0);
+    }
+    /* 1 / (1 + e^-x) from e = e^-|x| (never overflows): 1/(1+e) for x >= 0, e/(1+e) below;
+       below -708 (the clamp of cnnx_exp) the true value is under 1e-307 and 0 is returned. */
+    static inline double cnnx_sigmoid(double x) {
+        double e = cnnx_exp(-fabs(x));
+        e = fabs(x) > 708.0 ? 0.0 : e;
+        double num = x >= 0 ? 1.0 : e;
+        return num / (1.0 + e);
+    }
+    /* tanh(x) = -sign(x) expm1(-2|x|) / (2 + expm1(-2|x|)): no cancellation near 0. */
+    static inline double cnnx_tanh(double x) {
+        double em = cnnx_expm1(-2.0 * fabs(x));
+        return copysign(-em / (2.0 + em), x);
+    }
+    """
+    double cnnx_exp(double x) noexcept nogil
+    double cnnx_tanh(double x) noexcept nogil
+    double cnnx_sigmoid(double x) noexcept nogil
+
+
+cdef inline int _chunks(Py_ssize_t n, int n_threads) noexcept nogil:
+    """Threads actually used: at most one per 4096 elements (smaller chunks cost more to wake)."""
+    cdef Py_ssize_t most = n // 4096
+    if most < 1:
+        return 1
+    return <int>(n_threads if n_threads < most else most)
+
+
+cdef inline void _leaky_relu_fwd(const floating* x, floating* y, Py_ssize_t n, floating slope) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef floating v, scaled
+    if slope == 0:
+        # ReLU as max(x, 0): -inf gives 0 (not -inf * 0 = NaN), -0.0 gives +0.0, NaN stays NaN.
+        for i in range(n):
+            v = x[i]
+            y[i] = 0 if v <= 0 else v
+        return
+    for i in range(n):
+        v = x[i]
+        scaled = v * slope
+        y[i] = v if v > 0 else scaled
+
+
+def leaky_relu_forward(
+    const floating[::1] x,
+    double negative_slope,
+    floating[::1] y,
+    int n_threads,
+):
+    """``y = x if x > 0 else negative_slope * x`` (slope 0 gives ReLU); ``y`` may be ``x``."""
+    cdef Py_ssize_t n = x.shape[0], lo, hi
+    cdef int t, nt = _chunks(n, n_threads)
+    if n == 0:
+        return
+    for t in prange(nt, nogil=True, schedule="static", num_threads=nt):
+        lo = cnnx_chunk_edge(n, t, nt)
+        hi = cnnx_chunk_edge(n, t + 1, nt)
+        _leaky_relu_fwd(&x[lo], &y[lo], hi - lo, <floating>negative_slope)
+
+
+cdef inline void _leaky_relu_bwd(const floating* dy, const floating* ref, floating* dx, Py_ssize_t n,
+                                 floating slope) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef floating g, scaled
+    for i in range(n):
+        g = dy[i]
+        scaled = g * slope
+        dx[i] = g if ref[i] > 0 else scaled
+
+
+def leaky_relu_backward(
+    const floating[::1] dy,
+    const floating[::1] ref,
+    double negative_slope,
+    floating[::1] dx,
+    int n_threads,
+):
+    """``dx = dy if ref > 0 else negative_slope * dy``; ``ref`` is the output (slope >= 0) or the
+    input (any slope). ``dx`` may be ``dy``."""
+    cdef Py_ssize_t n = dy.shape[0], lo, hi
+    cdef int t, nt = _chunks(n, n_threads)
+    if n == 0:
+        return
+    for t in prange(nt, nogil=True, schedule="static", num_threads=nt):
+        lo = cnnx_chunk_edge(n, t, nt)
+        hi = cnnx_chunk_edge(n, t + 1, nt)
+        _leaky_relu_bwd(&dy[lo], &ref[lo], &dx[lo], hi - lo, <floating>negative_slope)
+
+
+cdef inline void _sigmoid_fwd(const floating* x, floating* y, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        y[i] = <floating>cnnx_sigmoid(x[i])
+
+
+def sigmoid_forward(const floating[::1] x, floating[::1] y, int n_threads):
+    """``y = 1 / (1 + exp(-x))`` without overflow, in double precision; ``y`` may be ``x``."""
+    cdef Py_ssize_t n = x.shape[0], lo, hi
+    cdef int t, nt = _chunks(n, n_threads)
+    if n == 0:
+        return
+    for t in prange(nt, nogil=True, schedule="static", num_threads=nt):
+        lo = cnnx_chunk_edge(n, t, nt)
+        hi = cnnx_chunk_edge(n, t + 1, nt)
+        _sigmoid_fwd(&x[lo], &y[lo], hi - lo)
+
+
+cdef inline void _tanh_fwd(const floating* x, floating* y, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        y[i] = <floating>cnnx_tanh(x[i])
+
+
+def tanh_forward(const floating[::1] x, floating[::1] y, int n_threads):
+    """``y = tanh(x)`` (in double precision); ``y`` may be ``x``."""
+    cdef Py_ssize_t n = x.shape[0], lo, hi
+    cdef int t, nt = _chunks(n, n_threads)
+    if n == 0:
+        return
+    for t in prange(nt, nogil=True, schedule="static", num_threads=nt):
+        lo = cnnx_chunk_edge(n, t, nt)
+        hi = cnnx_chunk_edge(n, t + 1, nt)
+        _tanh_fwd(&x[lo], &y[lo], hi - lo)
+
+
+cdef inline void _output_grad(const floating* dy, const floating* y, floating* dx, Py_ssize_t n,
+                              bint is_tanh) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef floating v
+    if is_tanh:
+        for i in range(n):
+            v = y[i]
+            dx[i] = (1 - v * v) * dy[i]
+    else:
+        for i in range(n):
+            v = y[i]
+            dx[i] = (1 - v) * v * dy[i]
+
+
+def sigmoid_tanh_backward(
+    const floating[::1] dy,
+    const floating[::1] y,
+    bint is_tanh,
+    floating[::1] dx,
+    int n_threads,
+):
+    """From the output ``y``: ``dx = dy (1 - y^2)`` (tanh) or ``dx = dy y (1 - y)`` (sigmoid)."""
+    cdef Py_ssize_t n = dy.shape[0], lo, hi
+    cdef int t, nt = _chunks(n, n_threads)
+    if n == 0:
+        return
+    for t in prange(nt, nogil=True, schedule="static", num_threads=nt):
+        lo = cnnx_chunk_edge(n, t, nt)
+        hi = cnnx_chunk_edge(n, t + 1, nt)
+        _output_grad(&dy[lo], &y[lo], &dx[lo], hi - lo, is_tanh)
+
+
+cdef double _SQRT_HALF = 0.70710678118654752440
+cdef double _SQRT_2_OVER_PI = 0.79788456080286535588
+cdef double _INV_SQRT_2PI = 0.39894228040143267794
+cdef double _GELU_C = 0.044715
+
+
+cdef inline void _gelu_tanh(const floating* dy, const floating* x, floating* out, Py_ssize_t n,
+                            bint grad) noexcept nogil:
+    """The tanh approximation of GELU (``grad`` False: ``out = gelu(x)``), or ``dy * gelu'(x)``.
+
+    With ``u = sqrt(2/pi) (x + 0.044715 x^3)``: ``(1 + tanh u) / 2 = sigmoid(2u) = s`` and
+    ``1 - tanh(u)^2 = 4 s (1 - s)``, which avoid the cancellation of ``1 + tanh u`` for very
+    negative x. Kept apart from the erf form so that this loop, free of libm calls, vectorises."""
+    cdef Py_ssize_t i
+    cdef double v, sg, inner_grad
+    if grad:
+        for i in range(n):
+            v = x[i]
+            sg = cnnx_sigmoid(2 * _SQRT_2_OVER_PI * (v + _GELU_C * v * v * v))
+            inner_grad = _SQRT_2_OVER_PI * (1 + 3 * _GELU_C * v * v)
+            out[i] = <floating>(dy[i] * (sg + 2 * v * sg * (1 - sg) * inner_grad))
+    else:
+        for i in range(n):
+            v = x[i]
+            out[i] = <floating>(v * cnnx_sigmoid(2 * _SQRT_2_OVER_PI * (v + _GELU_C * v * v * v)))
+
+
+cdef inline void _gelu_erf(const floating* dy, const floating* x, floating* out, Py_ssize_t n,
+                           bint grad) noexcept nogil:
+    """Exact GELU ``x Phi(x)`` with ``Phi(x) = erfc(-x / sqrt 2) / 2`` (accurate for very negative
+    x), or ``dy * (Phi(x) + x phi(x))``."""
+    cdef Py_ssize_t i
+    cdef double v, cdf
+    for i in range(n):
+        v = x[i]
+        cdf = 0.5 * erfc(-v * _SQRT_HALF)
+        if grad:
+            out[i] = <floating>(dy[i] * (cdf + v * cnnx_exp(-0.5 * v * v) * _INV_SQRT_2PI))
+        else:
+            out[i] = <floating>(v * cdf)
+
+
+cdef inline void _gelu(const floating* dy, const floating* x, floating* out, Py_ssize_t n,
+                       bint approximate_tanh, bint grad) noexcept nogil:
+    if approximate_tanh:
+        _gelu_tanh(dy, x, out, n, grad)
+    else:
+        _gelu_erf(dy, x, out, n, grad)
+
+
+def gelu_forward(const floating[::1] x, bint approximate_tanh, floating[::1] y, int n_threads):
+    """``y = x Phi(x)`` (erf form) or the tanh approximation, in double precision."""
+    cdef Py_ssize_t n = x.shape[0], lo, hi
+    cdef int t, nt = _chunks(n, n_threads)
+    if n == 0:
+        return
+    for t in prange(nt, nogil=True, schedule="static", num_threads=nt):
+        lo = cnnx_chunk_edge(n, t, nt)
+        hi = cnnx_chunk_edge(n, t + 1, nt)
+        _gelu(&x[lo], &x[lo], &y[lo], hi - lo, approximate_tanh, False)
+
+
+def gelu_backward(
+    const floating[::1] dy,
+    const floating[::1] x,
+    bint approximate_tanh,
+    floating[::1] dx,
+    int n_threads,
+):
+    """``dx = dy * gelu'(x)``."""
+    cdef Py_ssize_t n = dy.shape[0], lo, hi
+    cdef int t, nt = _chunks(n, n_threads)
+    if n == 0:
+        return
+    for t in prange(nt, nogil=True, schedule="static", num_threads=nt):
+        lo = cnnx_chunk_edge(n, t, nt)
+        hi = cnnx_chunk_edge(n, t + 1, nt)
+        _gelu(&dy[lo], &x[lo], &dx[lo], hi - lo, approximate_tanh, True)
+
+
+cdef extern from *:
+    """
+    /* C. Wellons' "lowbias32" integer hash: a bijection of 32-bit words with near-ideal
+       avalanche. Element i of a dropout mask draws the top 24 bits of
+       hash(hash(lo(i) ^ k0) + hi(i) + k1) (k0, k1 the two halves of the seed): any element can be
+       drawn by any thread, so the mask depends on the seed only, never on the thread count.
+       32-bit multiplies vectorise on every x86 build; 64-bit ones are emulated below AVX-512. */
+    static inline uint32_t cnnx_hash32(uint32_t x) {
+        x ^= x >> 16;
+        x *= 0x7feb352dU;
+        x ^= x >> 15;
+        x *= 0x846ca68bU;
+        x ^= x >> 16;
+        return x;
+    }
+    static inline uint32_t cnnx_draw24(uint64_t seed, uint64_t i) {
+        uint32_t h = cnnx_hash32((uint32_t)i ^ (uint32_t)seed);
+        return cnnx_hash32(h + (uint32_t)(i >> 32) + (uint32_t)(seed >> 32)) >> 8;
+    }
+    """
+    uint32_t cnnx_draw24(uint64_t seed, uint64_t i) noexcept nogil
+
+
+cdef inline void _dropout(const floating* x, floating* y, floating* mask, Py_ssize_t start, Py_ssize_t n,
+                          uint64_t seed, uint32_t threshold, floating scale) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef floating m
+    cdef uint32_t draw
+    for i in range(n):
+        draw = cnnx_draw24(seed, <uint64_t>(start + i))
+        m = scale if draw >= threshold else 0
+        mask[i] = m
+        y[i] = x[i] * m
+
+
+def dropout_forward(
+    const floating[::1] x,
+    uint64_t seed,
+    double p,
+    floating[::1] y,
+    floating[::1] mask,
+    int n_threads,
+):
+    """Inverted dropout with a mask drawn from ``seed``: element ``i`` is kept when its 24-bit draw
+    ``cnnx_draw24(seed, i)`` is at least ``ceil(p * 2^24)`` (probability ``p`` to 2^-24);
+    ``mask = keep / (1 - p)``, ``y = x * mask``."""
+    cdef Py_ssize_t n = x.shape[0], lo, hi
+    cdef int t, nt = _chunks(n, n_threads)
+    cdef floating scale = <floating>(1.0 / (1.0 - p))
+    cdef uint32_t threshold = <uint32_t>ceil(p * 16777216.0)
+    if n == 0:
+        return
+    for t in prange(nt, nogil=True, schedule="static", num_threads=nt):
+        lo = cnnx_chunk_edge(n, t, nt)
+        hi = cnnx_chunk_edge(n, t + 1, nt)
+        _dropout(&x[lo], &y[lo], &mask[lo], lo, hi - lo, seed, threshold, scale)
+
+
+cdef inline void _mul(const floating* a, const floating* b, floating* out, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        out[i] = a[i] * b[i]
+
+
+def multiply(const floating[::1] a, const floating[::1] b, floating[::1] out, int n_threads):
+    """``out = a * b`` elementwise (dropout's backward); ``out`` may be ``a`` or ``b``."""
+    cdef Py_ssize_t n = a.shape[0], lo, hi
+    cdef int t, nt = _chunks(n, n_threads)
+    if n == 0:
+        return
+    for t in prange(nt, nogil=True, schedule="static", num_threads=nt):
+        lo = cnnx_chunk_edge(n, t, nt)
+        hi = cnnx_chunk_edge(n, t + 1, nt)
+        _mul(&a[lo], &b[lo], &out[lo], hi - lo)
+
+
+# --- optimizers (PyTorch's single-tensor equations, one pass over param, grad and state) ---------
+
+cdef inline void _sgd(floating* p, const floating* g, floating* buf, Py_ssize_t n, floating lr,
+                      floating mu, floating damp_keep, floating wd, bint nesterov, bint first) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef floating d, b
+    for i in range(n):
+        d = g[i]
+        if wd != 0:
+            d = d + wd * p[i]
+        if mu != 0:
+            if first:
+                b = d  # torch starts the buffer at the gradient itself, undamped
+            else:
+                b = mu * buf[i] + damp_keep * d
+            buf[i] = b
+            d = d + mu * b if nesterov else b
+        p[i] = p[i] - lr * d
+
+
+def sgd_step(
+    floating[::1] param,
+    const floating[::1] grad,
+    floating[::1] momentum_buffer,
+    double lr,
+    double momentum,
+    double dampening,
+    double weight_decay,
+    bint nesterov,
+    bint first,
+    int n_threads,
+):
+    """One ``torch.optim.SGD`` step: ``d = g + wd p``; with momentum ``buf = mu buf + (1 - damp) d``
+    (``buf = d`` when ``first``) and ``d = d + mu buf`` (Nesterov) or ``buf``; ``p -= lr d``.
+    ``momentum_buffer`` is not read or written when ``momentum`` is 0."""
+    cdef Py_ssize_t n = param.shape[0], lo, hi
+    cdef int t, nt = _chunks(n, n_threads)
+    cdef floating* buf
+    if n == 0:
+        return
+    for t in prange(nt, nogil=True, schedule="static", num_threads=nt):
+        lo = cnnx_chunk_edge(n, t, nt)
+        hi = cnnx_chunk_edge(n, t + 1, nt)
+        buf = &momentum_buffer[lo] if momentum != 0 else NULL
+        _sgd(&param[lo], &grad[lo], buf, hi - lo, <floating>lr, <floating>momentum,
+             <floating>(1.0 - dampening), <floating>weight_decay, nesterov, first)
+
+
+cdef inline void _adam(floating* p, const floating* g, floating* m, floating* v, Py_ssize_t n,
+                       floating decay_keep, floating wd, floating one_minus_beta1, floating beta2,
+                       floating one_minus_beta2, floating bc2_sqrt, floating eps,
+                       floating step_size) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef floating gi, pi, mi, vi, denom
+    for i in range(n):
+        pi = p[i] * decay_keep  # AdamW's decoupled decay (decay_keep 1 otherwise: exact)
+        gi = g[i] + wd * pi if wd != 0 else g[i]
+        mi = m[i] + one_minus_beta1 * (gi - m[i])  # torch's lerp_(grad, 1 - beta1)
+        vi = beta2 * v[i] + one_minus_beta2 * gi * gi
+        m[i] = mi
+        v[i] = vi
+        denom = sqrt(vi) / bc2_sqrt + eps
+        p[i] = pi - step_size * (mi / denom)
+
+
+def adam_step(
+    floating[::1] param,
+    const floating[::1] grad,
+    floating[::1] exp_avg,
+    floating[::1] exp_avg_sq,
+    double lr,
+    double beta1,
+    double beta2,
+    double eps,
+    double weight_decay,
+    bint decoupled,
+    Py_ssize_t step,
+    int n_threads,
+):
+    """One ``torch.optim.Adam`` (``decoupled``: ``AdamW``) step at the parameter's step ``step`` >= 1.
+
+    Adam adds ``weight_decay * p`` to the gradient; AdamW first scales ``p`` by ``1 - lr * wd``.
+    Then ``m += (1 - b1)(g - m)``, ``v = b2 v + (1 - b2) g^2``,
+    ``p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``.
+    """
+    cdef Py_ssize_t n = param.shape[0], lo, hi
+    cdef int t, nt = _chunks(n, n_threads)
+    cdef double bc1 = 1.0 - beta1 ** step
+    cdef double bc2_sqrt = sqrt(1.0 - beta2 ** step)
+    cdef double decay_keep = 1.0 - lr * weight_decay if decoupled else 1.0
+    cdef double coupled_wd = 0.0 if decoupled else weight_decay
+    if n == 0:
+        return
+    for t in prange(nt, nogil=True, schedule="static", num_threads=nt):
+        lo = cnnx_chunk_edge(n, t, nt)
+        hi = cnnx_chunk_edge(n, t + 1, nt)
+        _adam(&param[lo], &grad[lo], &exp_avg[lo], &exp_avg_sq[lo], hi - lo,
+              <floating>decay_keep, <floating>coupled_wd, <floating>(1.0 - beta1), <floating>beta2,
+              <floating>(1.0 - beta2), <floating>bc2_sqrt, <floating>eps, <floating>(lr / bc1))
+
+
+# --- softmax cross-entropy (value and gradient in one pass over the logits) ---------------------
+
+def softmax_cross_entropy(
+    const floating[:, ::1] logits,
+    const Py_ssize_t[::1] ids,
+    const floating[:, ::1] rows,
+    bint use_ids,
+    double label_smoothing,
+    floating[:, ::1] grad,
+    double[::1] row_loss,
+    int n_threads,
+):
+    """Per row ``i``: ``row_loss[i] = logsumexp(z_i) - sum_j t_ij z_ij`` and
+    ``grad[i] = (softmax(z_i) sum_j t_ij - t_i) / n``.
+
+    The target is class ids ``ids`` with label smoothing ``eps`` (``t = (1 - eps) onehot + eps / k``)
+    when ``use_ids``, else the rows ``rows`` (already smoothed by the caller). The caller checked
+    the ids are in [0, k). Logits are shifted by their row maximum, so exp never overflows.
+    """
+    cdef Py_ssize_t n = logits.shape[0], k = logits.shape[1]
+    cdef Py_ssize_t i, j
+    cdef double mx, total, log_total, dot, mass, e, tj
+    cdef double inv_n = 1.0 / n if n > 0 else 0.0
+    cdef double smooth = label_smoothing / k if k > 0 else 0.0
+    cdef double on_target = 1.0 - label_smoothing
+    if n == 0 or k == 0:
+        return
+    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads):
+        mx = logits[i, 0]
+        for j in range(1, k):
+            mx = logits[i, j] if logits[i, j] > mx else mx
+        total = 0
+        dot = 0
+        mass = 0
+        for j in range(k):
+            e = exp(logits[i, j] - mx)
+            grad[i, j] = <floating>e
+            total = total + e
+            if use_ids:
+                tj = smooth + (on_target if j == ids[i] else 0.0)
+            else:
+                tj = rows[i, j]
+            dot = dot + tj * (logits[i, j] - mx)
+            mass = mass + tj
+        log_total = log(total)
+        row_loss[i] = log_total * mass - dot
+        for j in range(k):
+            if use_ids:
+                tj = smooth + (on_target if j == ids[i] else 0.0)
+            else:
+                tj = rows[i, j]
+            grad[i, j] = <floating>((grad[i, j] / total * mass - tj) * inv_n)
+
+
+# --- batch normalisation over (n, c, L) views ------------------------------------------------------
+
+cdef inline double _sum_dev(const floating* x, Py_ssize_t n, double mu, bint squared) noexcept nogil:
+    """``sum(x - mu)`` or ``sum((x - mu)^2)`` in double, over 8 running sums combined in a fixed
+    order: independent additions the compiler can vectorise (one running sum is a chain of
+    dependent adds, 4 cycles each), and the same result whatever the thread count."""
+    cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0
+    cdef double d0, d1, d2, d3, d4, d5, d6, d7
+    cdef Py_ssize_t i = 0
+    if squared:
+        while i + 8 <= n:
+            d0 = x[i] - mu
+            d1 = x[i + 1] - mu
+            d2 = x[i + 2] - mu
+            d3 = x[i + 3] - mu
+            d4 = x[i + 4] - mu
+            d5 = x[i + 5] - mu
+            d6 = x[i + 6] - mu
+            d7 = x[i + 7] - mu
+            a0 += d0 * d0
+            a1 += d1 * d1
+            a2 += d2 * d2
+            a3 += d3 * d3
+            a4 += d4 * d4
+            a5 += d5 * d5
+            a6 += d6 * d6
+            a7 += d7 * d7
+            i += 8
+        while i < n:
+            d0 = x[i] - mu
+            a0 += d0 * d0
+            i += 1
+    else:
+        while i + 8 <= n:
+            a0 += x[i] - mu
+            a1 += x[i + 1] - mu
+            a2 += x[i + 2] - mu
+            a3 += x[i + 3] - mu
+            a4 += x[i + 4] - mu
+            a5 += x[i + 5] - mu
+            a6 += x[i + 6] - mu
+            a7 += x[i + 7] - mu
+            i += 8
+        while i < n:
+            a0 += x[i] - mu
+            i += 1
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
+cdef inline void _sum_and_dot(const floating* a, const floating* b, Py_ssize_t n, double* total,
+                              double* dot) noexcept nogil:
+    """``total += sum(a)``, ``dot += sum(a * b)``, each over 4 running sums (see ``_sum_dev``)."""
+    cdef double s0 = 0, s1 = 0, s2 = 0, s3 = 0, p0 = 0, p1 = 0, p2 = 0, p3 = 0
+    cdef Py_ssize_t i = 0
+    while i + 4 <= n:
+        s0 += a[i]
+        s1 += a[i + 1]
+        s2 += a[i + 2]
+        s3 += a[i + 3]
+        p0 += <double>a[i] * b[i]
+        p1 += <double>a[i + 1] * b[i + 1]
+        p2 += <double>a[i + 2] * b[i + 2]
+        p3 += <double>a[i + 3] * b[i + 3]
+        i += 4
+    while i < n:
+        s0 += a[i]
+        p0 += <double>a[i] * b[i]
+        i += 1
+    total[0] += (s0 + s1) + (s2 + s3)
+    dot[0] += (p0 + p1) + (p2 + p3)
+
+
+def channel_moments(
+    const floating[:, :, ::1] x,
+    double[::1] mean,
+    double[::1] var,
+    int n_threads,
+):
+    """Per channel of ``x (n, c, L)``: the mean and the biased variance (two passes, in double).
+    Channels are split over threads: each channel's sums run in one fixed order."""
+    cdef Py_ssize_t n = x.shape[0], c = x.shape[1], L = x.shape[2]
+    cdef Py_ssize_t ch, img
+    cdef double acc, mu
+    cdef double m = <double>(n * L)
+    if c == 0:
+        return
+    if n == 0 or L == 0:
+        mean[:] = 0
+        var[:] = 0
+        return
+    for ch in prange(c, nogil=True, schedule="static", num_threads=n_threads):
+        acc = 0
+        for img in range(n):
+            acc = acc + _sum_dev(&x[img, ch, 0], L, 0.0, False)
+        mu = acc / m
+        acc = 0
+        for img in range(n):
+            acc = acc + _sum_dev(&x[img, ch, 0], L, mu, True)
+        mean[ch] = mu
+        var[ch] = acc / m
+
+
+def channel_dot_sums(
+    const floating[:, :, ::1] dy,
+    const floating[:, :, ::1] other,
+    double[::1] sum_dy,
+    double[::1] sum_dy_other,
+    int n_threads,
+):
+    """Per channel: ``sum(dy)`` and ``sum(dy * other)`` over ``(n, L)``, in double."""
+    cdef Py_ssize_t n = dy.shape[0], c = dy.shape[1], L = dy.shape[2]
+    cdef Py_ssize_t ch, img
+    cdef double total, dot
+    if c == 0:
+        return
+    if n == 0 or L == 0:
+        sum_dy[:] = 0
+        sum_dy_other[:] = 0
+        return
+    for ch in prange(c, nogil=True, schedule="static", num_threads=n_threads):
+        total = 0
+        dot = 0
+        for img in range(n):
+            _sum_and_dot(&dy[img, ch, 0], &other[img, ch, 0], L, &total, &dot)
+        sum_dy[ch] = total
+        sum_dy_other[ch] = dot
+
+
+cdef inline void _affine(const floating* x, floating* y, Py_ssize_t n, floating scale, floating shift) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        y[i] = x[i] * scale + shift
+
+
+def batchnorm_normalize(
+    const floating[:, :, ::1] x,
+    const double[::1] mean,
+    const double[::1] inv_std,
+    const floating[::1] gamma,
+    const floating[::1] beta,
+    floating[:, :, ::1] x_hat,
+    floating[:, :, ::1] y,
+    bint keep_x_hat,
+    int n_threads,
+):
+    """``x_hat = (x - mean) * inv_std`` (kept when ``keep_x_hat``) and ``y = gamma x_hat + beta``,
+    per channel; with ``keep_x_hat`` False this is the affine map ``y = x s + (beta - mean s)``,
+    ``s = gamma inv_std`` (evaluation). Planes ``(image, channel)`` are split over threads."""
+    cdef Py_ssize_t n = x.shape[0], c = x.shape[1], L = x.shape[2]
+    cdef Py_ssize_t plane, img, ch, l
+    cdef floating mu, s, g, b, h
+    if n == 0 or c == 0 or L == 0:
+        return
+    for plane in prange(n * c, nogil=True, schedule="static", num_threads=n_threads):
+        img = plane // c
+        ch = plane % c
+        if keep_x_hat:
+            mu = <floating>mean[ch]
+            s = <floating>inv_std[ch]
+            g = gamma[ch]
+            b = beta[ch]
+            for l in range(L):
+                h = (x[img, ch, l] - mu) * s
+                x_hat[img, ch, l] = h
+                y[img, ch, l] = h * g + b
+        else:
+            s = <floating>(gamma[ch] * inv_std[ch])
+            _affine(&x[img, ch, 0], &y[img, ch, 0], L, s, <floating>(beta[ch] - mean[ch] * gamma[ch] * inv_std[ch]))
+
+
+def batchnorm_train_backward(
+    const floating[:, :, ::1] dy,
+    const floating[:, :, ::1] x_hat,
+    const double[::1] scale,
+    const double[::1] mean_dy,
+    const double[::1] mean_dy_xhat,
+    floating[:, :, ::1] dx,
+    int n_threads,
+):
+    """``dx = scale (dy - mean(dy) - x_hat mean(dy x_hat))`` per channel (``scale = gamma inv_std``)."""
+    cdef Py_ssize_t n = dy.shape[0], c = dy.shape[1], L = dy.shape[2]
+    cdef Py_ssize_t plane, img, ch, l
+    cdef floating s, a, b
+    if n == 0 or c == 0 or L == 0:
+        return
+    for plane in prange(n * c, nogil=True, schedule="static", num_threads=n_threads):
+        img = plane // c
+        ch = plane % c
+        s = <floating>scale[ch]
+        a = <floating>mean_dy[ch]
+        b = <floating>mean_dy_xhat[ch]
+        for l in range(L):
+            dx[img, ch, l] = (dy[img, ch, l] - a - x_hat[img, ch, l] * b) * s
 # --- dilated im2col / col2im (grouped and dilated convolutions) ------------------------------
 # The same column layout as im2col / col2im; kernel tap (ki, kj) reads input row
 # oy * sy - pad_top + ki * dil_y and column ox * sx - pad_left + kj * dil_x. Rows of one group's

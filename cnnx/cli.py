@@ -107,7 +107,7 @@ def _fraction(text):
 
 def build_parser():
     """The ``cnnx`` argument parser (subcommands train, evaluate, predict, summary, explain, export, tune)."""
-    from . import __version__
+    from . import _simd
     from .models import MODELS
 
     models = sorted(MODELS)
@@ -119,7 +119,7 @@ def build_parser():
         description="Train and use convolutional networks on the CPU.",
         epilog="Run 'cnnx COMMAND --help' for a command's options.",
     )
-    parser.add_argument("--version", action="version", version=f"cnnx {__version__}")
+    parser.add_argument("--version", action="version", version=_simd.version_text())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 

@@ -12,7 +12,8 @@ import operator
 
 import numpy as np
 
-from . import _ops
+from . import _simd
+from ._simd import ops as _ops  # the build for this CPU's instruction set (cnnx._simd)
 from ._geometry import conv_output_size, dilated_kernel_size, explicit_padding, positive_pair
 from .parallel import for_each_group, threads_for
 
@@ -508,6 +509,296 @@ def avg_pool2d_backward(dy, x_shape, kernel_size, stride=None, padding=0, out=No
     return dx
 
 
+# --- per-element passes (activations, dropout, loss, optimizers, batch norm) ---------------------
+# Each wrapper takes arrays of any shape, checks that they agree, and hands the kernels flat
+# C-contiguous views; ``out`` may be one of the inputs (in place). Only float32 / float64 run
+# compiled: ``compiled_dtype`` tells a caller when to take its NumPy path instead (float16).
+
+_COMPILED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+# Whether the compiled sigmoid / tanh-GELU beat NumPy's: their exp is a vectorised polynomial in
+# double precision, 2-8x faster than NumPy's with AVX2 + FMA or AVX-512 and several times slower
+# in the SSE2 baseline build (measured on AMD EPYC Zen 5, benchmarks/elementwise.py). NumPy's
+# float tanh is faster still, so the layers keep np.tanh for tanh itself.
+SIMD_TRANSCENDENTALS = _simd.ISA != "baseline"
+
+
+def compiled_dtype(*arrays):
+    """True when every array is a float32 or float64 ndarray of one common dtype (and shape)."""
+    first = arrays[0]
+    if not isinstance(first, np.ndarray) or first.dtype not in _COMPILED_DTYPES:
+        return False
+    return all(isinstance(a, np.ndarray) and a.dtype == first.dtype and a.shape == first.shape for a in arrays[1:])
+
+
+def _flat_inputs(*arrays):
+    """Flat C-contiguous views (copies only where an input is not contiguous) of same-shape arrays."""
+    first = arrays[0]
+    for a in arrays[1:]:
+        if a.shape != first.shape or a.dtype != first.dtype:
+            raise ValueError(
+                f"Expected arrays of one shape and dtype {first.shape} {first.dtype}, received: {a.shape} {a.dtype}"
+            )
+    return [np.ascontiguousarray(a).reshape(-1) for a in arrays]
+
+
+def _flat_out(out, like):
+    """``(out, flat view to write)``: a new array when ``out`` is None; a scratch copy target when
+    ``out`` is not contiguous (the caller copies back with ``_finish``)."""
+    if out is None:
+        out = np.empty(like.shape, dtype=like.dtype)
+    elif out.shape != like.shape or out.dtype != like.dtype:
+        raise ValueError(f"Expected out of shape {like.shape} and dtype {like.dtype}, received: {out.shape} {out.dtype}")
+    if out.flags.c_contiguous and out.flags.writeable:
+        return out, out.reshape(-1)
+    return out, np.empty(like.size, dtype=like.dtype)
+
+
+def _finish(out, flat):
+    if not np.shares_memory(out, flat):
+        out[...] = flat.reshape(out.shape)
+    return out
+
+
+def leaky_relu(x, negative_slope=0.01, out=None):
+    """``x if x > 0 else negative_slope * x`` elementwise (``negative_slope=0`` is ReLU).
+
+    Parameters
+    ----------
+    x : ndarray of any shape, float32 or float64
+    out : ndarray of x's shape and dtype, optional (may be ``x``)
+
+    Returns
+    -------
+    y : ndarray of x's shape and dtype
+    """
+    (xf,) = _flat_inputs(x)
+    out, yf = _flat_out(out, x)
+    _ops.leaky_relu_forward(xf, float(negative_slope), yf, threads_for(xf.size))
+    return _finish(out, yf)
+
+
+def leaky_relu_backward(dy, ref, negative_slope=0.01, out=None):
+    """``dy if ref > 0 else negative_slope * dy``: ``ref`` is the forward output when
+    ``negative_slope >= 0`` (same sign as the input), else the forward input.
+
+    Returns
+    -------
+    dx : ndarray of dy's shape and dtype
+    """
+    dyf, rf = _flat_inputs(dy, ref)
+    out, dxf = _flat_out(out, dy)
+    _ops.leaky_relu_backward(dyf, rf, float(negative_slope), dxf, threads_for(dyf.size))
+    return _finish(out, dxf)
+
+
+def sigmoid(x, out=None):
+    """``1 / (1 + exp(-x))`` elementwise, without overflow (computed in double precision)."""
+    (xf,) = _flat_inputs(x)
+    out, yf = _flat_out(out, x)
+    _ops.sigmoid_forward(xf, yf, threads_for(8 * xf.size))
+    return _finish(out, yf)
+
+
+def tanh(x, out=None):
+    """``tanh(x)`` elementwise."""
+    (xf,) = _flat_inputs(x)
+    out, yf = _flat_out(out, x)
+    _ops.tanh_forward(xf, yf, threads_for(8 * xf.size))
+    return _finish(out, yf)
+
+
+def sigmoid_backward(dy, y, out=None):
+    """``dy * y * (1 - y)`` from the sigmoid's output ``y``."""
+    dyf, yf = _flat_inputs(dy, y)
+    out, dxf = _flat_out(out, dy)
+    _ops.sigmoid_tanh_backward(dyf, yf, False, dxf, threads_for(dyf.size))
+    return _finish(out, dxf)
+
+
+def tanh_backward(dy, y, out=None):
+    """``dy * (1 - y^2)`` from tanh's output ``y``."""
+    dyf, yf = _flat_inputs(dy, y)
+    out, dxf = _flat_out(out, dy)
+    _ops.sigmoid_tanh_backward(dyf, yf, True, dxf, threads_for(dyf.size))
+    return _finish(out, dxf)
+
+
+def gelu(x, approximate="none", out=None):
+    """GELU ``x Phi(x)`` (``approximate="none"``) or ``x (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3))) / 2``."""
+    (xf,) = _flat_inputs(x)
+    out, yf = _flat_out(out, x)
+    _ops.gelu_forward(xf, approximate == "tanh", yf, threads_for(8 * xf.size))
+    return _finish(out, yf)
+
+
+def gelu_backward(dy, x, approximate="none", out=None):
+    """``dy * gelu'(x)`` from the forward input ``x``."""
+    dyf, xf = _flat_inputs(dy, x)
+    out, dxf = _flat_out(out, dy)
+    _ops.gelu_backward(dyf, xf, approximate == "tanh", dxf, threads_for(8 * dyf.size))
+    return _finish(out, dxf)
+
+
+def dropout(x, seed, p):
+    """Inverted dropout: drop each element with probability ``p``, scale the rest by ``1 / (1 - p)``.
+
+    The mask is a function of ``seed`` and the element's flat index only (a counter-based draw,
+    computed in parallel): the same seed gives the same mask for any dtype and thread count.
+
+    Parameters
+    ----------
+    x : ndarray of any shape, float32 or float64
+    seed : int in [0, 2**64)
+    p : float in [0, 1), the drop probability
+
+    Returns
+    -------
+    y, mask : ndarrays of x's shape and dtype
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"Expected p in [0, 1), received: p={p!r}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"Expected a seed in [0, 2**64), received: seed={seed!r}")
+    (xf,) = _flat_inputs(x)
+    y = np.empty(x.shape, dtype=x.dtype)
+    mask = np.empty(x.shape, dtype=x.dtype)
+    _ops.dropout_forward(xf, int(seed), float(p), y.reshape(-1), mask.reshape(-1), threads_for(xf.size))
+    return y, mask
+
+
+def multiply(a, b, out=None):
+    """``a * b`` for two arrays of one shape and dtype (threaded)."""
+    af, bf = _flat_inputs(a, b)
+    out, of = _flat_out(out, a)
+    _ops.multiply(af, bf, of, threads_for(af.size))
+    return _finish(out, of)
+
+
+def softmax_cross_entropy(logits, ids=None, rows=None, label_smoothing=0.0):
+    """Softmax cross-entropy of logits against class ids or target rows, value and gradient at once.
+
+    Parameters
+    ----------
+    logits : ndarray of shape (n, k), float32 or float64
+    ids : int ndarray of shape (n,) with values in [0, k), or None
+    rows : ndarray of shape (n, k) (already smoothed), used when ``ids`` is None
+    label_smoothing : float in [0, 1], applied to ``ids`` only
+
+    Returns
+    -------
+    value : float, the mean over rows of ``logsumexp(z) - t . z``
+    grad : ndarray of shape (n, k), ``(softmax(z) sum(t) - t) / n``
+    """
+    logits = np.ascontiguousarray(logits)
+    n, k = logits.shape
+    use_ids = ids is not None
+    if use_ids:
+        ids = np.ascontiguousarray(ids, dtype=np.intp)
+        if ids.shape != (n,) or (n and (ids.min() < 0 or ids.max() >= k)):
+            raise ValueError(f"Expected {n} class ids in [0, {k}), received: shape {ids.shape}")
+        target = np.empty((1, 1), dtype=logits.dtype)
+    else:
+        target = np.ascontiguousarray(rows, dtype=logits.dtype)
+        if target.shape != (n, k):
+            raise ValueError(f"Expected target rows of shape {(n, k)}, received: {target.shape}")
+        ids = np.empty(1, dtype=np.intp)
+    grad = np.empty_like(logits)
+    row_loss = np.empty(n, dtype=np.float64)
+    _ops.softmax_cross_entropy(logits, ids, target, use_ids, float(label_smoothing), grad, row_loss,
+                               threads_for(32 * logits.size))
+    return float(row_loss.sum()) / n, grad
+
+
+def sgd_step(param, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
+             nesterov=False, first=False):
+    """One ``torch.optim.SGD`` update of ``param`` (and ``momentum_buffer``) in place.
+
+    All arrays C-contiguous, of one shape and dtype; ``momentum_buffer`` is ignored (may be
+    ``param``) when ``momentum`` is 0, and overwritten with the gradient when ``first``.
+    """
+    _check_inplace(param, grad, momentum_buffer)
+    _ops.sgd_step(param.reshape(-1), grad.reshape(-1), momentum_buffer.reshape(-1), float(lr), float(momentum),
+                  float(dampening), float(weight_decay), bool(nesterov), bool(first), threads_for(param.size))
+
+
+def adam_step(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay=0.0, decoupled=False):
+    """One ``torch.optim.Adam`` (``decoupled``: ``AdamW``) update at the parameter's step ``step``
+    (>= 1) of ``param``, ``exp_avg`` and ``exp_avg_sq`` in place. C-contiguous, one shape and dtype."""
+    _check_inplace(param, grad, exp_avg, exp_avg_sq)
+    if step < 1:
+        raise ValueError(f"Expected step >= 1, received: step={step!r}")
+    _ops.adam_step(param.reshape(-1), grad.reshape(-1), exp_avg.reshape(-1), exp_avg_sq.reshape(-1), float(lr),
+                   float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled), int(step),
+                   threads_for(param.size))
+
+
+def _check_inplace(*arrays):
+    first = arrays[0]
+    for a in arrays:
+        if not isinstance(a, np.ndarray) or a.shape != first.shape or a.dtype != first.dtype \
+                or a.dtype not in _COMPILED_DTYPES or not a.flags.c_contiguous:
+            raise ValueError(
+                f"Expected C-contiguous float32/float64 arrays of shape {first.shape} and dtype {first.dtype}, "
+                f"received: {getattr(a, 'shape', type(a).__name__)} {getattr(a, 'dtype', '')}"
+            )
+    for a in arrays:
+        if not a.flags.writeable and a is not arrays[1]:
+            raise ValueError("Expected writeable parameter and state arrays")
+
+
+def batch_norm_train(x3, gamma, beta, eps):
+    """Training-mode batch normalisation of ``x3 (n, c, L)`` per channel.
+
+    Returns
+    -------
+    y, x_hat : ndarrays of x3's shape and dtype
+    mean, var : float64 arrays of shape (c,), the batch mean and biased variance
+    inv_std : float64 array of shape (c,), ``1 / sqrt(var + eps)``
+    """
+    x3 = np.ascontiguousarray(x3)
+    n, c, length = x3.shape
+    mean = np.empty(c)
+    var = np.empty(c)
+    work = n * c * length
+    _ops.channel_moments(x3, mean, var, threads_for(work) if c > 1 else 1)
+    inv_std = 1.0 / np.sqrt(var + eps)
+    x_hat = np.empty_like(x3)
+    y = np.empty_like(x3)
+    _ops.batchnorm_normalize(x3, mean, inv_std, gamma, beta, x_hat, y, True, threads_for(work))
+    return y, x_hat, mean, var, inv_std
+
+
+def batch_norm_eval(x3, gamma, beta, running_mean, running_var, eps):
+    """Evaluation-mode batch normalisation of ``x3 (n, c, L)``: ``(x - mean) / sqrt(var + eps) * gamma + beta``.
+
+    Returns
+    -------
+    y : ndarray of x3's shape and dtype
+    inv_std : float64 array of shape (c,)
+    """
+    x3 = np.ascontiguousarray(x3)
+    inv_std = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
+    y = np.empty_like(x3)
+    _ops.batchnorm_normalize(x3, running_mean.astype(np.float64), inv_std, gamma, beta, y, y, False,
+                             threads_for(x3.size))
+    return y, inv_std
+
+
+def channel_dot_sums(dy3, other3):
+    """Per channel of two ``(n, c, L)`` arrays: ``(sum(dy), sum(dy * other))`` as float64 arrays of shape (c,)."""
+    n, c, length = dy3.shape
+    s1 = np.empty(c)
+    s2 = np.empty(c)
+    _ops.channel_dot_sums(dy3, other3, s1, s2, threads_for(dy3.size) if c > 1 else 1)
+    return s1, s2
+
+
+def batch_norm_train_backward(dy3, x_hat, scale, mean_dy, mean_dy_xhat):
+    """``dx = scale (dy - mean_dy - x_hat mean_dy_xhat)`` per channel (float64 (c,) coefficients)."""
+    dx = np.empty_like(dy3)
+    _ops.batchnorm_train_backward(dy3, x_hat, scale, mean_dy, mean_dy_xhat, dx, threads_for(dy3.size))
+    return dx
 # --- grouped and dilated convolution ----------------------------------------------------------
 # The general convolution (PyTorch's ``conv2d(..., dilation, groups)``), kept apart from the
 # plain conv2d above so each stays simple. Same schedule (groups of images, one column buffer

@@ -21,6 +21,8 @@ import re
 
 import numpy as np
 
+from . import functional as F
+
 __all__ = [
     "Loss",
     "MSE",
@@ -385,7 +387,7 @@ class SoftmaxCrossEntropy(Loss):
     ``loss = mean_i (logsumexp(z_i) - sum_j t_ij z_ij)`` computed with the row maximum
     subtracted, so logits of any magnitude give a finite value; the gradient is
     ``(softmax(z) * sum_j t_ij - t) / n``, i.e. ``(softmax(z) - onehot) / n`` for class ids.
-    The softmax is computed once in ``forward`` and reused by ``backward``.
+    ``forward`` computes the value and the gradient in one compiled pass; ``backward`` returns it.
 
     Parameters
     ----------
@@ -412,49 +414,18 @@ class SoftmaxCrossEntropy(Loss):
     def forward(self, pred, target):
         _check_pred(self, pred)
         ids, rows = _class_target(self, pred, target)
-        n, k = pred.shape
+        k = pred.shape[1]
         eps = self.label_smoothing
-        # shifted = z - max(z) <= 0, so exp never overflows and the row sum is >= 1
-        shifted = np.subtract(pred, pred.max(axis=1, keepdims=True))
-        if ids is not None:
-            # per row: logsumexp - z[y] (+ smoothing: eps * (logsumexp - mean_j z_j))
-            picked = shifted[np.arange(n), ids]
-            mean_shift = shifted.mean(axis=1, dtype=np.float64) if eps else None
-        else:
-            if eps:
-                rows = rows * (1.0 - eps)
-                rows += eps / k
-            row_mass = rows.sum(axis=1)
-            dot = np.einsum("ij,ij->i", rows, shifted)
-        probs = np.exp(shifted, out=shifted)
-        total = probs.sum(axis=1, keepdims=True)
-        probs /= total
-        log_total = np.log(total[:, 0], dtype=np.float64)
-        if ids is not None:
-            value = log_total.sum() - picked.sum(dtype=np.float64)
-            if eps:
-                value = (1.0 - eps) * value + eps * (log_total.sum() - mean_shift.sum())
-            self._cache = (probs, ids, None, None)
-        else:
-            value = np.dot(log_total, row_mass) - dot.sum(dtype=np.float64)
-            self._cache = (probs, None, rows, row_mass)
-        return float(value) / n
+        if rows is not None and eps:
+            rows = rows * (1.0 - eps)
+            rows += eps / k
+        # One compiled pass per row: row maximum, exp, logsumexp, the value and the gradient.
+        value, self._cache = F.softmax_cross_entropy(pred, ids=ids, rows=rows, label_smoothing=eps)
+        return value
 
     def backward(self):
         self._need_forward(self._cache)
-        probs, ids, rows, row_mass = self._cache
-        n, k = probs.shape
-        eps = self.label_smoothing
-        if ids is not None:
-            d = probs.copy()
-            if eps:
-                d -= eps / k
-            d[np.arange(n), ids] -= 1.0 - eps
-        else:
-            d = probs * row_mass[:, None]
-            d -= rows
-        d *= 1.0 / n
-        return d
+        return self._cache.copy()
 
 
 # ------------------------------------------------------------------------------------------------

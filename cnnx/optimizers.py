@@ -10,9 +10,11 @@ Contract (docs/INTERNALS.md)::
     opt.load_state_dict(d)
 
 State is keyed by the parameter keys (``"3.weight"``), so it survives rebuilding the network.
-A step runs every batch over every parameter, so updates are numpy ufuncs writing with ``out=``
-into the state and into scratch buffers allocated once per parameter: in the steady state a
-step allocates nothing.
+A step runs every batch over every parameter: for float32 / float64 C-contiguous arrays (what
+layers hold) each parameter's update is one compiled, threaded pass over parameter, gradient and
+state (``cnnx.functional.sgd_step`` / ``adam_step``); other arrays take NumPy ufuncs writing with
+``out=`` into the state and into scratch buffers allocated once per parameter. Either way a
+steady-state step allocates nothing.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ import re
 from collections.abc import Mapping
 
 import numpy as np
+
+from . import functional as F
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "OPTIMIZERS", "get"]
 
@@ -276,6 +280,14 @@ class Optimizer:
             if value.dtype != param.dtype or not value.flags.writeable:
                 state[name] = value.astype(param.dtype)
 
+    @staticmethod
+    def _compiled(param, grad, *state):
+        """Whether the compiled update applies: float32/float64 C-contiguous arrays of one dtype
+        (``grad`` may be strided: it is read through a contiguous copy)."""
+        arrays = (param, *state)
+        return (F.compiled_dtype(param, grad, *state) and param.flags.writeable
+                and all(a.flags.c_contiguous for a in arrays))
+
     def _buffers(self, key, param, count):
         """``count`` scratch arrays shaped like ``param``, allocated once and reused every step."""
         bufs = self._scratch.get(key)
@@ -334,6 +346,14 @@ class SGD(Optimizer):
 
     def _update(self, key, p, grad, state):
         lr, mu, wd = self.lr, self.momentum, self.weight_decay
+        buf = state.get("momentum_buffer")
+        if self._compiled(p, grad, *(() if buf is None else (buf,))):
+            first = bool(mu) and buf is None
+            if first:
+                buf = state["momentum_buffer"] = np.empty_like(p)
+            F.sgd_step(p, np.ascontiguousarray(grad), buf if mu else p, lr, mu, self.dampening, wd,
+                       self.nesterov, first)
+            return
         # scratch: s holds g (when weight decay makes a new g) and the final lr * g;
         # t holds momentum * buf for Nesterov while s still holds g
         nbuf = 2 if (self.nesterov and wd) else 1
@@ -423,6 +443,9 @@ class Adam(Optimizer):
             m = state["exp_avg"] = np.zeros_like(p)
             state["exp_avg_sq"] = np.zeros_like(p)
         v = state["exp_avg_sq"]
+        if self._compiled(p, grad, m, v):
+            F.adam_step(p, np.ascontiguousarray(grad), m, v, t, lr, beta1, beta2, eps, wd, self._decoupled)
+            return
         coupled = wd and not self._decoupled
         bufs = self._buffers(key, p, 2 if coupled else 1)
         s = bufs[0]

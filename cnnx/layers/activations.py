@@ -9,7 +9,9 @@ standalone layers (``ReLU()``) run. Each object has
 - ``needs_input(**kw) -> bool``: whether ``backward`` reads ``x``. When it does not, a caller may
   compute ``y`` in place over ``x`` and pass ``x=None`` to ``backward`` (saves a buffer per layer).
 
-They run on every batch, so they write through ``out=`` and avoid temporaries where NumPy allows.
+They run on every batch: float32 / float64 arrays go through the compiled, threaded passes of
+``cnnx.functional`` (one sweep per pass); other float dtypes (float16) take the NumPy code, which
+writes through ``out=`` and avoids temporaries where NumPy allows.
 GELU needs ``erf``; SciPy is not a dependency, so ``erf``/``erfc`` are W. J. Cody's rational
 Chebyshev approximations (Math. Comp. 1969, SPECFUN ``CALERF``), accurate to float64 rounding.
 """
@@ -19,6 +21,7 @@ import math
 
 import numpy as np
 
+from .. import functional as F
 from ._common import check_dy, check_floating
 from .base import Layer
 
@@ -175,6 +178,11 @@ def normal_cdf(x):
 # --------------------------------------------------------------------------------------------
 # The activation functions (stateless objects; see the module docstring for the protocol).
 # --------------------------------------------------------------------------------------------
+def _compiled(*arrays, out=None):
+    """Whether the compiled pass applies: float32 / float64 arrays of one shape and dtype."""
+    return F.compiled_dtype(*arrays) and (out is None or F.compiled_dtype(arrays[0], out))
+
+
 class _ReLUFn:
     name = "relu"
 
@@ -182,10 +190,14 @@ class _ReLUFn:
         return False
 
     def forward(self, x, out=None):
+        if _compiled(x, out=out):
+            return F.leaky_relu(x, 0.0, out=out)
         return np.maximum(x, 0, out=out)
 
     def backward(self, dy, x, y, out=None):
         # y > 0 exactly where x > 0, so the output suffices (gradient 0 at x = 0, as PyTorch).
+        if _compiled(dy, y, out=out):
+            return F.leaky_relu_backward(dy, y, 0.0, out=out)
         return np.multiply(dy, y > 0, out=out)
 
 
@@ -197,6 +209,8 @@ class _LeakyReLUFn:
         return negative_slope < 0
 
     def forward(self, x, out=None, negative_slope=0.01):
+        if _compiled(x, out=out):
+            return F.leaky_relu(x, negative_slope, out=out)
         # leaky_relu(x) = max(x, a x) for a <= 1 and min(x, a x) for a > 1: two streaming passes.
         # (Masked ufuncs, np.where and copyto(where=) branch on every element and are ~30x slower.)
         pick = np.maximum if negative_slope <= 1 else np.minimum
@@ -206,7 +220,10 @@ class _LeakyReLUFn:
         return pick(x, scaled, out=scaled)
 
     def backward(self, dy, x, y, out=None, negative_slope=0.01):
-        positive = (x > 0) if negative_slope < 0 else (y > 0)
+        ref = x if negative_slope < 0 else y
+        if _compiled(dy, ref, out=out):
+            return F.leaky_relu_backward(dy, ref, negative_slope, out=out)
+        positive = ref > 0
         # factor = 1 where positive, a elsewhere, built as (not positive) * a + positive: each
         # term is exactly 0, 1 or a, so the positive side passes dy through bit for bit.
         factor = np.logical_not(positive).astype(dy.dtype)
@@ -222,6 +239,8 @@ class _SigmoidFn:
         return False
 
     def forward(self, x, out=None):
+        if F.SIMD_TRANSCENDENTALS and _compiled(x, out=out):
+            return F.sigmoid(x, out=out)
         # With e = exp(-|x|) (never overflows): sigmoid = 1/(1+e) for x >= 0, e/(1+e) for x < 0.
         # The numerator is max(e, [x >= 0]) since 0 < e <= 1: no branches, one rounding.
         nonneg = x >= 0  # taken before out overwrites x when the call is in place
@@ -234,6 +253,8 @@ class _SigmoidFn:
         return out
 
     def backward(self, dy, x, y, out=None):
+        if _compiled(dy, y, out=out):
+            return F.sigmoid_backward(dy, y, out=out)
         out = np.subtract(1, y, out=out)
         np.multiply(out, y, out=out)
         return np.multiply(out, dy, out=out)
@@ -246,9 +267,12 @@ class _TanhFn:
         return False
 
     def forward(self, x, out=None):
+        # NumPy's vectorised tanh beats the compiled one (see functional.SIMD_TRANSCENDENTALS).
         return np.tanh(x, out=out)
 
     def backward(self, dy, x, y, out=None):
+        if _compiled(dy, y, out=out):
+            return F.tanh_backward(dy, y, out=out)
         out = np.multiply(y, y, out=out)
         np.subtract(1, out, out=out)
         return np.multiply(out, dy, out=out)
@@ -280,6 +304,8 @@ class _GELUFn:
 
     def forward(self, x, out=None, approximate="none"):
         _check_gelu_approximate(approximate)
+        if _compiled(x, out=out) and (approximate == "none" or F.SIMD_TRANSCENDENTALS):
+            return F.gelu(x, approximate, out=out)
         if approximate == "tanh":
             t = self._tanh_inner(x)
             t += 1
@@ -290,6 +316,8 @@ class _GELUFn:
 
     def backward(self, dy, x, y, out=None, approximate="none"):
         _check_gelu_approximate(approximate)
+        if _compiled(dy, x, out=out) and (approximate == "none" or F.SIMD_TRANSCENDENTALS):
+            return F.gelu_backward(dy, x, approximate, out=out)
         if approximate == "tanh":
             t = self._tanh_inner(x)
             # d/dx [x (1+t)/2] = (1+t)/2 + x (1-t^2)/2 * sqrt(2/pi) (1 + 3c x^2)

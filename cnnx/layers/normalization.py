@@ -1,7 +1,9 @@
 """Batch normalisation (BatchNorm1D, BatchNorm2D) with PyTorch's semantics.
 
 Both work on a ``(n, c, L)`` view of their input (``L`` = h*w for images, the length for
-sequences, 1 for ``(n, c)`` rows), so one vectorised NumPy implementation serves both. Training
+sequences, 1 for ``(n, c)`` rows), so one implementation serves both: compiled, threaded passes
+(``cnnx.functional.batch_norm_*``: channel statistics in double precision, then one sweep to
+normalise) for float32 / float64, NumPy for other float dtypes. Training
 mode normalises with the batch statistics (biased variance) and updates ``running_mean`` /
 ``running_var`` (the latter with the unbiased variance); evaluation mode uses the running
 statistics. The running statistics are buffers (``named_buffers``), so save/load keeps them.
@@ -12,6 +14,7 @@ import numbers
 
 import numpy as np
 
+from .. import functional as F
 from ._common import check_bool, check_dy, check_floating, positive_int, store_grads
 from .base import Layer, check_state_size
 
@@ -88,12 +91,21 @@ class _BatchNorm(Layer):
         n, c, length = x3.shape
         m = n * length
         gamma, beta = self._scale_shift()
-        if training:
-            if m < 2:
-                raise ValueError(
-                    f"{type(self).__name__} expected more than 1 value per channel in training mode, "
-                    f"received: input of shape {shape}"
-                )
+        compiled = F.compiled_dtype(x3)
+        if training and m < 2:
+            raise ValueError(
+                f"{type(self).__name__} expected more than 1 value per channel in training mode, "
+                f"received: input of shape {shape}"
+            )
+        if training and compiled:
+            y, x_hat, mean, var, inv_std = F.batch_norm_train(x3, gamma, beta, self.eps)
+            self._update_running(mean, var, m)
+            self._cache = ("train", x_hat, inv_std, shape)
+        elif compiled:
+            rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
+            y, inv_std = F.batch_norm_eval(x3, gamma, beta, rm, rv, self.eps)
+            self._cache = ("eval", x3, inv_std, shape)
+        elif training:
             mean = x3.mean(axis=(0, 2))
             x_hat = x3 - mean[:, None]
             y = np.multiply(x_hat, x_hat)
@@ -102,13 +114,7 @@ class _BatchNorm(Layer):
             x_hat *= inv_std[:, None]
             np.multiply(x_hat, gamma[:, None], out=y)
             y += beta[:, None]
-            # Running variance uses the unbiased estimate, as PyTorch does.
-            mom = self.momentum
-            rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
-            rm *= 1.0 - mom
-            rm += mom * mean
-            rv *= 1.0 - mom
-            rv += (mom * m / (m - 1)) * var
+            self._update_running(mean, var, m)
             self._cache = ("train", x_hat, inv_std, shape)
         else:
             inv_std = 1.0 / np.sqrt(self.buffers["running_var"] + self.eps)
@@ -119,6 +125,15 @@ class _BatchNorm(Layer):
             # x itself is enough for the backward: x_hat is recomputed per channel only.
             self._cache = ("eval", x3, inv_std, shape)
         return y.reshape(shape)
+
+    def _update_running(self, mean, var, m):
+        """Blend the batch statistics into the running ones; the variance unbiased, as PyTorch."""
+        mom = self.momentum
+        rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
+        rm *= 1.0 - mom
+        rm += mom * mean
+        rv *= 1.0 - mom
+        rv += (mom * m / (m - 1)) * var
 
     def backward(self, dy):
         """Parameters
@@ -141,6 +156,21 @@ class _BatchNorm(Layer):
         check_dy(self, dy, shape)
         dy3 = np.ascontiguousarray(dy, dtype=saved.dtype).reshape(saved.shape)
         gamma, _ = self._scale_shift()
+        m = saved.shape[0] * saved.shape[2]
+        if F.compiled_dtype(dy3, saved):
+            # per channel, in double: sum(dy) and sum(dy * x_hat) (train) or sum(dy * x) (eval)
+            dbeta, dot = F.channel_dot_sums(dy3, saved)
+            if mode == "train":
+                dgamma = dot
+            else:
+                dgamma = (dot - self.buffers["running_mean"] * dbeta) * inv_std
+            store_grads(self, weight=dgamma, bias=dbeta)
+            if not self.needs_input_grad:
+                return None
+            scale = gamma * inv_std
+            if mode == "eval":
+                return (dy3 * scale.astype(dy3.dtype)[:, None]).reshape(shape)
+            return F.batch_norm_train_backward(dy3, saved, scale, dbeta / m, dgamma / m).reshape(shape)
         dbeta = dy3.sum(axis=(0, 2))
         if mode == "train":
             x_hat = saved
@@ -154,7 +184,6 @@ class _BatchNorm(Layer):
         k = (gamma * inv_std)[:, None]
         if mode == "eval":
             return (dy3 * k).reshape(shape)
-        m = saved.shape[0] * saved.shape[2]
         dx = np.multiply(x_hat, (-dgamma / m)[:, None])
         dx += dy3
         dx -= (dbeta / m)[:, None]
