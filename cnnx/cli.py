@@ -119,9 +119,12 @@ def build_parser():
         description="Train and use convolutional networks on the CPU.",
         epilog="Run 'cnnx COMMAND --help' for a command's options.",
     )
-    parser.add_argument("--version", action="version", version=_simd.version_text())
+    version = parser.add_argument("--version", action="version", version=_simd.version_text())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+    # What _check_global_options accepts before the command (``commands`` fills as they are added).
+    parser.global_options = ["-h", "--help", *version.option_strings]
+    parser.commands = sub.choices
 
     threads = _Parser(add_help=False)
     threads.add_argument("--threads", type=_positive_int, metavar="N",
@@ -773,8 +776,7 @@ def _library_errors():
 def _check_global_options(parser, argv):
     """Name an unknown option given before the command (argparse would only say that COMMAND is
     missing), and say which commands there are when none is given."""
-    commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    known = [opt for opt in parser._option_string_actions]
+    commands, known = parser.commands, parser.global_options
     expected = f"expected a command ({', '.join(commands)}) or --help / --version"
     for token in argv:
         if token in commands or token == "--":
