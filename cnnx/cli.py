@@ -63,46 +63,31 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, received: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, received: {text!r}")
-    return value
+def _argument_type(convert, accept, expected):
+    """An argparse ``type``: ``convert(text)``, refused (saying ``expected``) unless ``accept``s it."""
+
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, received: {text!r}")
+        return value
+
+    return parse
 
 
-def _positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, received: {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, received: {text!r}")
-    return value
-
-
-def _float_range(text):
+def _is_float_range(value):
     from ._image_file import FLOAT_RANGES
 
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value not in FLOAT_RANGES:
-        raise argparse.ArgumentTypeError(f"expected 1 or 255, received: {text!r}")
-    return value
+    return value in FLOAT_RANGES
 
 
-def _fraction(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), received: {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), received: {text!r}")
-    return value
+_positive_int = _argument_type(int, lambda v: v >= 1, "a positive integer")
+_positive_float = _argument_type(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+_float_range = _argument_type(int, _is_float_range, "1 or 255")
+_fraction = _argument_type(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def build_parser():
