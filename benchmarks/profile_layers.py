@@ -19,10 +19,10 @@ import json
 import sys
 from pathlib import Path
 
+# Only this folder (for workloads.py): cnnx is the installed package, never the source tree above.
 HERE = Path(__file__).resolve().parent
-for path in (str(HERE), str(HERE.parent)):
-    if path not in sys.path:
-        sys.path.insert(0, path)
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
 
 
 def main(argv=None):
