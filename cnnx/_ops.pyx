@@ -1504,3 +1504,113 @@ def depthwise_conv2d_backward(
                         else:
                             for ox in range(ox_lo, ox_hi):
                                 dx[img, ci, iy, ox * sx + col0] += wv * dz[img, o, oy, ox]
+
+
+# --- 2x2 max-pool fused into a convolution's layout passes, for training ---------------------
+# The forward writes the pooled, activated output and, per pooled cell, which of its window's four
+# positions won (0..3, row-major); the backward scatters the pooled gradient through the
+# activation straight into the GEMM layout, so the full-size activation is never written or read.
+
+cdef inline floating _rectified(floating v, bint rectify, floating slope) noexcept nogil:
+    cdef floating scaled = v * slope  # both sides computed first: a select, not a branch
+    if rectify:
+        return v if v > 0 else scaled
+    return v
+
+
+def gemm_to_nchw_pool2_argmax(
+    const floating[:, :, ::1] y_gemm,
+    const floating[::1] bias,
+    bint has_bias,
+    bint rectify,
+    double negative_slope,
+    Py_ssize_t first,
+    Py_ssize_t out_w,
+    floating[:, :, ::1] y,
+    unsigned char[:, :, ::1] argmax,
+    int n_threads,
+):
+    """``gemm_to_nchw`` then a 2x2 / stride-2 max-pool with argmax, in one sweep (training).
+
+    ``y`` and ``argmax`` have shape ``(n, out_c, (out_h // 2) * (out_w // 2))``; ``argmax`` gets
+    ``2 * dy + dx`` of each window's maximum. The window's four values are activated first and
+    compared exactly as ``max_pool2d`` compares them (first maximum wins, the first NaN wins), so
+    the result and the argmax are those of the unfused layers, ties included.
+    """
+    cdef Py_ssize_t oc = y_gemm.shape[0], g = y_gemm.shape[1], P = y_gemm.shape[2]
+    cdef Py_ssize_t pw = out_w // 2
+    cdef Py_ssize_t ph = (P // out_w) // 2 if out_w > 0 else 0
+    cdef Py_ssize_t j, o, py, px, r0, r1, k, cell
+    cdef floating b, a0, a1, a2, a3, best
+    cdef floating slope = <floating>negative_slope
+    if g == 0 or oc == 0 or ph == 0 or pw == 0:
+        return
+    for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
+        for o in range(oc):
+            b = bias[o] if has_bias else 0
+            for py in range(ph):
+                r0 = 2 * py * out_w
+                r1 = r0 + out_w
+                for px in range(pw):
+                    a0 = _rectified(y_gemm[o, j, r0 + 2 * px] + b, rectify, slope)
+                    a1 = _rectified(y_gemm[o, j, r0 + 2 * px + 1] + b, rectify, slope)
+                    a2 = _rectified(y_gemm[o, j, r1 + 2 * px] + b, rectify, slope)
+                    a3 = _rectified(y_gemm[o, j, r1 + 2 * px + 1] + b, rectify, slope)
+                    best = a0
+                    k = 0
+                    k = k + (1 - k) * (a1 > best)
+                    best = a1 if a1 > best else best
+                    k = k + (2 - k) * (a2 > best)
+                    best = a2 if a2 > best else best
+                    k = k + (3 - k) * (a3 > best)
+                    best = a3 if a3 > best else best
+                    if (a0 != a0) | (a1 != a1) | (a2 != a2) | (a3 != a3):
+                        k = 0 if a0 != a0 else (1 if a1 != a1 else (2 if a2 != a2 else 3))
+                        best = a0 + a1 + a2 + a3
+                    cell = py * pw + px
+                    y[first + j, o, cell] = best
+                    argmax[first + j, o, cell] = <unsigned char>k
+
+
+def pool2_argmax_to_gemm(
+    const floating[:, :, ::1] dy,
+    const floating[:, :, ::1] y,
+    const unsigned char[:, :, ::1] argmax,
+    bint rectify,
+    double negative_slope,
+    Py_ssize_t first,
+    Py_ssize_t out_w,
+    floating[:, :, ::1] dy_gemm,
+    double[:, ::1] dbias_partial,
+    int n_threads,
+):
+    """Backward of ``gemm_to_nchw_pool2_argmax``: ``dy_gemm (out_c, g, P)`` gets the pooled
+    gradient ``dy`` (through the leaky ReLU, read from the pooled output ``y``) at each window's
+    argmax and zero elsewhere; ``dbias_partial[j, o]`` gets each image's sum, as in
+    ``nchw_to_gemm``. The argmax is masked to 0..3, so no value can write outside the window.
+    """
+    cdef Py_ssize_t oc = dy_gemm.shape[0], g = dy_gemm.shape[1], P = dy_gemm.shape[2]
+    cdef Py_ssize_t pw = out_w // 2
+    cdef Py_ssize_t ph = (P // out_w) // 2 if out_w > 0 else 0
+    cdef Py_ssize_t j, o, p, py, px, k, cell
+    cdef floating v
+    cdef floating derivative[2]
+    cdef double acc
+    derivative[0] = <floating>negative_slope if rectify else 1
+    derivative[1] = 1
+    if g == 0 or oc == 0:
+        return
+    for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
+        for o in range(oc):
+            for p in range(P):
+                dy_gemm[o, j, p] = 0
+            acc = 0
+            for py in range(ph):
+                for px in range(pw):
+                    cell = py * pw + px
+                    # Looked up by the comparison's 0/1 value (see nchw_to_gemm: no branch).
+                    v = dy[first + j, o, cell] * derivative[y[first + j, o, cell] > 0]
+                    k = argmax[first + j, o, cell] & 3
+                    dy_gemm[o, j, (2 * py + k // 2) * out_w + 2 * px + k % 2] = v
+                    acc = acc + v
+            dbias_partial[j, o] = acc

@@ -1008,3 +1008,141 @@ def _depthwise_backward(dy, x, weight, stride, dilation, pads, dx, rectify, slop
 
 
 _NO_DX = np.zeros((1, 1, 1, 1))  # never written (need_dx=False)
+
+
+# --- convolution + activation + 2x2 max-pool for training ------------------------------------
+# The pooled output and each window's argmax come out of the GEMM's layout pass, and the backward
+# scatters the pooled gradient straight into the GEMM layout: the full-size activation is never
+# written, read back by a pool, or scattered into by a pool's backward.
+
+def _pool2_conv_setup(x, weight, bias, stride, padding):
+    """Validated arrays and geometry shared by ``conv2d_pool2_train`` and its backward."""
+    dtype = _common_dtype(x, weight, bias)
+    x = _float_array(x, "x", 4, dtype)
+    weight = _float_array(weight, "weight", 4, dtype)
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"Expected weight with {x.shape[1]} input channels to match x.shape={x.shape}, "
+                         f"received: weight.shape={weight.shape}")
+    if bias is not None:
+        bias = _float_array(bias, "bias", 1, dtype)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"Expected bias of shape ({weight.shape[0]},), received: bias.shape={bias.shape}")
+    geometry = _geometry(x.shape[2:], weight.shape[2:], stride, padding)
+    out_h, out_w = geometry[3]
+    if out_h < 2 or out_w < 2:
+        raise ValueError(f"Expected a conv output of at least 2x2 to max-pool, received: {(out_h, out_w)}")
+    return dtype, x, weight, bias, geometry
+
+
+def conv2d_pool2_train(x, weight, bias=None, stride=1, padding=0, workspace=None, activation=None,
+                       negative_slope=0.01):
+    """``max_pool2d(conv2d(x, ...), 2)`` with the pool's argmax, in one sweep over the GEMM output.
+
+    Parameters
+    ----------
+    x, weight, bias, stride, padding, workspace, activation, negative_slope : as :func:`conv2d`
+
+    Returns
+    -------
+    y : ndarray of shape (n, out_c, out_h // 2, out_w // 2), the pooled (activated) output
+    argmax : ndarray of uint8, shape (n, out_c, out_h // 2, out_w // 2): ``2 * dy + dx`` of the
+        window position that won, for :func:`conv2d_pool2_backward`
+    """
+    rectify, slope = _rectifier(activation, negative_slope)
+    dtype, x, weight, bias, ((kh, kw), (sy, sx), ((pt, _), (pl, _)), (out_h, out_w)) = \
+        _pool2_conv_setup(x, weight, bias, stride, padding)
+    n, c = x.shape[:2]
+    oc = weight.shape[0]
+    y = np.empty((n, oc, out_h // 2, out_w // 2), dtype=dtype)
+    argmax = np.empty(y.shape, dtype=np.uint8)
+    if n == 0 or oc == 0:
+        return y, argmax
+    ws = workspace if workspace is not None else Workspace()
+    k, p = c * kh * kw, out_h * out_w
+    g = _group_size(n, (k + oc) * p * dtype.itemsize)
+    n_groups = -(-n // g)
+    w2 = weight.reshape(oc, k)
+    b = bias if bias is not None else np.empty(0, dtype=dtype)
+    y3, argmax3 = y.reshape(n, oc, -1), argmax.reshape(n, oc, -1)
+    nt = threads_for(n * (k + oc) * p) if n_groups == 1 else 1
+
+    def run_group(worker, index):
+        first = index * g
+        m = min(g, n - first)
+        scratch = ws.worker(worker)
+        cols = scratch.get("cols", (k, m, p), dtype)
+        _ops.im2col(x, first, kh, kw, sy, sx, pt, pl, out_h, out_w, cols, nt)
+        y_gemm = scratch.get("y_gemm", (oc, m, p), dtype)
+        np.matmul(w2, cols.reshape(k, m * p), out=y_gemm.reshape(oc, m * p))
+        _ops.gemm_to_nchw_pool2_argmax(y_gemm, b, bias is not None, rectify, slope, first, out_w, y3, argmax3, nt)
+
+    for_each_group(n_groups, run_group)
+    return y, argmax
+
+
+def conv2d_pool2_backward(dy, argmax, y, x, weight, stride=1, padding=0, need_dx=True, workspace=None,
+                          activation=None, negative_slope=0.01):
+    """Gradients of :func:`conv2d_pool2_train` with respect to its input, weight and bias.
+
+    Parameters
+    ----------
+    dy : ndarray of shape (n, out_c, out_h // 2, out_w // 2), gradient of the pooled output
+    argmax, y : the ``argmax`` and ``y`` that ``conv2d_pool2_train`` returned
+    x, weight, stride, padding, activation, negative_slope : as given to ``conv2d_pool2_train``
+    need_dx : bool, skip the input gradient when False
+
+    Returns
+    -------
+    dx : ndarray of shape (n, c, h, w), or None when ``need_dx`` is False
+    dweight : ndarray of shape (out_c, c, kh, kw)
+    dbias : ndarray of shape (out_c,)
+    """
+    rectify, slope = _rectifier(activation, negative_slope)
+    dtype, x, weight, _, ((kh, kw), (sy, sx), ((pt, _), (pl, _)), (out_h, out_w)) = \
+        _pool2_conv_setup(x, weight, None, stride, padding)
+    n, c = x.shape[:2]
+    oc = weight.shape[0]
+    pooled = (n, oc, out_h // 2, out_w // 2)
+    dy = _float_array(dy, "dy", 4, dtype)
+    y = _float_array(y, "y", 4, dtype)
+    for name, a in (("dy", dy), ("y", y), ("argmax", argmax)):
+        if a.shape != pooled:
+            raise ValueError(f"Expected {name} of shape {pooled}, received: {name}.shape={a.shape}")
+    argmax = np.ascontiguousarray(argmax, dtype=np.uint8)
+    dx = np.empty(x.shape, dtype=dtype) if need_dx else None
+    k, p = c * kh * kw, out_h * out_w
+    if n == 0 or oc == 0:
+        if dx is not None:
+            dx[...] = 0
+        return dx, np.zeros(weight.shape, dtype=dtype), np.zeros(oc, dtype=dtype)
+    ws = workspace if workspace is not None else Workspace()
+    g = _group_size(n, (2 * k + oc) * p * dtype.itemsize)
+    n_groups = -(-n // g)
+    w2 = weight.reshape(oc, k)
+    dy3, y3, argmax3 = dy.reshape(n, oc, -1), y.reshape(n, oc, -1), argmax.reshape(n, oc, -1)
+    dbias_partial = np.empty((n, oc), dtype=np.float64)
+    dweight_parts = ws.get("dweight_parts", (n_groups, oc, k), dtype)
+    nt = threads_for(n * (k + oc) * p) if n_groups == 1 else 1
+
+    def run_group(worker, index):
+        first = index * g
+        m = min(g, n - first)
+        scratch = ws.worker(worker)
+        cols = scratch.get("cols", (k, m, p), dtype)
+        _ops.im2col(x, first, kh, kw, sy, sx, pt, pl, out_h, out_w, cols, nt)
+        dy_gemm = scratch.get("dy_gemm", (oc, m, p), dtype)
+        _ops.pool2_argmax_to_gemm(dy3, y3, argmax3, rectify, slope, first, out_w, dy_gemm,
+                                  dbias_partial[first:first + m], nt)
+        dy2 = dy_gemm.reshape(oc, m * p)
+        np.matmul(dy2, cols.reshape(k, m * p).T, out=dweight_parts[index])
+        if need_dx:
+            dcols = scratch.get("dcols", (k, m, p), dtype)
+            np.matmul(w2.T, dy2, out=dcols.reshape(k, m * p))
+            _ops.col2im(dcols, first, kh, kw, sy, sx, pt, pl, out_h, out_w, dx, nt)
+
+    for_each_group(n_groups, run_group)
+    # Parts summed in group order: the same result whatever thread computed which part.
+    dweight = dweight_parts[0].copy()
+    for part in dweight_parts[1:]:
+        dweight += part
+    return dx, dweight.reshape(weight.shape), dbias_partial.sum(axis=0).astype(dtype)

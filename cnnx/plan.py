@@ -6,8 +6,10 @@ layers into steps; most steps run one layer, and some run several as one fused p
 - ``Conv2D`` (no activation of its own) followed by a ``ReLU`` or ``LeakyReLU(slope >= 0)``
   layer: the activation runs inside the convolution kernel's layout pass, forward and backward,
   exactly as ``Conv2D(..., activation="leaky_relu")`` does;
-- in inference, such a convolution (or one with its own compiled activation) followed by a
-  2x2 / stride-2 ``MaxPool2D``: convolution, activation and pool in one pass;
+- such a convolution (or one with its own compiled activation, or none) followed by a
+  2x2 / stride-2 ``MaxPool2D``: convolution, activation and pool in one pass; in training the
+  pass also keeps each window's argmax, and the backward scatters the pooled gradient through it
+  straight into the convolution's GEMM layout (inference keeps nothing);
 - ``Dense`` or ``Conv1D`` (no activation of its own) followed by an elementwise activation
   layer: the activation is applied in place on the layer's output, as ``activation=`` does.
 
@@ -105,6 +107,25 @@ class _ConvPool(Step):
         raise RuntimeError("a fused conv + max-pool inference step keeps nothing for backward")
 
 
+class _ConvPoolTraining(Step):
+    """Training: Conv2D (+ its own or a separate compiled activation) + 2x2 max-pool in one pass
+    that also keeps the pool's argmax; the backward scatters through it into the conv's GEMM."""
+
+    def __init__(self, layers, indices):
+        super().__init__(layers, indices)
+        self.rectifier = None
+        if len(layers) == 3:
+            act = layers[1]
+            self.rectifier = (act._fn.name, getattr(act, "negative_slope", 0.0))
+        self.kind = "conv+act+pool" if len(layers) == 3 else "conv+pool"
+
+    def forward(self, x, training, states):
+        return self.layers[0].call_pooled(x, training, states[self.first], fused_activation=self.rectifier)
+
+    def backward(self, d, states, need_input_grad):
+        return self.layers[0].call_pooled_backward(d, states[self.first], need_input_grad)
+
+
 class _LinearActivation(Step):
     """Dense / Conv1D + elementwise activation layer: the activation runs in place on the
     layer's output, as the layer's own ``activation=`` does."""
@@ -154,7 +175,7 @@ class Plan:
         self.fuse = fuse
         self.train_steps = _plan_steps(self.layers, fuse, inference=False)
         self.infer_steps = _plan_steps(self.layers, fuse, inference=True)
-        if all(a.indices == b.indices for a, b in zip(self.infer_steps, self.train_steps)) \
+        if all(a.indices == b.indices and type(a) is type(b) for a, b in zip(self.infer_steps, self.train_steps)) \
                 and len(self.infer_steps) == len(self.train_steps):
             # Nothing more to fuse for inference: one list, and every forward keeps its caches.
             self.infer_steps = self.train_steps
@@ -275,6 +296,15 @@ def _plan_steps(layers, fuse, inference):
                 steps.append(_ConvPool(layers[i:i + 2], range(i, i + 2)))
                 i += 2
                 continue
+            if not inference and layer.pools_in_training:
+                if act_fusable and _is_plain_maxpool2(after_nxt):
+                    steps.append(_ConvPoolTraining(layers[i:i + 3], range(i, i + 3)))
+                    i += 3
+                    continue
+                if _is_plain_maxpool2(nxt):
+                    steps.append(_ConvPoolTraining(layers[i:i + 2], range(i, i + 2)))
+                    i += 2
+                    continue
             if act_fusable:
                 # The output buffer can be reused from batch to batch when the next layer reads it
                 # and writes a new array (it never reaches the network's output, and only this

@@ -234,3 +234,49 @@ class Conv2D(Layer):
             "dilation": self.dilation,
             "groups": self.groups,
         }
+
+    # --- training with the following 2x2 / stride-2 max-pool fused (a plan's conv+act+pool step) ---
+    @property
+    def pools_in_training(self):
+        """Whether ``call_pooled`` applies: a plain convolution (no groups, no dilation) whose
+        activation, if any, the kernels apply."""
+        return self._plain and (self.activation is None or self._compiled_act is not None)
+
+    def call_pooled(self, x, training, state, *, fused_activation=None):
+        """Forward of this layer (+ the activation layer an execution plan fuses) + a 2x2 / stride-2
+        max-pool in one sweep, keeping the pool's argmax in ``state`` for ``call_pooled_backward``.
+
+        Returns
+        -------
+        y : ndarray of shape (n, out_channels, out_h // 2, out_w // 2)
+        """
+        if not self.pools_in_training:
+            raise ValueError("Conv2D.call_pooled needs a plain convolution with a compiled activation or none")
+        if fused_activation is not None:
+            if self.activation is not None or not compiled_rectifier(*fused_activation):
+                raise ValueError(f"Conv2D cannot fuse activation {fused_activation!r}")
+            rectifier = fused_activation
+        else:
+            rectifier = (self._compiled_act, self.negative_slope)
+        x, pads, _ = self._checked(x)
+        y, argmax = F.conv2d_pool2_train(x, self.params["weight"], self.params.get("bias"), self.stride, pads,
+                                         workspace=state.workspace, activation=rectifier[0],
+                                         negative_slope=rectifier[1])
+        state.x, state.pads, state.rectifier, state.z = x, pads, rectifier, None
+        state.y, state.pool_argmax = y, argmax
+        return y
+
+    def call_pooled_backward(self, dy, state, need_input_grad):
+        """Backward of ``call_pooled``: ``dy`` is the gradient of the pooled output."""
+        argmax = getattr(state, "pool_argmax", None)
+        if state.x is None or argmax is None or argmax.shape != state.y.shape:
+            raise RuntimeError("Conv2D.call_pooled_backward called before call_pooled")
+        check_dy(self, dy, state.y.shape)
+        w = self.params["weight"]
+        activation, slope = state.rectifier
+        dx, dw, db = F.conv2d_pool2_backward(dy.astype(w.dtype, copy=False), argmax, state.y, state.x, w,
+                                             self.stride, state.pads, need_dx=need_input_grad,
+                                             workspace=state.workspace, activation=activation,
+                                             negative_slope=slope)
+        store_grads(self, weight=dw, bias=db)
+        return dx if need_input_grad else None
