@@ -556,7 +556,11 @@ def test_reused_conv_outputs_are_invisible():
     import cnnx
 
     def build(reuse):
-        net = cnnx.models.seed_mnist(seed=0)
+        # conv -> conv: the first writes into a reused buffer (a conv followed by a 2x2 max-pool
+        # runs as one pooled step, which writes a new array).
+        net = Network([Conv2D(1, 4, 3, padding=1, activation="leaky_relu", rng=0),
+                       Conv2D(4, 4, 3, padding=1, activation="relu", rng=1), MaxPool2D(2), Flatten(),
+                       Dense(4 * 14 * 14, 10, rng=2)], input_shape=(1, 28, 28))
         if not reuse:
             for step in net.plan.train_steps + net.plan.infer_steps:
                 step.reuse_output = False

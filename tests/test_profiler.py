@@ -31,11 +31,13 @@ def batch(rng):
 def test_one_row_per_plan_step_naming_the_layers_it_covers(batch):
     net = tiny_net()
     result = profile(net, *batch, steps=3, warmup=1)
-    # Training: the separate LeakyReLU runs inside the second convolution's kernels.
-    assert [r["layers"] for r in result.rows] == [(0,), (1,), (2, 3), (4,), (5,), (6,)]
+    # Training: the max-pool runs inside the first convolution's kernels and the separate
+    # LeakyReLU inside the second's.
+    assert [r["layers"] for r in result.rows] == [(0, 1), (2, 3), (4,), (5,), (6,)]
     assert [r["layers"] for r in result.rows] == [s.indices for s in net.plan.train_steps]
-    assert [r["index"] for r in result.rows] == list(range(6))
-    assert result.rows[2]["layer"] == "Conv2D + LeakyReLU" and result.rows[2]["kind"] == "conv+act"
+    assert [r["index"] for r in result.rows] == list(range(5))
+    assert result.rows[0]["kind"] == "conv+pool"
+    assert result.rows[1]["layer"] == "Conv2D + LeakyReLU" and result.rows[1]["kind"] == "conv+act"
     assert [r["output_shape"] for r in result.rows] == [(5,) + net.shapes[r["layers"][-1]] for r in result.rows]
     for r in result.rows:
         assert r["forward_ms"] >= 0 and r["backward_ms"] >= 0 and r["percent"] >= 0
