@@ -1045,7 +1045,7 @@ def conv2d_pool2_train(x, weight, bias=None, stride=1, padding=0, workspace=None
     Returns
     -------
     y : ndarray of shape (n, out_c, out_h // 2, out_w // 2), the pooled (activated) output
-    argmax : ndarray of uint8, shape (n, out_c, out_h // 2, out_w // 2): ``2 * dy + dx`` of the
+    argmax : ndarray of int32, shape (n, out_c, out_h // 2, out_w // 2): ``2 * dy + dx`` of the
         window position that won, for :func:`conv2d_pool2_backward`
     """
     rectify, slope = _rectifier(activation, negative_slope)
@@ -1054,7 +1054,7 @@ def conv2d_pool2_train(x, weight, bias=None, stride=1, padding=0, workspace=None
     n, c = x.shape[:2]
     oc = weight.shape[0]
     y = np.empty((n, oc, out_h // 2, out_w // 2), dtype=dtype)
-    argmax = np.empty(y.shape, dtype=np.uint8)
+    argmax = np.empty(y.shape, dtype=np.int32)
     if n == 0 or oc == 0:
         return y, argmax
     ws = workspace if workspace is not None else Workspace()
@@ -1108,7 +1108,7 @@ def conv2d_pool2_backward(dy, argmax, y, x, weight, stride=1, padding=0, need_dx
     for name, a in (("dy", dy), ("y", y), ("argmax", argmax)):
         if a.shape != pooled:
             raise ValueError(f"Expected {name} of shape {pooled}, received: {name}.shape={a.shape}")
-    argmax = np.ascontiguousarray(argmax, dtype=np.uint8)
+    argmax = np.ascontiguousarray(argmax, dtype=np.int32)
     dx = np.empty(x.shape, dtype=dtype) if need_dx else None
     k, p = c * kh * kw, out_h * out_w
     if n == 0 or oc == 0:
