@@ -90,7 +90,7 @@ def depthwise_conv2d_backward(
 ) -> None: ...
 def gemm_to_nchw_pool2_argmax(
     y_gemm: Float, bias: Float, has_bias: bool, rectify: bool, negative_slope: float, first: int, out_w: int,
-    y: Float, argmax: NDArray[np.int32], n_threads: int,
+    y: Float, argmax: NDArray[np.int32], pair_max: Float, pair_arg: NDArray[np.int32], n_threads: int,
 ) -> None: ...
 def pool2_argmax_to_gemm(
     dy: Float, y: Float, argmax: NDArray[np.int32], rectify: bool, negative_slope: float, first: int,

@@ -1511,6 +1511,12 @@ def depthwise_conv2d_backward(
 # positions won (0..3, row-major); the backward scatters the pooled gradient through the
 # activation straight into the GEMM layout, so the full-size activation is never written or read.
 
+cdef inline floating _leaky(floating v, floating slope) noexcept nogil:
+    """Leaky ReLU (slope 1: the identity, exactly); both sides computed first: a select."""
+    cdef floating scaled = v * slope
+    return v if v > 0 else scaled
+
+
 def gemm_to_nchw_pool2_argmax(
     const floating[:, :, ::1] y_gemm,
     const floating[::1] bias,
@@ -1521,70 +1527,75 @@ def gemm_to_nchw_pool2_argmax(
     Py_ssize_t out_w,
     floating[:, :, ::1] y,
     int[:, :, ::1] argmax,
+    floating[:, ::1] pair_max,
+    int[:, ::1] pair_arg,
     int n_threads,
 ):
     """``gemm_to_nchw`` then a 2x2 / stride-2 max-pool with argmax, in one sweep (training).
 
     ``y`` and ``argmax`` have shape ``(n, out_c, (out_h // 2) * (out_w // 2))``; ``argmax`` gets
-    ``2 * dy + dx`` of each window's maximum. The window's four values are activated first and
-    the first maximum wins (the first NaN, if any), as in ``max_pool2d``, so the result and the
-    argmax are those of the unfused layers, ties included.
+    ``2 * dy + dx`` of each window's maximum. ``pair_max`` and ``pair_arg`` of shape
+    ``(g, out_h * (out_w // 2))`` are scratch. The values are activated, then each row's pairs
+    are compared, then the two rows' winners: the first maximum (or the first NaN) in row-major
+    order wins, as in ``max_pool2d``, so result and argmax are the unfused layers', ties included.
+    Two passes because each is a simple loop GCC vectorises at any width (one loop over the 2x2
+    windows ran 5-40x slower under AVX-512 for rows of 14 or 28).
     """
     cdef Py_ssize_t oc = y_gemm.shape[0], g = y_gemm.shape[1], P = y_gemm.shape[2]
     cdef Py_ssize_t pw = out_w // 2
-    cdef Py_ssize_t ph = (P // out_w) // 2 if out_w > 0 else 0
-    cdef Py_ssize_t j, o, py, px
-    cdef const floating* row0
-    cdef const floating* row1
+    cdef Py_ssize_t oh = P // out_w if out_w > 0 else 0
+    cdef Py_ssize_t ph = oh // 2
+    cdef Py_ssize_t j, o, q, r, py, px
+    cdef const floating* src
+    cdef floating* hm
+    cdef int* hk
     cdef floating* dst
     cdef int* code
-    cdef floating b, a0, a1, a2, a3, m01, m23, scaled, best
-    cdef int k01, k23
+    cdef floating b, a0, a1, top, bottom
+    cdef bint take
     # Without the activation the slope is 1: the same select then leaves every value as it is.
     cdef floating slope = <floating>negative_slope if rectify else 1
     if g == 0 or oc == 0 or ph == 0 or pw == 0:
         return
-    # The loop below writes through plain pointers, which GCC vectorises (indexed memoryviews ran
-    # it 10x slower; so did a uint8 argmax under AVX-512): the bounds it relies on are checked
-    # here, once.
+    # The loops below use plain pointers: the bounds they rely on are checked here, once.
     if (y.shape[0] < first + g or argmax.shape[0] < first + g or y.shape[1] < oc or argmax.shape[1] < oc
-            or y.shape[2] < ph * pw or argmax.shape[2] < ph * pw or (has_bias and bias.shape[0] < oc)):
-        raise ValueError("gemm_to_nchw_pool2_argmax: output or bias too small for the GEMM result")
+            or y.shape[2] < ph * pw or argmax.shape[2] < ph * pw or (has_bias and bias.shape[0] < oc)
+            or pair_max.shape[0] < g or pair_arg.shape[0] < g or pair_max.shape[1] < oh * pw
+            or pair_arg.shape[1] < oh * pw):
+        raise ValueError("gemm_to_nchw_pool2_argmax: output, scratch or bias too small for the GEMM result")
     for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
+        hm = &pair_max[j, 0]
+        hk = &pair_arg[j, 0]
         for o in range(oc):
             b = bias[o] if has_bias else 0
+            src = &y_gemm[o, j, 0]
+            # 1. Horizontal pairs of every row. With an even width no pair straddles two rows,
+            #    so the whole plane is one loop.
+            if out_w % 2 == 0:
+                for q in range(oh * pw):
+                    a0 = _leaky(src[2 * q] + b, slope)
+                    a1 = _leaky(src[2 * q + 1] + b, slope)
+                    take = _takes(a1, a0)
+                    hm[q] = a1 if take else a0
+                    hk[q] = take
+            else:
+                for r in range(oh):
+                    for px in range(pw):
+                        a0 = _leaky(src[r * out_w + 2 * px] + b, slope)
+                        a1 = _leaky(src[r * out_w + 2 * px + 1] + b, slope)
+                        take = _takes(a1, a0)
+                        hm[r * pw + px] = a1 if take else a0
+                        hk[r * pw + px] = take
+            # 2. The top and bottom rows' winners; the top wins ties (it comes first).
             for py in range(ph):
-                row0 = &y_gemm[o, j, 2 * py * out_w]
-                row1 = row0 + out_w
                 dst = &y[first + j, o, py * pw]
                 code = &argmax[first + j, o, py * pw]
                 for px in range(pw):
-                    # Each value activated (both sides computed first: a select, not a branch).
-                    a0 = row0[2 * px] + b
-                    scaled = a0 * slope
-                    a0 = a0 if a0 > 0 else scaled
-                    a1 = row0[2 * px + 1] + b
-                    scaled = a1 * slope
-                    a1 = a1 if a1 > 0 else scaled
-                    a2 = row1[2 * px] + b
-                    scaled = a2 * slope
-                    a2 = a2 if a2 > 0 else scaled
-                    a3 = row1[2 * px + 1] + b
-                    scaled = a3 * slope
-                    a3 = a3 if a3 > 0 else scaled
-                    # Pairwise maxima with strict comparisons: the first maximum wins, as in a scan.
-                    k01 = a1 > a0
-                    m01 = a1 if a1 > a0 else a0
-                    k23 = 2 + (a3 > a2)
-                    m23 = a3 if a3 > a2 else a2
-                    k01 = k23 if m23 > m01 else k01
-                    best = m23 if m23 > m01 else m01
-                    if (a0 != a0) | (a1 != a1) | (a2 != a2) | (a3 != a3):
-                        # Rare: NaN propagates, and the first NaN is the argmax.
-                        k01 = 0 if a0 != a0 else (1 if a1 != a1 else (2 if a2 != a2 else 3))
-                        best = a0 + a1 + a2 + a3
-                    dst[px] = best
-                    code[px] = k01
+                    top = hm[2 * py * pw + px]
+                    bottom = hm[(2 * py + 1) * pw + px]
+                    take = _takes(bottom, top)
+                    dst[px] = bottom if take else top
+                    code[px] = 2 + hk[(2 * py + 1) * pw + px] if take else hk[2 * py * pw + px]
 
 
 def pool2_argmax_to_gemm(

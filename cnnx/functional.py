@@ -1074,7 +1074,10 @@ def conv2d_pool2_train(x, weight, bias=None, stride=1, padding=0, workspace=None
         _ops.im2col(x, first, kh, kw, sy, sx, pt, pl, out_h, out_w, cols, nt)
         y_gemm = scratch.get("y_gemm", (oc, m, p), dtype)
         np.matmul(w2, cols.reshape(k, m * p), out=y_gemm.reshape(oc, m * p))
-        _ops.gemm_to_nchw_pool2_argmax(y_gemm, b, bias is not None, rectify, slope, first, out_w, y3, argmax3, nt)
+        pair_max = scratch.get("pair_max", (m, out_h * (out_w // 2)), dtype)
+        pair_arg = scratch.get("pair_arg", (m, out_h * (out_w // 2)), np.dtype(np.int32))
+        _ops.gemm_to_nchw_pool2_argmax(y_gemm, b, bias is not None, rectify, slope, first, out_w, y3, argmax3,
+                                       pair_max, pair_arg, nt)
 
     for_each_group(n_groups, run_group)
     return y, argmax
