@@ -17,11 +17,11 @@ Classification targets are int class ids of shape ``(n,)`` or one-hot / probabil
 from __future__ import annotations
 
 import numbers
-import re
 
 import numpy as np
 
 from . import functional as F
+from .validation import from_identifier
 
 __all__ = [
     "Loss",
@@ -51,11 +51,6 @@ _ALIASES = {
     "softmax_crossentropy": "SoftmaxCrossEntropy",
     "softmax_ce": "SoftmaxCrossEntropy",
 }
-
-
-def _squash(name):
-    """Canonical form for name matching: lower case, no underscores, hyphens or spaces."""
-    return re.sub(r"[_\-\s]", "", name).lower()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -448,26 +443,4 @@ def get(identifier, **kwargs):
     -------
     Loss
     """
-    if isinstance(identifier, Loss):
-        if kwargs:
-            raise TypeError(f"Expected no keyword arguments with a Loss instance, received: {sorted(kwargs)}")
-        return identifier
-    if isinstance(identifier, type) and issubclass(identifier, Loss):
-        return identifier(**kwargs)
-    if isinstance(identifier, dict):
-        if "class" not in identifier:
-            raise ValueError(f"Expected a loss config {{'class': name, 'config': {{...}}}}, received: {identifier!r}")
-        config = dict(identifier.get("config") or {})
-        config.update(kwargs)
-        return get(identifier["class"], **config)
-    if isinstance(identifier, str):
-        wanted = _squash(identifier)
-        for name, cls in LOSSES.items():
-            if _squash(name) == wanted:
-                return cls(**kwargs)
-        for alias, name in _ALIASES.items():
-            if _squash(alias) == wanted:
-                return LOSSES[name](**kwargs)
-        known = sorted(LOSSES) + sorted(_ALIASES)
-        raise ValueError(f"Expected a loss name, one of {known}, received: {identifier!r}")
-    raise TypeError(f"Expected a Loss, a loss name or a config dict, received: {type(identifier).__name__}")
+    return from_identifier(identifier, Loss, LOSSES, ("a Loss", "a loss"), kwargs, _ALIASES)
