@@ -44,6 +44,9 @@ __all__ = [
     "conv_transpose2d_backward",
     "linear",
     "linear_backward",
+    "batch_norm_eval_backward",
+    "layer_norm",
+    "layer_norm_backward",
     "erf",
     "erfc",
     "normal_cdf",
@@ -757,9 +760,21 @@ def batch_norm_train(x3, gamma, beta, eps):
     y, x_hat : ndarrays of x3's shape and dtype
     mean, var : float64 arrays of shape (c,), the batch mean and biased variance
     inv_std : float64 array of shape (c,), ``1 / sqrt(var + eps)``
+
+    Dtypes the kernels do not take (float16) get the same maths in NumPy, in their own dtype.
     """
     x3 = np.ascontiguousarray(x3)
     n, c, length = x3.shape
+    if not compiled_dtype(x3):
+        mean = x3.mean(axis=(0, 2))
+        x_hat = x3 - mean[:, None]
+        y = np.multiply(x_hat, x_hat)
+        var = y.sum(axis=(0, 2)) / (n * length)
+        inv_std = 1.0 / np.sqrt(var + eps)
+        x_hat *= inv_std[:, None]
+        np.multiply(x_hat, gamma[:, None], out=y)
+        y += beta[:, None]
+        return y, x_hat, mean, var, inv_std
     mean = np.empty(c)
     var = np.empty(c)
     work = n * c * length
@@ -777,9 +792,16 @@ def batch_norm_eval(x3, gamma, beta, running_mean, running_var, eps):
     Returns
     -------
     y : ndarray of x3's shape and dtype
-    inv_std : float64 array of shape (c,)
+    inv_std : float64 array of shape (c,) (the running statistics' dtype for float16 input)
     """
     x3 = np.ascontiguousarray(x3)
+    if not compiled_dtype(x3):
+        inv_std = 1.0 / np.sqrt(running_var + eps)
+        scale = gamma * inv_std
+        shift = beta - running_mean * scale
+        y = x3 * scale[:, None]
+        y += shift[:, None]
+        return y, inv_std
     inv_std = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
     y = np.empty_like(x3)
     _ops.batchnorm_normalize(x3, running_mean.astype(np.float64), inv_std, gamma, beta, y, y, False,
@@ -788,7 +810,10 @@ def batch_norm_eval(x3, gamma, beta, running_mean, running_var, eps):
 
 
 def channel_dot_sums(dy3, other3):
-    """Per channel of two ``(n, c, L)`` arrays: ``(sum(dy), sum(dy * other))`` as float64 arrays of shape (c,)."""
+    """Per channel of two ``(n, c, L)`` arrays: ``(sum(dy), sum(dy * other))`` as float64 arrays of
+    shape (c,) (in the arrays' own dtype for float16)."""
+    if not compiled_dtype(dy3, other3):
+        return dy3.sum(axis=(0, 2)), np.einsum("ncl,ncl->c", dy3, other3)
     n, c, length = dy3.shape
     s1 = np.empty(c)
     s2 = np.empty(c)
@@ -798,9 +823,71 @@ def channel_dot_sums(dy3, other3):
 
 def batch_norm_train_backward(dy3, x_hat, scale, mean_dy, mean_dy_xhat):
     """``dx = scale (dy - mean_dy - x_hat mean_dy_xhat)`` per channel (float64 (c,) coefficients)."""
+    if not compiled_dtype(dy3, x_hat):
+        dx = np.multiply(x_hat, (-mean_dy_xhat)[:, None])
+        dx += dy3
+        dx -= mean_dy[:, None]
+        dx *= scale[:, None]
+        return dx
     dx = np.empty_like(dy3)
     _ops.batchnorm_train_backward(dy3, x_hat, scale, mean_dy, mean_dy_xhat, dx, threads_for(dy3.size))
     return dx
+def batch_norm_eval_backward(dy3, scale):
+    """Evaluation-mode batch norm's ``dx = scale * dy`` per channel (the statistics are constants)."""
+    if compiled_dtype(dy3):
+        return dy3 * scale.astype(dy3.dtype)[:, None]
+    return dy3 * scale[:, None]
+
+
+def layer_norm(x3, weight, bias, eps):
+    """Layer normalisation of ``x3 (a, c, b)`` over axis 1, then ``* weight + bias`` per ``c``.
+
+    Parameters
+    ----------
+    x3 : ndarray of shape (a, c, b)
+    weight, bias : ndarrays of shape (c,), or None (no affine step)
+    eps : float
+
+    Returns
+    -------
+    y, x_hat : ndarrays of x3's shape
+    inv_std : ndarray of shape (a, 1, b), ``1 / sqrt(var + eps)``
+    """
+    mean = x3.mean(axis=1, keepdims=True)
+    x_hat = x3 - mean
+    var = np.mean(np.square(x_hat), axis=1, keepdims=True)
+    inv_std = 1.0 / np.sqrt(var + eps)
+    x_hat *= inv_std
+    if weight is not None:
+        y = x_hat * weight[:, None]
+        y += bias[:, None]
+    else:
+        y = x_hat.copy()
+    return y, x_hat, inv_std
+
+
+def layer_norm_backward(dy3, x_hat, inv_std, weight, need_dx=True):
+    """Gradients of ``layer_norm``: with ``g = dy * weight``, per normalised group,
+    ``dx = inv_std * (g - mean(g) - x_hat * mean(g * x_hat))``.
+
+    Returns
+    -------
+    dx : ndarray of dy3's shape, or None when ``need_dx`` is False
+    dweight, dbias : ndarrays of shape (c,), or None without ``weight``
+    """
+    dweight = dbias = None
+    if weight is not None:
+        dweight, dbias = np.einsum("acb,acb->c", dy3, x_hat), dy3.sum(axis=(0, 2))
+    if not need_dx:
+        return None, dweight, dbias
+    g = dy3 * weight[:, None] if weight is not None else dy3.copy()
+    proj = np.mean(g * x_hat, axis=1, keepdims=True)
+    g -= g.mean(axis=1, keepdims=True)
+    g -= x_hat * proj
+    g *= inv_std
+    return g, dweight, dbias
+
+
 # --- grouped and dilated convolution ----------------------------------------------------------
 # The general convolution (PyTorch's ``conv2d(..., dilation, groups)``), kept apart from the
 # plain conv2d above so each stays simple. Same schedule (groups of images, one column buffer
