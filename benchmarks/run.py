@@ -132,7 +132,7 @@ def _worker_cnnx(workload, mode, threads, x, y, style="user"):
     else:
         def step():
             net.forward(x, training=False)
-    return step, net.num_params, {"cnnx": cnnx.__version__}
+    return step, net.num_params, {"cnnx": cnnx.__version__, "cnnx_path": str(Path(cnnx.__file__).parent)}
 
 
 def _worker_torch(workload, mode, threads, x, y):
@@ -290,7 +290,7 @@ def _machine():
         import cnnx
 
         versions["cnnx"] = cnnx.__version__
-    except ImportError as exc:
+    except Exception as exc:  # reported in the header; each worker then reports its own error
         versions["cnnx"] = f"not importable: {exc}"
     from importlib.metadata import PackageNotFoundError, version
 
