@@ -21,7 +21,7 @@ import numbers
 import numpy as np
 
 from . import functional as F
-from .validation import from_identifier
+from .validation import as_array, from_identifier
 
 __all__ = [
     "Loss",
@@ -67,14 +67,6 @@ def _check_pred(loss, pred, min_ndim=1):
         raise ValueError(f"{loss} expected a batch of at least one sample, received: shape={pred.shape}")
 
 
-def _as_array(loss, target):
-    if isinstance(target, np.ndarray):
-        return target
-    if isinstance(target, (list, tuple)):
-        return np.asarray(target)
-    raise TypeError(f"{loss} expected target as a numpy array, received: {type(target).__name__}")
-
-
 def _check_finite(loss, target):
     if target.dtype.kind == "f" and not np.isfinite(target).all():
         raise ValueError(f"{loss} expected finite targets, received: a target containing NaN or inf")
@@ -87,7 +79,7 @@ def _elementwise_target(loss, pred, target):
     single-output layer); it is reshaped, never broadcast, so an ``(n,)`` vs ``(n, 1)`` slip cannot
     silently turn into an ``(n, n)`` loss as it does with NumPy broadcasting.
     """
-    target = _as_array(loss, target)
+    target = as_array(target, f"{loss}'s target")
     if target.dtype.kind not in "biuf":
         raise TypeError(f"{loss} expected a numeric target, received: dtype={target.dtype}")
     if target.shape != pred.shape:
@@ -108,7 +100,7 @@ def _class_target(loss, pred, target):
     if pred.ndim != 2:
         raise ValueError(f"{loss} expected pred of shape (n, classes), received: shape={pred.shape}")
     n, k = pred.shape
-    target = _as_array(loss, target)
+    target = as_array(target, f"{loss}'s target")
     kind = target.dtype.kind
     if target.ndim == 1:
         if target.shape[0] != n:

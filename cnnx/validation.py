@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 
-__all__ = ["NotAnIntegerError", "as_floating", "check_int", "check_shape", "float_array", "from_identifier", "is_nan", "squash_name"]
+__all__ = ["NotAnIntegerError", "as_array", "as_floating", "check_int", "check_shape", "float_array", "from_identifier", "is_nan", "squash_name"]
 
 
 class NotAnIntegerError(TypeError, ValueError):
@@ -49,6 +49,16 @@ def check_shape(shape):
 def is_nan(value):
     """True for a float NaN (a metric missing from an epoch's logs); False for anything else."""
     return isinstance(value, float) and math.isnan(value)
+
+
+def as_array(value, what):
+    """``value`` as an ndarray: an ndarray as is, a list or tuple through ``np.asarray``; anything
+    else raises "Expected <what> as a numpy array" (targets of losses and metrics)."""
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, (list, tuple)):
+        return np.asarray(value)
+    raise TypeError(f"Expected {what} as a numpy array, received: {type(value).__name__}")
 
 
 def float_array(a, name, ndim, dtype=None):
