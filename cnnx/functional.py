@@ -1089,6 +1089,17 @@ def linear(x, weight, bias=None):
     -------
     z : ndarray of shape (n, out_features), a new array
     """
+    x, weight = np.asarray(x), np.asarray(weight)
+    if weight.ndim != 2 or x.ndim != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"Expected x of shape (n, in_features) and weight of shape (out_features, in_features), "
+            f"received: x.shape={x.shape}, weight.shape={weight.shape}"
+        )
+    if weight.dtype.kind != "f":
+        raise TypeError(f"Expected a floating weight, received: weight.dtype={weight.dtype}")
+    x = x.astype(weight.dtype, copy=False)
+    if bias is not None and np.shape(bias) != (weight.shape[0],):
+        raise ValueError(f"Expected bias of shape ({weight.shape[0]},), received: bias.shape={np.shape(bias)}")
     z = matmul(x, weight.T, np.empty((x.shape[0], weight.shape[0]), dtype=weight.dtype))
     if bias is not None:
         z += bias
@@ -1376,11 +1387,15 @@ def _compiled(*arrays, out=None):
     return compiled_dtype(*arrays) and (out is None or compiled_dtype(arrays[0], out))
 
 
-class _ReLUFn:
-    name = "relu"
+class _OutputGradFn:
+    """An activation whose gradient reads only its output ``y`` (so ``x`` may be overwritten)."""
 
     def needs_input(self):
         return False
+
+
+class _ReLUFn(_OutputGradFn):
+    name = "relu"
 
     def forward(self, x, out=None):
         if _compiled(x, out=out):
@@ -1425,11 +1440,8 @@ class _LeakyReLUFn:
         return np.multiply(dy, factor, out=factor if out is None else out)
 
 
-class _SigmoidFn:
+class _SigmoidFn(_OutputGradFn):
     name = "sigmoid"
-
-    def needs_input(self):
-        return False
 
     def forward(self, x, out=None):
         if SIMD_TRANSCENDENTALS and _compiled(x, out=out):
@@ -1453,11 +1465,8 @@ class _SigmoidFn:
         return np.multiply(out, dy, out=out)
 
 
-class _TanhFn:
+class _TanhFn(_OutputGradFn):
     name = "tanh"
-
-    def needs_input(self):
-        return False
 
     def forward(self, x, out=None):
         # NumPy's vectorised tanh beats the compiled one (see functional.SIMD_TRANSCENDENTALS).
@@ -1524,13 +1533,10 @@ class _GELUFn:
         return np.multiply(dy, grad, out=out)
 
 
-class _SoftmaxFn:
+class _SoftmaxFn(_OutputGradFn):
     """Softmax over axis 1 (classes/channels); not elementwise, so not offered for fusion."""
 
     name = "softmax"
-
-    def needs_input(self):
-        return False
 
     def forward(self, x, out=None):
         # Shift by the row maximum so exp never overflows.
