@@ -132,7 +132,7 @@ def _worker_cnnx(workload, mode, threads, x, y, style="user"):
     else:
         def step():
             net.forward(x, training=False)
-    return step, net.num_params, {"cnnx": cnnx.__version__}
+    return step, net.num_params, {"cnnx": cnnx.__version__, "cnnx_path": str(Path(cnnx.__file__).parent)}
 
 
 def _worker_torch(workload, mode, threads, x, y):
@@ -290,7 +290,7 @@ def _machine():
         import cnnx
 
         versions["cnnx"] = cnnx.__version__
-    except ImportError as exc:
+    except Exception as exc:  # reported in the header; each worker then reports its own error
         versions["cnnx"] = f"not importable: {exc}"
     from importlib.metadata import PackageNotFoundError, version
 
@@ -302,7 +302,8 @@ def _machine():
             versions[key] = version(dist)
         except PackageNotFoundError:
             pass
-    return {"cpu": cpu, "simd": simd, "cores": _cores(), "platform": platform.platform(), "blas": blas,
+    blas_env = {key: _BASE_ENV.get(key) for key in ("OPENBLAS_CORETYPE", "OPENBLAS_VERBOSE")}
+    return {"cpu": cpu, "simd": simd, "blas_env": blas_env, "cores": _cores(), "platform": platform.platform(), "blas": blas,
             "versions": versions, "loadavg_start": _loadavg()}
 
 
@@ -399,6 +400,12 @@ def render(machine, config, summary, gemm, found):
     for info in machine["blas"]:
         lines.append(f"- NumPy BLAS: {info.get('internal_api')} {info.get('version')} "
                      f"({info.get('threading_layer')}, {info.get('architecture')}, {info.get('num_threads')} threads)")
+    forced = {k: v for k, v in machine.get("blas_env", {}).items() if v}
+    if forced:
+        # OPENBLAS_CORETYPE=Haswell on an AVX-512 CPU halves cnnx's GEMM peak; the peers bring
+        # their own kernels and are not affected, so a ratio under such a setting says so.
+        lines.append("- BLAS settings from the environment (they bind cnnx's GEMMs, not the peers'): "
+                     + ", ".join(f"{k}={v}" for k, v in forced.items()))
     lines.append("- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()))
     peer_text = ", ".join(f"{p}: {'found' if found.get(p) else 'not installed'}" for p in PEERS)
     lines.append(f"- Peers: {peer_text}; measured: {', '.join(frameworks)}")

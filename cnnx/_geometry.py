@@ -89,3 +89,40 @@ def dilated_kernel_size(kernel_size, dilation):
     """The span ``(d * (k - 1) + 1)`` per axis of a ``kernel_size`` pair dilated by a ``dilation`` pair:
     what padding ("same"), output sizes and the fits-in-the-input check see."""
     return tuple(d * (k - 1) + 1 for k, d in zip(kernel_size, dilation))
+
+
+def windowed_output_size(in_hw, span, stride, pads, owner="the operation", detail=""):
+    """``(out_h, out_w)`` of a window of ``span = (kh, kw)`` (dilated if so) sliding with ``stride``
+    over an ``in_hw`` input padded by ``pads = ((top, bottom), (left, right))``: the one output-size
+    rule of convolutions and pools, with the one check that the window fits the padded input.
+
+    ``owner`` and ``detail`` (e.g. the dilation) only name the caller in the error message.
+    """
+    (pt, pb), (pl, pr) = pads
+    h, w = in_hw
+    kh, kw = span
+    if kh > h + pt + pb or kw > w + pl + pr:
+        raise ValueError(
+            f"Expected a kernel no larger than the padded input: {owner} needs a padded input at least as "
+            f"large as the kernel {tuple(span)}{detail}, received: input {(h, w)} padded to "
+            f"{(h + pt + pb, w + pl + pr)}"
+        )
+    sy, sx = stride
+    return conv_output_size(h, kh, sy, pt, pb), conv_output_size(w, kw, sx, pl, pr)
+
+
+def check_pool_padding(pads, kernel_size, padding):
+    """Refuse pooling padding wider than half the kernel (as PyTorch): every window then overlaps
+    the input, so a max-pool always finds a real maximum. ``padding`` is the user's value (message)."""
+    (pt, pb), (pl, pr) = pads
+    kh, kw = kernel_size
+    if max(pt, pb) > kh // 2 or max(pl, pr) > kw // 2:
+        raise ValueError(
+            f"Expected padding at most half the kernel ({kh // 2}, {kw // 2}), received: padding={padding!r}"
+        )
+
+
+def conv_transpose_output_size(size, k, s, padding, output_padding=0):
+    """Output length of a transposed convolution (PyTorch's ``ConvTranspose2d``, dilation 1):
+    ``(size - 1) * s - 2 * padding + k + output_padding``."""
+    return (size - 1) * s - 2 * padding + k + output_padding

@@ -16,15 +16,15 @@ def col2im(
     out_h: int, out_w: int, x: Float, n_threads: int,
 ) -> None: ...
 def gemm_to_nchw(
-    y_gemm: Float, bias: Float, has_bias: bool, rectify: bool, negative_slope: float, first: int, y: Float,
+    y_gemm: Float, bias: Float, has_bias: bool, leaky_relu: bool, negative_slope: float, first: int, y: Float,
     n_threads: int,
 ) -> None: ...
-def gemm_to_nchw_maxpool2(
-    y_gemm: Float, bias: Float, has_bias: bool, rectify: bool, negative_slope: float, first: int, out_w: int,
+def gemm_to_nchw_max_pool_2x2(
+    y_gemm: Float, bias: Float, has_bias: bool, leaky_relu: bool, negative_slope: float, first: int, out_w: int,
     y: Float, n_threads: int,
 ) -> None: ...
 def nchw_to_gemm(
-    dy: Float, y: Float, rectify: bool, negative_slope: float, first: int, dy_gemm: Float,
+    dy: Float, y: Float, leaky_relu: bool, negative_slope: float, first: int, dy_gemm: Float,
     dbias_partial: NDArray[np.float64], n_threads: int,
 ) -> None: ...
 def max_pool2d(
@@ -82,17 +82,17 @@ def col2im_dilated(
 ) -> None: ...
 def depthwise_conv2d(
     x: Float, weight: Float, bias: Float, has_bias: bool, sy: int, sx: int, dil_y: int, dil_x: int,
-    pad_top: int, pad_left: int, rectify: bool, negative_slope: float, y: Float, n_threads: int,
+    pad_top: int, pad_left: int, leaky_relu: bool, negative_slope: float, y: Float, n_threads: int,
 ) -> None: ...
 def depthwise_conv2d_backward(
     dz: Float, x: Float, weight: Float, sy: int, sx: int, dil_y: int, dil_x: int, pad_top: int, pad_left: int,
     need_dx: bool, dx: Float, dweight_partial: Float, dbias_partial: NDArray[np.float64], n_threads: int,
 ) -> None: ...
-def gemm_to_nchw_pool2_argmax(
+def gemm_to_nchw_max_pool_2x2_argmax(
     y_gemm: Float, bias: Float, has_bias: bool, rectify: bool, negative_slope: float, first: int, out_w: int,
     y: Float, argmax: NDArray[np.int32], pair_max: Float, pair_arg: NDArray[np.int32], n_threads: int,
 ) -> None: ...
-def pool2_argmax_to_gemm(
+def max_pool_2x2_argmax_to_gemm(
     dy: Float, y: Float, argmax: NDArray[np.int32], rectify: bool, negative_slope: float, first: int,
     out_w: int, dy_gemm: Float, dbias_partial: NDArray[np.float64], n_threads: int,
 ) -> None: ...

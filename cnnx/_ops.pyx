@@ -57,48 +57,9 @@ def im2col(
     floating[:, :, ::1] cols,
     int n_threads,
 ):
-    """Unfold images ``x[first : first + g]`` into ``cols`` of shape ``(c*kh*kw, g, out_h*out_w)``.
-
-    Padding is applied by a bounds test: positions outside the input read as zero.
-    """
-    cdef Py_ssize_t g = cols.shape[1]
-    cdef Py_ssize_t c = x.shape[1], h = x.shape[2], w = x.shape[3]
-    cdef Py_ssize_t j, img, ci, ki, kj, r, oy, ox, iy, ix, p, ox_lo, ox_hi
-    if g == 0 or cols.shape[0] == 0 or cols.shape[2] == 0:
-        return
-    for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
-        img = first + j
-        for ci in range(c):
-            for ki in range(kh):
-                for kj in range(kw):
-                    r = (ci * kh + ki) * kw + kj
-                    # The output columns whose input column lies inside the image: ox in [ox_lo, ox_hi).
-                    ox_lo = 0
-                    while ox_lo < out_w and ox_lo * sx - pad_left + kj < 0:
-                        ox_lo = ox_lo + 1
-                    ox_hi = out_w
-                    while ox_hi > ox_lo and (ox_hi - 1) * sx - pad_left + kj >= w:
-                        ox_hi = ox_hi - 1
-                    for oy in range(out_h):
-                        iy = oy * sy - pad_top + ki
-                        p = oy * out_w
-                        if iy < 0 or iy >= h:
-                            for ox in range(out_w):
-                                cols[r, j, p + ox] = 0
-                            continue
-                        for ox in range(ox_lo):
-                            cols[r, j, p + ox] = 0
-                        if sx == 1 and ox_hi > ox_lo and not CNNX_DEBUG_BUILD:
-                            # Unit stride: the row is one contiguous run (a vectorised copy).
-                            # The debug build takes the indexed loop, where every access is checked.
-                            memcpy(&cols[r, j, p + ox_lo], &x[img, ci, iy, ox_lo - pad_left + kj],
-                                   (ox_hi - ox_lo) * sizeof(floating))
-                        else:
-                            for ox in range(ox_lo, ox_hi):
-                                ix = ox * sx - pad_left + kj
-                                cols[r, j, p + ox] = x[img, ci, iy, ix]
-                        for ox in range(ox_hi, out_w):
-                            cols[r, j, p + ox] = 0
+    """Unfold images ``x[first : first + g]`` into ``cols`` of shape ``(c*kh*kw, g, out_h*out_w)``:
+    ``im2col_dilated`` with dilation 1 (see there for the layout and the padding)."""
+    im2col_dilated(x, first, kh, kw, sy, sx, 1, 1, pad_top, pad_left, out_h, out_w, cols, n_threads)
 
 
 def col2im(
@@ -115,63 +76,25 @@ def col2im(
     floating[:, :, :, ::1] x,
     int n_threads,
 ):
-    """Adjoint of ``im2col``: overwrite ``x[first : first + g]`` with the sum of ``cols`` folded back.
-
-    Contributions that fall into the padding are dropped.
-    """
-    cdef Py_ssize_t g = cols.shape[1]
-    cdef Py_ssize_t c = x.shape[1], h = x.shape[2], w = x.shape[3]
-    cdef Py_ssize_t j, img, ci, ki, kj, r, oy, ox, iy, ix, p, ox_lo, ox_hi, yy, xx, t
-    cdef floating* dst
-    cdef const floating* src
-    if g == 0:
-        return
-    for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
-        img = first + j
-        for ci in range(c):
-            for yy in range(h):
-                for xx in range(w):
-                    x[img, ci, yy, xx] = 0
-            for ki in range(kh):
-                for kj in range(kw):
-                    r = (ci * kh + ki) * kw + kj
-                    ox_lo = 0
-                    while ox_lo < out_w and ox_lo * sx - pad_left + kj < 0:
-                        ox_lo = ox_lo + 1
-                    ox_hi = out_w
-                    while ox_hi > ox_lo and (ox_hi - 1) * sx - pad_left + kj >= w:
-                        ox_hi = ox_hi - 1
-                    for oy in range(out_h):
-                        iy = oy * sy - pad_top + ki
-                        if iy < 0 or iy >= h:
-                            continue
-                        p = oy * out_w
-                        if sx == 1 and ox_hi > ox_lo and not CNNX_DEBUG_BUILD:
-                            # Unit stride: add one contiguous run through plain pointers, which
-                            # the compiler vectorises (the debug build checks each access instead).
-                            dst = &x[img, ci, iy, ox_lo - pad_left + kj]
-                            src = &cols[r, j, p + ox_lo]
-                            for t in range(ox_hi - ox_lo):
-                                dst[t] += src[t]
-                        else:
-                            for ox in range(ox_lo, ox_hi):
-                                ix = ox * sx - pad_left + kj
-                                x[img, ci, iy, ix] += cols[r, j, p + ox]
+    """Adjoint of ``im2col``: overwrite ``x[first : first + g]`` with the sum of ``cols`` folded
+    back (``col2im_dilated`` with dilation 1). Contributions that fall into the padding are dropped."""
+    col2im_dilated(cols, first, kh, kw, sy, sx, 1, 1, pad_top, pad_left, out_h, out_w, x, n_threads)
 
 
 def gemm_to_nchw(
     const floating[:, :, ::1] y_gemm,
     const floating[::1] bias,
     bint has_bias,
-    bint rectify,
+    bint leaky_relu,
     double negative_slope,
     Py_ssize_t first,
     floating[:, :, ::1] y,
     int n_threads,
 ):
-    """Write the GEMM result ``y_gemm (out_c, g, P)`` into ``y[first : first + g]`` of shape
-    ``(n, out_c, P)``, adding ``bias[out_c]`` and, when ``rectify``, applying a leaky ReLU
-    (``negative_slope`` 0 gives ReLU) in the same sweep."""
+    """The convolution's epilogue, one sweep: copy the GEMM result ``y_gemm (out_c, g, P)`` into
+    the NCHW output ``y[first : first + g]`` of shape ``(n, out_c, P)``, add ``bias[o]`` to every
+    value of channel ``o`` when ``has_bias``, and, when ``leaky_relu``, apply a leaky ReLU with
+    ``negative_slope`` (0 gives ReLU) to the biased value."""
     cdef Py_ssize_t oc = y_gemm.shape[0], g = y_gemm.shape[1], P = y_gemm.shape[2]
     cdef Py_ssize_t j, o, p
     cdef floating b, v, scaled
@@ -181,7 +104,7 @@ def gemm_to_nchw(
     for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
         for o in range(oc):
             b = bias[o] if has_bias else 0
-            if rectify:
+            if leaky_relu:
                 for p in range(P):
                     v = y_gemm[o, j, p] + b
                     # Both sides computed first so the compiler emits a select, not a branch:
@@ -193,11 +116,11 @@ def gemm_to_nchw(
                     y[first + j, o, p] = y_gemm[o, j, p] + b
 
 
-def gemm_to_nchw_maxpool2(
+def gemm_to_nchw_max_pool_2x2(
     const floating[:, :, ::1] y_gemm,
     const floating[::1] bias,
     bint has_bias,
-    bint rectify,
+    bint leaky_relu,
     double negative_slope,
     Py_ssize_t first,
     Py_ssize_t out_w,
@@ -236,7 +159,7 @@ def gemm_to_nchw_maxpool2(
                         m = a0 + a1 + a2 + a3  # NaN
                     v = m + b
                     scaled = v * slope
-                    if rectify:
+                    if leaky_relu:
                         v = v if v > 0 else scaled
                     y[first + j, o, py * pw + px] = v
 
@@ -244,7 +167,7 @@ def gemm_to_nchw_maxpool2(
 def nchw_to_gemm(
     const floating[:, :, ::1] dy,
     const floating[:, :, ::1] y,
-    bint rectify,
+    bint leaky_relu,
     double negative_slope,
     Py_ssize_t first,
     floating[:, :, ::1] dy_gemm,
@@ -253,7 +176,7 @@ def nchw_to_gemm(
 ):
     """Inverse layout pass for the backward GEMMs: ``dy_gemm[o, j, p] = dy[first + j, o, p]``.
 
-    When ``rectify``, the gradient goes through the leaky ReLU first, read from its output ``y``
+    When ``leaky_relu``, the gradient goes through the leaky ReLU first, read from its output ``y``
     (``y > 0`` exactly where its input was, for a slope >= 0). ``dbias_partial[j, o]`` receives
     each image's sum of the resulting gradient, so the bias gradient needs no extra pass and is
     summed in the same order whatever the thread count.
@@ -270,7 +193,7 @@ def nchw_to_gemm(
     for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
         for o in range(oc):
             acc = 0
-            if rectify:
+            if leaky_relu:
                 for p in range(P):
                     # The derivative (slope or 1) is looked up by the comparison's 0/1 value: as a
                     # select or as arithmetic the compiler emitted a branch, mispredicted on half
@@ -284,6 +207,14 @@ def nchw_to_gemm(
                     dy_gemm[o, j, p] = v
                     acc = acc + v
             dbias_partial[j, o] = acc
+
+
+cdef inline bint _in_window_bounds(Py_ssize_t i, Py_ssize_t size) noexcept nogil:
+    """Whether input index ``i`` of a pooling window (``o * stride - pad + tap``) lies inside the
+    input's ``size`` elements rather than in the padding, which the pools skip. One unsigned
+    comparison (a negative ``i`` wraps to a huge value), which keeps the window loops as fast as
+    the two tests written inline were."""
+    return <size_t>i < <size_t>size
 
 
 cdef inline bint _takes(floating v, floating best) noexcept nogil:
@@ -355,16 +286,18 @@ def max_pool2d(
         img = plane // c
         ch = plane % c
         for oy in range(out_h):
+            y0 = oy * sy - pad_top
             for ox in range(out_w):
+                x0 = ox * sx - pad_left
                 best = -INFINITY
                 best_idx = -1
                 for ki in range(kh):
-                    iy = oy * sy - pad_top + ki
-                    if iy < 0 or iy >= h:
+                    iy = y0 + ki
+                    if not _in_window_bounds(iy, h):
                         continue
                     for kj in range(kw):
-                        ix = ox * sx - pad_left + kj
-                        if ix < 0 or ix >= w:
+                        ix = x0 + kj
+                        if not _in_window_bounds(ix, w):
                             continue
                         v = x[img, ch, iy, ix]
                         take = best_idx < 0 or _takes(v, best)
@@ -418,7 +351,10 @@ def avg_pool2d(
     floating[:, :, :, ::1] y,
     int n_threads,
 ):
-    """Mean over each window, padding counted as zeros (PyTorch's ``count_include_pad=True``)."""
+    """Mean over each window, padding counted as zeros (PyTorch's ``count_include_pad=True``).
+
+    The taps in the padding are skipped by two comparisons written inline: with the
+    ``_in_window_bounds`` helper the AVX-512 build of this loop (and its backward's) ran 1.5x slower."""
     cdef Py_ssize_t n = x.shape[0], c = x.shape[1], h = x.shape[2], w = x.shape[3]
     cdef Py_ssize_t out_h = y.shape[2], out_w = y.shape[3]
     cdef Py_ssize_t plane, img, ch, oy, ox, ki, kj, iy, ix
@@ -1215,8 +1151,8 @@ def batchnorm_train_backward(
         b = <floating>mean_dy_xhat[ch]
         for l in range(L):
             dx[img, ch, l] = (dy[img, ch, l] - a - x_hat[img, ch, l] * b) * s
-# --- dilated im2col / col2im (grouped and dilated convolutions) ------------------------------
-# The same column layout as im2col / col2im; kernel tap (ki, kj) reads input row
+# --- im2col / col2im with dilation (every convolution; im2col / col2im call them with 1) ------
+# PyTorch's unfold layout, images in the middle axis; kernel tap (ki, kj) reads input row
 # oy * sy - pad_top + ki * dil_y and column ox * sx - pad_left + kj * dil_x. Rows of one group's
 # input channels are contiguous, so ``cols.reshape(groups, K // groups, g * P)`` is a view the
 # caller multiplies group by group in one batched GEMM (np.matmul over the leading axis).
@@ -1258,7 +1194,13 @@ def im2col_dilated(
     floating[:, :, ::1] cols,
     int n_threads,
 ):
-    """``im2col`` with dilation: unfold ``x[first : first + g]`` into ``cols (c*kh*kw, g, out_h*out_w)``."""
+    """Unfold images ``x[first : first + g]`` into ``cols (c*kh*kw, g, out_h*out_w)``, taps ``dil_y``
+    rows / ``dil_x`` columns apart (``im2col`` is this with dilation 1).
+
+    Padding is applied by bounds: the output columns whose input column lies outside the image
+    (``_first_valid`` / ``_end_valid``) and the rows outside it are written as zero; with unit
+    stride each row's valid run is one ``memcpy`` (the debug build takes the checked indexed loop).
+    """
     cdef Py_ssize_t g = cols.shape[1]
     cdef Py_ssize_t c = x.shape[1], h = x.shape[2], w = x.shape[3]
     cdef Py_ssize_t j, img, ci, ki, kj, r, oy, ox, iy, ix, p, ox_lo, ox_hi, col0
@@ -1309,7 +1251,9 @@ def col2im_dilated(
     floating[:, :, :, ::1] x,
     int n_threads,
 ):
-    """Adjoint of ``im2col_dilated``: overwrite ``x[first : first + g]`` with ``cols`` folded back."""
+    """Adjoint of ``im2col_dilated``: overwrite ``x[first : first + g]`` with the sum of ``cols``
+    folded back (``col2im`` is this with dilation 1); contributions in the padding are dropped.
+    With unit stride each row's run is added through plain pointers, which the compiler vectorises."""
     cdef Py_ssize_t g = cols.shape[1]
     cdef Py_ssize_t c = x.shape[1], h = x.shape[2], w = x.shape[3]
     cdef Py_ssize_t j, img, ci, ki, kj, r, oy, ox, iy, ix, p, ox_lo, ox_hi, yy, xx, t, col0
@@ -1362,7 +1306,7 @@ def depthwise_conv2d(
     Py_ssize_t dil_x,
     Py_ssize_t pad_top,
     Py_ssize_t pad_left,
-    bint rectify,
+    bint leaky_relu,
     double negative_slope,
     floating[:, :, :, ::1] y,
     int n_threads,
@@ -1406,7 +1350,7 @@ def depthwise_conv2d(
                     else:
                         for ox in range(ox_lo, ox_hi):
                             y[img, o, oy, ox] += wv * x[img, ci, iy, ox * sx + col0]
-        if rectify:
+        if leaky_relu:
             for oy in range(out_h):
                 for ox in range(out_w):
                     v = y[img, o, oy, ox]
@@ -1517,7 +1461,7 @@ cdef inline floating _leaky(floating v, floating slope) noexcept nogil:
     return v if v > 0 else scaled
 
 
-def gemm_to_nchw_pool2_argmax(
+def gemm_to_nchw_max_pool_2x2_argmax(
     const floating[:, :, ::1] y_gemm,
     const floating[::1] bias,
     bint has_bias,
@@ -1562,7 +1506,7 @@ def gemm_to_nchw_pool2_argmax(
             or y.shape[2] < ph * pw or argmax.shape[2] < ph * pw or (has_bias and bias.shape[0] < oc)
             or pair_max.shape[0] < g or pair_arg.shape[0] < g or pair_max.shape[1] < oh * pw
             or pair_arg.shape[1] < oh * pw):
-        raise ValueError("gemm_to_nchw_pool2_argmax: output, scratch or bias too small for the GEMM result")
+        raise ValueError("gemm_to_nchw_max_pool_2x2_argmax: output, scratch or bias too small for the GEMM result")
     for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
         hm = &pair_max[j, 0]
         hk = &pair_arg[j, 0]
@@ -1598,7 +1542,7 @@ def gemm_to_nchw_pool2_argmax(
                     code[px] = 2 + hk[(2 * py + 1) * pw + px] if take else hk[2 * py * pw + px]
 
 
-def pool2_argmax_to_gemm(
+def max_pool_2x2_argmax_to_gemm(
     const floating[:, :, ::1] dy,
     const floating[:, :, ::1] y,
     const int[:, :, ::1] argmax,
@@ -1610,7 +1554,7 @@ def pool2_argmax_to_gemm(
     double[:, ::1] dbias_partial,
     int n_threads,
 ):
-    """Backward of ``gemm_to_nchw_pool2_argmax``: ``dy_gemm (out_c, g, P)`` gets the pooled
+    """Backward of ``gemm_to_nchw_max_pool_2x2_argmax``: ``dy_gemm (out_c, g, P)`` gets the pooled
     gradient ``dy`` (through the leaky ReLU, read from the pooled output ``y``) at each window's
     argmax and zero elsewhere; ``dbias_partial[j, o]`` gets each image's sum, as in
     ``nchw_to_gemm``. The argmax is masked to 0..3, so no value can write outside the window.

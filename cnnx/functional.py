@@ -8,14 +8,25 @@ buffers are allocated once per batch shape, not once per call.
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import numpy as np
 
 from . import _simd
 from ._simd import ops as _ops  # the build for this CPU's instruction set (cnnx._simd)
-from ._geometry import conv_output_size, dilated_kernel_size, explicit_padding, positive_pair
-from .parallel import for_each_group, threads_for
+from ._geometry import (
+    check_pool_padding,
+    conv_output_size,
+    conv_transpose_output_size,
+    dilated_kernel_size,
+    explicit_padding,
+    int_pair,
+    positive_pair,
+    windowed_output_size,
+)
+from .parallel import for_each_group, matmul, threads_for
+from .validation import as_floating, check_int, float_array
 
 __all__ = [
     "Workspace",
@@ -29,6 +40,18 @@ __all__ = [
     "col2im",
     "conv2d_grouped",
     "conv2d_grouped_backward",
+    "conv_transpose2d",
+    "conv_transpose2d_backward",
+    "linear",
+    "linear_backward",
+    "batch_norm_eval_backward",
+    "layer_norm",
+    "layer_norm_backward",
+    "erf",
+    "erfc",
+    "normal_cdf",
+    "ACTIVATIONS",
+    "SOFTMAX",
 ]
 
 # Target size of one group's column matrix. Measured on the project's 2-core machines: larger
@@ -76,42 +99,21 @@ class Workspace:
 
 # --- validation helpers ----------------------------------------------------------------------
 
-def _float_array(a, name, ndim, dtype=None):
-    """Return ``a`` as a C-contiguous float32/float64 array of ``ndim`` dimensions.
-
-    Integer and boolean input becomes float32 (float16 too); complex and object input is refused,
-    and so are floats wider than float64 (``np.longdouble``): the kernels compute in float32 or
-    float64 only, and narrowing them would silently drop the precision the caller asked for.
-    ``dtype`` forces the result dtype (used to bring weights to the input's dtype).
-    """
-    if not isinstance(a, np.ndarray):
-        try:
-            a = np.asarray(a)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"Expected {name} to be an array of numbers, received: {type(a).__name__}") from exc
-    kind = a.dtype.kind
-    if kind not in "fiub":
-        raise TypeError(
-            f"Expected {name} with a real floating or integer dtype, received: {name}.dtype={a.dtype}"
-        )
-    if kind == "f" and a.dtype.itemsize > 8:
-        raise TypeError(
-            f"Expected {name} with dtype float32 or float64 (float16 and integers are widened to "
-            f"float32), received: {name}.dtype={a.dtype}; cast it with .astype(np.float64) first"
-        )
-    if a.ndim != ndim:
-        raise ValueError(f"Expected {name} with {ndim} dimensions, received: {name}.shape={a.shape}")
-    if dtype is None:
-        dtype = a.dtype if a.dtype in (np.float32, np.float64) else np.float32
-    return np.ascontiguousarray(a, dtype=dtype)
-
-
 def _common_dtype(*arrays):
     """float64 if any input is float64, else float32."""
     for a in arrays:
         if a is not None and getattr(a, "dtype", None) == np.float64:
             return np.dtype(np.float64)
     return np.dtype(np.float32)
+
+
+def _images_and_weight(x, weight, *others, **named):
+    """``x``, ``weight`` and the 4-D arrays in ``named`` (e.g. ``dy=dy``) as ``float_array``s of
+    one dtype, float64 if any of them or ``others`` (a bias) is; returns ``(dtype, [arrays])``."""
+    dtype = _common_dtype(x, weight, *others, *named.values())
+    arrays = [float_array(x, "x", 4, dtype), float_array(weight, "weight", 4, dtype)]
+    arrays += [float_array(a, name, 4, dtype) for name, a in named.items()]
+    return dtype, arrays
 
 
 def _check_out(out, shape, dtype, name="out"):
@@ -130,16 +132,8 @@ def _geometry(in_hw, kernel_size, stride, padding):
     kh, kw = positive_pair(kernel_size, "kernel_size")
     sy, sx = positive_pair(stride, "stride")
     pads = explicit_padding(padding, (kh, kw), (sy, sx), in_hw)
-    (pt, pb), (pl, pr) = pads
-    h, w = in_hw
-    if kh > h + pt + pb or kw > w + pl + pr:
-        raise ValueError(
-            f"Expected a kernel no larger than the padded input ({h + pt + pb}, {w + pl + pr}), "
-            f"received: kernel_size={(kh, kw)}"
-        )
-    out_h = conv_output_size(h, kh, sy, pt, pb)
-    out_w = conv_output_size(w, kw, sx, pl, pr)
-    return (kh, kw), (sy, sx), pads, (out_h, out_w)
+    out_hw = windowed_output_size(in_hw, (kh, kw), (sy, sx), pads)
+    return (kh, kw), (sy, sx), pads, out_hw
 
 
 def _group_size(n, bytes_per_image):
@@ -153,12 +147,7 @@ def _pool_geometry(x_shape, kernel_size, stride, padding):
     kh, kw = positive_pair(kernel_size, "kernel_size")
     stride = (kh, kw) if stride is None else stride
     geo = _geometry(x_shape[2:], (kh, kw), stride, padding)
-    (pt, pb), (pl, pr) = geo[2]
-    if max(pt, pb) > kh // 2 or max(pl, pr) > kw // 2:
-        # Also guarantees every window overlaps the input, so max-pool always finds a real maximum.
-        raise ValueError(
-            f"Expected pooling padding at most half the kernel ({kh // 2}, {kw // 2}), received: padding={padding!r}"
-        )
+    check_pool_padding(geo[2], (kh, kw), padding)
     return geo
 
 
@@ -179,7 +168,7 @@ def _rectifier(activation, negative_slope):
 
 
 def conv2d(x, weight, bias=None, stride=1, padding=0, out=None, workspace=None, activation=None,
-           negative_slope=0.01, maxpool2=False):
+           negative_slope=0.01, max_pool_2x2=False):
     """2-D cross-correlation (PyTorch's ``conv2d``), optionally followed by a fused (leaky) ReLU
     and, for inference, a fused 2x2 / stride-2 max-pool.
 
@@ -194,18 +183,16 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, out=None, workspace=None, 
     workspace : Workspace, optional, scratch buffers reused across calls
     activation : None, "relu" or "leaky_relu", applied in the same sweep as the bias
     negative_slope : float >= 0, the slope of "leaky_relu"
-    maxpool2 : bool, return ``max_pool2d(y, 2)`` instead of ``y``, computed in the same sweep
+    max_pool_2x2 : bool, return ``max_pool2d(y, 2)`` instead of ``y``, computed in the same sweep
         (nothing for a backward pass is kept: inference only)
 
     Returns
     -------
     y : ndarray of shape (n, out_c, out_h, out_w), the dtype of ``x`` (float64 if either is);
-        with ``maxpool2``, of shape (n, out_c, out_h // 2, out_w // 2)
+        with ``max_pool_2x2``, of shape (n, out_c, out_h // 2, out_w // 2)
     """
     rectify, slope = _rectifier(activation, negative_slope)
-    dtype = _common_dtype(x, weight, bias)
-    x = _float_array(x, "x", 4, dtype)
-    weight = _float_array(weight, "weight", 4, dtype)
+    dtype, (x, weight) = _images_and_weight(x, weight, bias)
     n, c, h, w = x.shape
     oc = weight.shape[0]
     if weight.shape[1] != c:
@@ -213,13 +200,13 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, out=None, workspace=None, 
             f"Expected weight with {c} input channels to match x.shape={x.shape}, received: weight.shape={weight.shape}"
         )
     if bias is not None:
-        bias = _float_array(bias, "bias", 1, dtype)
+        bias = float_array(bias, "bias", 1, dtype)
         if bias.shape[0] != oc:
             raise ValueError(f"Expected bias of shape ({oc},), received: bias.shape={bias.shape}")
     (kh, kw), (sy, sx), ((pt, _), (pl, _)), (out_h, out_w) = _geometry((h, w), weight.shape[2:], stride, padding)
-    if maxpool2 and (out_h < 2 or out_w < 2):
+    if max_pool_2x2 and (out_h < 2 or out_w < 2):
         raise ValueError(f"Expected a conv output of at least 2x2 to max-pool, received: {(out_h, out_w)}")
-    y_shape = (n, oc, out_h // 2, out_w // 2) if maxpool2 else (n, oc, out_h, out_w)
+    y_shape = (n, oc, out_h // 2, out_w // 2) if max_pool_2x2 else (n, oc, out_h, out_w)
     y = _check_out(out, y_shape, dtype)
     if y.size == 0:
         return y
@@ -243,8 +230,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, out=None, workspace=None, 
         _ops.im2col(x, first, kh, kw, sy, sx, pt, pl, out_h, out_w, cols, nt)
         y_gemm = scratch.get("y_gemm", (oc, m, p), dtype)
         np.matmul(w2, cols.reshape(k, m * p), out=y_gemm.reshape(oc, m * p))
-        if maxpool2:
-            _ops.gemm_to_nchw_maxpool2(y_gemm, b, has_bias, rectify, slope, first, out_w, y3, nt)
+        if max_pool_2x2:
+            _ops.gemm_to_nchw_max_pool_2x2(y_gemm, b, has_bias, rectify, slope, first, out_w, y3, nt)
         else:
             _ops.gemm_to_nchw(y_gemm, b, has_bias, rectify, slope, first, y3, nt)
 
@@ -272,10 +259,7 @@ def conv2d_backward(dy, x, weight, stride=1, padding=0, need_dx=True, out=None, 
     dweight : ndarray of shape (out_c, c, kh, kw)
     dbias : ndarray of shape (out_c,)
     """
-    dtype = _common_dtype(dy, x, weight)
-    x = _float_array(x, "x", 4, dtype)
-    weight = _float_array(weight, "weight", 4, dtype)
-    dy = _float_array(dy, "dy", 4, dtype)
+    dtype, (x, weight, dy) = _images_and_weight(x, weight, dy=dy)
     n, c, h, w = x.shape
     oc = weight.shape[0]
     if weight.shape[1] != c:
@@ -283,25 +267,12 @@ def conv2d_backward(dy, x, weight, stride=1, padding=0, need_dx=True, out=None, 
             f"Expected weight with {c} input channels to match x.shape={x.shape}, received: weight.shape={weight.shape}"
         )
     (kh, kw), (sy, sx), ((pt, _), (pl, _)), (out_h, out_w) = _geometry((h, w), weight.shape[2:], stride, padding)
-    if dy.shape != (n, oc, out_h, out_w):
-        raise ValueError(f"Expected dy of shape {(n, oc, out_h, out_w)}, received: dy.shape={dy.shape}")
-    rectify, slope = _rectifier(activation, negative_slope)
-    if rectify:
-        if y is None:
-            raise ValueError(f"Expected y, the output of conv2d, with activation={activation!r}")
-        y = _float_array(y, "y", 4, dtype)
-        if y.shape != dy.shape:
-            raise ValueError(f"Expected y of the shape of dy {dy.shape}, received: y.shape={y.shape}")
-    else:
-        y = dy  # unread
+    rectify, slope, y = _backward_activation(dy, (n, oc, out_h, out_w), y, activation, negative_slope, "conv2d")
     dx = _check_out(out, x.shape, dtype, "out") if need_dx else None
     k = c * kh * kw
     p = out_h * out_w
     if n == 0 or p == 0 or k == 0:
-        if dx is not None:
-            dx[...] = 0
-        dz = dy if not rectify else np.where(y > 0, dy, dy * slope)
-        return dx, np.zeros(weight.shape, dtype=dtype), dz.sum(axis=(0, 2, 3))
+        return _empty_backward(dx, dy, y, rectify, slope, weight.shape)
     ws = workspace if workspace is not None else Workspace()
     g = _group_size(n, (2 * k + oc) * p * dtype.itemsize)
     n_groups = -(-n // g)
@@ -325,9 +296,7 @@ def conv2d_backward(dy, x, weight, stride=1, padding=0, need_dx=True, out=None, 
         dy2 = dy_gemm.reshape(oc, m * p)
         np.matmul(dy2, cols.reshape(k, m * p).T, out=dweight_parts[index])
         if need_dx:
-            dcols = scratch.get("dcols", (k, m, p), dtype)
-            np.matmul(w2.T, dy2, out=dcols.reshape(k, m * p))
-            _ops.col2im(dcols, first, kh, kw, sy, sx, pt, pl, out_h, out_w, dx, nt)
+            _fold_input_grad(w2, dy2, first, m, (kh, kw, sy, sx, pt, pl, out_h, out_w), dx, scratch, nt)
 
     for_each_group(n_groups, run_group)
     dweight = dweight_parts[0].copy()
@@ -335,6 +304,42 @@ def conv2d_backward(dy, x, weight, stride=1, padding=0, need_dx=True, out=None, 
         dweight += part
     dbias = dbias_partial.sum(axis=0).astype(dtype)
     return dx, dweight.reshape(weight.shape), dbias
+
+
+def _backward_activation(dy, expected, y, activation, negative_slope, op):
+    """Check a convolution backward's ``dy`` (shape ``expected``) and, with a fused ``activation``,
+    its forward output ``y``; return ``(rectify, slope, y)`` for the layout pass (``y`` is ``dy``,
+    unread, without an activation)."""
+    if dy.shape != expected:
+        raise ValueError(f"Expected dy of shape {expected}, received: dy.shape={dy.shape}")
+    rectify, slope = _rectifier(activation, negative_slope)
+    if not rectify:
+        return rectify, slope, dy
+    if y is None:
+        raise ValueError(f"Expected y, the output of {op}, with activation={activation!r}")
+    y = float_array(y, "y", 4, dy.dtype)
+    if y.shape != dy.shape:
+        raise ValueError(f"Expected y of the shape of dy {dy.shape}, received: y.shape={y.shape}")
+    return rectify, slope, y
+
+
+def _empty_backward(dx, dy, y, rectify, slope, weight_shape):
+    """The gradients of a convolution with no output pixels or no images (nothing for the GEMMs)."""
+    if dx is not None:
+        dx[...] = 0
+    dz = dy if not rectify else np.where(y > 0, dy, dy * slope)
+    return dx, np.zeros(weight_shape, dtype=dy.dtype), dz.sum(axis=(0, 2, 3))
+
+
+def _fold_input_grad(w2, dy2, first, m, window, dx, scratch, n_threads):
+    """A convolution's input gradient for images ``first : first + m``: ``dx[first : first + m] =
+    col2im(w2.T @ dy2)`` with ``w2 (out_c, k)``, ``dy2 (out_c, m * P)`` in GEMM layout and
+    ``window = (kh, kw, sy, sx, pad_top, pad_left, out_h, out_w)``. Also the forward of the
+    transposed convolution (``conv_transpose2d``), which is this adjoint."""
+    k = w2.shape[1]
+    dcols = scratch.get("dcols", (k, m, dy2.shape[1] // max(m, 1)), dy2.dtype)
+    np.matmul(w2.T, dy2, out=dcols.reshape(k, dy2.shape[1]))
+    _ops.col2im(dcols, first, *window, dx, n_threads)
 
 
 # --- im2col / col2im (public, image-major layout) ---------------------------------------------
@@ -351,7 +356,7 @@ def im2col(x, kernel_size, stride=1, padding=0, out=None):
     cols : ndarray of shape (n, c*kh*kw, out_h*out_w); row ``(ci*kh + ki)*kw + kj``, column
         ``oy*out_w + ox`` (PyTorch's ``unfold`` layout)
     """
-    x = _float_array(x, "x", 4)
+    x = float_array(x, "x", 4)
     n, c, h, w = x.shape
     (kh, kw), (sy, sx), ((pt, _), (pl, _)), (out_h, out_w) = _geometry((h, w), kernel_size, stride, padding)
     k, p = c * kh * kw, out_h * out_w
@@ -375,7 +380,7 @@ def col2im(cols, x_shape, kernel_size, stride=1, padding=0, out=None):
     x : ndarray of shape ``x_shape``
     """
     x_shape = _shape4(x_shape, "x_shape")
-    cols = _float_array(cols, "cols", 3)
+    cols = float_array(cols, "cols", 3)
     n, c, h, w = x_shape
     (kh, kw), (sy, sx), ((pt, _), (pl, _)), (out_h, out_w) = _geometry((h, w), kernel_size, stride, padding)
     expected = (n, c * kh * kw, out_h * out_w)
@@ -432,7 +437,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, out=None, indices=True):
     indices : int64 ndarray of shape (n, c, out_h, out_w), flat ``iy * w + ix`` of each window's
         first maximum (PyTorch's convention), or None
     """
-    x = _float_array(x, "x", 4)
+    x = float_array(x, "x", 4)
     n, c, h, w = x.shape
     (kh, kw), (sy, sx), ((pt, _), (pl, _)), (out_h, out_w) = _pool_geometry(x.shape, kernel_size, stride, padding)
     y_out, idx_out = (None, None) if out is None else out
@@ -453,7 +458,7 @@ def max_pool2d_backward(dy, indices, x_shape, out=None):
     dx : ndarray of shape ``x_shape``
     """
     x_shape = _shape4(x_shape, "x_shape")
-    dy = _float_array(dy, "dy", 4)
+    dy = float_array(dy, "dy", 4)
     if not isinstance(indices, np.ndarray) or indices.dtype.kind not in "iu":
         raise TypeError(f"Expected integer indices from max_pool2d, received: {getattr(indices, 'dtype', type(indices))}")
     indices = np.ascontiguousarray(indices, dtype=np.int64)
@@ -483,7 +488,7 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, out=None):
     -------
     y : ndarray of shape (n, c, out_h, out_w)
     """
-    x = _float_array(x, "x", 4)
+    x = float_array(x, "x", 4)
     n, c, h, w = x.shape
     (kh, kw), (sy, sx), ((pt, _), (pl, _)), (out_h, out_w) = _pool_geometry(x.shape, kernel_size, stride, padding)
     y = _check_out(out, (n, c, out_h, out_w), x.dtype)
@@ -499,7 +504,7 @@ def avg_pool2d_backward(dy, x_shape, kernel_size, stride=None, padding=0, out=No
     dx : ndarray of shape ``x_shape``
     """
     x_shape = _shape4(x_shape, "x_shape")
-    dy = _float_array(dy, "dy", 4)
+    dy = float_array(dy, "dy", 4)
     n, c, h, w = x_shape
     (kh, kw), (sy, sx), ((pt, _), (pl, _)), (out_h, out_w) = _pool_geometry(x_shape, kernel_size, stride, padding)
     if dy.shape != (n, c, out_h, out_w):
@@ -755,9 +760,21 @@ def batch_norm_train(x3, gamma, beta, eps):
     y, x_hat : ndarrays of x3's shape and dtype
     mean, var : float64 arrays of shape (c,), the batch mean and biased variance
     inv_std : float64 array of shape (c,), ``1 / sqrt(var + eps)``
+
+    Dtypes the kernels do not take (float16) get the same maths in NumPy, in their own dtype.
     """
     x3 = np.ascontiguousarray(x3)
     n, c, length = x3.shape
+    if not compiled_dtype(x3):
+        mean = x3.mean(axis=(0, 2))
+        x_hat = x3 - mean[:, None]
+        y = np.multiply(x_hat, x_hat)
+        var = y.sum(axis=(0, 2)) / (n * length)
+        inv_std = 1.0 / np.sqrt(var + eps)
+        x_hat *= inv_std[:, None]
+        np.multiply(x_hat, gamma[:, None], out=y)
+        y += beta[:, None]
+        return y, x_hat, mean, var, inv_std
     mean = np.empty(c)
     var = np.empty(c)
     work = n * c * length
@@ -775,9 +792,16 @@ def batch_norm_eval(x3, gamma, beta, running_mean, running_var, eps):
     Returns
     -------
     y : ndarray of x3's shape and dtype
-    inv_std : float64 array of shape (c,)
+    inv_std : float64 array of shape (c,) (the running statistics' dtype for float16 input)
     """
     x3 = np.ascontiguousarray(x3)
+    if not compiled_dtype(x3):
+        inv_std = 1.0 / np.sqrt(running_var + eps)
+        scale = gamma * inv_std
+        shift = beta - running_mean * scale
+        y = x3 * scale[:, None]
+        y += shift[:, None]
+        return y, inv_std
     inv_std = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
     y = np.empty_like(x3)
     _ops.batchnorm_normalize(x3, running_mean.astype(np.float64), inv_std, gamma, beta, y, y, False,
@@ -786,7 +810,10 @@ def batch_norm_eval(x3, gamma, beta, running_mean, running_var, eps):
 
 
 def channel_dot_sums(dy3, other3):
-    """Per channel of two ``(n, c, L)`` arrays: ``(sum(dy), sum(dy * other))`` as float64 arrays of shape (c,)."""
+    """Per channel of two ``(n, c, L)`` arrays: ``(sum(dy), sum(dy * other))`` as float64 arrays of
+    shape (c,) (in the arrays' own dtype for float16)."""
+    if not compiled_dtype(dy3, other3):
+        return dy3.sum(axis=(0, 2)), np.einsum("ncl,ncl->c", dy3, other3)
     n, c, length = dy3.shape
     s1 = np.empty(c)
     s2 = np.empty(c)
@@ -796,9 +823,71 @@ def channel_dot_sums(dy3, other3):
 
 def batch_norm_train_backward(dy3, x_hat, scale, mean_dy, mean_dy_xhat):
     """``dx = scale (dy - mean_dy - x_hat mean_dy_xhat)`` per channel (float64 (c,) coefficients)."""
+    if not compiled_dtype(dy3, x_hat):
+        dx = np.multiply(x_hat, (-mean_dy_xhat)[:, None])
+        dx += dy3
+        dx -= mean_dy[:, None]
+        dx *= scale[:, None]
+        return dx
     dx = np.empty_like(dy3)
     _ops.batchnorm_train_backward(dy3, x_hat, scale, mean_dy, mean_dy_xhat, dx, threads_for(dy3.size))
     return dx
+def batch_norm_eval_backward(dy3, scale):
+    """Evaluation-mode batch norm's ``dx = scale * dy`` per channel (the statistics are constants)."""
+    if compiled_dtype(dy3):
+        return dy3 * scale.astype(dy3.dtype)[:, None]
+    return dy3 * scale[:, None]
+
+
+def layer_norm(x3, weight, bias, eps):
+    """Layer normalisation of ``x3 (a, c, b)`` over axis 1, then ``* weight + bias`` per ``c``.
+
+    Parameters
+    ----------
+    x3 : ndarray of shape (a, c, b)
+    weight, bias : ndarrays of shape (c,), or None (no affine step)
+    eps : float
+
+    Returns
+    -------
+    y, x_hat : ndarrays of x3's shape
+    inv_std : ndarray of shape (a, 1, b), ``1 / sqrt(var + eps)``
+    """
+    mean = x3.mean(axis=1, keepdims=True)
+    x_hat = x3 - mean
+    var = np.mean(np.square(x_hat), axis=1, keepdims=True)
+    inv_std = 1.0 / np.sqrt(var + eps)
+    x_hat *= inv_std
+    if weight is not None:
+        y = x_hat * weight[:, None]
+        y += bias[:, None]
+    else:
+        y = x_hat.copy()
+    return y, x_hat, inv_std
+
+
+def layer_norm_backward(dy3, x_hat, inv_std, weight, need_dx=True):
+    """Gradients of ``layer_norm``: with ``g = dy * weight``, per normalised group,
+    ``dx = inv_std * (g - mean(g) - x_hat * mean(g * x_hat))``.
+
+    Returns
+    -------
+    dx : ndarray of dy3's shape, or None when ``need_dx`` is False
+    dweight, dbias : ndarrays of shape (c,), or None without ``weight``
+    """
+    dweight = dbias = None
+    if weight is not None:
+        dweight, dbias = np.einsum("acb,acb->c", dy3, x_hat), dy3.sum(axis=(0, 2))
+    if not need_dx:
+        return None, dweight, dbias
+    g = dy3 * weight[:, None] if weight is not None else dy3.copy()
+    proj = np.mean(g * x_hat, axis=1, keepdims=True)
+    g -= g.mean(axis=1, keepdims=True)
+    g -= x_hat * proj
+    g *= inv_std
+    return g, dweight, dbias
+
+
 # --- grouped and dilated convolution ----------------------------------------------------------
 # The general convolution (PyTorch's ``conv2d(..., dilation, groups)``), kept apart from the
 # plain conv2d above so each stays simple. Same schedule (groups of images, one column buffer
@@ -811,7 +900,7 @@ def _grouped_geometry(x_shape, weight_shape, stride, padding, dilation, groups):
     """Validate the grouped geometry; return ``(kh, kw), (sy, sx), (dy, dx), (pt, pl), (out_h, out_w)``."""
     n, c, h, w = x_shape
     oc = weight_shape[0]
-    groups = _positive_int(groups, "groups")
+    groups = check_int(groups, "groups", minimum=1)
     if c % groups or oc % groups:
         raise ValueError(
             f"Expected in_channels ({c}) and out_channels ({oc}) divisible by groups, received: groups={groups}"
@@ -828,16 +917,8 @@ def _grouped_geometry(x_shape, weight_shape, stride, padding, dilation, groups):
     return (kh, kw), (sy, sx), dil, (pt, pl), out_hw, groups
 
 
-def _positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"Expected {name} to be an int, received: {name}={value!r}")
-    if value < 1:
-        raise ValueError(f"Expected {name} >= 1, received: {name}={value!r}")
-    return int(value)
-
-
 def conv2d_grouped(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, out=None, workspace=None,
-                   activation=None, negative_slope=0.01, maxpool2=False):
+                   activation=None, negative_slope=0.01, max_pool_2x2=False):
     """2-D cross-correlation with dilation and channel groups (PyTorch's ``conv2d``).
 
     Parameters
@@ -852,27 +933,25 @@ def conv2d_grouped(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
         ``"same"`` pads for the dilated kernel span ``d * (k - 1) + 1``.
     dilation : int or (dy, dx), spacing between kernel taps
     groups : int, dividing both ``c`` and ``out_c``
-    out, workspace, activation, negative_slope, maxpool2 : as :func:`conv2d`
+    out, workspace, activation, negative_slope, max_pool_2x2 : as :func:`conv2d`
 
     Returns
     -------
-    y : ndarray of shape (n, out_c, out_h, out_w) (``(n, out_c, out_h // 2, out_w // 2)`` with ``maxpool2``)
+    y : ndarray of shape (n, out_c, out_h, out_w) (``(n, out_c, out_h // 2, out_w // 2)`` with ``max_pool_2x2``)
     """
     rectify, slope = _rectifier(activation, negative_slope)
-    dtype = _common_dtype(x, weight, bias)
-    x = _float_array(x, "x", 4, dtype)
-    weight = _float_array(weight, "weight", 4, dtype)
+    dtype, (x, weight) = _images_and_weight(x, weight, bias)
     n, c, h, w = x.shape
     oc = weight.shape[0]
     (kh, kw), (sy, sx), (dil_y, dil_x), (pt, pl), (out_h, out_w), groups = _grouped_geometry(
         x.shape, weight.shape, stride, padding, dilation, groups)
     if bias is not None:
-        bias = _float_array(bias, "bias", 1, dtype)
+        bias = float_array(bias, "bias", 1, dtype)
         if bias.shape[0] != oc:
             raise ValueError(f"Expected bias of shape ({oc},), received: bias.shape={bias.shape}")
-    if maxpool2 and (out_h < 2 or out_w < 2):
+    if max_pool_2x2 and (out_h < 2 or out_w < 2):
         raise ValueError(f"Expected a conv output of at least 2x2 to max-pool, received: {(out_h, out_w)}")
-    y_shape = (n, oc, out_h // 2, out_w // 2) if maxpool2 else (n, oc, out_h, out_w)
+    y_shape = (n, oc, out_h // 2, out_w // 2) if max_pool_2x2 else (n, oc, out_h, out_w)
     y = _check_out(out, y_shape, dtype)
     if y.size == 0:
         return y
@@ -881,10 +960,10 @@ def conv2d_grouped(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
     b = bias if has_bias else np.empty(0, dtype=dtype)
     if groups == c:
         # Depthwise: the direct kernel (no column buffer kh*kw times the input's size).
-        full = ws.get("depthwise_y", (n, oc, out_h, out_w), dtype) if maxpool2 else y
+        full = ws.get("depthwise_y", (n, oc, out_h, out_w), dtype) if max_pool_2x2 else y
         _ops.depthwise_conv2d(x, weight, b, has_bias, sy, sx, dil_y, dil_x, pt, pl, rectify, slope, full,
                               threads_for(full.size * kh * kw))
-        return max_pool2d(full, 2, out=(y, None), indices=False)[0] if maxpool2 else y
+        return max_pool2d(full, 2, out=(y, None), indices=False)[0] if max_pool_2x2 else y
     k = c * kh * kw
     p = out_h * out_w
     g = _group_size(n, (k + oc) * p * dtype.itemsize)
@@ -901,8 +980,8 @@ def conv2d_grouped(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
         _ops.im2col_dilated(x, first, kh, kw, sy, sx, dil_y, dil_x, pt, pl, out_h, out_w, cols, nt)
         y_gemm = scratch.get("y_gemm", (oc, m, p), dtype)
         np.matmul(w3, cols.reshape(groups, k // groups, m * p), out=y_gemm.reshape(groups, oc // groups, m * p))
-        if maxpool2:
-            _ops.gemm_to_nchw_maxpool2(y_gemm, b, has_bias, rectify, slope, first, out_w, y3, nt)
+        if max_pool_2x2:
+            _ops.gemm_to_nchw_max_pool_2x2(y_gemm, b, has_bias, rectify, slope, first, out_w, y3, nt)
         else:
             _ops.gemm_to_nchw(y_gemm, b, has_bias, rectify, slope, first, y3, nt)
 
@@ -928,33 +1007,17 @@ def conv2d_grouped_backward(dy, x, weight, stride=1, padding=0, dilation=1, grou
     dweight : ndarray of shape (out_c, c // groups, kh, kw)
     dbias : ndarray of shape (out_c,)
     """
-    dtype = _common_dtype(dy, x, weight)
-    x = _float_array(x, "x", 4, dtype)
-    weight = _float_array(weight, "weight", 4, dtype)
-    dy = _float_array(dy, "dy", 4, dtype)
+    dtype, (x, weight, dy) = _images_and_weight(x, weight, dy=dy)
     n, c, h, w = x.shape
     oc = weight.shape[0]
     (kh, kw), (sy, sx), (dil_y, dil_x), (pt, pl), (out_h, out_w), groups = _grouped_geometry(
         x.shape, weight.shape, stride, padding, dilation, groups)
-    if dy.shape != (n, oc, out_h, out_w):
-        raise ValueError(f"Expected dy of shape {(n, oc, out_h, out_w)}, received: dy.shape={dy.shape}")
-    rectify, slope = _rectifier(activation, negative_slope)
-    if rectify:
-        if y is None:
-            raise ValueError(f"Expected y, the output of conv2d_grouped, with activation={activation!r}")
-        y = _float_array(y, "y", 4, dtype)
-        if y.shape != dy.shape:
-            raise ValueError(f"Expected y of the shape of dy {dy.shape}, received: y.shape={y.shape}")
-    else:
-        y = dy  # unread
+    rectify, slope, y = _backward_activation(dy, (n, oc, out_h, out_w), y, activation, negative_slope, "conv2d_grouped")
     dx = _check_out(out, x.shape, dtype, "out") if need_dx else None
     k = c * kh * kw
     p = out_h * out_w
     if n == 0 or p == 0:
-        if dx is not None:
-            dx[...] = 0
-        dz = dy if not rectify else np.where(y > 0, dy, dy * slope)
-        return dx, np.zeros(weight.shape, dtype=dtype), dz.sum(axis=(0, 2, 3))
+        return _empty_backward(dx, dy, y, rectify, slope, weight.shape)
     ws = workspace if workspace is not None else Workspace()
     if groups == c:
         return _depthwise_backward(dy, x, weight, (sy, sx), (dil_y, dil_x), (pt, pl), dx, rectify, slope, y, ws)
@@ -1010,21 +1073,511 @@ def _depthwise_backward(dy, x, weight, stride, dilation, pads, dx, rectify, slop
 _NO_DX = np.zeros((1, 1, 1, 1))  # never written (need_dx=False)
 
 
+
+# --- fully connected and transposed convolution --------------------------------------------------
+
+def linear(x, weight, bias=None):
+    """``x @ weight.T + bias`` (PyTorch's ``F.linear``), the rows spread over the worker threads.
+
+    Parameters
+    ----------
+    x : ndarray of shape (n, in_features)
+    weight : ndarray of shape (out_features, in_features), the dtype of the result
+    bias : ndarray of shape (out_features,) or None
+
+    Returns
+    -------
+    z : ndarray of shape (n, out_features), a new array
+    """
+    x, weight = np.asarray(x), np.asarray(weight)
+    if weight.ndim != 2 or x.ndim != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"Expected x of shape (n, in_features) and weight of shape (out_features, in_features), "
+            f"received: x.shape={x.shape}, weight.shape={weight.shape}"
+        )
+    if weight.dtype.kind != "f":
+        raise TypeError(f"Expected a floating weight, received: weight.dtype={weight.dtype}")
+    x = x.astype(weight.dtype, copy=False)
+    if bias is not None and np.shape(bias) != (weight.shape[0],):
+        raise ValueError(f"Expected bias of shape ({weight.shape[0]},), received: bias.shape={np.shape(bias)}")
+    z = matmul(x, weight.T, np.empty((x.shape[0], weight.shape[0]), dtype=weight.dtype))
+    if bias is not None:
+        z += bias
+    return z
+
+
+def linear_backward(dz, x, weight, dweight, dbias=None, need_dx=True):
+    """Gradients of ``linear``: ``dweight = dz.T @ x`` and ``dbias = dz.sum(0)`` written into the
+    given buffers (shapes of ``weight`` and ``(out_features,)``; ``dbias`` None: no bias).
+
+    Returns
+    -------
+    dx : ndarray of shape (n, in_features), or None when ``need_dx`` is False
+    """
+    matmul(dz.T, x, out=dweight)
+    if dbias is not None:
+        np.sum(dz, axis=0, out=dbias)
+    if not need_dx:
+        return None
+    return matmul(dz, weight, np.empty((dz.shape[0], weight.shape[1]), dtype=weight.dtype))
+
+
+def _transpose_geometry(x_shape, weight_shape, stride, padding, output_padding):
+    """``(kh, kw), (sy, sx), (ph, pw), (out_h, out_w)`` of a transposed convolution, checked."""
+    kh, kw = positive_pair(weight_shape[2:], "kernel_size")
+    sy, sx = positive_pair(stride, "stride")
+    ph, pw = int_pair(padding, "padding")
+    oy, ox = int_pair(output_padding, "output_padding")
+    if min(ph, pw) < 0:
+        raise ValueError(f"Expected padding >= 0, received: padding={padding!r}")
+    if min(oy, ox) < 0 or oy >= sy or ox >= sx:
+        raise ValueError(
+            f"Expected 0 <= output_padding < stride {(sy, sx)}, received: output_padding={output_padding!r}"
+        )
+    if x_shape[1] != weight_shape[0]:
+        raise ValueError(
+            f"Expected weight with {x_shape[1]} input channels (weight.shape[0]) to match x.shape={x_shape}, "
+            f"received: weight.shape={weight_shape}"
+        )
+    out_hw = (conv_transpose_output_size(x_shape[2], kh, sy, ph, oy),
+              conv_transpose_output_size(x_shape[3], kw, sx, pw, ox))
+    if min(out_hw) < 1:
+        raise ValueError(f"Expected an input giving a non-empty output, received: x.shape={x_shape} -> {out_hw}")
+    return (kh, kw), (sy, sx), (ph, pw), out_hw
+
+
+def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0, workspace=None):
+    """Transposed 2-D convolution (PyTorch's ``conv_transpose2d``, dilation 1, one group): the
+    adjoint of ``conv2d``, computed as its input gradient (``col2im(W^T x)``, ``_fold_input_grad``).
+
+    Parameters
+    ----------
+    x : ndarray of shape (n, in_c, h, w)
+    weight : ndarray of shape (in_c, out_c, kh, kw) (PyTorch's layout)
+    bias : ndarray of shape (out_c,) or None
+    stride : int or (sy, sx)
+    padding : int or (ph, pw), rows/columns removed from each border of the full output
+    output_padding : int or (oy, ox), extra rows/columns at the bottom/right, each < the stride
+    workspace : Workspace, optional
+
+    Returns
+    -------
+    y : ndarray of shape (n, out_c, out_h, out_w) with
+        ``out = (in - 1) * stride - 2 * padding + kernel_size + output_padding`` per axis
+    """
+    dtype, (x, weight) = _images_and_weight(x, weight, bias)
+    (kh, kw), (sy, sx), (ph, pw), (out_h, out_w) = _transpose_geometry(
+        x.shape, weight.shape, stride, padding, output_padding)
+    n, c, h, w = x.shape
+    oc = weight.shape[1]
+    y = np.empty((n, oc, out_h, out_w), dtype=dtype)
+    if n == 0 or c == 0:
+        y[...] = 0
+    else:
+        ws = workspace if workspace is not None else Workspace()
+        k = oc * kh * kw
+        p = h * w
+        g = _group_size(n, (k + c) * p * dtype.itemsize)
+        n_groups = -(-n // g)
+        w2 = weight.reshape(c, k)
+        x3 = x.reshape(n, c, p)
+        nt = threads_for(n * (k + c) * p) if n_groups == 1 else 1
+        window = (kh, kw, sy, sx, ph, pw, h, w)
+
+        def run_group(worker, index):
+            first = index * g
+            m = min(g, n - first)
+            scratch = ws.worker(worker)
+            x_gemm = scratch.get("x_gemm", (c, m, p), dtype)
+            np.copyto(x_gemm, x3[first:first + m].transpose(1, 0, 2))
+            _fold_input_grad(w2, x_gemm.reshape(c, m * p), first, m, window, y, scratch, nt)
+
+        for_each_group(n_groups, run_group)
+    if bias is not None:
+        bias = float_array(bias, "bias", 1, dtype)
+        if bias.shape[0] != oc:
+            raise ValueError(f"Expected bias of shape ({oc},), received: bias.shape={bias.shape}")
+        y += bias[:, None, None]
+    return y
+
+
+def conv_transpose2d_backward(dy, x, weight, stride=1, padding=0, output_padding=0, need_dx=True,
+                              workspace=None):
+    """Gradients of ``conv_transpose2d``: the forward is ``conv2d``'s input gradient for a
+    convolution from y-space to x-space with weight ``weight``, so ``dweight`` is that
+    convolution's weight gradient with (input, output) = (dy, x) and ``dx = conv2d(dy, weight)``.
+
+    Returns
+    -------
+    dx : ndarray of shape (n, in_c, h, w), or None when ``need_dx`` is False
+    dweight : ndarray of shape (in_c, out_c, kh, kw)
+    dbias : ndarray of shape (out_c,)
+    """
+    dtype, (x, weight, dy) = _images_and_weight(x, weight, dy=dy)
+    _, (sy, sx), (ph, pw), out_hw = _transpose_geometry(x.shape, weight.shape, stride, padding, output_padding)
+    expected = (x.shape[0], weight.shape[1]) + out_hw
+    if dy.shape != expected:
+        raise ValueError(f"Expected dy of shape {expected}, received: dy.shape={dy.shape}")
+    pads = ((ph, ph), (pw, pw))
+    _, dweight, _ = conv2d_backward(x, dy, weight, (sy, sx), pads, need_dx=False, workspace=workspace)
+    dbias = dy.sum(axis=(0, 2, 3))
+    dx = conv2d(dy, weight, None, (sy, sx), pads, workspace=workspace) if need_dx else None
+    return dx, dweight, dbias
+
+# --- activation functions (the maths behind cnnx.layers' activations) -------------------------
+# GELU needs ``erf``; SciPy is not a dependency, so ``erf``/``erfc`` are W. J. Cody's rational
+# Chebyshev approximations (Math. Comp. 1969, SPECFUN ``CALERF``), accurate to float64 rounding.
+
+# --------------------------------------------------------------------------------------------
+# erf / erfc (Cody). Three intervals of |x|: [0, 0.46875], (0.46875, 4], (4, inf).
+# --------------------------------------------------------------------------------------------
+_ERF_THRESH = 0.46875
+_SQRPI = 5.6418958354775628695e-1  # 1 / sqrt(pi)
+_A = (3.16112374387056560e00, 1.13864154151050156e02, 3.77485237685302021e02,
+      3.20937758913846947e03, 1.85777706184603153e-1)
+_B = (2.36012909523441209e01, 2.44024637934444173e02, 1.28261652607737228e03,
+      2.84423683343917062e03)
+_C = (5.64188496988670089e-1, 8.88314979438837594e00, 6.61191906371416295e01,
+      2.98635138197400131e02, 8.81952221241769090e02, 1.71204761263407058e03,
+      2.05107837782607147e03, 1.23033935479799725e03, 2.15311535474403846e-8)
+_D = (1.57449261107098347e01, 1.17693950891312499e02, 5.37181101862009858e02,
+      1.62138957456669019e03, 3.29079923573345963e03, 4.36261909014324716e03,
+      3.43936767414372164e03, 1.23033935480374942e03)
+_P = (3.05326634961232344e-1, 3.60344899949804439e-1, 1.25781726111229246e-1,
+      1.60837851487422766e-2, 6.58749161529837803e-4, 1.63153871373020978e-2)
+_Q = (2.56852019228982242e00, 1.87295284992346725e00, 5.27905102951428412e-1,
+      6.05183413124413191e-2, 2.33520497626869185e-3)
+# Beyond this erfc underflows to 0 in float64; clamping keeps inf out of the exp split below.
+_ERFC_XBIG = 28.0
+
+
+def _rational(t, lead, p, q, num, den):
+    """``(lead t^n + p[0] t^(n-1) + ... + p[-1]) / (t^n + q[0] t^(n-1) + ... + q[-1])`` into ``num``.
+
+    Horner's scheme in place on the scratch arrays ``num`` and ``den`` (no temporaries).
+    """
+    np.multiply(t, lead, out=num)
+    np.copyto(den, t)
+    for p_i, q_i in zip(p[:-1], q[:-1]):
+        num += p_i
+        num *= t
+        den += q_i
+        den *= t
+    num += p[-1]
+    den += q[-1]
+    num /= den
+    return num
+
+
+def _erf_parts(a):
+    """Cody's two branches for ``a = |x|``, each evaluated on the whole array.
+
+    Returns ``(erf_small, erfc_big, is_small)``: ``erf(a)`` valid where ``a <= 0.46875``,
+    ``erfc(a)`` valid elsewhere, and the 0/1 float mask of the first region. Every branch sees
+    clamped arguments, so all values are finite and callers blend them as ``s*m + b*(1-m)``
+    (exact for m in {0, 1}); masks, ``np.where`` and fancy indexing are several times slower
+    here because their branches are unpredictable.
+    """
+    num = np.empty_like(a)
+    den = np.empty_like(a)
+    t = np.minimum(a, _ERF_THRESH)
+    ysq = t * t
+    # erf(t) = t * (A4 t^8 + A0 t^6 + ... + A3) / (t^8 + B0 t^6 + ... + B3) in the variable t^2
+    erf_small = _rational(ysq, _A[4], _A[:4], _B, num, den) * t
+    # erfc on (0.46875, 4]: rational in y
+    y = np.clip(a, _ERF_THRESH, _ERFC_XBIG, out=t)
+    mid = _rational(np.minimum(y, 4.0), _C[8], _C[:8], _D, num, den).copy()
+    # erfc beyond 4: (1/sqrt(pi) - z R(z)) / y with z = 1/y^2
+    y_tail = np.maximum(y, 4.0)
+    z = np.multiply(y_tail, y_tail)
+    np.divide(1.0, z, out=z)
+    tail = _rational(z, _P[5], _P[:5], _Q, num, den)
+    tail *= z
+    np.subtract(_SQRPI, tail, out=tail)
+    tail /= y_tail
+    is_tail = (y > 4.0).astype(a.dtype)
+    tail *= is_tail
+    np.subtract(1.0, is_tail, out=is_tail)
+    mid *= is_tail
+    erfc_big = np.add(mid, tail, out=mid)
+    # times exp(-y^2), split as exp(-r^2) exp(-(y-r)(y+r)) with r = y rounded down to 1/16: r^2 is
+    # exact, so the low bits of y^2 that decide erfc's relative accuracy in the tail are kept.
+    r = np.multiply(y, 16.0, out=y_tail)
+    np.trunc(r, out=r)
+    r *= 0.0625
+    d = np.subtract(y, r, out=z)
+    y += r
+    d *= y
+    np.negative(d, out=d)
+    np.exp(d, out=d)
+    erfc_big *= d
+    np.multiply(r, r, out=r)
+    np.negative(r, out=r)
+    np.exp(r, out=r)
+    erfc_big *= r
+    is_small = (a <= _ERF_THRESH).astype(a.dtype)
+    return erf_small, erfc_big, is_small
+
+
+def erf(x):
+    """Error function, elementwise, to float64 rounding accuracy (Cody's approximation).
+
+    Parameters
+    ----------
+    x : array_like
+        Computed in its own floating dtype (integers as float64).
+
+    Returns
+    -------
+    ndarray of the same shape
+    """
+    x = as_floating(x)
+    erf_small, erfc_big, m = _erf_parts(np.abs(x))
+    erf_small *= m
+    np.subtract(1.0, erfc_big, out=erfc_big)
+    np.subtract(1.0, m, out=m)
+    erfc_big *= m
+    erf_small += erfc_big
+    return np.copysign(erf_small, x, out=erf_small)
+
+
+def erfc(x):
+    """Complementary error function ``1 - erf(x)``, elementwise, accurate in the tails too.
+
+    Parameters
+    ----------
+    x : array_like
+
+    Returns
+    -------
+    ndarray of the same shape
+    """
+    x = as_floating(x)
+    erf_small, erfc_big, m = _erf_parts(np.abs(x))
+    v = np.subtract(1.0, erf_small, out=erf_small)
+    v *= m
+    np.subtract(1.0, m, out=m)
+    erfc_big *= m
+    v += erfc_big  # erfc(|x|)
+    # erfc(x) = 2 - erfc(|x|) for x < 0: add neg * (2 - 2 v), exact where neg == 0.
+    fix = np.multiply(v, -2.0, out=erfc_big)
+    fix += 2.0
+    fix *= x < 0
+    v += fix
+    return v
+
+
+def normal_cdf(x):
+    """Standard normal CDF ``Phi(x) = erfc(-x / sqrt(2)) / 2``, accurate for very negative x."""
+    x = as_floating(x)
+    return 0.5 * erfc(x * -math.sqrt(0.5))
+
+
+# --------------------------------------------------------------------------------------------
+# The activation functions: stateless objects with the protocol
+#   forward(x, out=None, **kw) -> y ; ``out`` may be ``x`` itself (in place);
+#   backward(dy, x, y, out=None, **kw) -> dx, with ``x`` the pre-activation and ``y`` the output;
+#   needs_input(**kw) -> bool: whether ``backward`` reads ``x`` (when not, a caller may compute
+#   ``y`` in place over ``x`` and pass ``x=None``, one buffer per layer saved).
+# float32 / float64 arrays take the compiled, threaded passes above (one sweep per pass); other
+# float dtypes (float16) the NumPy code, which writes through ``out=`` and avoids temporaries.
+# --------------------------------------------------------------------------------------------
+def _compiled(*arrays, out=None):
+    """Whether the compiled pass applies: float32 / float64 arrays of one shape and dtype."""
+    return compiled_dtype(*arrays) and (out is None or compiled_dtype(arrays[0], out))
+
+
+class _OutputGradFn:
+    """An activation whose gradient reads only its output ``y`` (so ``x`` may be overwritten)."""
+
+    def needs_input(self):
+        return False
+
+
+class _ReLUFn(_OutputGradFn):
+    name = "relu"
+
+    def forward(self, x, out=None):
+        if _compiled(x, out=out):
+            return leaky_relu(x, 0.0, out=out)
+        return np.maximum(x, 0, out=out)
+
+    def backward(self, dy, x, y, out=None):
+        # y > 0 exactly where x > 0, so the output suffices (gradient 0 at x = 0, as PyTorch).
+        if _compiled(dy, y, out=out):
+            return leaky_relu_backward(dy, y, 0.0, out=out)
+        return np.multiply(dy, y > 0, out=out)
+
+
+class _LeakyReLUFn:
+    name = "leaky_relu"
+
+    def needs_input(self, negative_slope=0.01):
+        # With a negative slope the sign of y no longer tells the sign of x.
+        return negative_slope < 0
+
+    def forward(self, x, out=None, negative_slope=0.01):
+        if _compiled(x, out=out):
+            return leaky_relu(x, negative_slope, out=out)
+        # leaky_relu(x) = max(x, a x) for a <= 1 and min(x, a x) for a > 1: two streaming passes.
+        # (Masked ufuncs, np.where and copyto(where=) branch on every element and are ~30x slower.)
+        pick = np.maximum if negative_slope <= 1 else np.minimum
+        if out is not None and np.may_share_memory(out, x):
+            return pick(x, x * negative_slope, out=out)
+        scaled = np.multiply(x, negative_slope, out=out)
+        return pick(x, scaled, out=scaled)
+
+    def backward(self, dy, x, y, out=None, negative_slope=0.01):
+        ref = x if negative_slope < 0 else y
+        if _compiled(dy, ref, out=out):
+            return leaky_relu_backward(dy, ref, negative_slope, out=out)
+        positive = ref > 0
+        # factor = 1 where positive, a elsewhere, built as (not positive) * a + positive: each
+        # term is exactly 0, 1 or a, so the positive side passes dy through bit for bit.
+        factor = np.logical_not(positive).astype(dy.dtype)
+        factor *= negative_slope
+        factor += positive
+        return np.multiply(dy, factor, out=factor if out is None else out)
+
+
+class _SigmoidFn(_OutputGradFn):
+    name = "sigmoid"
+
+    def forward(self, x, out=None):
+        if SIMD_TRANSCENDENTALS and _compiled(x, out=out):
+            return sigmoid(x, out=out)
+        # With e = exp(-|x|) (never overflows): sigmoid = 1/(1+e) for x >= 0, e/(1+e) for x < 0.
+        # The numerator is max(e, [x >= 0]) since 0 < e <= 1: no branches, one rounding.
+        nonneg = x >= 0  # taken before out overwrites x when the call is in place
+        out = np.abs(x, out=out)
+        np.negative(out, out=out)
+        np.exp(out, out=out)
+        denom = out + 1
+        np.maximum(out, nonneg, out=out)
+        np.divide(out, denom, out=out)
+        return out
+
+    def backward(self, dy, x, y, out=None):
+        if _compiled(dy, y, out=out):
+            return sigmoid_backward(dy, y, out=out)
+        out = np.subtract(1, y, out=out)
+        np.multiply(out, y, out=out)
+        return np.multiply(out, dy, out=out)
+
+
+class _TanhFn(_OutputGradFn):
+    name = "tanh"
+
+    def forward(self, x, out=None):
+        # NumPy's vectorised tanh beats the compiled one (see functional.SIMD_TRANSCENDENTALS).
+        return np.tanh(x, out=out)
+
+    def backward(self, dy, x, y, out=None):
+        if _compiled(dy, y, out=out):
+            return tanh_backward(dy, y, out=out)
+        out = np.multiply(y, y, out=out)
+        np.subtract(1, out, out=out)
+        return np.multiply(out, dy, out=out)
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_GELU_TANH_C = 0.044715
+_GELU_APPROXIMATIONS = ("none", "tanh")
+
+
+def check_gelu_approximate(approximate):
+    """``approximate`` of GELU: "none" (exact erf form) or "tanh"."""
+    if approximate not in _GELU_APPROXIMATIONS:
+        raise ValueError(
+            f"Expected approximate to be one of {_GELU_APPROXIMATIONS}, received: approximate={approximate!r}"
+        )
+
+
+class _GELUFn:
+    """GELU: exact ``x * Phi(x)`` (PyTorch's default) or the tanh approximation."""
+
+    name = "gelu"
+
+    def needs_input(self, approximate="none"):
+        return True
+
+    def _tanh_inner(self, x):
+        return np.tanh(_SQRT_2_OVER_PI * (x + _GELU_TANH_C * x * x * x))
+
+    def forward(self, x, out=None, approximate="none"):
+        check_gelu_approximate(approximate)
+        if _compiled(x, out=out) and (approximate == "none" or SIMD_TRANSCENDENTALS):
+            return gelu(x, approximate, out=out)
+        if approximate == "tanh":
+            t = self._tanh_inner(x)
+            t += 1
+            t *= 0.5
+        else:
+            t = normal_cdf(x)
+        return np.multiply(x, t, out=out)
+
+    def backward(self, dy, x, y, out=None, approximate="none"):
+        check_gelu_approximate(approximate)
+        if _compiled(dy, x, out=out) and (approximate == "none" or SIMD_TRANSCENDENTALS):
+            return gelu_backward(dy, x, approximate, out=out)
+        if approximate == "tanh":
+            t = self._tanh_inner(x)
+            # d/dx [x (1+t)/2] = (1+t)/2 + x (1-t^2)/2 * sqrt(2/pi) (1 + 3c x^2)
+            inner_grad = _SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_C * x * x)
+            grad = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * inner_grad
+        else:
+            # d/dx [x Phi(x)] = Phi(x) + x phi(x)
+            grad = normal_cdf(x)
+            grad += x * np.exp(-0.5 * x * x) * _INV_SQRT_2PI
+        return np.multiply(dy, grad, out=out)
+
+
+class _SoftmaxFn(_OutputGradFn):
+    """Softmax over axis 1 (classes/channels); not elementwise, so not offered for fusion."""
+
+    name = "softmax"
+
+    def forward(self, x, out=None):
+        # Shift by the row maximum so exp never overflows.
+        out = np.subtract(x, x.max(axis=1, keepdims=True), out=out)
+        np.exp(out, out=out)
+        out /= out.sum(axis=1, keepdims=True)
+        return out
+
+    def backward(self, dy, x, y, out=None):
+        # Jacobian-vector product: dx = y * (dy - sum(dy * y)) along the softmax axis.
+        dot = np.sum(dy * y, axis=1, keepdims=True)
+        out = np.subtract(dy, dot, out=out)
+        return np.multiply(out, y, out=out)
+
+
+#: The activations Conv2D and Dense can fuse (``activation=<name>``), by name.
+ACTIVATIONS = {
+    "relu": _ReLUFn(),
+    "leaky_relu": _LeakyReLUFn(),
+    "sigmoid": _SigmoidFn(),
+    "tanh": _TanhFn(),
+    "gelu": _GELUFn(),
+}
+SOFTMAX = _SoftmaxFn()
+
+
 # --- convolution + activation + 2x2 max-pool for training ------------------------------------
 # The pooled output and each window's argmax come out of the GEMM's layout pass, and the backward
 # scatters the pooled gradient straight into the GEMM layout: the full-size activation is never
 # written, read back by a pool, or scattered into by a pool's backward.
 
-def _pool2_conv_setup(x, weight, bias, stride, padding):
-    """Validated arrays and geometry shared by ``conv2d_pool2_train`` and its backward."""
+def _max_pool_2x2_conv_setup(x, weight, bias, stride, padding):
+    """Validated arrays and geometry shared by ``conv2d_max_pool_2x2_train`` and its backward."""
     dtype = _common_dtype(x, weight, bias)
-    x = _float_array(x, "x", 4, dtype)
-    weight = _float_array(weight, "weight", 4, dtype)
+    x = float_array(x, "x", 4, dtype)
+    weight = float_array(weight, "weight", 4, dtype)
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"Expected weight with {x.shape[1]} input channels to match x.shape={x.shape}, "
                          f"received: weight.shape={weight.shape}")
     if bias is not None:
-        bias = _float_array(bias, "bias", 1, dtype)
+        bias = float_array(bias, "bias", 1, dtype)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"Expected bias of shape ({weight.shape[0]},), received: bias.shape={bias.shape}")
     geometry = _geometry(x.shape[2:], weight.shape[2:], stride, padding)
@@ -1034,7 +1587,7 @@ def _pool2_conv_setup(x, weight, bias, stride, padding):
     return dtype, x, weight, bias, geometry
 
 
-def conv2d_pool2_train(x, weight, bias=None, stride=1, padding=0, workspace=None, activation=None,
+def conv2d_max_pool_2x2_train(x, weight, bias=None, stride=1, padding=0, workspace=None, activation=None,
                        negative_slope=0.01):
     """``max_pool2d(conv2d(x, ...), 2)`` with the pool's argmax, in one sweep over the GEMM output.
 
@@ -1046,11 +1599,11 @@ def conv2d_pool2_train(x, weight, bias=None, stride=1, padding=0, workspace=None
     -------
     y : ndarray of shape (n, out_c, out_h // 2, out_w // 2), the pooled (activated) output
     argmax : ndarray of int32, shape (n, out_c, out_h // 2, out_w // 2): ``2 * dy + dx`` of the
-        window position that won, for :func:`conv2d_pool2_backward`
+        window position that won, for :func:`conv2d_max_pool_2x2_backward`
     """
     rectify, slope = _rectifier(activation, negative_slope)
     dtype, x, weight, bias, ((kh, kw), (sy, sx), ((pt, _), (pl, _)), (out_h, out_w)) = \
-        _pool2_conv_setup(x, weight, bias, stride, padding)
+        _max_pool_2x2_conv_setup(x, weight, bias, stride, padding)
     n, c = x.shape[:2]
     oc = weight.shape[0]
     y = np.empty((n, oc, out_h // 2, out_w // 2), dtype=dtype)
@@ -1076,22 +1629,22 @@ def conv2d_pool2_train(x, weight, bias=None, stride=1, padding=0, workspace=None
         np.matmul(w2, cols.reshape(k, m * p), out=y_gemm.reshape(oc, m * p))
         pair_max = scratch.get("pair_max", (m, out_h * (out_w // 2)), dtype)
         pair_arg = scratch.get("pair_arg", (m, out_h * (out_w // 2)), np.dtype(np.int32))
-        _ops.gemm_to_nchw_pool2_argmax(y_gemm, b, bias is not None, rectify, slope, first, out_w, y3, argmax3,
+        _ops.gemm_to_nchw_max_pool_2x2_argmax(y_gemm, b, bias is not None, rectify, slope, first, out_w, y3, argmax3,
                                        pair_max, pair_arg, nt)
 
     for_each_group(n_groups, run_group)
     return y, argmax
 
 
-def conv2d_pool2_backward(dy, argmax, y, x, weight, stride=1, padding=0, need_dx=True, workspace=None,
+def conv2d_max_pool_2x2_backward(dy, argmax, y, x, weight, stride=1, padding=0, need_dx=True, workspace=None,
                           activation=None, negative_slope=0.01):
-    """Gradients of :func:`conv2d_pool2_train` with respect to its input, weight and bias.
+    """Gradients of :func:`conv2d_max_pool_2x2_train` with respect to its input, weight and bias.
 
     Parameters
     ----------
     dy : ndarray of shape (n, out_c, out_h // 2, out_w // 2), gradient of the pooled output
-    argmax, y : the ``argmax`` and ``y`` that ``conv2d_pool2_train`` returned
-    x, weight, stride, padding, activation, negative_slope : as given to ``conv2d_pool2_train``
+    argmax, y : the ``argmax`` and ``y`` that ``conv2d_max_pool_2x2_train`` returned
+    x, weight, stride, padding, activation, negative_slope : as given to ``conv2d_max_pool_2x2_train``
     need_dx : bool, skip the input gradient when False
 
     Returns
@@ -1102,12 +1655,12 @@ def conv2d_pool2_backward(dy, argmax, y, x, weight, stride=1, padding=0, need_dx
     """
     rectify, slope = _rectifier(activation, negative_slope)
     dtype, x, weight, _, ((kh, kw), (sy, sx), ((pt, _), (pl, _)), (out_h, out_w)) = \
-        _pool2_conv_setup(x, weight, None, stride, padding)
+        _max_pool_2x2_conv_setup(x, weight, None, stride, padding)
     n, c = x.shape[:2]
     oc = weight.shape[0]
     pooled = (n, oc, out_h // 2, out_w // 2)
-    dy = _float_array(dy, "dy", 4, dtype)
-    y = _float_array(y, "y", 4, dtype)
+    dy = float_array(dy, "dy", 4, dtype)
+    y = float_array(y, "y", 4, dtype)
     for name, a in (("dy", dy), ("y", y), ("argmax", argmax)):
         if a.shape != pooled:
             raise ValueError(f"Expected {name} of shape {pooled}, received: {name}.shape={a.shape}")
@@ -1134,7 +1687,7 @@ def conv2d_pool2_backward(dy, argmax, y, x, weight, stride=1, padding=0, need_dx
         cols = scratch.get("cols", (k, m, p), dtype)
         _ops.im2col(x, first, kh, kw, sy, sx, pt, pl, out_h, out_w, cols, nt)
         dy_gemm = scratch.get("dy_gemm", (oc, m, p), dtype)
-        _ops.pool2_argmax_to_gemm(dy3, y3, argmax3, rectify, slope, first, out_w, dy_gemm,
+        _ops.max_pool_2x2_argmax_to_gemm(dy3, y3, argmax3, rectify, slope, first, out_w, dy_gemm,
                                   dbias_partial[first:first + m], nt)
         dy2 = dy_gemm.reshape(oc, m * p)
         np.matmul(dy2, cols.reshape(k, m * p).T, out=dweight_parts[index])

@@ -17,11 +17,11 @@ Classification targets are int class ids of shape ``(n,)`` or one-hot / probabil
 from __future__ import annotations
 
 import numbers
-import re
 
 import numpy as np
 
 from . import functional as F
+from .validation import as_array, from_identifier
 
 __all__ = [
     "Loss",
@@ -53,11 +53,6 @@ _ALIASES = {
 }
 
 
-def _squash(name):
-    """Canonical form for name matching: lower case, no underscores, hyphens or spaces."""
-    return re.sub(r"[_\-\s]", "", name).lower()
-
-
 # ------------------------------------------------------------------------------------------------
 # Input checks shared by the losses
 # ------------------------------------------------------------------------------------------------
@@ -72,14 +67,6 @@ def _check_pred(loss, pred, min_ndim=1):
         raise ValueError(f"{loss} expected a batch of at least one sample, received: shape={pred.shape}")
 
 
-def _as_array(loss, target):
-    if isinstance(target, np.ndarray):
-        return target
-    if isinstance(target, (list, tuple)):
-        return np.asarray(target)
-    raise TypeError(f"{loss} expected target as a numpy array, received: {type(target).__name__}")
-
-
 def _check_finite(loss, target):
     if target.dtype.kind == "f" and not np.isfinite(target).all():
         raise ValueError(f"{loss} expected finite targets, received: a target containing NaN or inf")
@@ -92,7 +79,7 @@ def _elementwise_target(loss, pred, target):
     single-output layer); it is reshaped, never broadcast, so an ``(n,)`` vs ``(n, 1)`` slip cannot
     silently turn into an ``(n, n)`` loss as it does with NumPy broadcasting.
     """
-    target = _as_array(loss, target)
+    target = as_array(target, f"{loss}'s target")
     if target.dtype.kind not in "biuf":
         raise TypeError(f"{loss} expected a numeric target, received: dtype={target.dtype}")
     if target.shape != pred.shape:
@@ -113,7 +100,7 @@ def _class_target(loss, pred, target):
     if pred.ndim != 2:
         raise ValueError(f"{loss} expected pred of shape (n, classes), received: shape={pred.shape}")
     n, k = pred.shape
-    target = _as_array(loss, target)
+    target = as_array(target, f"{loss}'s target")
     kind = target.dtype.kind
     if target.ndim == 1:
         if target.shape[0] != n:
@@ -448,26 +435,4 @@ def get(identifier, **kwargs):
     -------
     Loss
     """
-    if isinstance(identifier, Loss):
-        if kwargs:
-            raise TypeError(f"Expected no keyword arguments with a Loss instance, received: {sorted(kwargs)}")
-        return identifier
-    if isinstance(identifier, type) and issubclass(identifier, Loss):
-        return identifier(**kwargs)
-    if isinstance(identifier, dict):
-        if "class" not in identifier:
-            raise ValueError(f"Expected a loss config {{'class': name, 'config': {{...}}}}, received: {identifier!r}")
-        config = dict(identifier.get("config") or {})
-        config.update(kwargs)
-        return get(identifier["class"], **config)
-    if isinstance(identifier, str):
-        wanted = _squash(identifier)
-        for name, cls in LOSSES.items():
-            if _squash(name) == wanted:
-                return cls(**kwargs)
-        for alias, name in _ALIASES.items():
-            if _squash(alias) == wanted:
-                return LOSSES[name](**kwargs)
-        known = sorted(LOSSES) + sorted(_ALIASES)
-        raise ValueError(f"Expected a loss name, one of {known}, received: {identifier!r}")
-    raise TypeError(f"Expected a Loss, a loss name or a config dict, received: {type(identifier).__name__}")
+    return from_identifier(identifier, Loss, LOSSES, ("a Loss", "a loss"), kwargs, _ALIASES)

@@ -8,20 +8,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from .validation import as_array
+
 __all__ = ["accuracy", "confusion_matrix"]
-
-
-def _as_array(name, value):
-    if isinstance(value, np.ndarray):
-        return value
-    if isinstance(value, (list, tuple)):
-        return np.asarray(value)
-    raise TypeError(f"Expected {name} as a numpy array, received: {type(value).__name__}")
 
 
 def _labels(name, y, n_classes=None):
     """Class ids ``(n,)`` as intp from ids or rows ``(n, k)`` (argmax); checks range when known."""
-    y = _as_array(name, y)
+    y = as_array(y, name)
     if y.ndim == 2:
         if y.shape[1] == 1:
             raise ValueError(f"Expected {name} as class ids (n,) or rows (n, k>1), received: shape={y.shape}")
@@ -58,8 +52,8 @@ def accuracy(pred, target, threshold=0.5):
     -------
     float in [0, 1]
     """
-    pred = _as_array("pred", pred)
-    target = _as_array("target", target)
+    pred = as_array(pred, "pred")
+    target = as_array(target, "target")
     if pred.ndim == 0 or pred.shape[0] == 0:
         raise ValueError(f"Expected pred with at least one sample, received: shape={pred.shape}")
     n = pred.shape[0]

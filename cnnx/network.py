@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import functional as F
 from . import training
 from .layers.base import Layer, layer_to_config, layers_from_config
 from .parallel import with_single_threaded_blas
@@ -367,15 +368,9 @@ class Network:
         out = self._predict_raw(x, batch_size)
         kind = self.output_activation
         if kind == "softmax" and out.ndim == 2:
-            out -= out.max(axis=1, keepdims=True)
-            np.exp(out, out=out)
-            out /= out.sum(axis=1, keepdims=True)
+            F.SOFTMAX.forward(out, out=out)
         elif kind == "sigmoid":
-            # 1 / (1 + e^-z) written through tanh: no overflow for large |z|.
-            out *= 0.5
-            np.tanh(out, out=out)
-            out += 1.0
-            out *= 0.5
+            F.ACTIVATIONS["sigmoid"].forward(out, out=out)  # never overflows for large |z|
         return out
 
     def predict_classes(self, x, batch_size=256):

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import math
 import numbers
-import re
 from collections.abc import Mapping
 
 import numpy as np
 
 from . import functional as F
+from .validation import from_identifier
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "OPTIMIZERS", "get"]
 
@@ -495,10 +495,6 @@ class AdamW(Adam):
         super().__init__(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
-def _squash(name):
-    return re.sub(r"[_\-\s]", "", name).lower()
-
-
 def get(identifier, **kwargs):
     """Return an optimizer from an instance, a class, a name or a config dict.
 
@@ -514,24 +510,4 @@ def get(identifier, **kwargs):
     -------
     Optimizer
     """
-    if isinstance(identifier, Optimizer):
-        if kwargs:
-            raise TypeError(f"Expected no keyword arguments with an Optimizer instance, received: {sorted(kwargs)}")
-        return identifier
-    if isinstance(identifier, type) and issubclass(identifier, Optimizer):
-        return identifier(**kwargs)
-    if isinstance(identifier, dict):
-        if "class" not in identifier:
-            raise ValueError(
-                f"Expected an optimizer config {{'class': name, 'config': {{...}}}}, received: {identifier!r}"
-            )
-        config = dict(identifier.get("config") or {})
-        config.update(kwargs)
-        return get(identifier["class"], **config)
-    if isinstance(identifier, str):
-        wanted = _squash(identifier)
-        for name, cls in OPTIMIZERS.items():
-            if _squash(name) == wanted:
-                return cls(**kwargs)
-        raise ValueError(f"Expected an optimizer name, one of {sorted(OPTIMIZERS)}, received: {identifier!r}")
-    raise TypeError(f"Expected an Optimizer, an optimizer name or a config dict, received: {type(identifier).__name__}")
+    return from_identifier(identifier, Optimizer, OPTIMIZERS, ("an Optimizer", "an optimizer"), kwargs)

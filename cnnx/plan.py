@@ -78,7 +78,7 @@ class _ConvActivation(Step):
     def __init__(self, layers, indices, reuse_output=False):
         super().__init__(layers, indices, reuse_output)
         act = layers[1]
-        self.rectifier = (act._fn.name, getattr(act, "negative_slope", 0.0))
+        self.rectifier = (act.activation_name, getattr(act, "negative_slope", 0.0))
 
     def forward(self, x, training, states):
         return self.layers[0].call(x, training, states[self.first], fused_activation=self.rectifier,
@@ -97,11 +97,11 @@ class _ConvPool(Step):
         self.rectifier = None
         if len(layers) == 3:
             act = layers[1]
-            self.rectifier = (act._fn.name, getattr(act, "negative_slope", 0.0))
+            self.rectifier = (act.activation_name, getattr(act, "negative_slope", 0.0))
         self.kind = "conv+act+pool" if len(layers) == 3 else "conv+pool"
 
     def forward(self, x, training, states):
-        return self.layers[0].call(x, False, states[self.first], fused_activation=self.rectifier, maxpool2=True)
+        return self.layers[0].call(x, False, states[self.first], fused_activation=self.rectifier, max_pool_2x2=True)
 
     def backward(self, d, states, need_input_grad):  # pragma: no cover - the plan replays instead
         raise RuntimeError("a fused conv + max-pool inference step keeps nothing for backward")
@@ -288,20 +288,20 @@ def _plan_steps(layers, fuse, inference):
         after_nxt = layers[i + 2] if i + 2 < n else None
         if fuse and type(layer) is Conv2D:
             act_fusable = layer.activation is None and _is_rectifier_layer(nxt)
-            if inference and act_fusable and _is_plain_maxpool2(after_nxt):
+            if inference and act_fusable and _is_plain_max_pool_2x2(after_nxt):
                 steps.append(_ConvPool(layers[i:i + 3], range(i, i + 3)))
                 i += 3
                 continue
-            if inference and layer.can_fuse_maxpool2 and _is_plain_maxpool2(nxt):
+            if inference and layer.can_fuse_max_pool_2x2 and _is_plain_max_pool_2x2(nxt):
                 steps.append(_ConvPool(layers[i:i + 2], range(i, i + 2)))
                 i += 2
                 continue
             if not inference and layer.pools_in_training:
-                if act_fusable and _is_plain_maxpool2(after_nxt):
+                if act_fusable and _is_plain_max_pool_2x2(after_nxt):
                     steps.append(_ConvPoolTraining(layers[i:i + 3], range(i, i + 3)))
                     i += 3
                     continue
-                if _is_plain_maxpool2(nxt):
+                if _is_plain_max_pool_2x2(nxt):
                     steps.append(_ConvPoolTraining(layers[i:i + 2], range(i, i + 2)))
                     i += 2
                     continue
@@ -333,7 +333,7 @@ def _is_rectifier_layer(layer):
     return type(layer) is LeakyReLU and compiled_rectifier("leaky_relu", layer.negative_slope)
 
 
-def _is_plain_maxpool2(layer):
+def _is_plain_max_pool_2x2(layer):
     from .layers import MaxPool2D
 
     return type(layer) is MaxPool2D and layer.is_plain_2x2

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 
-__all__ = ["NotAnIntegerError", "check_int", "check_shape", "is_nan"]
+import numpy as np
+
+__all__ = ["NotAnIntegerError", "as_array", "as_floating", "check_int", "check_shape", "float_array", "from_identifier", "is_nan", "squash_name"]
 
 
 class NotAnIntegerError(TypeError, ValueError):
@@ -46,3 +49,95 @@ def check_shape(shape):
 def is_nan(value):
     """True for a float NaN (a metric missing from an epoch's logs); False for anything else."""
     return isinstance(value, float) and math.isnan(value)
+
+
+def as_array(value, what):
+    """``value`` as an ndarray: an ndarray as is, a list or tuple through ``np.asarray``; anything
+    else raises "Expected <what> as a numpy array" (targets of losses and metrics)."""
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, (list, tuple)):
+        return np.asarray(value)
+    raise TypeError(f"Expected {what} as a numpy array, received: {type(value).__name__}")
+
+
+def float_array(a, name, ndim, dtype=None):
+    """Return ``a`` as a C-contiguous float32/float64 array of ``ndim`` dimensions.
+
+    Integer and boolean input becomes float32 (float16 too); complex and object input is refused,
+    and so are floats wider than float64 (``np.longdouble``): the kernels compute in float32 or
+    float64 only, and narrowing them would silently drop the precision the caller asked for.
+    ``dtype`` forces the result dtype (used to bring weights to the input's dtype).
+    """
+    if not isinstance(a, np.ndarray):
+        try:
+            a = np.asarray(a)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"Expected {name} to be an array of numbers, received: {type(a).__name__}") from exc
+    kind = a.dtype.kind
+    if kind not in "fiub":
+        raise TypeError(
+            f"Expected {name} with a real floating or integer dtype, received: {name}.dtype={a.dtype}"
+        )
+    if kind == "f" and a.dtype.itemsize > 8:
+        raise TypeError(
+            f"Expected {name} with dtype float32 or float64 (float16 and integers are widened to "
+            f"float32), received: {name}.dtype={a.dtype}; cast it with .astype(np.float64) first"
+        )
+    if a.ndim != ndim:
+        raise ValueError(f"Expected {name} with {ndim} dimensions, received: {name}.shape={a.shape}")
+    if dtype is None:
+        dtype = a.dtype if a.dtype in (np.float32, np.float64) else np.float32
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def as_floating(x):
+    """``x`` as an array computed in its own floating dtype (integers and bools as float64)."""
+    x = np.asarray(x)
+    return x if np.issubdtype(x.dtype, np.floating) else x.astype(np.float64)
+
+
+def squash_name(name):
+    """Canonical form for name matching: lower case, no underscores, hyphens or spaces."""
+    return re.sub(r"[_\-\s]", "", name).lower()
+
+
+def from_identifier(identifier, base, registry, names, kwargs, aliases=None):
+    """The object an ``identifier`` names: what ``cnnx.losses.get`` and ``cnnx.optimizers.get`` do.
+
+    Parameters
+    ----------
+    identifier : instance of ``base`` (returned as is), a subclass, a name or a config dict
+        ``{"class": name, "config": {...}}``; names match ``registry`` keys and ``aliases`` keys
+        by ``squash_name``
+    base : class
+    registry : dict name -> class
+    names : (str, str), the class and the kind for messages, e.g. ``("a Loss", "a loss")``
+    kwargs : dict, constructor arguments (with a name, a class or a config dict)
+    aliases : dict alias -> registry name, optional
+    """
+    the_class, the_kind = names
+    aliases = aliases or {}
+    if isinstance(identifier, base):
+        if kwargs:
+            raise TypeError(f"Expected no keyword arguments with {the_class} instance, received: {sorted(kwargs)}")
+        return identifier
+    if isinstance(identifier, type) and issubclass(identifier, base):
+        return identifier(**kwargs)
+    if isinstance(identifier, dict):
+        if "class" not in identifier:
+            raise ValueError(f"Expected {the_kind} config {{'class': name, 'config': {{...}}}}, received: {identifier!r}")
+        config = dict(identifier.get("config") or {})
+        config.update(kwargs)
+        return from_identifier(identifier["class"], base, registry, names, config, aliases)
+    if isinstance(identifier, str):
+        wanted = squash_name(identifier)
+        for name, cls in registry.items():
+            if squash_name(name) == wanted:
+                return cls(**kwargs)
+        for alias, name in aliases.items():
+            if squash_name(alias) == wanted:
+                return registry[name](**kwargs)
+        known = sorted(registry) + sorted(aliases)
+        raise ValueError(f"Expected {the_kind} name, one of {known}, received: {identifier!r}")
+    raise TypeError(f"Expected {the_class}, {the_kind} name or a config dict, received: {type(identifier).__name__}")

@@ -343,3 +343,22 @@ def test_longdouble_is_refused_not_computed_in_float32():
 
 def test_float16_is_widened_to_float32():
     assert F.max_pool2d(X.astype(np.float16), 2)[0].dtype == np.float32
+
+
+def test_linear_and_conv_transpose2d_match_their_definitions(rng):
+    # F.linear is x @ W.T + b; F.conv_transpose2d is the adjoint of conv2d: <conv2d(u), v> == <u, convT(v)>.
+    x = rng.standard_normal((5, 7))
+    w = rng.standard_normal((3, 7))
+    b = rng.standard_normal(3)
+    np.testing.assert_allclose(F.linear(x, w, b), x @ w.T + b, rtol=1e-12)
+    with pytest.raises(ValueError, match="in_features"):
+        F.linear(x, w[:, :6])
+    u = rng.standard_normal((2, 4, 9, 9))
+    k = rng.standard_normal((3, 4, 3, 3))  # conv2d: 4 -> 3 channels; its transpose: 3 -> 4
+    v = rng.standard_normal((2, 3, 5, 5))
+    lhs = np.sum(F.conv2d(u, k, None, 2, 1) * v)
+    rhs = np.sum(u * F.conv_transpose2d(v, k, None, 2, 1, output_padding=0))
+    np.testing.assert_allclose(lhs, rhs, rtol=1e-10)
+    with pytest.raises(ValueError, match="output_padding"):
+        F.conv_transpose2d(v, k, None, 2, 1, output_padding=2)
+

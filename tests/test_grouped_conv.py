@@ -126,11 +126,11 @@ def test_non_contiguous_input_and_fused_relu(rng):
         np.testing.assert_allclose(a, e, rtol=1e-12, atol=1e-12)
 
 
-def test_fused_maxpool2_equals_conv_then_pool(rng):
+def test_fused_max_pool_2x2_equals_conv_then_pool(rng):
     x = rng.standard_normal((2, 4, 8, 8))
     w = rng.standard_normal((4, 1, 3, 3))
     y = F.conv2d_grouped(x, w, None, 1, 1, 1, 4, activation="relu")
-    pooled = F.conv2d_grouped(x, w, None, 1, 1, 1, 4, activation="relu", maxpool2=True)
+    pooled = F.conv2d_grouped(x, w, None, 1, 1, 1, 4, activation="relu", max_pool_2x2=True)
     np.testing.assert_allclose(pooled, F.max_pool2d(y, 2)[0], rtol=1e-12, atol=1e-12)
 
 

@@ -1,4 +1,4 @@
-"""Conv2D + activation + 2x2 max-pool fused for training (cnnx.functional.conv2d_pool2_train and
+"""Conv2D + activation + 2x2 max-pool fused for training (cnnx.functional.conv2d_max_pool_2x2_train and
 its backward, and the plan's training step): the same results as the unfused layers, ties and
 odd sizes included."""
 import numpy as np
@@ -33,19 +33,19 @@ def test_fused_pool_training_equals_unfused(rng, dtype, tol, activation, slope, 
     x = rng.standard_normal(shape).astype(dtype)
     w = rng.standard_normal((4, shape[1], kernel, kernel)).astype(dtype)
     b = rng.standard_normal(4).astype(dtype)
-    y, argmax = F.conv2d_pool2_train(x, w, b, stride, padding, activation=activation, negative_slope=slope)
+    y, argmax = F.conv2d_max_pool_2x2_train(x, w, b, stride, padding, activation=activation, negative_slope=slope)
     dy = rng.standard_normal(y.shape).astype(dtype)
     y_ref, dx_ref, dw_ref, db_ref = unfused(x, w, b, stride, padding, activation, slope, dy)
     # Same GEMM, same additions and comparisons: the pooled values are exactly the unfused ones.
     np.testing.assert_array_equal(y, y_ref)
     assert argmax.dtype == np.int32 and argmax.shape == y.shape and 0 <= argmax.min() <= argmax.max() <= 3
-    dx, dw, db = F.conv2d_pool2_backward(dy, argmax, y, x, w, stride, padding, activation=activation,
+    dx, dw, db = F.conv2d_max_pool_2x2_backward(dy, argmax, y, x, w, stride, padding, activation=activation,
                                          negative_slope=slope)
     assert dx.dtype == dw.dtype == db.dtype == dtype
     np.testing.assert_allclose(dx, dx_ref, rtol=tol, atol=tol)
     np.testing.assert_allclose(dw, dw_ref, rtol=tol, atol=tol * np.abs(dw_ref).max())
     np.testing.assert_allclose(db, db_ref, rtol=tol, atol=tol * np.abs(db_ref).max())
-    dx_none, dw2, _ = F.conv2d_pool2_backward(dy, argmax, y, x, w, stride, padding, need_dx=False,
+    dx_none, dw2, _ = F.conv2d_max_pool_2x2_backward(dy, argmax, y, x, w, stride, padding, need_dx=False,
                                               activation=activation, negative_slope=slope)
     assert dx_none is None
     np.testing.assert_allclose(dw2, dw, rtol=tol, atol=tol * np.abs(dw).max())
@@ -59,7 +59,7 @@ def test_ties_route_to_the_same_position_as_max_pool(rng, dtype, activation, slo
     x = rng.integers(-1, 2, (3, 2, 6, 6)).astype(dtype)
     w = rng.integers(-1, 2, (3, 2, 1, 1)).astype(dtype)
     b = np.zeros(3, dtype)
-    y, argmax = F.conv2d_pool2_train(x, w, b, activation=activation, negative_slope=slope)
+    y, argmax = F.conv2d_max_pool_2x2_train(x, w, b, activation=activation, negative_slope=slope)
     z = F.conv2d(x, w, b, activation=activation, negative_slope=slope)
     _, idx = F.max_pool2d(z, 2)
     assert np.any(z[..., ::2, ::2] == z[..., 1::2, 1::2])  # the data does hold ties
@@ -68,7 +68,7 @@ def test_ties_route_to_the_same_position_as_max_pool(rng, dtype, activation, slo
     np.testing.assert_array_equal(argmax, 2 * (rows - 2 * oy) + (cols - 2 * ox))
     dy = rng.standard_normal(y.shape).astype(dtype)
     _, dx_ref, dw_ref, db_ref = unfused(x, w, b, 1, 0, activation, slope, dy)
-    dx, dw, db = F.conv2d_pool2_backward(dy, argmax, y, x, w, activation=activation, negative_slope=slope)
+    dx, dw, db = F.conv2d_max_pool_2x2_backward(dy, argmax, y, x, w, activation=activation, negative_slope=slope)
     tol = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(dx, dx_ref, rtol=tol, atol=tol)
     np.testing.assert_allclose(dw, dw_ref, rtol=tol, atol=tol)
@@ -79,7 +79,7 @@ def test_nan_propagates_like_max_pool(rng):
     x = rng.standard_normal((1, 1, 4, 4))
     x[0, 0, 1, 2] = np.nan
     w = np.ones((1, 1, 1, 1))
-    y, argmax = F.conv2d_pool2_train(x, w, None, activation="relu")
+    y, argmax = F.conv2d_max_pool_2x2_train(x, w, None, activation="relu")
     y_ref, idx = F.max_pool2d(F.conv2d(x, w, None, activation="relu"), 2)
     np.testing.assert_array_equal(y, y_ref)  # NaN where the unfused pool gives NaN
     assert argmax[0, 0, 0, 1] == 2 and idx[0, 0, 0, 1] == 1 * 4 + 2
@@ -88,12 +88,12 @@ def test_nan_propagates_like_max_pool(rng):
 def test_bad_input_is_refused_with_a_clear_error(rng):
     x = rng.standard_normal((1, 1, 2, 2))
     with pytest.raises(ValueError, match="at least 2x2"):
-        F.conv2d_pool2_train(x, np.ones((1, 1, 2, 2)))
-    y, argmax = F.conv2d_pool2_train(np.ones((1, 1, 4, 4)), np.ones((1, 1, 1, 1)))
+        F.conv2d_max_pool_2x2_train(x, np.ones((1, 1, 2, 2)))
+    y, argmax = F.conv2d_max_pool_2x2_train(np.ones((1, 1, 4, 4)), np.ones((1, 1, 1, 1)))
     with pytest.raises(ValueError, match=r"Expected dy of shape \(1, 1, 2, 2\)"):
-        F.conv2d_pool2_backward(np.ones((1, 1, 3, 3)), argmax, y, np.ones((1, 1, 4, 4)), np.ones((1, 1, 1, 1)))
+        F.conv2d_max_pool_2x2_backward(np.ones((1, 1, 3, 3)), argmax, y, np.ones((1, 1, 4, 4)), np.ones((1, 1, 1, 1)))
     with pytest.raises(ValueError, match="negative_slope"):
-        F.conv2d_pool2_train(x, np.ones((1, 1, 1, 1)), activation="leaky_relu", negative_slope=-1.0)
+        F.conv2d_max_pool_2x2_train(x, np.ones((1, 1, 1, 1)), activation="leaky_relu", negative_slope=-1.0)
 
 
 def user_net(dtype, own_activation=False, seed=0):

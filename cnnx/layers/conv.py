@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .. import functional as F
-from .._geometry import conv_output_size, dilated_kernel_size, explicit_padding, positive_pair
+from .._geometry import dilated_kernel_size, explicit_padding, positive_pair, windowed_output_size
 from ..init import check_initializer
 from ._common import (check_bool, check_dy, check_floating, check_groups, init_weight_and_bias, positive_int,
                       store_grads)
@@ -93,15 +93,9 @@ class Conv2D(Layer):
             )
         _, h, w = input_shape
         (pt, pb), (pl, pr) = self.explicit_padding((h, w))
-        kh, kw = self._span
-        if kh > h + pt + pb or kw > w + pl + pr:
-            dilated = "" if self.dilation == (1, 1) else f" (dilation {self.dilation})"
-            raise ValueError(
-                f"Conv2D expected a padded input at least as large as the kernel {self._span}{dilated}, "
-                f"received: input {(h, w)} padded to {(h + pt + pb, w + pl + pr)}"
-            )
-        sy, sx = self.stride
-        return (self.out_channels, conv_output_size(h, kh, sy, pt, pb), conv_output_size(w, kw, sx, pl, pr))
+        dilated = "" if self.dilation == (1, 1) else f" (dilation {self.dilation})"
+        out_h, out_w = windowed_output_size((h, w), self._span, self.stride, ((pt, pb), (pl, pr)), "Conv2D", dilated)
+        return (self.out_channels, out_h, out_w)
 
     def _checked(self, x):
         """Validate ``x``; return it in the parameters' dtype, its explicit padding and the output shape."""
@@ -121,7 +115,7 @@ class Conv2D(Layer):
         state.rectifier = None
         return state
 
-    def call(self, x, training, state, *, fused_activation=None, maxpool2=False, reuse_output=False):
+    def call(self, x, training, state, *, fused_activation=None, max_pool_2x2=False, reuse_output=False):
         """Forward with caches in ``state`` (see ``Layer.call``).
 
         Parameters
@@ -132,7 +126,7 @@ class Conv2D(Layer):
         fused_activation : ("relu" | "leaky_relu", negative_slope), optional
             The activation layer that follows, run inside the kernel (only for a layer without an
             activation of its own; an execution plan passes it).
-        maxpool2 : bool
+        max_pool_2x2 : bool
             Also apply the 2x2 / stride-2 max-pool that follows, in the same pass. Inference
             only: nothing is cached for a backward.
         reuse_output : bool
@@ -141,7 +135,7 @@ class Conv2D(Layer):
 
         Returns
         -------
-        y : ndarray of shape (n, out_channels, out_h, out_w), halved spatially with ``maxpool2``
+        y : ndarray of shape (n, out_channels, out_h, out_w), halved spatially with ``max_pool_2x2``
         """
         if fused_activation is not None:
             if self.activation is not None or not compiled_rectifier(*fused_activation):
@@ -152,9 +146,9 @@ class Conv2D(Layer):
         x, pads, y_shape = self._checked(x)
         w = self.params["weight"]
         ws = state.workspace
-        if maxpool2:
+        if max_pool_2x2:
             state.x = state.y = state.z = None
-            return self._conv(x, pads, ws, activation=rectifier[0], negative_slope=rectifier[1], maxpool2=True)
+            return self._conv(x, pads, ws, activation=rectifier[0], negative_slope=rectifier[1], max_pool_2x2=True)
         state.x, state.pads, state.rectifier = x, pads, rectifier
         # A fresh 33 MB output costs its page faults on every call (4 ms of a 100 ms mind-cifar
         # forward on 2 cores): the plan asks for a reused buffer where that is invisible.
@@ -169,13 +163,13 @@ class Conv2D(Layer):
         return state.y
 
     @property
-    def can_fuse_maxpool2(self):
-        """Whether ``call(..., maxpool2=True)`` applies (the activation, if any, runs in the kernels)."""
+    def can_fuse_max_pool_2x2(self):
+        """Whether ``call(..., max_pool_2x2=True)`` applies (the activation, if any, runs in the kernels)."""
         return self.activation is None or self._compiled_act is not None
 
-    def forward_maxpool2(self, x):
+    def forward_max_pool_2x2(self, x):
         """Inference: this layer followed by a 2x2 / stride-2 max-pool, in one pass (no caches)."""
-        return self.call(x, False, self.own_state, maxpool2=True)
+        return self.call(x, False, self.own_state, max_pool_2x2=True)
 
     def call_backward(self, dy, state, need_input_grad):
         """Parameters
@@ -259,7 +253,7 @@ class Conv2D(Layer):
         else:
             rectifier = (self._compiled_act, self.negative_slope)
         x, pads, _ = self._checked(x)
-        y, argmax = F.conv2d_pool2_train(x, self.params["weight"], self.params.get("bias"), self.stride, pads,
+        y, argmax = F.conv2d_max_pool_2x2_train(x, self.params["weight"], self.params.get("bias"), self.stride, pads,
                                          workspace=state.workspace, activation=rectifier[0],
                                          negative_slope=rectifier[1])
         state.x, state.pads, state.rectifier, state.z = x, pads, rectifier, None
@@ -274,7 +268,7 @@ class Conv2D(Layer):
         check_dy(self, dy, state.y.shape)
         w = self.params["weight"]
         activation, slope = state.rectifier
-        dx, dw, db = F.conv2d_pool2_backward(dy.astype(w.dtype, copy=False), argmax, state.y, state.x, w,
+        dx, dw, db = F.conv2d_max_pool_2x2_backward(dy.astype(w.dtype, copy=False), argmax, state.y, state.x, w,
                                              self.stride, state.pads, need_dx=need_input_grad,
                                              workspace=state.workspace, activation=activation,
                                              negative_slope=slope)

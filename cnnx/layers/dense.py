@@ -2,7 +2,7 @@
 
 Dense (alias Linear) owns a PyTorch-layout weight ``(out_features, in_features)`` and an
 optional fused activation; Flatten turns image batches into rows; Dropout is inverted dropout.
-All of it is a handful of BLAS calls, so it stays in NumPy (no ``cnnx.functional`` needed).
+Dense computes through ``cnnx.functional.linear`` / ``linear_backward``.
 """
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import numbers
 import numpy as np
 
 from .. import functional as F
-from .. import parallel
 from .. import random as _random
 from ..init import check_initializer
 from ._common import check_bool, check_dy, check_floating, grad_buffer, init_weight_and_bias, positive_int
@@ -94,9 +93,7 @@ class Dense(Layer):
         check_floating(self, x)
         w = self.params["weight"]
         x = x.astype(w.dtype, copy=False)
-        z = parallel.matmul(x, w.T, np.empty((x.shape[0], w.shape[0]), dtype=w.dtype))
-        if self.use_bias:
-            z += self.params["bias"]
+        z = F.linear(x, w, self.params["bias"] if self.use_bias else None)
         state.x, state.act = x, act
         state.y, state.z = act.forward(z)
         return state.y
@@ -117,12 +114,8 @@ class Dense(Layer):
         check_dy(self, dy, state.y.shape)
         w = self.params["weight"]
         dz = state.act.backward(dy.astype(w.dtype, copy=False), state.z, state.y)
-        parallel.matmul(dz.T, state.x, out=grad_buffer(self, "weight"))
-        if self.use_bias:
-            np.sum(dz, axis=0, out=grad_buffer(self, "bias"))
-        if not need_input_grad:
-            return None
-        return parallel.matmul(dz, w, np.empty((dz.shape[0], w.shape[1]), dtype=w.dtype))
+        return F.linear_backward(dz, state.x, w, grad_buffer(self, "weight"),
+                                 grad_buffer(self, "bias") if self.use_bias else None, need_input_grad)
 
     def get_config(self):
         return {

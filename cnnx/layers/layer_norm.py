@@ -15,6 +15,7 @@ import numbers
 
 import numpy as np
 
+from .. import functional as F
 from ._common import check_bool, check_dy, check_floating, positive_int, store_grads
 from .base import Layer, check_state_size
 
@@ -95,16 +96,8 @@ class LayerNorm(Layer):
             raise ValueError(f"LayerNorm expected a batch of samples (n, ...), received: shape={x.shape}")
         self.output_shape(x.shape[1:])
         x3 = self._view(np.ascontiguousarray(x, dtype=self._dtype))
-        mean = x3.mean(axis=1, keepdims=True)
-        x_hat = x3 - mean
-        var = np.mean(np.square(x_hat), axis=1, keepdims=True)
-        inv_std = 1.0 / np.sqrt(var + self.eps)
-        x_hat *= inv_std
-        if self.affine:
-            y = x_hat * self.params["weight"][:, None]
-            y += self.params["bias"][:, None]
-        else:
-            y = x_hat.copy()
+        affine = (self.params["weight"], self.params["bias"]) if self.affine else (None, None)
+        y, x_hat, inv_std = F.layer_norm(x3, *affine, self.eps)
         self._cache = (x_hat, inv_std, x.shape)
         return y.reshape(x.shape)
 
@@ -127,16 +120,11 @@ class LayerNorm(Layer):
         x_hat, inv_std, shape = self._cache
         check_dy(self, dy, shape)
         dy3 = self._view(np.ascontiguousarray(dy, dtype=x_hat.dtype))
+        weight = self.params["weight"] if self.affine else None
+        dx, dweight, dbias = F.layer_norm_backward(dy3, x_hat, inv_std, weight, self.needs_input_grad)
         if self.affine:
-            store_grads(self, weight=np.einsum("acb,acb->c", dy3, x_hat), bias=dy3.sum(axis=(0, 2)))
-        if not self.needs_input_grad:
-            return None
-        g = dy3 * self.params["weight"][:, None] if self.affine else dy3.copy()
-        proj = np.mean(g * x_hat, axis=1, keepdims=True)
-        g -= g.mean(axis=1, keepdims=True)
-        g -= x_hat * proj
-        g *= inv_std
-        return g.reshape(shape)
+            store_grads(self, weight=dweight, bias=dbias)
+        return None if dx is None else dx.reshape(shape)
 
     def get_config(self):
         return {"num_features": self.num_features, "axis": self.axis, "eps": self.eps, "affine": self.affine}

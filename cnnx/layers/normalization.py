@@ -91,37 +91,18 @@ class _BatchNorm(Layer):
         n, c, length = x3.shape
         m = n * length
         gamma, beta = self._scale_shift()
-        compiled = F.compiled_dtype(x3)
         if training and m < 2:
             raise ValueError(
                 f"{type(self).__name__} expected more than 1 value per channel in training mode, "
                 f"received: input of shape {shape}"
             )
-        if training and compiled:
+        if training:
             y, x_hat, mean, var, inv_std = F.batch_norm_train(x3, gamma, beta, self.eps)
             self._update_running(mean, var, m)
             self._cache = ("train", x_hat, inv_std, shape)
-        elif compiled:
+        else:
             rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
             y, inv_std = F.batch_norm_eval(x3, gamma, beta, rm, rv, self.eps)
-            self._cache = ("eval", x3, inv_std, shape)
-        elif training:
-            mean = x3.mean(axis=(0, 2))
-            x_hat = x3 - mean[:, None]
-            y = np.multiply(x_hat, x_hat)
-            var = y.sum(axis=(0, 2)) / m
-            inv_std = 1.0 / np.sqrt(var + self.eps)
-            x_hat *= inv_std[:, None]
-            np.multiply(x_hat, gamma[:, None], out=y)
-            y += beta[:, None]
-            self._update_running(mean, var, m)
-            self._cache = ("train", x_hat, inv_std, shape)
-        else:
-            inv_std = 1.0 / np.sqrt(self.buffers["running_var"] + self.eps)
-            scale = gamma * inv_std
-            shift = beta - self.buffers["running_mean"] * scale
-            y = x3 * scale[:, None]
-            y += shift[:, None]
             # x itself is enough for the backward: x_hat is recomputed per channel only.
             self._cache = ("eval", x3, inv_std, shape)
         return y.reshape(shape)
@@ -157,38 +138,20 @@ class _BatchNorm(Layer):
         dy3 = np.ascontiguousarray(dy, dtype=saved.dtype).reshape(saved.shape)
         gamma, _ = self._scale_shift()
         m = saved.shape[0] * saved.shape[2]
-        if F.compiled_dtype(dy3, saved):
-            # per channel, in double: sum(dy) and sum(dy * x_hat) (train) or sum(dy * x) (eval)
-            dbeta, dot = F.channel_dot_sums(dy3, saved)
-            if mode == "train":
-                dgamma = dot
-            else:
-                dgamma = (dot - self.buffers["running_mean"] * dbeta) * inv_std
-            store_grads(self, weight=dgamma, bias=dbeta)
-            if not self.needs_input_grad:
-                return None
-            scale = gamma * inv_std
-            if mode == "eval":
-                return (dy3 * scale.astype(dy3.dtype)[:, None]).reshape(shape)
-            return F.batch_norm_train_backward(dy3, saved, scale, dbeta / m, dgamma / m).reshape(shape)
-        dbeta = dy3.sum(axis=(0, 2))
+        # per channel: sum(dy) and sum(dy * x_hat) (train) or sum(dy * x) (eval), in double when compiled
+        dbeta, dot = F.channel_dot_sums(dy3, saved)
         if mode == "train":
-            x_hat = saved
-            dgamma = np.einsum("ncl,ncl->c", dy3, x_hat)
+            dgamma = dot
         else:
             # sum(dy * (x - mean)) * inv_std without materialising x_hat.
-            dgamma = (np.einsum("ncl,ncl->c", dy3, saved) - self.buffers["running_mean"] * dbeta) * inv_std
+            dgamma = (dot - self.buffers["running_mean"] * dbeta) * inv_std
         store_grads(self, weight=dgamma, bias=dbeta)  # skipped without affine (no parameters)
         if not self.needs_input_grad:
             return None
-        k = (gamma * inv_std)[:, None]
+        scale = gamma * inv_std
         if mode == "eval":
-            return (dy3 * k).reshape(shape)
-        dx = np.multiply(x_hat, (-dgamma / m)[:, None])
-        dx += dy3
-        dx -= (dbeta / m)[:, None]
-        dx *= k
-        return dx.reshape(shape)
+            return F.batch_norm_eval_backward(dy3, scale).reshape(shape)
+        return F.batch_norm_train_backward(dy3, saved, scale, dbeta / m, dgamma / m).reshape(shape)
 
     def get_config(self):
         return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum, "affine": self.affine}

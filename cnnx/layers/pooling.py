@@ -6,7 +6,7 @@ runs forward (``_pool``) and backward (``_pool_backward``).
 from __future__ import annotations
 
 from .. import functional as F
-from .._geometry import conv_output_size, explicit_padding, positive_pair
+from .._geometry import check_pool_padding, explicit_padding, positive_pair, windowed_output_size
 from ._common import check_dy, check_floating
 from .base import Layer
 
@@ -23,12 +23,7 @@ class _Pool2D(Layer):
                 f"Expected padding as an int, (ph, pw) or ((top, bottom), (left, right)), received: padding={padding!r}"
             )
         (pt, pb), (pl, pr) = explicit_padding(padding, self.kernel_size, self.stride)
-        kh, kw = self.kernel_size
-        # As PyTorch: a window must always overlap the input (max-pool would otherwise see only padding).
-        if max(pt, pb) > kh // 2 or max(pl, pr) > kw // 2:
-            raise ValueError(
-                f"Expected padding at most half the kernel ({kh // 2}, {kw // 2}), received: padding={padding!r}"
-            )
+        check_pool_padding(((pt, pb), (pl, pr)), self.kernel_size, padding)
         # The explicit per-side padding ((top, bottom), (left, right)), also read by the exporters.
         self.pads = ((pt, pb), (pl, pr))
         self.padding = (pt, pl) if (pt == pb and pl == pr) else self.pads
@@ -47,15 +42,7 @@ class _Pool2D(Layer):
                 f"{type(self).__name__} expected input of shape (c, h, w) per sample, received: {input_shape}"
             )
         c, h, w = input_shape
-        (pt, pb), (pl, pr) = self.pads
-        kh, kw = self.kernel_size
-        if kh > h + pt + pb or kw > w + pl + pr:
-            raise ValueError(
-                f"{type(self).__name__} expected a padded input at least as large as the kernel {self.kernel_size}, "
-                f"received: input {(h, w)} padded to {(h + pt + pb, w + pl + pr)}"
-            )
-        sy, sx = self.stride
-        return (c, conv_output_size(h, kh, sy, pt, pb), conv_output_size(w, kw, sx, pl, pr))
+        return (c,) + windowed_output_size((h, w), self.kernel_size, self.stride, self.pads, type(self).__name__)
 
     def call(self, x, training, state):
         """Parameters

@@ -1,9 +1,7 @@
 """Layers that grow or re-arrange feature maps: ConvTranspose2D, Upsample2D, Reshape.
 
-ConvTranspose2D is the adjoint of Conv2D, so it reuses the convolution kernels the other way round:
-its forward is ``col2im(W^T x)`` (a convolution's input gradient), its input gradient is a plain
-strided ``conv2d`` and its weight gradient is ``conv2d_backward``'s weight gradient with the roles
-of input and output exchanged. No new compiled code.
+ConvTranspose2D holds its weight and calls ``cnnx.functional.conv_transpose2d`` (the adjoint of
+``conv2d``, computed as a convolution's input gradient) and ``conv_transpose2d_backward``.
 """
 from __future__ import annotations
 
@@ -12,7 +10,7 @@ import numbers
 import numpy as np
 
 from .. import functional as F
-from .._geometry import int_pair, positive_pair
+from .._geometry import conv_transpose_output_size, int_pair, positive_pair
 from ..init import check_initializer
 from ._common import check_bool, check_dy, check_floating, grad_buffer, init_weight_and_bias, positive_int, store_grads
 from .base import Layer
@@ -74,11 +72,6 @@ class ConvTranspose2D(Layer):
         self._x = None
         self._y_shape = None
 
-    @property
-    def _pads(self):
-        ph, pw = self.padding
-        return ((ph, ph), (pw, pw))
-
     def output_shape(self, input_shape):
         input_shape = tuple(input_shape)
         if len(input_shape) != 3 or input_shape[0] != self.in_channels:
@@ -86,9 +79,8 @@ class ConvTranspose2D(Layer):
                 f"ConvTranspose2D expected input of shape ({self.in_channels}, h, w) per sample, "
                 f"received: {input_shape}"
             )
-        out = []
-        for size, k, s, p, op in zip(input_shape[1:], self.kernel_size, self.stride, self.padding, self.output_padding):
-            out.append((size - 1) * s - 2 * p + k + op)
+        out = [conv_transpose_output_size(size, k, s, p, op) for size, k, s, p, op in
+               zip(input_shape[1:], self.kernel_size, self.stride, self.padding, self.output_padding)]
         if min(input_shape[1:]) < 1 or min(out) < 1:
             raise ValueError(
                 f"ConvTranspose2D expected an input giving a non-empty output, received: input {input_shape} "
@@ -107,24 +99,11 @@ class ConvTranspose2D(Layer):
         """
         self._check_input(x, (self.in_channels, None, None))
         check_floating(self, x)
-        out_shape = self.output_shape(x.shape[1:])
+        self.output_shape(x.shape[1:])
         w = self.params["weight"]
         x = np.ascontiguousarray(x, dtype=w.dtype)
-        n, c, h, wd = x.shape
-        # cols[i] = W^T x[i]: (out*kh*kw, in) @ (in, h*w), one GEMM per image; col2im sums the
-        # overlapping windows into the (larger) output, as a convolution's input gradient does.
-        # Images go in groups so a group's columns stay about as large as conv2d's (in cache).
-        w2t = w.reshape(c, -1).T
-        x3 = x.reshape(n, c, h * wd)
-        y = np.empty((n,) + out_shape, dtype=w.dtype)
-        g = max(1, F.COLUMN_BUFFER_BYTES // max(1, w2t.shape[0] * h * wd * w.dtype.itemsize))
-        for first in range(0, n, g):
-            last = min(n, first + g)
-            cols = np.matmul(w2t, x3[first:last])
-            F.col2im(cols, (last - first,) + out_shape, self.kernel_size, self.stride, self._pads,
-                     out=y[first:last])
-        if self.use_bias:
-            y += self.params["bias"][:, None, None]
+        y = F.conv_transpose2d(x, w, self.params["bias"] if self.use_bias else None, self.stride, self.padding,
+                               self.output_padding, workspace=self._workspace)
         self._x = x
         self._y_shape = y.shape
         return y
@@ -143,16 +122,12 @@ class ConvTranspose2D(Layer):
         check_dy(self, dy, self._y_shape)
         w = self.params["weight"]
         dy = np.ascontiguousarray(dy, dtype=w.dtype)
-        # The forward is conv2d's input gradient for a convolution mapping y-space to x-space with
-        # weight w; so dW is that convolution's weight gradient with (input, output) = (dy, x).
-        _, dw, _ = F.conv2d_backward(self._x, dy, w, self.stride, self._pads, need_dx=False,
-                                     workspace=self._workspace)
+        dx, dw, db = F.conv_transpose2d_backward(dy, self._x, w, self.stride, self.padding, self.output_padding,
+                                                 need_dx=self.needs_input_grad, workspace=self._workspace)
         store_grads(self, weight=dw)
         if self.use_bias:
-            np.sum(dy, axis=(0, 2, 3), out=grad_buffer(self, "bias"))
-        if not self.needs_input_grad:
-            return None
-        return F.conv2d(dy, w, None, self.stride, self._pads, workspace=self._workspace)
+            np.copyto(grad_buffer(self, "bias"), db)
+        return dx
 
     def get_config(self):
         return {
