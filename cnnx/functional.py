@@ -17,7 +17,6 @@ from . import _simd
 from ._simd import ops as _ops  # the build for this CPU's instruction set (cnnx._simd)
 from ._geometry import (
     check_pool_padding,
-    conv_output_size,
     conv_transpose_output_size,
     dilated_kernel_size,
     explicit_padding,
@@ -273,12 +272,35 @@ def conv2d_backward(dy, x, weight, stride=1, padding=0, need_dx=True, out=None, 
     p = out_h * out_w
     if n == 0 or p == 0 or k == 0:
         return _empty_backward(dx, dy, y, rectify, slope, weight.shape)
+    dy3 = dy.reshape(n, oc, p)
+    y3 = y.reshape(n, oc, p)
+
+    def dy_to_gemm(first, dy_gemm, dbias_part, nt):
+        _ops.nchw_to_gemm(dy3, y3, rectify, slope, first, dy_gemm, dbias_part, nt)
+
+    dweight, dbias = _conv_backward_groups(x, weight, (kh, kw, sy, sx, pt, pl, out_h, out_w), dy_to_gemm,
+                                           dx, workspace)
+    return dx, dweight, dbias
+
+
+def _conv_backward_groups(x, weight, window, dy_to_gemm, dx, workspace):
+    """The im2col + GEMM backward of a stride/pad ``window = (kh, kw, sy, sx, pad_top, pad_left,
+    out_h, out_w)`` convolution, run by groups of images on cnnx's workers.
+
+    ``dy_to_gemm(first, dy_gemm, dbias_part, n_threads)`` writes the output gradient of images
+    ``first : first + m`` in GEMM layout ``(out_c, m, P)`` (through the fused activation, and the
+    pool's argmax where there is one) and their per-image bias gradients ``(m, out_c)``. ``dx``
+    (or None) receives the input gradient. Returns ``(dweight, dbias)``.
+    """
+    n, c = x.shape[:2]
+    dtype = x.dtype
+    oc = weight.shape[0]
+    kh, kw, sy, sx, pt, pl, out_h, out_w = window
+    k, p = c * kh * kw, out_h * out_w
     ws = workspace if workspace is not None else Workspace()
     g = _group_size(n, (2 * k + oc) * p * dtype.itemsize)
     n_groups = -(-n // g)
     w2 = weight.reshape(oc, k)
-    dy3 = dy.reshape(n, oc, p)
-    y3 = y.reshape(n, oc, p)
     dbias_partial = np.empty((n, oc), dtype=np.float64)
     # Each group's weight gradient is kept apart and the parts summed in group order afterwards:
     # the same sums in the same order whichever thread computed which part.
@@ -292,18 +314,17 @@ def conv2d_backward(dy, x, weight, stride=1, padding=0, need_dx=True, out=None, 
         cols = scratch.get("cols", (k, m, p), dtype)
         _ops.im2col(x, first, kh, kw, sy, sx, pt, pl, out_h, out_w, cols, nt)
         dy_gemm = scratch.get("dy_gemm", (oc, m, p), dtype)
-        _ops.nchw_to_gemm(dy3, y3, rectify, slope, first, dy_gemm, dbias_partial[first:first + m], nt)
+        dy_to_gemm(first, dy_gemm, dbias_partial[first:first + m], nt)
         dy2 = dy_gemm.reshape(oc, m * p)
         np.matmul(dy2, cols.reshape(k, m * p).T, out=dweight_parts[index])
-        if need_dx:
-            _fold_input_grad(w2, dy2, first, m, (kh, kw, sy, sx, pt, pl, out_h, out_w), dx, scratch, nt)
+        if dx is not None:
+            _fold_input_grad(w2, dy2, first, m, window, dx, scratch, nt)
 
     for_each_group(n_groups, run_group)
     dweight = dweight_parts[0].copy()
     for part in dweight_parts[1:]:
         dweight += part
-    dbias = dbias_partial.sum(axis=0).astype(dtype)
-    return dx, dweight.reshape(weight.shape), dbias
+    return dweight.reshape(weight.shape), dbias_partial.sum(axis=0).astype(dtype)
 
 
 def _backward_activation(dy, expected, y, activation, negative_slope, op):
@@ -1666,39 +1687,15 @@ def conv2d_max_pool_2x2_backward(dy, argmax, y, x, weight, stride=1, padding=0, 
             raise ValueError(f"Expected {name} of shape {pooled}, received: {name}.shape={a.shape}")
     argmax = np.ascontiguousarray(argmax, dtype=np.int32)
     dx = np.empty(x.shape, dtype=dtype) if need_dx else None
-    k, p = c * kh * kw, out_h * out_w
     if n == 0 or oc == 0:
         if dx is not None:
             dx[...] = 0
         return dx, np.zeros(weight.shape, dtype=dtype), np.zeros(oc, dtype=dtype)
-    ws = workspace if workspace is not None else Workspace()
-    g = _group_size(n, (2 * k + oc) * p * dtype.itemsize)
-    n_groups = -(-n // g)
-    w2 = weight.reshape(oc, k)
     dy3, y3, argmax3 = dy.reshape(n, oc, -1), y.reshape(n, oc, -1), argmax.reshape(n, oc, -1)
-    dbias_partial = np.empty((n, oc), dtype=np.float64)
-    dweight_parts = ws.get("dweight_parts", (n_groups, oc, k), dtype)
-    nt = threads_for(n * (k + oc) * p) if n_groups == 1 else 1
 
-    def run_group(worker, index):
-        first = index * g
-        m = min(g, n - first)
-        scratch = ws.worker(worker)
-        cols = scratch.get("cols", (k, m, p), dtype)
-        _ops.im2col(x, first, kh, kw, sy, sx, pt, pl, out_h, out_w, cols, nt)
-        dy_gemm = scratch.get("dy_gemm", (oc, m, p), dtype)
-        _ops.max_pool_2x2_argmax_to_gemm(dy3, y3, argmax3, rectify, slope, first, out_w, dy_gemm,
-                                  dbias_partial[first:first + m], nt)
-        dy2 = dy_gemm.reshape(oc, m * p)
-        np.matmul(dy2, cols.reshape(k, m * p).T, out=dweight_parts[index])
-        if need_dx:
-            dcols = scratch.get("dcols", (k, m, p), dtype)
-            np.matmul(w2.T, dy2, out=dcols.reshape(k, m * p))
-            _ops.col2im(dcols, first, kh, kw, sy, sx, pt, pl, out_h, out_w, dx, nt)
+    def dy_to_gemm(first, dy_gemm, dbias_part, nt):
+        _ops.max_pool_2x2_argmax_to_gemm(dy3, y3, argmax3, rectify, slope, first, out_w, dy_gemm, dbias_part, nt)
 
-    for_each_group(n_groups, run_group)
-    # Parts summed in group order: the same result whatever thread computed which part.
-    dweight = dweight_parts[0].copy()
-    for part in dweight_parts[1:]:
-        dweight += part
-    return dx, dweight.reshape(weight.shape), dbias_partial.sum(axis=0).astype(dtype)
+    dweight, dbias = _conv_backward_groups(x, weight, (kh, kw, sy, sx, pt, pl, out_h, out_w), dy_to_gemm,
+                                           dx, workspace)
+    return dx, dweight, dbias
