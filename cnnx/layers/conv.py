@@ -115,6 +115,15 @@ class Conv2D(Layer):
         state.rectifier = None
         return state
 
+    def _rectifier(self, fused_activation):
+        """``(activation, slope)`` for the kernels: the layer's own, or the activation layer an
+        execution plan fuses into it (only when the layer has none of its own)."""
+        if fused_activation is None:
+            return self._compiled_act, self.negative_slope
+        if self.activation is not None or not compiled_rectifier(*fused_activation):
+            raise ValueError(f"Conv2D cannot fuse activation {fused_activation!r}")
+        return fused_activation
+
     def call(self, x, training, state, *, fused_activation=None, max_pool_2x2=False, reuse_output=False):
         """Forward with caches in ``state`` (see ``Layer.call``).
 
@@ -137,12 +146,7 @@ class Conv2D(Layer):
         -------
         y : ndarray of shape (n, out_channels, out_h, out_w), halved spatially with ``max_pool_2x2``
         """
-        if fused_activation is not None:
-            if self.activation is not None or not compiled_rectifier(*fused_activation):
-                raise ValueError(f"Conv2D cannot fuse activation {fused_activation!r}")
-            rectifier = fused_activation
-        else:
-            rectifier = (self._compiled_act, self.negative_slope)
+        rectifier = self._rectifier(fused_activation)
         x, pads, y_shape = self._checked(x)
         w = self.params["weight"]
         ws = state.workspace
@@ -246,12 +250,7 @@ class Conv2D(Layer):
         """
         if not self.pools_in_training:
             raise ValueError("Conv2D.call_pooled needs a plain convolution with a compiled activation or none")
-        if fused_activation is not None:
-            if self.activation is not None or not compiled_rectifier(*fused_activation):
-                raise ValueError(f"Conv2D cannot fuse activation {fused_activation!r}")
-            rectifier = fused_activation
-        else:
-            rectifier = (self._compiled_act, self.negative_slope)
+        rectifier = self._rectifier(fused_activation)
         x, pads, _ = self._checked(x)
         y, argmax = F.conv2d_max_pool_2x2_train(x, self.params["weight"], self.params.get("bias"), self.stride, pads,
                                          workspace=state.workspace, activation=rectifier[0],
