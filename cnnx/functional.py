@@ -209,15 +209,37 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, out=None, workspace=None, 
     y = _check_out(out, y_shape, dtype)
     if y.size == 0:
         return y
-    ws = workspace if workspace is not None else Workspace()
-    k = c * kh * kw
-    p = out_h * out_w
-    g = _group_size(n, (k + oc) * p * dtype.itemsize)
-    n_groups = -(-n // g)
-    w2 = weight.reshape(oc, k)
     has_bias = bias is not None
     b = bias if has_bias else np.empty(0, dtype=dtype)
     y3 = y.reshape(n, oc, -1)
+
+    def gemm_to_output(y_gemm, first, scratch, nt):
+        if max_pool_2x2:
+            _ops.gemm_to_nchw_max_pool_2x2(y_gemm, b, has_bias, rectify, slope, first, out_w, y3, nt)
+        else:
+            _ops.gemm_to_nchw(y_gemm, b, has_bias, rectify, slope, first, y3, nt)
+
+    _conv_forward_groups(x, weight, (kh, kw, sy, sx, pt, pl, out_h, out_w), gemm_to_output, workspace)
+    return y
+
+
+def _conv_forward_groups(x, weight, window, gemm_to_output, workspace):
+    """The im2col + GEMM forward of a ``window = (kh, kw, sy, sx, pad_top, pad_left, out_h,
+    out_w)`` convolution, run by groups of images on cnnx's workers.
+
+    ``gemm_to_output(y_gemm, first, scratch, n_threads)`` takes the GEMM result of images
+    ``first : first + m``, laid out ``(out_c, m, P)``, and writes the caller's output (bias,
+    activation and pooling as the caller fuses them), with the worker's ``scratch`` for buffers.
+    """
+    n, c = x.shape[:2]
+    dtype = x.dtype
+    oc = weight.shape[0]
+    kh, kw, sy, sx, pt, pl, out_h, out_w = window
+    k, p = c * kh * kw, out_h * out_w
+    ws = workspace if workspace is not None else Workspace()
+    g = _group_size(n, (k + oc) * p * dtype.itemsize)
+    n_groups = -(-n // g)
+    w2 = weight.reshape(oc, k)
     # One group: OpenMP loops and BLAS threads inside it; several: one thread per group.
     nt = threads_for(n * (k + oc) * p) if n_groups == 1 else 1
 
@@ -229,13 +251,9 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, out=None, workspace=None, 
         _ops.im2col(x, first, kh, kw, sy, sx, pt, pl, out_h, out_w, cols, nt)
         y_gemm = scratch.get("y_gemm", (oc, m, p), dtype)
         np.matmul(w2, cols.reshape(k, m * p), out=y_gemm.reshape(oc, m * p))
-        if max_pool_2x2:
-            _ops.gemm_to_nchw_max_pool_2x2(y_gemm, b, has_bias, rectify, slope, first, out_w, y3, nt)
-        else:
-            _ops.gemm_to_nchw(y_gemm, b, has_bias, rectify, slope, first, y3, nt)
+        gemm_to_output(y_gemm, first, scratch, nt)
 
     for_each_group(n_groups, run_group)
-    return y
 
 
 def conv2d_backward(dy, x, weight, stride=1, padding=0, need_dx=True, out=None, workspace=None,
@@ -1631,29 +1649,18 @@ def conv2d_max_pool_2x2_train(x, weight, bias=None, stride=1, padding=0, workspa
     argmax = np.empty(y.shape, dtype=np.int32)
     if n == 0 or oc == 0:
         return y, argmax
-    ws = workspace if workspace is not None else Workspace()
-    k, p = c * kh * kw, out_h * out_w
-    g = _group_size(n, (k + oc) * p * dtype.itemsize)
-    n_groups = -(-n // g)
-    w2 = weight.reshape(oc, k)
     b = bias if bias is not None else np.empty(0, dtype=dtype)
     y3, argmax3 = y.reshape(n, oc, -1), argmax.reshape(n, oc, -1)
-    nt = threads_for(n * (k + oc) * p) if n_groups == 1 else 1
 
-    def run_group(worker, index):
-        first = index * g
-        m = min(g, n - first)
-        scratch = ws.worker(worker)
-        cols = scratch.get("cols", (k, m, p), dtype)
-        _ops.im2col(x, first, kh, kw, sy, sx, pt, pl, out_h, out_w, cols, nt)
-        y_gemm = scratch.get("y_gemm", (oc, m, p), dtype)
-        np.matmul(w2, cols.reshape(k, m * p), out=y_gemm.reshape(oc, m * p))
+    def gemm_to_output(y_gemm, first, scratch, nt):
+        m = y_gemm.shape[1]
         pair_max = scratch.get("pair_max", (m, out_h * (out_w // 2)), dtype)
         pair_arg = scratch.get("pair_arg", (m, out_h * (out_w // 2)), np.dtype(np.int32))
         _ops.gemm_to_nchw_max_pool_2x2_argmax(y_gemm, b, bias is not None, rectify, slope, first, out_w, y3, argmax3,
-                                       pair_max, pair_arg, nt)
+                                              pair_max, pair_arg, nt)
 
-    for_each_group(n_groups, run_group)
+    # The same schedule as conv2d's: the same GEMMs, so the pooled values equal the unfused ones.
+    _conv_forward_groups(x, weight, (kh, kw, sy, sx, pt, pl, out_h, out_w), gemm_to_output, workspace)
     return y, argmax
 
 
