@@ -1584,3 +1584,7 @@ def max_pool_2x2_argmax_to_gemm(
                     dy_gemm[o, j, (2 * py + k // 2) * out_w + 2 * px + k % 2] = v
                     acc = acc + v
             dbias_partial[j, o] = acc
+
+
+# cnnx's packed float32 GEMM for convolutions (implicit im2col), see _gemm.pxi.
+include "_gemm.pxi"

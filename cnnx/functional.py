@@ -219,17 +219,20 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, out=None, workspace=None, 
         else:
             _ops.gemm_to_nchw(y_gemm, b, has_bias, rectify, slope, first, y3, nt)
 
-    _conv_forward_groups(x, weight, (kh, kw, sy, sx, pt, pl, out_h, out_w), gemm_to_output, workspace)
+    nchw = None if max_pool_2x2 else (b, has_bias, rectify, slope, y3)
+    _conv_forward_groups(x, weight, (kh, kw, sy, sx, pt, pl, out_h, out_w), gemm_to_output, workspace, nchw)
     return y
 
 
-def _conv_forward_groups(x, weight, window, gemm_to_output, workspace):
+def _conv_forward_groups(x, weight, window, gemm_to_output, workspace, nchw=None):
     """The im2col + GEMM forward of a ``window = (kh, kw, sy, sx, pad_top, pad_left, out_h,
     out_w)`` convolution, run by groups of images on cnnx's workers.
 
     ``gemm_to_output(y_gemm, first, scratch, n_threads)`` takes the GEMM result of images
     ``first : first + m``, laid out ``(out_c, m, P)``, and writes the caller's output (bias,
     activation and pooling as the caller fuses them), with the worker's ``scratch`` for buffers.
+    ``nchw = (bias, has_bias, rectify, slope, y3)`` (optional) is ``gemm_to_nchw``'s epilogue: where
+    cnnx's packed GEMM runs, it writes ``y3`` directly and ``gemm_to_output`` is not called.
     """
     n, c = x.shape[:2]
     dtype = x.dtype
@@ -242,18 +245,42 @@ def _conv_forward_groups(x, weight, window, gemm_to_output, workspace):
     w2 = weight.reshape(oc, k)
     # One group: OpenMP loops and BLAS threads inside it; several: one thread per group.
     nt = threads_for(n * (k + oc) * p) if n_groups == 1 else 1
+    packed = packed_conv_gemm(dtype, oc, k, p)
 
     def run_group(worker, index):
         first = index * g
         m = min(g, n - first)
         scratch = ws.worker(worker)
-        cols = scratch.get("cols", (k, m, p), dtype)
-        _ops.im2col(x, first, kh, kw, sy, sx, pt, pl, out_h, out_w, cols, nt)
+        if packed and nchw is not None:
+            _ops.conv_gemm_nchw(x, first, m, w2, kh, kw, sy, sx, pt, pl, out_h, out_w, *nchw, nt)
+            return
         y_gemm = scratch.get("y_gemm", (oc, m, p), dtype)
-        np.matmul(w2, cols.reshape(k, m * p), out=y_gemm.reshape(oc, m * p))
+        if packed:
+            _ops.conv_gemm_columns(x, first, w2, kh, kw, sy, sx, pt, pl, out_h, out_w, y_gemm, nt)
+        else:
+            cols = scratch.get("cols", (k, m, p), dtype)
+            _ops.im2col(x, first, kh, kw, sy, sx, pt, pl, out_h, out_w, cols, nt)
+            np.matmul(w2, cols.reshape(k, m * p), out=y_gemm.reshape(oc, m * p))
         gemm_to_output(y_gemm, first, scratch, nt)
 
     for_each_group(n_groups, run_group)
+
+
+# Which convolution forwards run cnnx's packed GEMM (``_ops.conv_gemm_*``: im2col fused into the
+# packing, bias and activation into the tile stores) instead of im2col + np.matmul: float32 only
+# (float64 stays on BLAS, the PyTorch parity tests run in it). ``None`` follows the measured rule
+# in ``packed_conv_gemm``; True / False force a path (benchmarks compare the two).
+PACKED_CONV_GEMM = None
+
+
+def packed_conv_gemm(dtype, out_c, k, pixels):
+    """Whether a convolution forward with GEMM ``(out_c, k) @ (k, pixels per image)`` runs cnnx's
+    packed GEMM (see ``PACKED_CONV_GEMM``; the figures behind the rule are in docs/PERFORMANCE_LOG.md)."""
+    if dtype != np.float32 or k == 0:
+        return False
+    if PACKED_CONV_GEMM is not None:
+        return bool(PACKED_CONV_GEMM)
+    return True
 
 
 def conv2d_backward(dy, x, weight, stride=1, padding=0, need_dx=True, out=None, workspace=None,

@@ -1,0 +1,447 @@
+# cnnx's own float32 GEMM for convolutions, with im2col fused into the packing (included by _ops.pyx).
+#
+# C = A @ B with A = the weights (out_c, K = c*kh*kw) and B = the im2col matrix of a group of
+# images (K, N = g * P), P = out_h * out_w, never materialised:
+# - A is packed once per call into micro-panels of MR rows (k-major, MR values per k, zero rows
+#   past out_c);
+# - B is packed block by block (KC x NC) straight from the images: panels of NR columns, NR values
+#   per k, gathered with the convolution's geometry (zero where the window hangs over the padding);
+# - a register-blocked micro-kernel (MR x NR accumulators) computes one output tile and writes it
+#   to C through a (row stride, image stride) addressing, with the bias and the (leaky) ReLU
+#   applied to the finished sums: NCHW output and the (out_c, g, P) GEMM layout are the same code.
+# Loops (BLIS's, with the roles of A and B swapped because the vectors run along the output
+# pixels, which are contiguous in NCHW): NC blocks of columns -> KC blocks of K -> pack B ->
+# MR panels of A (one stays in L1) -> NR panels of B (the block stays in L2) -> micro-kernel.
+# Each call runs on the calling thread alone, or splits its NC blocks over n_threads with OpenMP;
+# every output value is the same sum in the same order whatever the split.
+#
+# The micro-kernel is C with GCC/Clang vector extensions; its width follows the build's
+# instruction set (cnnx._ops_avx512: 16 floats, cnnx._ops_avx2: 8, baseline: 4), so the same
+# source gives each per-ISA module its own kernel. Compilers without vector extensions (MSVC) get
+# a plain scalar kernel of the same shape.
+
+from libc.stdlib cimport malloc, free
+from cython.parallel cimport threadid
+
+cdef extern from *:
+    """
+    #include <string.h>
+    #include <stdint.h>
+    #if defined(__GNUC__) || defined(__clang__)
+      #define CNNX_GEMM_VECTOR 1
+      #if defined(__AVX512F__)
+        #define CNNX_VW 16
+        #define CNNX_MR 8
+      #elif defined(__AVX2__) || defined(__FMA__) || defined(__AVX__)
+        #define CNNX_VW 8
+        #define CNNX_MR 6
+      #else
+        #define CNNX_VW 4
+        #define CNNX_MR 6
+      #endif
+    #else
+      #define CNNX_GEMM_VECTOR 0
+      #define CNNX_VW 4
+      #define CNNX_MR 4
+    #endif
+    /* Two vectors of columns per tile: MR x 2 accumulators, two B loads and one broadcast fit the
+       register file (AVX-512: 16 + 3 of 32 zmm; AVX2 / SSE: 12 + 3 of 16). */
+    #define CNNX_NR (2 * CNNX_VW)
+    /* Cache blocking: A's MR x KC micro-panel stays in L1, B's KC x NC block in L2. */
+    #define CNNX_KC_MAX 512
+    #define CNNX_NC_BYTES (256 * 1024)
+    static const int CNNX_GEMM_MR = CNNX_MR;
+    static const int CNNX_GEMM_NR = CNNX_NR;
+    static const int CNNX_GEMM_VW = CNNX_VW;
+    static const int CNNX_GEMM_KC_MAX = CNNX_KC_MAX;
+    static const int CNNX_GEMM_NC_BYTES = CNNX_NC_BYTES;
+
+    #if CNNX_GEMM_VECTOR
+    typedef float cnnx_vf __attribute__((vector_size(CNNX_VW * 4)));
+    typedef int32_t cnnx_vi __attribute__((vector_size(CNNX_VW * 4)));
+    static inline cnnx_vf cnnx_vload(const float *p) { cnnx_vf v; memcpy(&v, p, sizeof v); return v; }
+    static inline void cnnx_vstore(float *p, cnnx_vf v) { memcpy(p, &v, sizeof v); }
+    static inline cnnx_vf cnnx_splat(float s) { cnnx_vf v = {0}; return v + s; }
+    /* v if v > 0 else v * slope, as a bit select (no branch; NaN gives NaN * slope = NaN). */
+    static inline cnnx_vf cnnx_vleaky(cnnx_vf v, float slope) {
+        cnnx_vi pos = v > 0;
+        cnnx_vi a = (cnnx_vi)v, b = (cnnx_vi)(v * slope);
+        return (cnnx_vf)((a & pos) | (b & ~pos));
+    }
+    /* Row r of the tile: accumulate a broadcast A value times the two B vectors. */
+    #define CNNX_ROW_FMA(r) { cnnx_vf ar = cnnx_splat(a[r]); c##r##0 += ar * b0; c##r##1 += ar * b1; }
+    #define CNNX_ROW_STORE(r) \
+        if (r < rows) { \
+            float *cr = c + (Py_ssize_t)(r) * ldc; \
+            cnnx_vf v0 = c##r##0, v1 = c##r##1; \
+            if (accumulate) { v0 += cnnx_vload(cr); v1 += cnnx_vload(cr + CNNX_VW); } \
+            if (bias) { cnnx_vf br = cnnx_splat(bias[r]); v0 += br; v1 += br; } \
+            if (rectify) { v0 = cnnx_vleaky(v0, slope); v1 = cnnx_vleaky(v1, slope); } \
+            cnnx_vstore(cr, v0); cnnx_vstore(cr + CNNX_VW, v1); \
+        }
+    #define CNNX_ROW_DECL(r) cnnx_vf c##r##0 = {0}, c##r##1 = {0};
+
+    /* One MR x NR tile: c[r, 0:NR] (row stride ldc) = (accumulate ? c : 0) + sum_k a[k, r] b[k, :],
+       then + bias[r] and the leaky ReLU when given; only the first `rows` rows are written.
+       a: kc x MR packed, b: kc x NR packed. */
+    static void cnnx_sgemm_micro(Py_ssize_t kc, const float *restrict a, const float *restrict b,
+                                 float *c, Py_ssize_t ldc, int rows, int accumulate,
+                                 const float *bias, int rectify, float slope) {
+        CNNX_ROW_DECL(0) CNNX_ROW_DECL(1) CNNX_ROW_DECL(2) CNNX_ROW_DECL(3)
+        CNNX_ROW_DECL(4) CNNX_ROW_DECL(5)
+        #if CNNX_MR > 6
+        CNNX_ROW_DECL(6) CNNX_ROW_DECL(7)
+        #endif
+        for (Py_ssize_t k = 0; k < kc; ++k) {
+            cnnx_vf b0 = cnnx_vload(b), b1 = cnnx_vload(b + CNNX_VW);
+            CNNX_ROW_FMA(0) CNNX_ROW_FMA(1) CNNX_ROW_FMA(2) CNNX_ROW_FMA(3)
+            CNNX_ROW_FMA(4) CNNX_ROW_FMA(5)
+            #if CNNX_MR > 6
+            CNNX_ROW_FMA(6) CNNX_ROW_FMA(7)
+            #endif
+            a += CNNX_MR;
+            b += CNNX_NR;
+        }
+        CNNX_ROW_STORE(0) CNNX_ROW_STORE(1) CNNX_ROW_STORE(2) CNNX_ROW_STORE(3)
+        CNNX_ROW_STORE(4) CNNX_ROW_STORE(5)
+        #if CNNX_MR > 6
+        CNNX_ROW_STORE(6) CNNX_ROW_STORE(7)
+        #endif
+    }
+    #else
+    static void cnnx_sgemm_micro(Py_ssize_t kc, const float *a, const float *b,
+                                 float *c, Py_ssize_t ldc, int rows, int accumulate,
+                                 const float *bias, int rectify, float slope) {
+        float acc[CNNX_MR][CNNX_NR] = {{0}};
+        for (Py_ssize_t k = 0; k < kc; ++k) {
+            for (int r = 0; r < CNNX_MR; ++r)
+                for (int j = 0; j < CNNX_NR; ++j)
+                    acc[r][j] += a[r] * b[j];
+            a += CNNX_MR;
+            b += CNNX_NR;
+        }
+        for (int r = 0; r < rows; ++r) {
+            float *cr = c + (Py_ssize_t)r * ldc;
+            for (int j = 0; j < CNNX_NR; ++j) {
+                float v = acc[r][j] + (accumulate ? cr[j] : 0.0f) + (bias ? bias[r] : 0.0f);
+                if (rectify) v = v > 0 ? v : v * slope;
+                cr[j] = v;
+            }
+        }
+    }
+    #endif
+    /* 64-byte aligned buffers for the packed panels (freed with cnnx_free_aligned). */
+    static float *cnnx_alloc_floats(Py_ssize_t n) {
+        char *raw = (char *)malloc((size_t)n * sizeof(float) + 64 + sizeof(void *));
+        if (!raw) return NULL;
+        uintptr_t p = ((uintptr_t)(raw + sizeof(void *)) + 63) & ~(uintptr_t)63;
+        ((void **)p)[-1] = raw;
+        return (float *)p;
+    }
+    static void cnnx_free_floats(float *p) { if (p) free(((void **)p)[-1]); }
+    """
+    const int CNNX_GEMM_MR
+    const int CNNX_GEMM_NR
+    const int CNNX_GEMM_VW
+    const int CNNX_GEMM_KC_MAX
+    const int CNNX_GEMM_NC_BYTES
+    void cnnx_sgemm_micro(Py_ssize_t kc, const float* a, const float* b, float* c, Py_ssize_t ldc, int rows,
+                          int accumulate, const float* bias, int rectify, float slope) noexcept nogil
+    float* cnnx_alloc_floats(Py_ssize_t n) noexcept nogil
+    void cnnx_free_floats(float* p) noexcept nogil
+
+
+# The geometry of one call: images, window, output addressing.
+cdef struct _ConvGemm:
+    const float* x        # x[first], the group's first image
+    Py_ssize_t c, h, w    # input channels and size
+    Py_ssize_t kh, kw, sy, sx, pad_top, pad_left, out_h, out_w
+    Py_ssize_t M, K, N, P # out_c, c*kh*kw, g*P, out_h*out_w
+    Py_ssize_t kc_max, nc # blocking
+    const float* a_packed
+    float* out            # C(o, n) = out[o * row_stride + (n // P) * image_stride + n % P]
+    Py_ssize_t row_stride, image_stride
+    const float* bias     # NULL without bias
+    int rectify
+    float slope
+
+
+def gemm_config():
+    """The micro-kernel and blocking of this build: ``{"mr", "nr", "vector_width", "kc_max",
+    "nc_bytes"}`` (rows x columns of one register tile, floats per vector, K block, B block bytes)."""
+    return {"mr": CNNX_GEMM_MR, "nr": CNNX_GEMM_NR, "vector_width": CNNX_GEMM_VW,
+            "kc_max": CNNX_GEMM_KC_MAX, "nc_bytes": CNNX_GEMM_NC_BYTES}
+
+
+cdef void _pack_weights(const float* w, Py_ssize_t M, Py_ssize_t K, float* ap) noexcept nogil:
+    """A (M, K) row-major -> micro-panels of MR rows: ap[(panel * K + k) * MR + r], zero past M."""
+    cdef Py_ssize_t mr = CNNX_GEMM_MR
+    cdef Py_ssize_t panel, k, r, o
+    for panel in range((M + mr - 1) // mr):
+        for k in range(K):
+            for r in range(mr):
+                o = panel * mr + r
+                ap[(panel * K + k) * mr + r] = w[o * K + k] if o < M else 0
+
+
+cdef void _pack_image_panel(const _ConvGemm* g, Py_ssize_t n_start, Py_ssize_t k0, Py_ssize_t kc,
+                            float* bp) noexcept nogil:
+    """One KC x NR panel of the implicit im2col matrix, columns ``n_start : n_start + NR``, rows
+    ``k0 : k0 + kc``: bp[k * NR + j]. Columns past N are zero."""
+    cdef Py_ssize_t nr = CNNX_GEMM_NR
+    # The panel's columns as runs of consecutive output pixels of one output row of one image.
+    cdef Py_ssize_t seg_col[64]
+    cdef Py_ssize_t seg_len[64]
+    cdef Py_ssize_t seg_image[64]
+    cdef Py_ssize_t seg_iy[64]
+    cdef Py_ssize_t seg_ix[64]
+    cdef Py_ssize_t n_segs = 0, j = 0, n, p, oy, ox, length, valid
+    cdef Py_ssize_t hw = g.h * g.w
+    valid = g.N - n_start
+    if valid > nr:
+        valid = nr
+    while j < valid:
+        n = n_start + j
+        p = n % g.P
+        oy = p // g.out_w
+        ox = p - oy * g.out_w
+        length = g.out_w - ox
+        if length > valid - j:
+            length = valid - j
+        seg_col[n_segs] = j
+        seg_len[n_segs] = length
+        seg_image[n_segs] = (n // g.P) * g.c * hw
+        seg_iy[n_segs] = oy * g.sy - g.pad_top
+        seg_ix[n_segs] = ox * g.sx - g.pad_left
+        n_segs += 1
+        j += length
+    cdef Py_ssize_t k, s, ci, ki, kj, iy, ix, col, t, lo, hi
+    cdef float* dst
+    cdef const float* src
+    ci = k0 // (g.kh * g.kw)
+    ki = (k0 // g.kw) % g.kh
+    kj = k0 % g.kw
+    for k in range(kc):
+        dst = bp + k * nr
+        for s in range(n_segs):
+            length = seg_len[s]
+            iy = seg_iy[s] + ki
+            ix = seg_ix[s] + kj
+            if iy < 0 or iy >= g.h:
+                for t in range(length):
+                    dst[seg_col[s] + t] = 0
+                continue
+            src = g.x + seg_image[s] + ci * hw + iy * g.w
+            if g.sx == 1:
+                # Window columns ix .. ix + length - 1: zeros left of 0 and from w on.
+                lo = -ix if ix < 0 else 0
+                if lo > length:
+                    lo = length
+                hi = g.w - ix
+                if hi > length:
+                    hi = length
+                if hi < lo:
+                    hi = lo
+                for t in range(lo):
+                    dst[seg_col[s] + t] = 0
+                if hi > lo:
+                    memcpy(dst + seg_col[s] + lo, src + ix + lo, (hi - lo) * sizeof(float))
+                for t in range(hi, length):
+                    dst[seg_col[s] + t] = 0
+            else:
+                for t in range(length):
+                    col = ix + t * g.sx
+                    dst[seg_col[s] + t] = src[col] if 0 <= col < g.w else 0
+        for t in range(valid, nr):
+            dst[t] = 0
+        kj += 1
+        if kj == g.kw:
+            kj = 0
+            ki += 1
+            if ki == g.kh:
+                ki = 0
+                ci += 1
+
+
+cdef void _store_tile(const _ConvGemm* g, Py_ssize_t o0, Py_ssize_t n_start, const float* a, const float* b,
+                      Py_ssize_t kc, bint accumulate, bint last) noexcept nogil:
+    """Tile rows ``o0 : o0 + MR``, columns ``n_start : n_start + NR``: the micro-kernel straight
+    into C when the tile's columns are contiguous there, else through a buffer."""
+    cdef Py_ssize_t mr = CNNX_GEMM_MR, nr = CNNX_GEMM_NR
+    cdef int rows = <int>(g.M - o0 if g.M - o0 < mr else mr)
+    cdef const float* bias = (g.bias + o0) if (last and g.bias != NULL) else NULL
+    cdef int rectify = g.rectify if last else 0
+    cdef Py_ssize_t image = n_start // g.P, p = n_start % g.P
+    cdef float* c = g.out + o0 * g.row_stride + image * g.image_stride + p
+    if n_start + nr <= g.N and (p + nr <= g.P or g.image_stride == g.P):
+        cnnx_sgemm_micro(kc, a, b, c, g.row_stride, rows, accumulate, bias, rectify, g.slope)
+        return
+    cdef float tile[16 * 64]  # MR x NR, MR <= 16 and NR <= 64 in every build
+    cdef Py_ssize_t r, j, n, valid = g.N - n_start
+    if valid > nr:
+        valid = nr
+    if accumulate:
+        for j in range(valid):
+            n = n_start + j
+            c = g.out + o0 * g.row_stride + (n // g.P) * g.image_stride + n % g.P
+            for r in range(rows):
+                tile[r * nr + j] = c[r * g.row_stride]
+    cnnx_sgemm_micro(kc, a, b, tile, nr, rows, accumulate, bias, rectify, g.slope)
+    for j in range(valid):
+        n = n_start + j
+        c = g.out + o0 * g.row_stride + (n // g.P) * g.image_stride + n % g.P
+        for r in range(rows):
+            c[r * g.row_stride] = tile[r * nr + j]
+
+
+cdef void _gemm_block(const _ConvGemm* g, Py_ssize_t block, float* bp) noexcept nogil:
+    """Columns ``block * nc : (block + 1) * nc`` of C, all rows, all of K (in KC blocks)."""
+    cdef Py_ssize_t mr = CNNX_GEMM_MR, nr = CNNX_GEMM_NR
+    cdef Py_ssize_t n0 = block * g.nc
+    cdef Py_ssize_t n1 = n0 + g.nc if n0 + g.nc < g.N else g.N
+    cdef Py_ssize_t n_panels = (n1 - n0 + nr - 1) // nr
+    cdef Py_ssize_t k0, kc, panel, o0
+    k0 = 0
+    while k0 < g.K:
+        kc = g.K - k0 if g.K - k0 < g.kc_max else g.kc_max
+        for panel in range(n_panels):
+            _pack_image_panel(g, n0 + panel * nr, k0, kc, bp + panel * kc * nr)
+        o0 = 0
+        while o0 < g.M:
+            for panel in range(n_panels):
+                _store_tile(g, o0, n0 + panel * nr, g.a_packed + (o0 // mr) * g.K * mr + k0 * mr,
+                            bp + panel * kc * nr, kc, k0 > 0, k0 + kc >= g.K)
+            o0 += mr
+        k0 += kc
+
+
+cdef int _conv_gemm(_ConvGemm* g, const float* weight, int n_threads) noexcept nogil:
+    """Run the whole product (blocking set here); 0 on success, -1 when out of memory."""
+    cdef Py_ssize_t mr = CNNX_GEMM_MR, nr = CNNX_GEMM_NR
+    cdef Py_ssize_t n_kblocks = (g.K + CNNX_GEMM_KC_MAX - 1) // CNNX_GEMM_KC_MAX
+    # Balanced K blocks (576 -> 2 x 288, not 512 + 64).
+    g.kc_max = (g.K + n_kblocks - 1) // n_kblocks
+    g.nc = (CNNX_GEMM_NC_BYTES // (g.kc_max * <Py_ssize_t>sizeof(float))) // nr * nr
+    if g.nc < nr:
+        g.nc = nr
+    cdef Py_ssize_t n_blocks = (g.N + g.nc - 1) // g.nc
+    if n_threads > n_blocks:
+        n_threads = <int>n_blocks
+    if n_threads < 1:
+        n_threads = 1
+    cdef float* ap = cnnx_alloc_floats(((g.M + mr - 1) // mr) * mr * g.K)
+    cdef Py_ssize_t b_floats = g.kc_max * ((g.nc + nr - 1) // nr) * nr
+    cdef float* bp = cnnx_alloc_floats(b_floats * n_threads)
+    cdef Py_ssize_t block
+    if ap == NULL or bp == NULL:
+        cnnx_free_floats(ap)
+        cnnx_free_floats(bp)
+        return -1
+    _pack_weights(weight, g.M, g.K, ap)
+    g.a_packed = ap
+    if n_threads == 1:
+        for block in range(n_blocks):
+            _gemm_block(g, block, bp)
+    else:
+        for block in prange(n_blocks, schedule="static", num_threads=n_threads):
+            _gemm_block(g, block, bp + threadid() * b_floats)
+    cnnx_free_floats(ap)
+    cnnx_free_floats(bp)
+    return 0
+
+
+cdef void _conv_gemm_setup(_ConvGemm* g, const float[:, :, :, ::1] x, Py_ssize_t first, Py_ssize_t g_images,
+                           const float[:, ::1] weight, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sy,
+                           Py_ssize_t sx, Py_ssize_t pad_top, Py_ssize_t pad_left, Py_ssize_t out_h,
+                           Py_ssize_t out_w) noexcept:
+    g.x = &x[first, 0, 0, 0]
+    g.c = x.shape[1]
+    g.h = x.shape[2]
+    g.w = x.shape[3]
+    g.kh, g.kw, g.sy, g.sx = kh, kw, sy, sx
+    g.pad_top, g.pad_left, g.out_h, g.out_w = pad_top, pad_left, out_h, out_w
+    g.M = weight.shape[0]
+    g.K = weight.shape[1]
+    g.P = out_h * out_w
+    g.N = g_images * g.P
+    g.bias = NULL
+    g.rectify = 0
+    g.slope = 0
+
+
+def conv_gemm_nchw(
+    const float[:, :, :, ::1] x,
+    Py_ssize_t first,
+    Py_ssize_t count,
+    const float[:, ::1] weight,
+    Py_ssize_t kh,
+    Py_ssize_t kw,
+    Py_ssize_t sy,
+    Py_ssize_t sx,
+    Py_ssize_t pad_top,
+    Py_ssize_t pad_left,
+    Py_ssize_t out_h,
+    Py_ssize_t out_w,
+    const float[::1] bias,
+    bint has_bias,
+    bint leaky_relu,
+    double negative_slope,
+    float[:, :, ::1] y,
+    int n_threads,
+):
+    """The float32 convolution forward of images ``x[first : first + count]`` into
+    ``y[first : first + count]`` of shape ``(n, out_c, out_h * out_w)``, in one pass: the packed
+    GEMM with ``weight`` of shape ``(out_c, c*kh*kw)`` over the implicit im2col matrix, plus
+    ``bias[o]`` when ``has_bias``, then a leaky ReLU with ``negative_slope`` when ``leaky_relu``
+    (as ``im2col`` + GEMM + ``gemm_to_nchw``). The caller checks the geometry."""
+    cdef _ConvGemm g
+    if weight.shape[1] == 0:
+        raise ValueError("Expected a weight with at least one column (c*kh*kw > 0), received: shape (%d, 0)" % weight.shape[0])
+    if count <= 0 or y.shape[1] == 0 or y.shape[2] == 0:
+        return
+    _conv_gemm_setup(&g, x, first, count, weight, kh, kw, sy, sx, pad_top, pad_left, out_h, out_w)
+    g.out = &y[first, 0, 0]
+    g.row_stride = g.P
+    g.image_stride = g.M * g.P
+    g.bias = &bias[0] if has_bias else NULL
+    g.rectify = leaky_relu
+    g.slope = <float>negative_slope
+    cdef int status
+    with nogil:
+        status = _conv_gemm(&g, &weight[0, 0], n_threads)
+    if status != 0:
+        raise MemoryError("cnnx: no memory for the packed GEMM panels")
+
+
+def conv_gemm_columns(
+    const float[:, :, :, ::1] x,
+    Py_ssize_t first,
+    const float[:, ::1] weight,
+    Py_ssize_t kh,
+    Py_ssize_t kw,
+    Py_ssize_t sy,
+    Py_ssize_t sx,
+    Py_ssize_t pad_top,
+    Py_ssize_t pad_left,
+    Py_ssize_t out_h,
+    Py_ssize_t out_w,
+    float[:, :, ::1] y_gemm,
+    int n_threads,
+):
+    """``y_gemm (out_c, g, out_h * out_w) = weight @ im2col(x[first : first + g])`` in float32,
+    the GEMM layout ``gemm_to_nchw`` and its pooled variants read, without materialising the
+    columns. ``weight`` of shape ``(out_c, c*kh*kw)``."""
+    cdef _ConvGemm g
+    if weight.shape[1] == 0:
+        raise ValueError("Expected a weight with at least one column (c*kh*kw > 0), received: shape (%d, 0)" % weight.shape[0])
+    if y_gemm.shape[0] == 0 or y_gemm.shape[1] == 0 or y_gemm.shape[2] == 0:
+        return
+    _conv_gemm_setup(&g, x, first, y_gemm.shape[1], weight, kh, kw, sy, sx, pad_top, pad_left, out_h, out_w)
+    g.out = &y_gemm[0, 0, 0]
+    g.row_stride = g.N
+    g.image_stride = g.P
+    cdef int status
+    with nogil:
+        status = _conv_gemm(&g, &weight[0, 0], n_threads)
+    if status != 0:
+        raise MemoryError("cnnx: no memory for the packed GEMM panels")
