@@ -61,7 +61,9 @@ cdef extern from *:
     typedef int32_t cnnx_vi __attribute__((vector_size(CNNX_VW * 4)));
     static inline cnnx_vf cnnx_vload(const float *p) { cnnx_vf v; memcpy(&v, p, sizeof v); return v; }
     static inline void cnnx_vstore(float *p, cnnx_vf v) { memcpy(p, &v, sizeof v); }
-    static inline cnnx_vf cnnx_splat(float s) { cnnx_vf v = {0}; return v + s; }
+    /* s - (+0) is exactly s for every s (also -0), so this folds to a plain broadcast; v + s would
+       not (-0 + +0 = +0). */
+    static inline cnnx_vf cnnx_splat(float s) { cnnx_vf zero = {0}; return s - zero; }
     /* v if v > 0 else v * slope, as a bit select (no branch; NaN gives NaN * slope = NaN). */
     static inline cnnx_vf cnnx_vleaky(cnnx_vf v, float slope) {
         cnnx_vi pos = v > 0;
@@ -108,7 +110,37 @@ cdef extern from *:
         CNNX_ROW_STORE(6) CNNX_ROW_STORE(7)
         #endif
     }
+    #endif  /* CNNX_GEMM_VECTOR: the micro-kernel */
+    /* Copy / zero n <= NR floats: the runs of the B packing (an output row of a panel at most), so
+       straight-line vector code: whole vectors, an overlapping last vector, or fixed-size pieces
+       for runs shorter than a vector (a loop here became a memcpy call, costing more than the copy). */
+    #if CNNX_GEMM_VECTOR
+    static inline void cnnx_copy_run(float *restrict dst, const float *restrict src, Py_ssize_t n) {
+        if (n >= CNNX_VW) {
+            cnnx_vstore(dst, cnnx_vload(src));
+            if (n > CNNX_VW) cnnx_vstore(dst + n - CNNX_VW, cnnx_vload(src + n - CNNX_VW));
+            return;
+        }
+        Py_ssize_t t = 0;
+        if (n & 8) { memcpy(dst + t, src + t, 8 * sizeof(float)); t += 8; }
+        if (n & 4) { memcpy(dst + t, src + t, 4 * sizeof(float)); t += 4; }
+        if (n & 2) { memcpy(dst + t, src + t, 2 * sizeof(float)); t += 2; }
+        if (n & 1) dst[t] = src[t];
+    }
+    static inline void cnnx_zero_run(float *dst, Py_ssize_t n) {
+        static const float zeros[CNNX_VW] = {0};
+        cnnx_copy_run(dst, zeros, n < CNNX_VW ? n : CNNX_VW);
+        if (n > CNNX_VW) cnnx_copy_run(dst + n - CNNX_VW, zeros, CNNX_VW);
+    }
     #else
+    static void cnnx_copy_run(float *dst, const float *src, Py_ssize_t n) {
+        for (Py_ssize_t t = 0; t < n; ++t) dst[t] = src[t];
+    }
+    static void cnnx_zero_run(float *dst, Py_ssize_t n) {
+        for (Py_ssize_t t = 0; t < n; ++t) dst[t] = 0;
+    }
+    #endif
+    #if !CNNX_GEMM_VECTOR
     static void cnnx_sgemm_micro(Py_ssize_t kc, const float *a, const float *b,
                                  float *c, Py_ssize_t ldc, int rows, int accumulate,
                                  const float *bias, int rectify, float slope) {
@@ -147,6 +179,8 @@ cdef extern from *:
     const int CNNX_GEMM_NC_BYTES
     void cnnx_sgemm_micro(Py_ssize_t kc, const float* a, const float* b, float* c, Py_ssize_t ldc, int rows,
                           int accumulate, const float* bias, int rectify, float slope) noexcept nogil
+    void cnnx_copy_run(float* dst, const float* src, Py_ssize_t n) noexcept nogil
+    void cnnx_zero_run(float* dst, Py_ssize_t n) noexcept nogil
     float* cnnx_alloc_floats(Py_ssize_t n) noexcept nogil
     void cnnx_free_floats(float* p) noexcept nogil
 
@@ -217,6 +251,7 @@ cdef void _pack_image_panel(const _ConvGemm* g, Py_ssize_t n_start, Py_ssize_t k
         j += length
     cdef Py_ssize_t k, s, ci, ki, kj, iy, ix, col, t, lo, hi
     cdef float* dst
+    cdef float* seg_dst
     cdef const float* src
     ci = k0 // (g.kh * g.kw)
     ki = (k0 // g.kw) % g.kh
@@ -225,11 +260,11 @@ cdef void _pack_image_panel(const _ConvGemm* g, Py_ssize_t n_start, Py_ssize_t k
         dst = bp + k * nr
         for s in range(n_segs):
             length = seg_len[s]
+            seg_dst = dst + seg_col[s]
             iy = seg_iy[s] + ki
             ix = seg_ix[s] + kj
             if iy < 0 or iy >= g.h:
-                for t in range(length):
-                    dst[seg_col[s] + t] = 0
+                cnnx_zero_run(seg_dst, length)
                 continue
             src = g.x + seg_image[s] + ci * hw + iy * g.w
             if g.sx == 1:
@@ -242,18 +277,15 @@ cdef void _pack_image_panel(const _ConvGemm* g, Py_ssize_t n_start, Py_ssize_t k
                     hi = length
                 if hi < lo:
                     hi = lo
-                for t in range(lo):
-                    dst[seg_col[s] + t] = 0
-                if hi > lo:
-                    memcpy(dst + seg_col[s] + lo, src + ix + lo, (hi - lo) * sizeof(float))
-                for t in range(hi, length):
-                    dst[seg_col[s] + t] = 0
+                src = src + ix
+                cnnx_zero_run(seg_dst, lo)
+                cnnx_copy_run(seg_dst + lo, src + lo, hi - lo)
+                cnnx_zero_run(seg_dst + hi, length - hi)
             else:
                 for t in range(length):
                     col = ix + t * g.sx
-                    dst[seg_col[s] + t] = src[col] if 0 <= col < g.w else 0
-        for t in range(valid, nr):
-            dst[t] = 0
+                    seg_dst[t] = src[col] if 0 <= col < g.w else 0
+        cnnx_zero_run(dst + valid, nr - valid)
         kj += 1
         if kj == g.kw:
             kj = 0
