@@ -67,6 +67,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
+    parser.add_argument("--forms", nargs="+", default=["conv", "infer", "train", "bwd"],
+                        help="which of conv / infer / train / bwd to time")
     args = parser.parse_args(argv)
     cnnx.parallel.set_num_threads(args.threads)
     print(f"cnnx {cnnx.__version__}, kernels {cnnx._simd.ISA}, {args.threads} thread(s), "
@@ -91,7 +93,15 @@ def main(argv=None):
                     "train": lambda: F.conv2d_max_pool_2x2_train(x, weight, bias, padding=pad, activation=act,
                                                                  workspace=ws),
                 }
+            # The backward as training runs it (no input gradient for a network's first layer).
+            y_full = F.conv2d(x, weight, bias, padding=pad, activation=act)
+            dy = rng.standard_normal(y_full.shape, dtype=np.float32)
+            need_dx = not label.endswith("conv1")
+            forms["bwd"] = lambda: F.conv2d_backward(dy, x, weight, padding=pad, need_dx=need_dx, workspace=ws,
+                                                     activation=act, y=y_full)
             for form, fn in forms.items():
+                if form not in args.forms:
+                    continue
                 ws = F.Workspace()
                 times = {False: [], True: []}
                 for _ in range(args.rounds):

@@ -192,6 +192,10 @@ cdef struct _ConvGemm:
     Py_ssize_t kh, kw, sy, sx, pad_top, pad_left, out_h, out_w
     Py_ssize_t M, K, N, P # out_c, c*kh*kw, g*P, out_h*out_w
     Py_ssize_t kc_max, nc # blocking
+    const float* a_src    # A(o, k) = a_src[o * a_rs + k * a_cs]
+    Py_ssize_t a_rs, a_cs
+    const float* b_src    # NULL: B is the images' implicit im2col; else B(k, n) = b_src[k * b_rs + n * b_cs]
+    Py_ssize_t b_rs, b_cs
     const float* a_packed
     float* out            # C(o, n) = out[o * row_stride + (n // P) * image_stride + n % P]
     Py_ssize_t row_stride, image_stride
@@ -207,15 +211,40 @@ def gemm_config():
             "kc_max": CNNX_GEMM_KC_MAX, "nc_bytes": CNNX_GEMM_NC_BYTES}
 
 
-cdef void _pack_weights(const float* w, Py_ssize_t M, Py_ssize_t K, float* ap) noexcept nogil:
-    """A (M, K) row-major -> micro-panels of MR rows: ap[(panel * K + k) * MR + r], zero past M."""
+cdef void _pack_a(const _ConvGemm* g, float* ap) noexcept nogil:
+    """A (M, K) -> micro-panels of MR rows: ap[(panel * K + k) * MR + r], zero past M."""
     cdef Py_ssize_t mr = CNNX_GEMM_MR
     cdef Py_ssize_t panel, k, r, o
-    for panel in range((M + mr - 1) // mr):
-        for k in range(K):
+    cdef float* dst
+    for panel in range((g.M + mr - 1) // mr):
+        for k in range(g.K):
+            dst = ap + (panel * g.K + k) * mr
             for r in range(mr):
                 o = panel * mr + r
-                ap[(panel * K + k) * mr + r] = w[o * K + k] if o < M else 0
+                dst[r] = g.a_src[o * g.a_rs + k * g.a_cs] if o < g.M else 0
+
+
+cdef void _pack_matrix_panel(const _ConvGemm* g, Py_ssize_t n_start, Py_ssize_t k0, Py_ssize_t kc,
+                             float* bp) noexcept nogil:
+    """One KC x NR panel of an explicit B, columns ``n_start : n_start + NR``, rows ``k0 : k0 + kc``:
+    bp[k * NR + j]. Columns past N are zero."""
+    cdef Py_ssize_t nr = CNNX_GEMM_NR
+    cdef Py_ssize_t valid = g.N - n_start if g.N - n_start < nr else nr
+    cdef Py_ssize_t k, j
+    cdef const float* src
+    if g.b_cs == 1:
+        for k in range(kc):
+            src = g.b_src + (k0 + k) * g.b_rs + n_start
+            cnnx_copy_run(bp + k * nr, src, valid)
+            cnnx_zero_run(bp + k * nr + valid, nr - valid)
+        return
+    # A transposed B: read each column along its contiguous direction.
+    for j in range(valid):
+        src = g.b_src + (n_start + j) * g.b_cs + k0 * g.b_rs
+        for k in range(kc):
+            bp[k * nr + j] = src[k * g.b_rs]
+    for k in range(kc):
+        cnnx_zero_run(bp + k * nr + valid, nr - valid)
 
 
 cdef void _pack_image_panel(const _ConvGemm* g, Py_ssize_t n_start, Py_ssize_t k0, Py_ssize_t kc,
@@ -337,7 +366,10 @@ cdef void _gemm_block(const _ConvGemm* g, Py_ssize_t block, float* bp) noexcept 
     while k0 < g.K:
         kc = g.K - k0 if g.K - k0 < g.kc_max else g.kc_max
         for panel in range(n_panels):
-            _pack_image_panel(g, n0 + panel * nr, k0, kc, bp + panel * kc * nr)
+            if g.b_src == NULL:
+                _pack_image_panel(g, n0 + panel * nr, k0, kc, bp + panel * kc * nr)
+            else:
+                _pack_matrix_panel(g, n0 + panel * nr, k0, kc, bp + panel * kc * nr)
         o0 = 0
         while o0 < g.M:
             for panel in range(n_panels):
@@ -347,7 +379,7 @@ cdef void _gemm_block(const _ConvGemm* g, Py_ssize_t block, float* bp) noexcept 
         k0 += kc
 
 
-cdef int _conv_gemm(_ConvGemm* g, const float* weight, int n_threads) noexcept nogil:
+cdef int _conv_gemm(_ConvGemm* g, int n_threads) noexcept nogil:
     """Run the whole product (blocking set here); 0 on success, -1 when out of memory."""
     cdef Py_ssize_t mr = CNNX_GEMM_MR, nr = CNNX_GEMM_NR
     cdef Py_ssize_t n_kblocks = (g.K + CNNX_GEMM_KC_MAX - 1) // CNNX_GEMM_KC_MAX
@@ -369,7 +401,7 @@ cdef int _conv_gemm(_ConvGemm* g, const float* weight, int n_threads) noexcept n
         cnnx_free_floats(ap)
         cnnx_free_floats(bp)
         return -1
-    _pack_weights(weight, g.M, g.K, ap)
+    _pack_a(g, ap)
     g.a_packed = ap
     if n_threads == 1:
         for block in range(n_blocks):
@@ -394,6 +426,10 @@ cdef void _conv_gemm_setup(_ConvGemm* g, const float[:, :, :, ::1] x, Py_ssize_t
     g.pad_top, g.pad_left, g.out_h, g.out_w = pad_top, pad_left, out_h, out_w
     g.M = weight.shape[0]
     g.K = weight.shape[1]
+    g.a_src = &weight[0, 0]
+    g.a_rs = g.K
+    g.a_cs = 1
+    g.b_src = NULL
     g.P = out_h * out_w
     g.N = g_images * g.P
     g.bias = NULL
@@ -440,7 +476,7 @@ def conv_gemm_nchw(
     g.slope = <float>negative_slope
     cdef int status
     with nogil:
-        status = _conv_gemm(&g, &weight[0, 0], n_threads)
+        status = _conv_gemm(&g, n_threads)
     if status != 0:
         raise MemoryError("cnnx: no memory for the packed GEMM panels")
 
@@ -474,6 +510,42 @@ def conv_gemm_columns(
     g.image_stride = g.P
     cdef int status
     with nogil:
-        status = _conv_gemm(&g, &weight[0, 0], n_threads)
+        status = _conv_gemm(&g, n_threads)
+    if status != 0:
+        raise MemoryError("cnnx: no memory for the packed GEMM panels")
+
+
+def gemm(const float[:, :] a, const float[:, :] b, float[:, ::1] c, int n_threads):
+    """``c = a @ b`` in float32 with cnnx's packed GEMM: ``a (M, K)`` and ``b (K, N)`` of any strides
+    (transposed views included), ``c (M, N)`` C-contiguous, overwritten. ``n_threads`` splits
+    the columns; the values do not depend on it."""
+    cdef _ConvGemm g
+    if a.shape[1] != b.shape[0] or c.shape[0] != a.shape[0] or c.shape[1] != b.shape[1]:
+        raise ValueError(f"Expected a (M, K), b (K, N), c (M, N), received: a ({a.shape[0]}, {a.shape[1]}), "
+                         f"b ({b.shape[0]}, {b.shape[1]}), c ({c.shape[0]}, {c.shape[1]})")
+    if c.shape[0] == 0 or c.shape[1] == 0:
+        return
+    if a.shape[1] == 0:
+        c[:, :] = 0
+        return
+    g.M = a.shape[0]
+    g.K = a.shape[1]
+    g.N = c.shape[1]
+    g.P = g.N  # one "image": C(o, n) = c[o, n]
+    g.a_src = &a[0, 0]
+    g.a_rs = a.strides[0] // sizeof(float)
+    g.a_cs = a.strides[1] // sizeof(float)
+    g.b_src = &b[0, 0]
+    g.b_rs = b.strides[0] // sizeof(float)
+    g.b_cs = b.strides[1] // sizeof(float)
+    g.out = &c[0, 0]
+    g.row_stride = c.shape[1]
+    g.image_stride = 0
+    g.bias = NULL
+    g.rectify = 0
+    g.slope = 0
+    cdef int status
+    with nogil:
+        status = _conv_gemm(&g, n_threads)
     if status != 0:
         raise MemoryError("cnnx: no memory for the packed GEMM panels")

@@ -283,6 +283,21 @@ def packed_conv_gemm(dtype, out_c, k, pixels):
     return True
 
 
+def packed_backward_gemm(dtype, out_c, k, pixels):
+    """``(weight gradient, column gradient)``: whether each GEMM of a convolution backward (``dW =
+    dY @ cols.T``, ``dcols = W.T @ dY``) runs cnnx's packed GEMM (``_ops.gemm``) instead of np.matmul
+    (see ``PACKED_CONV_GEMM``)."""
+    if dtype != np.float32 or k == 0:
+        return False, False
+    if PACKED_CONV_GEMM is not None:
+        return bool(PACKED_CONV_GEMM), bool(PACKED_CONV_GEMM)
+    # Measured (docs/PERFORMANCE_LOG.md, Zen 5): dcols wins or ties from k = 12 on, loses at k = 4;
+    # dW (a reduction over the pixels, B packed transposed) wins only for k >= 288 and only against
+    # a BLAS running narrower kernels than cnnx's build.
+    dweight = k >= 256 and _simd.blas_narrower_than_kernels()
+    return dweight, k >= 8
+
+
 def conv2d_backward(dy, x, weight, stride=1, padding=0, need_dx=True, out=None, workspace=None,
                     activation=None, negative_slope=0.01, y=None):
     """Gradients of ``conv2d`` with respect to its input, weight and bias.
@@ -351,6 +366,7 @@ def _conv_backward_groups(x, weight, window, dy_to_gemm, dx, workspace):
     # the same sums in the same order whichever thread computed which part.
     dweight_parts = ws.get("dweight_parts", (n_groups, oc, k), dtype)
     nt = threads_for(n * (k + oc) * p) if n_groups == 1 else 1
+    packed_dweight = packed_backward_gemm(dtype, oc, k, p)[0]
 
     def run_group(worker, index):
         first = index * g
@@ -361,7 +377,10 @@ def _conv_backward_groups(x, weight, window, dy_to_gemm, dx, workspace):
         dy_gemm = scratch.get("dy_gemm", (oc, m, p), dtype)
         dy_to_gemm(first, dy_gemm, dbias_partial[first:first + m], nt)
         dy2 = dy_gemm.reshape(oc, m * p)
-        np.matmul(dy2, cols.reshape(k, m * p).T, out=dweight_parts[index])
+        if packed_dweight:
+            _ops.gemm(dy2, cols.reshape(k, m * p).T, dweight_parts[index], nt)
+        else:
+            np.matmul(dy2, cols.reshape(k, m * p).T, out=dweight_parts[index])
         if dx is not None:
             _fold_input_grad(w2, dy2, first, m, window, dx, scratch, nt)
 
@@ -403,8 +422,12 @@ def _fold_input_grad(w2, dy2, first, m, window, dx, scratch, n_threads):
     ``window = (kh, kw, sy, sx, pad_top, pad_left, out_h, out_w)``. Also the forward of the
     transposed convolution (``conv_transpose2d``), which is this adjoint."""
     k = w2.shape[1]
-    dcols = scratch.get("dcols", (k, m, dy2.shape[1] // max(m, 1)), dy2.dtype)
-    np.matmul(w2.T, dy2, out=dcols.reshape(k, dy2.shape[1]))
+    p = dy2.shape[1] // max(m, 1)
+    dcols = scratch.get("dcols", (k, m, p), dy2.dtype)
+    if packed_backward_gemm(dy2.dtype, w2.shape[0], k, p)[1]:
+        _ops.gemm(w2.T, dy2, dcols.reshape(k, dy2.shape[1]), n_threads)
+    else:
+        np.matmul(w2.T, dy2, out=dcols.reshape(k, dy2.shape[1]))
     _ops.col2im(dcols, first, *window, dx, n_threads)
 
 

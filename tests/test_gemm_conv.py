@@ -139,3 +139,49 @@ def test_functional_conv2d_on_the_packed_path_matches_reference(form, shape, rng
             got, _ = F.conv2d_max_pool_2x2_train(x, weight, bias, stride=s, padding=p, activation="relu")
     assert got.dtype == np.float32 and got.shape == expected.shape
     assert np.all(np.abs(got - expected) <= bound)
+
+
+# (M, K, N, a transposed, b transposed): the GEMM of the convolution backwards (dW = dY @ cols.T,
+# dcols = W.T @ dY) and edges of every block size.
+GEMMS = [(5, 7, 9, False, False), (64, 128, 1000, True, False), (33, 700, 65, False, True),
+         (8, 3, 32, True, True), (17, 1, 40, False, False)]
+
+
+@pytest.mark.parametrize("isa", BUILDS)
+@pytest.mark.parametrize("m, k, n, ta, tb", GEMMS)
+def test_gemm_matches_float64_product_for_any_strides(isa, m, k, n, ta, tb, rng):
+    ops = _simd.load(isa)
+    a = rng.standard_normal((k, m) if ta else (m, k)).astype(np.float32)
+    b = rng.standard_normal((n, k) if tb else (k, n)).astype(np.float32)
+    a, b = (a.T if ta else a), (b.T if tb else b)
+    c = np.full((m, n), np.nan, np.float32)
+    ops.gemm(a, b, c, 2)
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    bound = 2 * k * np.finfo(np.float32).eps * (np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64))
+    assert np.all(np.abs(c - exact) <= bound)
+
+
+def test_gemm_refuses_mismatched_shapes():
+    ops = _simd.load(BUILDS[0])
+    with pytest.raises(ValueError, match=r"received: a \(2, 3\), b \(4, 5\)"):
+        ops.gemm(np.zeros((2, 3), np.float32), np.zeros((4, 5), np.float32), np.zeros((2, 5), np.float32), 1)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[7]], ids=shape_id)
+def test_conv2d_backward_on_the_packed_path_matches_reference(shape, rng, monkeypatch):
+    monkeypatch.setattr(F, "PACKED_CONV_GEMM", True)
+    x, weight, _ = operands(shape, rng)
+    n, c, h, w, oc, k, s, p = shape
+    pads = ((p, p), (p, p))
+    z = ref.conv2d(x.astype(np.float64), weight.astype(np.float64), None, (s, s), pads)
+    dy = rng.standard_normal(z.shape).astype(np.float32)
+    dx, dweight, dbias = F.conv2d_backward(dy, x, weight, stride=s, padding=p)
+    dx_ref, dweight_ref, _ = ref.conv2d_backward(dy.astype(np.float64), x.astype(np.float64),
+                                              weight.astype(np.float64), (s, s), pads)
+    # Round-off bounds: the same sums of |.| products, times 2 * terms * eps.
+    eps = np.finfo(np.float32).eps
+    dx_size, dweight_size, _ = ref.conv2d_backward(np.abs(dy).astype(np.float64), np.abs(x).astype(np.float64),
+                                                np.abs(weight).astype(np.float64), (s, s), pads)
+    assert np.all(np.abs(dx - dx_ref) <= 2 * oc * k * k * eps * dx_size)
+    assert np.all(np.abs(dweight - dweight_ref) <= 2 * n * z[0, 0].size * eps * dweight_size)
+    np.testing.assert_allclose(dbias, dy.astype(np.float64).sum(axis=(0, 2, 3)), rtol=1e-5, atol=1e-5)
