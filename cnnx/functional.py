@@ -280,7 +280,11 @@ def packed_conv_gemm(dtype, out_c, k, pixels):
         return False
     if PACKED_CONV_GEMM is not None:
         return bool(PACKED_CONV_GEMM)
-    return True
+    # Measured per layer (docs/PERFORMANCE_LOG.md, Zen 5): faster on every benchmark layer
+    # against a BLAS with narrower kernels than cnnx's build, and against a full-width BLAS except
+    # where the output is small (lenet5's 16 x 100 second layer: 0.90x; short rows make the
+    # packing the larger cost).
+    return out_c * pixels >= 4096 or _simd.blas_narrower_than_kernels()
 
 
 def packed_backward_gemm(dtype, out_c, k, pixels):
