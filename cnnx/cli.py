@@ -79,7 +79,7 @@ def _argument_type(convert, accept, expected):
 
 
 def _is_float_range(value):
-    from ._image_file import FLOAT_RANGES
+    from .image_files import FLOAT_RANGES
 
     return value in FLOAT_RANGES
 
@@ -616,8 +616,8 @@ def _cmd_evaluate(args):
 
 
 def _load_images(path, net, float_range, what):
-    """Images from a .npy file, shaped (n, *input_shape): see ``cnnx._image_file`` for the rules."""
-    from ._image_file import read_images
+    """Images from a .npy file, shaped (n, *input_shape): see ``cnnx.image_files`` for the rules."""
+    from .image_files import read_images
 
     return read_images(path, net.input_shape, float_range=float_range, what=what)
 
