@@ -116,7 +116,7 @@ class _ConvPoolTraining(Step):
         self.rectifier = None
         if len(layers) == 3:
             act = layers[1]
-            self.rectifier = (act._fn.name, getattr(act, "negative_slope", 0.0))
+            self.rectifier = (act.activation_name, getattr(act, "negative_slope", 0.0))
         self.kind = "conv+act+pool" if len(layers) == 3 else "conv+pool"
 
     def forward(self, x, training, states):
