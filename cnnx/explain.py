@@ -13,7 +13,7 @@ import numbers
 
 import numpy as np
 
-from ._geometry import conv_output_size, positive_pair
+from .geometry import conv_output_size, positive_pair
 from .validation import check_int
 
 __all__ = [

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import _simd
 from ._simd import ops as _ops  # the build for this CPU's instruction set (cnnx._simd)
-from ._geometry import (
+from .geometry import (
     check_pool_padding,
     conv_transpose_output_size,
     dilated_kernel_size,

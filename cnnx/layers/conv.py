@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .. import functional as F
-from .._geometry import dilated_kernel_size, explicit_padding, positive_pair, windowed_output_size
+from ..geometry import dilated_kernel_size, explicit_padding, positive_pair, windowed_output_size
 from ..init import check_initializer
 from ._common import (check_bool, check_dy, check_floating, check_groups, init_weight_and_bias, positive_int,
                       store_grads)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numbers
 
 from .. import functional as F
-from .._geometry import conv_output_size, explicit_padding
+from ..geometry import conv_output_size, explicit_padding
 from ..init import check_initializer
 from ._common import (check_bool, check_dy, check_floating, check_groups, init_weight_and_bias, positive_int,
                       store_grads)

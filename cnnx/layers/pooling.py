@@ -6,7 +6,7 @@ runs forward (``_pool``) and backward (``_pool_backward``).
 from __future__ import annotations
 
 from .. import functional as F
-from .._geometry import check_pool_padding, explicit_padding, positive_pair, windowed_output_size
+from ..geometry import check_pool_padding, explicit_padding, positive_pair, windowed_output_size
 from ._common import check_dy, check_floating
 from .base import Layer
 
