@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from ..functional import ACTIVATIONS, SOFTMAX, check_gelu_approximate, erf, erfc, normal_cdf
-from ._common import check_dy, check_floating
+from ..validation import check_dy, check_floating
 from .base import Layer
 
 # erf, erfc and normal_cdf stay importable from here (their home before cnnx.functional).

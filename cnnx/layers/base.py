@@ -25,6 +25,7 @@ import math
 import numpy as np
 
 from .. import random as _random
+from ..init import initialize_bias, initialize_weight
 
 # The layer classes a saved config may name, by class name: what save/load (and
 # ``Network.from_config``, ``Residual``) use to rebuild a network. cnnx's own layers enter it as
@@ -305,3 +306,45 @@ def check_state_size(shape, what):
             "file holds"
         )
     budget[0] -= n
+
+
+# --- parameter bookkeeping the layer classes share ----------------------------------------------
+
+def init_weight_and_bias(layer, shape, rng, bias_shape=None):
+    """Draw ``layer.params["weight"]`` of ``shape`` (and ``"bias"`` when ``layer.use_bias``) with
+    ``layer.weight_init``, then zero the gradients.
+
+    ``bias_shape`` is the shape whose first axis gives the bias length and whose others give its
+    fan-in (default ``shape``).
+    """
+    check_state_size(shape, "a weight")  # before drawing: a doctored saved config is refused here
+    if layer.use_bias:
+        check_state_size((shape if bias_shape is None else bias_shape)[:1], "a bias")
+    gen = default_rng(rng)
+    layer.params["weight"] = initialize_weight(layer.weight_init, shape, gen)
+    if layer.use_bias:
+        layer.params["bias"] = initialize_bias(layer.weight_init, shape if bias_shape is None else bias_shape, gen)
+    layer.zero_grads()
+
+
+def grad_buffer(layer, name):
+    """``layer.grads[name]`` as a writable array matching its parameter (made on first use).
+
+    Gradients are written into this array rather than replacing it, so anyone holding a reference
+    (an optimizer's parameter list) always sees the latest values.
+    """
+    p = layer.params[name]
+    g = layer.grads.get(name)
+    if g is None or g.shape != p.shape or g.dtype != p.dtype:
+        g = layer.grads[name] = np.zeros_like(p)
+    return g
+
+
+def store_grads(layer, **grads):
+    """Copy each ``name=gradient`` into ``layer.grads[name]`` in place.
+
+    Names the layer has no parameter for (the bias of a layer built without one) are skipped.
+    """
+    for name, g in grads.items():
+        if name in layer.params:
+            np.copyto(grad_buffer(layer, name), g)

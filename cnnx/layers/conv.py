@@ -5,10 +5,9 @@ from __future__ import annotations
 from .. import functional as F
 from ..geometry import dilated_kernel_size, explicit_padding, positive_pair, windowed_output_size
 from ..init import check_initializer
-from ._common import (check_bool, check_dy, check_floating, check_groups, init_weight_and_bias, positive_int,
-                      store_grads)
+from ..validation import check_bool, check_dy, check_floating, check_groups, positive_int
 from .activations import FusedActivation, check_activation, check_negative_slope, compiled_rectifier
-from .base import Layer
+from .base import Layer, init_weight_and_bias, store_grads
 
 
 def canonical_padding(padding, kernel_size, stride):

@@ -12,10 +12,9 @@ import numbers
 from .. import functional as F
 from ..geometry import conv_output_size, explicit_padding
 from ..init import check_initializer
-from ._common import (check_bool, check_dy, check_floating, check_groups, init_weight_and_bias, positive_int,
-                      store_grads)
+from ..validation import check_bool, check_dy, check_floating, check_groups, positive_int
 from .activations import FusedActivation, check_activation, check_negative_slope
-from .base import Layer
+from .base import Layer, init_weight_and_bias, store_grads
 
 
 def _positive_length(value, name):

@@ -13,9 +13,9 @@ import numpy as np
 from .. import functional as F
 from .. import random as _random
 from ..init import check_initializer
-from ._common import check_bool, check_dy, check_floating, grad_buffer, init_weight_and_bias, positive_int
+from ..validation import check_bool, check_dy, check_floating, positive_int
 from .activations import FusedActivation, check_activation, check_negative_slope
-from .base import Layer
+from .base import Layer, grad_buffer, init_weight_and_bias
 
 
 class Dense(Layer):

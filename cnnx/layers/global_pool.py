@@ -8,7 +8,7 @@ They are the 2-D pooling kernels of ``cnnx.functional`` with a window as large a
 from __future__ import annotations
 
 from .. import functional as F
-from ._common import check_bool, check_dy, check_floating
+from ..validation import check_bool, check_dy, check_floating
 from .base import Layer
 
 

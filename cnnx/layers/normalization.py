@@ -15,8 +15,8 @@ import numbers
 import numpy as np
 
 from .. import functional as F
-from ._common import check_bool, check_dy, check_floating, positive_int, store_grads
-from .base import Layer, check_state_size
+from ..validation import check_bool, check_dy, check_floating, positive_int
+from .base import Layer, check_state_size, store_grads
 
 
 class _BatchNorm(Layer):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .. import functional as F
 from ..geometry import check_pool_padding, explicit_padding, positive_pair, windowed_output_size
-from ._common import check_dy, check_floating
+from ..validation import check_dy, check_floating
 from .base import Layer
 
 

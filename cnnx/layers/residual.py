@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import check_dy
+from ..validation import check_dy
 from .activations import FusedActivation, check_activation, check_negative_slope
 from .base import layer_to_config, layers_from_config
 from .container import Container, as_layer_list, path_backward

@@ -12,8 +12,8 @@ import numpy as np
 from .. import functional as F
 from ..geometry import conv_transpose_output_size, int_pair, positive_pair
 from ..init import check_initializer
-from ._common import check_bool, check_dy, check_floating, grad_buffer, init_weight_and_bias, positive_int, store_grads
-from .base import Layer
+from ..validation import check_bool, check_dy, check_floating, positive_int
+from .base import Layer, grad_buffer, init_weight_and_bias, store_grads
 
 
 class ConvTranspose2D(Layer):
