@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .base import Layer
 
-__all__ = ["Container", "as_layer_list", "path_backward"]
+__all__ = ["Container", "as_layer_list", "path_backward", "path_forward", "path_shape"]
 
 
 def _snapshot(what, collect):
@@ -36,6 +36,16 @@ class Container(Layer):
     def paths(self):
         """Yield ``(prefix, layers)`` for every path, in the order of its names."""
         raise NotImplementedError
+
+    def _hold(self, children, what):
+        """Take ``children`` (every layer of every path; ``what`` names them in the error): they
+        must be distinct objects. Inner layers always pass gradients on; the first layer of each
+        path follows the container's own flag (which a Network may turn off), set in backward."""
+        if len({id(layer) for layer in children}) != len(children):
+            raise ValueError(f"Expected every layer of {what} to be a distinct object, received a repeated layer")
+        for layer in children:
+            layer.needs_input_grad = True
+        self.needs_input_grad = True
 
     def held_layers(self):
         """Yield ``(name, layer)`` for every layer it holds: ``name`` is ``"<path>.<index>"``."""
@@ -82,6 +92,26 @@ def as_layer_list(layers, name, allow_none=False):
         if not isinstance(layer, Layer):
             raise TypeError(f"Expected {name}[{i}] to be a cnnx Layer, received: {type(layer).__name__}")
     return list(layers)
+
+
+def path_shape(layers, shape, where):
+    """The output shape of ``layers`` for a per-sample input ``shape``; ``where`` ("Residual block",
+    "Concat branches[1]") names the path when a layer refuses the shape."""
+    for i, layer in enumerate(layers):
+        try:
+            shape = tuple(layer.output_shape(shape))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(
+                f"{where}[{i}] ({type(layer).__name__}) cannot take input of shape {shape}: {exc}"
+            ) from exc
+    return shape
+
+
+def path_forward(layers, x, training):
+    """Run ``x`` through ``layers`` in order; returns the path's output."""
+    for layer in layers:
+        x = layer.forward(x, training)
+    return x
 
 
 def path_backward(layers, d, needs_input_grad):
