@@ -13,7 +13,7 @@ import re
 import numpy as np
 
 __all__ = ["NotAnIntegerError", "as_array", "as_floating", "check_bool", "check_dy", "check_floating", "check_groups",
-           "check_int", "check_shape", "float_array", "from_identifier", "is_nan", "positive_int", "squash_name"]
+           "check_int", "check_shape", "float_array", "from_identifier", "is_nan", "positive_float", "positive_int", "squash_name"]
 
 
 class NotAnIntegerError(TypeError, ValueError):
@@ -37,6 +37,13 @@ def check_int(value, name, minimum=None):
 def positive_int(value, name):
     """``value`` as an int, which must be >= 1 (``check_int`` with ``minimum=1``)."""
     return check_int(value, name, minimum=1)
+
+
+def positive_float(value, name):
+    """``value`` as a float, which must be a real number > 0 (a bool is refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) > 0:
+        raise ValueError(f"Expected {name} to be a positive number, received: {name}={value!r}")
+    return float(value)
 
 
 def check_bool(value, name):

@@ -348,3 +348,11 @@ def store_grads(layer, **grads):
     for name, g in grads.items():
         if name in layer.params:
             np.copyto(grad_buffer(layer, name), g)
+
+
+def init_affine(layer, num_features):
+    """``layer.params`` ``"weight"`` (ones) and ``"bias"`` (zeros) of shape ``(num_features,)``: the
+    per-feature scale and shift of a normalisation layer built with ``affine=True``."""
+    layer.params["weight"] = np.ones(num_features, dtype=np.float32)
+    layer.params["bias"] = np.zeros(num_features, dtype=np.float32)
+    layer.zero_grads()
