@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 
-__all__ = ["NotAnIntegerError", "as_array", "as_floating", "check_bool", "check_dy", "check_floating", "check_groups",
+__all__ = ["NotAnIntegerError", "as_array", "as_floating", "check_array", "check_bool", "check_dy", "check_floating", "check_groups",
            "check_int", "check_shape", "float_array", "from_identifier", "is_nan", "positive_float", "positive_int", "squash_name"]
 
 
@@ -62,6 +62,12 @@ def check_groups(groups, in_channels, out_channels):
             f"received: groups={groups}"
         )
     return groups
+
+
+def check_array(owner, x):
+    """Raise a TypeError unless ``x`` is an ndarray; ``owner`` (a layer) names the message."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{type(owner).__name__} expected a numpy array, received: {type(x).__name__}")
 
 
 def check_floating(owner, x):

@@ -26,6 +26,7 @@ import numpy as np
 
 from .. import random as _random
 from ..init import initialize_bias, initialize_weight
+from ..validation import check_array
 
 # The layer classes a saved config may name, by class name: what save/load (and
 # ``Network.from_config``, ``Residual``) use to rebuild a network. cnnx's own layers enter it as
@@ -160,8 +161,7 @@ class Layer:
 
         ``None`` in ``expected_shape`` means any size on that axis.
         """
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"{type(self).__name__} expected a numpy array, received: {type(x).__name__}")
+        check_array(self, x)
         ok = x.ndim == len(expected_shape) + 1 and all(
             e is None or e == s for e, s in zip(expected_shape, x.shape[1:])
         )

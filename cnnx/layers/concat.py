@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..validation import check_dy
+from ..validation import check_array, check_dy
 from .base import Layer, layer_to_config, layers_from_config
 from .container import Container, as_layer_list, path_backward, path_forward, path_shape
 
@@ -71,8 +71,7 @@ class Concat(Container):
         -------
         y : ndarray of shape (n, sum of the branches' channels, ...)
         """
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"Concat expected a numpy array, received: {type(x).__name__}")
+        check_array(self, x)
         outputs = [path_forward(branch, x, training) for branch in self.branches]
         shapes = [a.shape for a in outputs]
         if any(a.ndim < 2 or a.shape[0] != x.shape[0] or a.shape[2:] != outputs[0].shape[2:] for a in outputs):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import functional as F
-from ..validation import check_bool, check_dy, check_floating, positive_float, positive_int
+from ..validation import check_array, check_bool, check_dy, check_floating, positive_float, positive_int
 from .base import Layer, check_state_size, init_affine, store_grads
 
 
@@ -83,8 +83,7 @@ class LayerNorm(Layer):
         -------
         y : ndarray of the shape of ``x``, in the layer's dtype
         """
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"LayerNorm expected a numpy array, received: {type(x).__name__}")
+        check_array(self, x)
         check_floating(self, x)
         if x.ndim < 2:
             raise ValueError(f"LayerNorm expected a batch of samples (n, ...), received: shape={x.shape}")

@@ -15,7 +15,7 @@ import numbers
 import numpy as np
 
 from .. import functional as F
-from ..validation import check_bool, check_dy, check_floating, positive_float, positive_int
+from ..validation import check_array, check_bool, check_dy, check_floating, positive_float, positive_int
 from .base import Layer, check_state_size, init_affine, store_grads
 
 
@@ -50,8 +50,7 @@ class _BatchNorm(Layer):
 
     def _as_ncl(self, x):
         """Validate ``x`` and return it as an ``(n, c, L)`` array of the parameters' dtype."""
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"{type(self).__name__} expected a numpy array, received: {type(x).__name__}")
+        check_array(self, x)
         check_floating(self, x)
         if x.ndim < 1:
             raise ValueError(f"{type(self).__name__} expected a batch of samples, received: shape={x.shape}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..validation import check_dy
+from ..validation import check_array, check_dy
 from .activations import FusedActivation, check_activation, check_negative_slope
 from .base import layer_to_config, layers_from_config
 from .container import Container, as_layer_list, path_backward, path_forward, path_shape
@@ -77,8 +77,7 @@ class Residual(Container):
         -------
         y : ndarray of the block's output shape
         """
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"Residual expected a numpy array, received: {type(x).__name__}")
+        check_array(self, x)
         a = path_forward(self.block, x, training)
         s = x if self.shortcut is None else path_forward(self.shortcut, x, training)
         if a.shape != s.shape:

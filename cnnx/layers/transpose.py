@@ -12,7 +12,7 @@ import numpy as np
 from .. import functional as F
 from ..geometry import conv_transpose_output_size, int_pair, positive_pair
 from ..init import check_initializer
-from ..validation import check_bool, check_dy, check_floating, positive_int
+from ..validation import check_array, check_bool, check_dy, check_floating, positive_int
 from .base import Layer, grad_buffer, init_weight_and_bias, store_grads
 
 
@@ -257,8 +257,7 @@ class Reshape(Layer):
         -------
         y : ndarray of shape (n, *target_shape), a view of ``x`` where NumPy can make one
         """
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"Reshape expected a numpy array, received: {type(x).__name__}")
+        check_array(self, x)
         if x.ndim < 1:
             raise ValueError(f"Reshape expected a batch (n, ...), received: shape={x.shape}")
         out = self.output_shape(x.shape[1:])
