@@ -156,6 +156,17 @@ class Layer:
         return f"{type(self).__name__}({args})"
 
     # --- helpers for subclasses ---------------------------------------------------------
+    def _sample_shape(self, input_shape, expected):
+        """``input_shape`` (per sample) as a tuple, checked against ``expected``: an int where the
+        size is fixed, a name (``"h"``) where any size goes, e.g. ``(self.in_channels, "h", "w")``."""
+        input_shape = tuple(input_shape)
+        if len(input_shape) != len(expected) or any(
+            isinstance(e, int) and e != s for e, s in zip(expected, input_shape)
+        ):
+            shown = "(" + ", ".join(map(str, expected)) + ("," if len(expected) == 1 else "") + ")"
+            raise ValueError(f"{type(self).__name__} expected input of shape {shown} per sample, received: {input_shape}")
+        return input_shape
+
     def _check_input(self, x, expected_shape):
         """Raise a clear error unless ``x`` is an ndarray of shape ``(n, *expected_shape)``.
 

@@ -85,12 +85,7 @@ class Conv2D(Layer):
         return explicit_padding(self.padding, self._span, self.stride, tuple(hw))
 
     def output_shape(self, input_shape):
-        input_shape = tuple(input_shape)
-        if len(input_shape) != 3 or input_shape[0] != self.in_channels:
-            raise ValueError(
-                f"Conv2D expected input of shape ({self.in_channels}, h, w) per sample, received: {input_shape}"
-            )
-        _, h, w = input_shape
+        _, h, w = self._sample_shape(input_shape, (self.in_channels, "h", "w"))
         (pt, pb), (pl, pr) = self.explicit_padding((h, w))
         dilated = "" if self.dilation == (1, 1) else f" (dilation {self.dilation})"
         out_h, out_w = windowed_output_size((h, w), self._span, self.stride, ((pt, pb), (pl, pr)), "Conv2D", dilated)

@@ -22,12 +22,7 @@ class _GlobalPool2D(Layer):
         self._x_shape = None
 
     def output_shape(self, input_shape):
-        input_shape = tuple(input_shape)
-        if len(input_shape) != 3:
-            raise ValueError(
-                f"{type(self).__name__} expected input of shape (c, h, w) per sample, received: {input_shape}"
-            )
-        c = input_shape[0]
+        c, _, _ = self._sample_shape(input_shape, ("c", "h", "w"))
         return (c, 1, 1) if self.keepdims else (c,)
 
     def forward(self, x, training=False):

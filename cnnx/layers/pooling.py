@@ -36,12 +36,7 @@ class _Pool2D(Layer):
         return state
 
     def output_shape(self, input_shape):
-        input_shape = tuple(input_shape)
-        if len(input_shape) != 3:
-            raise ValueError(
-                f"{type(self).__name__} expected input of shape (c, h, w) per sample, received: {input_shape}"
-            )
-        c, h, w = input_shape
+        c, h, w = self._sample_shape(input_shape, ("c", "h", "w"))
         return (c,) + windowed_output_size((h, w), self.kernel_size, self.stride, self.pads, type(self).__name__)
 
     def call(self, x, training, state):

@@ -157,10 +157,7 @@ class Upsample2D(Layer):
         self._x_shape = None
 
     def output_shape(self, input_shape):
-        input_shape = tuple(input_shape)
-        if len(input_shape) != 3:
-            raise ValueError(f"Upsample2D expected input of shape (c, h, w) per sample, received: {input_shape}")
-        c, h, w = input_shape
+        c, h, w = self._sample_shape(input_shape, ("c", "h", "w"))
         sy, sx = self.scale_factor
         return (c, h * sy, w * sx)
 
