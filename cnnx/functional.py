@@ -368,10 +368,11 @@ def packed_conv_gemm(dtype, out_c, k, pixels):
     if PACKED_CONV_GEMM is not None:
         return bool(PACKED_CONV_GEMM)
     # Measured per layer (docs/PERFORMANCE_LOG.md, Zen 5): faster on every benchmark layer
-    # against a BLAS with narrower kernels than cnnx's build, and against a full-width BLAS except
-    # where the output is small (lenet5's 16 x 100 second layer: 0.90x; short rows make the
-    # packing the larger cost).
-    return out_c * pixels >= 4096 or _simd.blas_narrower_than_kernels()
+    # against a BLAS with narrower kernels than cnnx's build; against a full-width BLAS faster
+    # from out_c * pixels = 8192 on (mind-cifar's 128 x 64: 1.2-1.6x), level at 6272 (seed-mnist's
+    # 32 x 196: 0.93-1.07x) and slower at 1600 (lenet5's 16 x 100: 0.83-0.92x), where the short
+    # rows make the packing the larger cost.
+    return out_c * pixels >= 8192 or _simd.blas_narrower_than_kernels()
 
 
 def packed_backward_gemm(dtype, out_c, k, pixels):
