@@ -21,6 +21,7 @@
 # a plain scalar kernel of the same shape.
 
 from libc.stdlib cimport malloc, free
+from libc.string cimport memset
 from cython.parallel cimport threadid
 
 cdef extern from *:
@@ -189,6 +190,8 @@ cdef extern from *:
 cdef struct _ConvGemm:
     const float* x        # x[first], the group's first image
     Py_ssize_t c, h, w    # input channels and size
+    const float* xpad     # the group's images with zero padding: (images, c, hp, wp)
+    Py_ssize_t images, hp, wp
     Py_ssize_t kh, kw, sy, sx, pad_top, pad_left, out_h, out_w
     Py_ssize_t M, K, N, P # out_c, c*kh*kw, g*P, out_h*out_w
     Py_ssize_t kc_max, nc # blocking
@@ -247,19 +250,36 @@ cdef void _pack_matrix_panel(const _ConvGemm* g, Py_ssize_t n_start, Py_ssize_t 
         cnnx_zero_run(bp + k * nr + valid, nr - valid)
 
 
+cdef void _pad_images(const _ConvGemm* g, float* xpad) noexcept nogil:
+    """The group's images with their padding as zeros: xpad[j, ci, pad_top + iy, pad_left + ix] =
+    x[j, ci, iy, ix], shape (images, c, hp, wp), so that packing never clips a window."""
+    cdef Py_ssize_t j, ci, r, iy
+    cdef float* row
+    for j in range(g.images):
+        for ci in range(g.c):
+            for r in range(g.hp):
+                row = xpad + ((j * g.c + ci) * g.hp + r) * g.wp
+                iy = r - g.pad_top
+                if iy < 0 or iy >= g.h:
+                    memset(row, 0, g.wp * sizeof(float))
+                    continue
+                memset(row, 0, g.pad_left * sizeof(float))
+                memcpy(row + g.pad_left, g.x + ((j * g.c + ci) * g.h + iy) * g.w, g.w * sizeof(float))
+                memset(row + g.pad_left + g.w, 0, (g.wp - g.pad_left - g.w) * sizeof(float))
+
+
 cdef void _pack_image_panel(const _ConvGemm* g, Py_ssize_t n_start, Py_ssize_t k0, Py_ssize_t kc,
                             float* bp) noexcept nogil:
     """One KC x NR panel of the implicit im2col matrix, columns ``n_start : n_start + NR``, rows
-    ``k0 : k0 + kc``: bp[k * NR + j]. Columns past N are zero."""
+    ``k0 : k0 + kc``: bp[k * NR + j], read from the padded images. Columns past N are zero."""
     cdef Py_ssize_t nr = CNNX_GEMM_NR
-    # The panel's columns as runs of consecutive output pixels of one output row of one image.
+    # The panel's columns as runs of consecutive output pixels of one output row of one image:
+    # where each run starts in the panel, its length, and its first window's corner in xpad.
     cdef Py_ssize_t seg_col[64]
     cdef Py_ssize_t seg_len[64]
-    cdef Py_ssize_t seg_image[64]
-    cdef Py_ssize_t seg_iy[64]
-    cdef Py_ssize_t seg_ix[64]
+    cdef Py_ssize_t seg_src[64]
     cdef Py_ssize_t n_segs = 0, j = 0, n, p, oy, ox, length, valid
-    cdef Py_ssize_t hw = g.h * g.w
+    cdef Py_ssize_t plane = g.hp * g.wp
     valid = g.N - n_start
     if valid > nr:
         valid = nr
@@ -273,47 +293,26 @@ cdef void _pack_image_panel(const _ConvGemm* g, Py_ssize_t n_start, Py_ssize_t k
             length = valid - j
         seg_col[n_segs] = j
         seg_len[n_segs] = length
-        seg_image[n_segs] = (n // g.P) * g.c * hw
-        seg_iy[n_segs] = oy * g.sy - g.pad_top
-        seg_ix[n_segs] = ox * g.sx - g.pad_left
+        seg_src[n_segs] = (n // g.P) * g.c * plane + oy * g.sy * g.wp + ox * g.sx
         n_segs += 1
         j += length
-    cdef Py_ssize_t k, s, ci, ki, kj, iy, ix, col, t, lo, hi
+    cdef Py_ssize_t k, s, t, ci, ki, kj, offset
     cdef float* dst
-    cdef float* seg_dst
     cdef const float* src
     ci = k0 // (g.kh * g.kw)
     ki = (k0 // g.kw) % g.kh
     kj = k0 % g.kw
     for k in range(kc):
         dst = bp + k * nr
-        for s in range(n_segs):
-            length = seg_len[s]
-            seg_dst = dst + seg_col[s]
-            iy = seg_iy[s] + ki
-            ix = seg_ix[s] + kj
-            if iy < 0 or iy >= g.h:
-                cnnx_zero_run(seg_dst, length)
-                continue
-            src = g.x + seg_image[s] + ci * hw + iy * g.w
-            if g.sx == 1:
-                # Window columns ix .. ix + length - 1: zeros left of 0 and from w on.
-                lo = -ix if ix < 0 else 0
-                if lo > length:
-                    lo = length
-                hi = g.w - ix
-                if hi > length:
-                    hi = length
-                if hi < lo:
-                    hi = lo
-                src = src + ix
-                cnnx_zero_run(seg_dst, lo)
-                cnnx_copy_run(seg_dst + lo, src + lo, hi - lo)
-                cnnx_zero_run(seg_dst + hi, length - hi)
-            else:
-                for t in range(length):
-                    col = ix + t * g.sx
-                    seg_dst[t] = src[col] if 0 <= col < g.w else 0
+        offset = ci * plane + ki * g.wp + kj  # row k's tap, relative to each window's corner
+        if g.sx == 1:
+            for s in range(n_segs):
+                cnnx_copy_run(dst + seg_col[s], g.xpad + seg_src[s] + offset, seg_len[s])
+        else:
+            for s in range(n_segs):
+                src = g.xpad + seg_src[s] + offset
+                for t in range(seg_len[s]):
+                    dst[seg_col[s] + t] = src[t * g.sx]
         cnnx_zero_run(dst + valid, nr - valid)
         kj += 1
         if kj == g.kw:
@@ -403,6 +402,18 @@ cdef int _conv_gemm(_ConvGemm* g, int n_threads) noexcept nogil:
         return -1
     _pack_a(g, ap)
     g.a_packed = ap
+    cdef float* xpad = NULL
+    if g.b_src == NULL:
+        if g.pad_top == 0 and g.pad_left == 0 and g.hp == g.h and g.wp == g.w:
+            g.xpad = g.x  # no padding: read the images themselves
+        else:
+            xpad = cnnx_alloc_floats(g.images * g.c * g.hp * g.wp)
+            if xpad == NULL:
+                cnnx_free_floats(ap)
+                cnnx_free_floats(bp)
+                return -1
+            _pad_images(g, xpad)
+            g.xpad = xpad
     if n_threads == 1:
         for block in range(n_blocks):
             _gemm_block(g, block, bp)
@@ -411,6 +422,7 @@ cdef int _conv_gemm(_ConvGemm* g, int n_threads) noexcept nogil:
             _gemm_block(g, block, bp + threadid() * b_floats)
     cnnx_free_floats(ap)
     cnnx_free_floats(bp)
+    cnnx_free_floats(xpad)
     return 0
 
 
@@ -432,6 +444,11 @@ cdef void _conv_gemm_setup(_ConvGemm* g, const float[:, :, :, ::1] x, Py_ssize_t
     g.b_src = NULL
     g.P = out_h * out_w
     g.N = g_images * g.P
+    g.images = g_images
+    # The padded extent every window reads: top/left padding, then up to the last window's end
+    # (at least the image: rows / columns no window reads are copied but never packed).
+    g.hp = max(pad_top + g.h, (out_h - 1) * sy + kh)
+    g.wp = max(pad_left + g.w, (out_w - 1) * sx + kw)
     g.bias = NULL
     g.rectify = 0
     g.slope = 0

@@ -367,12 +367,9 @@ def packed_conv_gemm(dtype, out_c, k, pixels):
         return False
     if PACKED_CONV_GEMM is not None:
         return bool(PACKED_CONV_GEMM)
-    # Measured per layer (docs/PERFORMANCE_LOG.md, Zen 5): faster on every benchmark layer
-    # against a BLAS with narrower kernels than cnnx's build; against a full-width BLAS faster
-    # from out_c * pixels = 8192 on (mind-cifar's 128 x 64: 1.2-1.6x), level at 6272 (seed-mnist's
-    # 32 x 196: 0.93-1.07x) and slower at 1600 (lenet5's 16 x 100: 0.83-0.92x), where the short
-    # rows make the packing the larger cost.
-    return out_c * pixels >= 8192 or _simd.blas_narrower_than_kernels()
+    # Measured per layer (docs/PERFORMANCE_LOG.md, Zen 5): 1.05-2.6x faster on every conv layer of
+    # the benchmark workloads, against OpenBLAS with its AVX2 (Haswell) or AVX-512 kernels.
+    return True
 
 
 def packed_backward_gemm(dtype, out_c, k, pixels):

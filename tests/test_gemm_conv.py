@@ -117,13 +117,12 @@ def test_packed_path_is_float32_only():
     assert F.packed_backward_gemm(np.dtype(np.float64), 32, 576, 1024) == (False, False)
 
 
-def test_small_outputs_stay_on_blas_unless_its_kernels_are_narrower(monkeypatch):
+def test_weight_gradient_stays_on_blas_unless_its_kernels_are_narrower(monkeypatch):
     monkeypatch.setattr(_simd, "blas_narrower_than_kernels", lambda: False)
-    assert not F.packed_conv_gemm(np.dtype(np.float32), 16, 150, 100)
     assert not F.packed_backward_gemm(np.dtype(np.float32), 128, 576, 256)[0]
     monkeypatch.setattr(_simd, "blas_narrower_than_kernels", lambda: True)
-    assert F.packed_conv_gemm(np.dtype(np.float32), 16, 150, 100)
     assert F.packed_backward_gemm(np.dtype(np.float32), 128, 576, 256)[0]
+    assert not F.packed_backward_gemm(np.dtype(np.float32), 32, 27, 1024)[0]  # small k: BLAS either way
 
 
 def test_blas_isa_names_a_known_instruction_set_or_none():
