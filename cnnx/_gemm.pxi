@@ -566,3 +566,281 @@ def gemm(const float[:, :] a, const float[:, :] b, float[:, ::1] c, int n_thread
         status = _conv_gemm(&g, n_threads)
     if status != 0:
         raise MemoryError("cnnx: no memory for the packed GEMM panels")
+
+
+# --- The weight gradient dW = dY @ im2col(x)^T, with the pixels as the reduction -----------------
+#
+# Both factors run along the pixels: dY in GEMM layout (out_c, g * P) row by row, and each row of
+# the implicit im2col matrix (one kernel tap) is runs of the zero-padded images. So the kernel
+# keeps the pixels in the vectors and nothing is transposed: an MO x NK block of dW is MO * NK
+# vector accumulators, each summing dY[o, pixels] * cols[k, pixels] over a block of pixels, then
+# reduced across its lanes into dW. Loops: pixel blocks (dY's block of all out_c rows stays in L2)
+# -> NK taps packed from the padded images (one panel of NK rows x the block's pixels) -> MO rows
+# of dY -> micro-kernel. Threads split the tap panels of each pixel block: every dW value is the
+# same sum in the same order whatever the split.
+
+cdef extern from *:
+    """
+    /* MO rows of dY x NK taps per tile: MO * NK accumulators + NK tap vectors + one dY vector fit
+       the register file (AVX-512: 24 + 6 + 1 of 32 zmm; AVX2 / SSE: 12 + 3 + 1 of 16). */
+    #define CNNX_DW_MO 4
+    #if CNNX_VW >= 16
+      #define CNNX_DW_NK 6
+    #else
+      #define CNNX_DW_NK 3
+    #endif
+    static const int CNNX_GEMM_DW_MO = CNNX_DW_MO;
+    static const int CNNX_GEMM_DW_NK = CNNX_DW_NK;
+
+    /* Copy n floats (any n): whole vectors, then an overlapping last piece. */
+    static inline void cnnx_copy_long(float *restrict dst, const float *restrict src, Py_ssize_t n) {
+        Py_ssize_t t = 0;
+    #if CNNX_GEMM_VECTOR
+        for (; t + CNNX_VW <= n; t += CNNX_VW) cnnx_vstore(dst + t, cnnx_vload(src + t));
+        if (t < n) {
+            if (n >= CNNX_VW) cnnx_vstore(dst + n - CNNX_VW, cnnx_vload(src + n - CNNX_VW));
+            else cnnx_copy_run(dst, src, n);
+        }
+    #else
+        for (; t < n; ++t) dst[t] = src[t];
+    #endif
+    }
+
+    #if CNNX_GEMM_VECTOR
+    static inline float cnnx_hsum(cnnx_vf v) {
+        float lanes[CNNX_VW];
+        cnnx_vstore(lanes, v);
+        /* Pairwise: halves added as vectors would need shuffles; a tree over the lanes keeps the
+           chains short. */
+        for (int width = CNNX_VW / 2; width >= 1; width /= 2)
+            for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
+        return lanes[0];
+    }
+    #define CNNX_DW_DECL(o) cnnx_vf d##o##0 = {0}, d##o##1 = {0}, d##o##2 = {0}; CNNX_DW_DECL_HI(o)
+    #if CNNX_DW_NK == 6
+      #define CNNX_DW_DECL_HI(o) cnnx_vf d##o##3 = {0}, d##o##4 = {0}, d##o##5 = {0};
+      #define CNNX_DW_FMA(o, y) { d##o##0 += y * x0; d##o##1 += y * x1; d##o##2 += y * x2; \
+                                  d##o##3 += y * x3; d##o##4 += y * x4; d##o##5 += y * x5; }
+      #define CNNX_DW_STORE(o) { CNNX_DW_STORE1(o, 0) CNNX_DW_STORE1(o, 1) CNNX_DW_STORE1(o, 2) \
+                                 CNNX_DW_STORE1(o, 3) CNNX_DW_STORE1(o, 4) CNNX_DW_STORE1(o, 5) }
+    #else
+      #define CNNX_DW_DECL_HI(o)
+      #define CNNX_DW_FMA(o, y) { d##o##0 += y * x0; d##o##1 += y * x1; d##o##2 += y * x2; }
+      #define CNNX_DW_STORE(o) { CNNX_DW_STORE1(o, 0) CNNX_DW_STORE1(o, 1) CNNX_DW_STORE1(o, 2) }
+    #endif
+    #define CNNX_DW_STORE1(o, k) if (o < rows && k < taps) dw[(o) * ldw + k] += cnnx_hsum(d##o##k);
+    #define CNNX_DW_ROW(o) { cnnx_vf y = cnnx_vload(dy##o + t); CNNX_DW_FMA(o, y) }
+    #define CNNX_DW_TAIL_ROW(o) { cnnx_vf y = {0}; memcpy(&y, dy##o + t, (size_t)tail * sizeof(float)); \
+                                  CNNX_DW_FMA(o, y) }
+    #endif
+
+    /* dw[o, k] += sum_t dy_o[t] * cols[k * ldc + t] for o < rows, k < taps, t < n: the dY rows
+       dy0..dy3 (rows past `rows` may repeat a valid row: their sums are dropped), the packed tap
+       rows (ldc a multiple of the vector width, zero past n), dw with row stride ldw. */
+    static void cnnx_dw_micro(Py_ssize_t n, const float *dy0, const float *dy1, const float *dy2,
+                              const float *dy3, const float *restrict cols, Py_ssize_t ldc,
+                              float *dw, Py_ssize_t ldw, int rows, int taps) {
+    #if CNNX_GEMM_VECTOR
+        CNNX_DW_DECL(0) CNNX_DW_DECL(1) CNNX_DW_DECL(2) CNNX_DW_DECL(3)
+        Py_ssize_t t = 0;
+        for (; t + CNNX_VW <= n; t += CNNX_VW) {
+            const float *c = cols + t;
+            cnnx_vf x0 = cnnx_vload(c), x1 = cnnx_vload(c + ldc), x2 = cnnx_vload(c + 2 * ldc);
+    #if CNNX_DW_NK == 6
+            cnnx_vf x3 = cnnx_vload(c + 3 * ldc), x4 = cnnx_vload(c + 4 * ldc), x5 = cnnx_vload(c + 5 * ldc);
+    #endif
+            CNNX_DW_ROW(0) CNNX_DW_ROW(1) CNNX_DW_ROW(2) CNNX_DW_ROW(3)
+        }
+        Py_ssize_t tail = n - t;
+        if (tail > 0) {
+            /* The last pixels: dY read only up to n (zero lanes past it; the taps are zero there). */
+            const float *c = cols + t;
+            cnnx_vf x0 = cnnx_vload(c), x1 = cnnx_vload(c + ldc), x2 = cnnx_vload(c + 2 * ldc);
+    #if CNNX_DW_NK == 6
+            cnnx_vf x3 = cnnx_vload(c + 3 * ldc), x4 = cnnx_vload(c + 4 * ldc), x5 = cnnx_vload(c + 5 * ldc);
+    #endif
+            CNNX_DW_TAIL_ROW(0) CNNX_DW_TAIL_ROW(1) CNNX_DW_TAIL_ROW(2) CNNX_DW_TAIL_ROW(3)
+        }
+        CNNX_DW_STORE(0) CNNX_DW_STORE(1) CNNX_DW_STORE(2) CNNX_DW_STORE(3)
+    #else
+        const float *dy[4] = {dy0, dy1, dy2, dy3};
+        for (int o = 0; o < rows; ++o)
+            for (int k = 0; k < taps; ++k) {
+                float s = 0;
+                for (Py_ssize_t t = 0; t < n; ++t) s += dy[o][t] * cols[k * ldc + t];
+                dw[o * ldw + k] += s;
+            }
+    #endif
+    }
+    """
+    const int CNNX_GEMM_DW_MO
+    const int CNNX_GEMM_DW_NK
+    void cnnx_copy_long(float* dst, const float* src, Py_ssize_t n) noexcept nogil
+    void cnnx_dw_micro(Py_ssize_t n, const float* dy0, const float* dy1, const float* dy2, const float* dy3,
+                       const float* cols, Py_ssize_t ldc, float* dw, Py_ssize_t ldw, int rows,
+                       int taps) noexcept nogil
+
+
+cdef struct _PixelRuns:
+    # The pixels n0 : n0 + count of a block as runs of one output row of one image: where each
+    # run starts in the block, its length, and its first window's corner in the padded images.
+    Py_ssize_t n_runs
+    Py_ssize_t* col
+    Py_ssize_t* length
+    Py_ssize_t* src
+
+
+cdef void _pixel_runs(const _ConvGemm* g, Py_ssize_t n0, Py_ssize_t count, _PixelRuns* runs) noexcept nogil:
+    cdef Py_ssize_t j = 0, n, p, oy, ox, length
+    cdef Py_ssize_t plane = g.hp * g.wp
+    runs.n_runs = 0
+    while j < count:
+        n = n0 + j
+        p = n % g.P
+        oy = p // g.out_w
+        ox = p - oy * g.out_w
+        length = g.out_w - ox
+        if length > count - j:
+            length = count - j
+        runs.col[runs.n_runs] = j
+        runs.length[runs.n_runs] = length
+        runs.src[runs.n_runs] = (n // g.P) * g.c * plane + oy * g.sy * g.wp + ox * g.sx
+        runs.n_runs += 1
+        j += length
+
+
+cdef void _dw_panel(const _ConvGemm* g, const float* dy, Py_ssize_t ldy, Py_ssize_t n0, Py_ssize_t count,
+                    const _PixelRuns* runs, Py_ssize_t k0, float* panel, Py_ssize_t ldp, float* dw) noexcept nogil:
+    """dW[:, k0 : k0 + NK] += dY[:, n0 : n0 + count] @ cols[k0 : k0 + NK, n0 : n0 + count]^T: pack the
+    panel's taps from the padded images (rows of ``ldp`` floats, zero past ``count`` and past K),
+    then every MO rows of dY."""
+    cdef Py_ssize_t nk = CNNX_GEMM_DW_NK, mo = CNNX_GEMM_DW_MO
+    cdef Py_ssize_t plane = g.hp * g.wp
+    cdef Py_ssize_t r, k, s, t, offset, o0
+    cdef int taps = <int>(g.K - k0 if g.K - k0 < nk else nk)
+    cdef float* dst
+    cdef const float* src
+    cdef const float* rows_[4]
+    for r in range(nk):
+        dst = panel + r * ldp
+        k = k0 + r
+        if k >= g.K:
+            memset(dst, 0, ldp * sizeof(float))
+            continue
+        offset = (k // (g.kh * g.kw)) * plane + ((k // g.kw) % g.kh) * g.wp + k % g.kw
+        if g.sx == 1:
+            for s in range(runs.n_runs):
+                cnnx_copy_long(dst + runs.col[s], g.xpad + runs.src[s] + offset, runs.length[s])
+        else:
+            for s in range(runs.n_runs):
+                src = g.xpad + runs.src[s] + offset
+                for t in range(runs.length[s]):
+                    dst[runs.col[s] + t] = src[t * g.sx]
+        memset(dst + count, 0, (ldp - count) * sizeof(float))
+    o0 = 0
+    while o0 < g.M:
+        for r in range(mo):
+            rows_[r] = dy + (o0 + r if o0 + r < g.M else g.M - 1) * ldy + n0
+        cnnx_dw_micro(count, rows_[0], rows_[1], rows_[2], rows_[3], panel, ldp, dw + o0 * g.K + k0, g.K,
+                      <int>(g.M - o0 if g.M - o0 < mo else mo), taps)
+        o0 += mo
+
+
+def conv_weight_grad(
+    const float[:, :, :, ::1] x,
+    Py_ssize_t first,
+    const float[:, :, ::1] dy_gemm,
+    Py_ssize_t kh,
+    Py_ssize_t kw,
+    Py_ssize_t sy,
+    Py_ssize_t sx,
+    Py_ssize_t pad_top,
+    Py_ssize_t pad_left,
+    Py_ssize_t out_h,
+    Py_ssize_t out_w,
+    float[:, ::1] dweight,
+    int n_threads,
+):
+    """``dweight (out_c, c*kh*kw) = dy_gemm @ im2col(x[first : first + g])^T`` in float32, with
+    ``dy_gemm (out_c, g, out_h * out_w)`` the output gradient in GEMM layout, without
+    materialising the columns (overwrites ``dweight``). The caller checks the geometry."""
+    cdef _ConvGemm g
+    cdef Py_ssize_t oc = dy_gemm.shape[0], m = dy_gemm.shape[1]
+    if dweight.shape[0] != oc or dweight.shape[1] != x.shape[1] * kh * kw or dy_gemm.shape[2] != out_h * out_w:
+        raise ValueError(f"Expected dweight ({oc}, {x.shape[1] * kh * kw}) and dy_gemm (out_c, g, {out_h * out_w}), "
+                         f"received: dweight ({dweight.shape[0]}, {dweight.shape[1]}), dy_gemm ({oc}, {m}, {dy_gemm.shape[2]})")
+    dweight[:, :] = 0
+    if oc == 0 or m == 0 or dweight.shape[1] == 0 or out_h * out_w == 0:
+        return
+    g.x = &x[first, 0, 0, 0]
+    g.c, g.h, g.w = x.shape[1], x.shape[2], x.shape[3]
+    g.kh, g.kw, g.sy, g.sx = kh, kw, sy, sx
+    g.pad_top, g.pad_left, g.out_h, g.out_w = pad_top, pad_left, out_h, out_w
+    g.M = oc
+    g.K = dweight.shape[1]
+    g.P = out_h * out_w
+    g.N = m * g.P
+    g.images = m
+    g.hp = max(pad_top + g.h, (out_h - 1) * sy + kh)
+    g.wp = max(pad_left + g.w, (out_w - 1) * sx + kw)
+    cdef int status
+    with nogil:
+        status = _conv_weight_grad(&g, &dy_gemm[0, 0, 0], &dweight[0, 0], n_threads)
+    if status != 0:
+        raise MemoryError("cnnx: no memory for the weight gradient's panels")
+
+
+cdef int _conv_weight_grad(_ConvGemm* g, const float* dy, float* dw, int n_threads) noexcept nogil:
+    cdef Py_ssize_t vw = CNNX_GEMM_VW, nk = CNNX_GEMM_DW_NK
+    # Pixel blocks: dY's block (out_c rows) within ~512 KiB of L2, 256..2048 pixels (longer blocks
+    # spread each tile's lane reduction over more FMAs).
+    cdef Py_ssize_t block = (512 * 1024 // (4 * g.M)) // vw * vw
+    if block > 2048:
+        block = 2048
+    if block < 256:
+        block = 256
+    if block > (g.N + vw - 1) // vw * vw:
+        block = (g.N + vw - 1) // vw * vw
+    cdef Py_ssize_t n_panels = (g.K + nk - 1) // nk
+    if n_threads > n_panels:
+        n_threads = <int>n_panels
+    if n_threads < 1:
+        n_threads = 1
+    cdef Py_ssize_t panel_floats = nk * block
+    cdef float* panels = cnnx_alloc_floats(panel_floats * n_threads)
+    cdef Py_ssize_t* run_data = <Py_ssize_t*>malloc(3 * (block + 1) * sizeof(Py_ssize_t))
+    cdef float* xpad = NULL
+    cdef _PixelRuns runs
+    cdef Py_ssize_t n0, count, p
+    if panels == NULL or run_data == NULL:
+        cnnx_free_floats(panels)
+        free(run_data)
+        return -1
+    runs.col = run_data
+    runs.length = run_data + block + 1
+    runs.src = run_data + 2 * (block + 1)
+    if g.pad_top == 0 and g.pad_left == 0 and g.hp == g.h and g.wp == g.w:
+        g.xpad = g.x
+    else:
+        xpad = cnnx_alloc_floats(g.images * g.c * g.hp * g.wp)
+        if xpad == NULL:
+            cnnx_free_floats(panels)
+            free(run_data)
+            return -1
+        _pad_images(g, xpad)
+        g.xpad = xpad
+    n0 = 0
+    while n0 < g.N:
+        count = g.N - n0 if g.N - n0 < block else block
+        _pixel_runs(g, n0, count, &runs)
+        if n_threads == 1:
+            for p in range(n_panels):
+                _dw_panel(g, dy, g.N, n0, count, &runs, p * nk, panels, block, dw)
+        else:
+            for p in prange(n_panels, schedule="static", num_threads=n_threads):
+                _dw_panel(g, dy, g.N, n0, count, &runs, p * nk, panels + threadid() * panel_floats, block, dw)
+        n0 += count
+    cnnx_free_floats(panels)
+    cnnx_free_floats(xpad)
+    free(run_data)
+    return 0

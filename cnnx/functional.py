@@ -387,6 +387,20 @@ def packed_backward_gemm(dtype, out_c, k, pixels):
     return dweight, k >= 8
 
 
+def implicit_weight_grad(dtype, out_c, k, pixels):
+    """Whether a convolution's weight gradient ``dW = dY @ cols.T`` (GEMM ``(out_c, pixels) @
+    (pixels, k)`` per image) runs ``_ops.conv_weight_grad``: the reduction over the pixels in the
+    vectors, the taps read from the padded images (no im2col matrix), instead of im2col +
+    np.matmul (see ``PACKED_CONV_GEMM``)."""
+    if dtype != np.float32 or k == 0:
+        return False
+    if PACKED_CONV_GEMM is not None:
+        return bool(PACKED_CONV_GEMM)
+    # Measured per layer (docs/PERFORMANCE_LOG.md, Zen 5): faster than im2col + OpenBLAS on every
+    # conv layer of the benchmark workloads, with its AVX2 (Haswell) or AVX-512 kernels.
+    return True
+
+
 def conv2d_backward(dy, x, weight, stride=1, padding=0, dilation=1, groups=1, need_dx=True, out=None,
                     workspace=None, activation=None, negative_slope=0.01, y=None):
     """Gradients of ``conv2d`` with respect to its input, weight and bias.
@@ -447,18 +461,25 @@ def _conv_backward_groups(x, weight, window, groups, dy_to_gemm, dx, workspace):
     # Each group's weight gradient is kept apart and the parts summed in group order afterwards:
     # the same sums in the same order whichever thread computed which part.
     dweight_parts = ws.get("dweight_parts", (n_groups, groups, ocg, kg), x.dtype)
-    packed_dweight = groups == 1 and packed_backward_gemm(x.dtype, oc, k, window[-2] * window[-1])[0]
+    p = window[-2] * window[-1]
+    # The weight gradient straight from the images (no column matrix) for the plain convolution.
+    implicit_dweight = (groups == 1 and window[4:6] == (1, 1)
+                        and implicit_weight_grad(x.dtype, oc, k, p))
+    packed_dweight = groups == 1 and packed_backward_gemm(x.dtype, oc, k, p)[0]
+    plain_window = window[:4] + window[6:]
 
     def backward(index, first, m, scratch, nt):
-        cols = _unfold(x, window, first, m, scratch, nt)
-        p = cols.shape[2]
         dy_gemm = scratch.get("dy_gemm", (oc, m, p), x.dtype)
         dy_to_gemm(first, dy_gemm, dbias_partial[first:first + m], nt)
         dy_g = dy_gemm.reshape(groups, ocg, m * p)
-        if packed_dweight:
-            _ops.gemm(dy_g[0], cols.reshape(kg, m * p).T, dweight_parts[index, 0], nt)
+        if implicit_dweight:
+            _ops.conv_weight_grad(x, first, dy_gemm, *plain_window, dweight_parts[index, 0], nt)
         else:
-            np.matmul(dy_g, cols.reshape(groups, kg, m * p).transpose(0, 2, 1), out=dweight_parts[index])
+            cols = _unfold(x, window, first, m, scratch, nt)
+            if packed_dweight:
+                _ops.gemm(dy_g[0], cols.reshape(kg, m * p).T, dweight_parts[index, 0], nt)
+            else:
+                np.matmul(dy_g, cols.reshape(groups, kg, m * p).transpose(0, 2, 1), out=dweight_parts[index])
         if dx is not None:
             _fold_input_grad(w3, dy_g, first, m, window, dx, scratch, nt)
 

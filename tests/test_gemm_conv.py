@@ -182,7 +182,7 @@ def test_gemm_refuses_mismatched_shapes():
         ops.gemm(np.zeros((2, 3), np.float32), np.zeros((4, 5), np.float32), np.zeros((2, 5), np.float32), 1)
 
 
-@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[7]], ids=shape_id)
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[3], SHAPES[7]], ids=shape_id)
 def test_conv2d_backward_on_the_packed_path_matches_reference(shape, rng, monkeypatch):
     monkeypatch.setattr(F, "PACKED_CONV_GEMM", True)
     x, weight, _ = operands(shape, rng)
@@ -200,3 +200,70 @@ def test_conv2d_backward_on_the_packed_path_matches_reference(shape, rng, monkey
     assert np.all(np.abs(dx - dx_ref) <= 2 * oc * k * k * eps * dx_size)
     assert np.all(np.abs(dweight - dweight_ref) <= 2 * n * z[0, 0].size * eps * dweight_size)
     np.testing.assert_allclose(dbias, dy.astype(np.float64).sum(axis=(0, 2, 3)), rtol=1e-5, atol=1e-5)
+
+
+# The weight gradient straight from the images (``_ops.conv_weight_grad``): the SHAPES, plus
+# groups of more pixels than one pixel block (2048) with a tail that is not a vector multiple.
+WEIGHT_GRAD_SHAPES = SHAPES + [
+    (3, 2, 40, 41, 5, 3, 1, 1),      # N = 3 * 1640: three pixel blocks, last one 824 pixels
+    (2, 3, 45, 45, 7, 3, 2, 0),      # stride 2 over a long row, N = 2 * 22 * 22
+]
+
+
+def dy_in_gemm_layout(dy):
+    """(n, out_c, h, w) -> the GEMM layout (out_c, n, h * w)."""
+    n, oc = dy.shape[:2]
+    return np.ascontiguousarray(dy.transpose(1, 0, 2, 3).reshape(oc, n, -1))
+
+
+@pytest.mark.parametrize("isa", BUILDS)
+@pytest.mark.parametrize("shape", WEIGHT_GRAD_SHAPES, ids=shape_id)
+def test_conv_weight_grad_matches_reference(isa, shape, rng):
+    ops = _simd.load(isa)
+    x, weight, _ = operands(shape, rng)
+    n, c, h, w, oc, k, s, p = shape
+    pads = ((p, p), (p, p))
+    x64, w64 = x.astype(np.float64), weight.astype(np.float64)
+    z = ref.conv2d(x64, w64, None, (s, s), pads)
+    out_h, out_w = z.shape[2:]
+    dy = rng.standard_normal(z.shape).astype(np.float32)
+    _, expected, _ = ref.conv2d_backward(dy.astype(np.float64), x64, w64, (s, s), pads)
+    _, size, _ = ref.conv2d_backward(np.abs(dy).astype(np.float64), np.abs(x64), np.abs(w64), (s, s), pads)
+    # The group is images 1 : n + 1 of a batch with one more image in front (never read).
+    xs = np.concatenate([np.full_like(x[:1], np.nan), x])
+    dweight = np.full((oc, c * k * k), np.nan, np.float32)  # overwritten, not accumulated into
+    ops.conv_weight_grad(xs, 1, dy_in_gemm_layout(dy), k, k, s, s, p, p, out_h, out_w, dweight, 1)
+    bound = 2 * n * out_h * out_w * np.finfo(np.float32).eps * size.reshape(oc, -1) + 1e-30
+    assert np.all(np.abs(dweight - expected.reshape(oc, -1)) <= bound)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[7], WEIGHT_GRAD_SHAPES[-2]], ids=shape_id)
+def test_conv_weight_grad_gives_the_same_values_on_any_thread_count(shape, rng):
+    ops = _simd.load(BUILDS[-1])
+    x, weight, _ = operands(shape, rng)
+    n, c, h, w, oc, k, s, p = shape
+    out_h, out_w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    dy_gemm = rng.standard_normal((oc, n, out_h * out_w)).astype(np.float32)
+    results = []
+    for threads in (1, 2, 3):
+        dweight = np.empty((oc, c * k * k), np.float32)
+        ops.conv_weight_grad(x, 0, dy_gemm, k, k, s, s, p, p, out_h, out_w, dweight, threads)
+        results.append(dweight)
+    # Exact: threads split the taps; each value is the same sum in the same order on any split.
+    assert np.array_equal(results[0], results[1]) and np.array_equal(results[0], results[2])
+
+
+def test_conv_weight_grad_refuses_mismatched_shapes():
+    ops = _simd.load(BUILDS[0])
+    x = np.zeros((2, 3, 5, 5), np.float32)
+    with pytest.raises(ValueError, match=r"received: dweight \(4, 26\)"):
+        ops.conv_weight_grad(x, 0, np.zeros((4, 2, 9), np.float32), 3, 3, 1, 1, 0, 0, 3, 3,
+                             np.zeros((4, 26), np.float32), 1)
+
+
+def test_implicit_weight_gradient_is_float32_only(monkeypatch):
+    assert F.implicit_weight_grad(np.dtype(np.float32), 32, 27, 1024)
+    assert not F.implicit_weight_grad(np.dtype(np.float64), 32, 27, 1024)
+    assert not F.implicit_weight_grad(np.dtype(np.float32), 32, 0, 1024)
+    monkeypatch.setattr(F, "PACKED_CONV_GEMM", False)
+    assert not F.implicit_weight_grad(np.dtype(np.float32), 32, 27, 1024)
