@@ -3,7 +3,10 @@
 Every convolution layer of seed-mnist, lenet5, seed-cifar and mind-cifar (at the batch sizes of
 benchmarks/README.md, random float32 data) runs its forward as the networks run it: conv + bias +
 activation (``conv2d``), or, where a 2x2 max-pool follows, the inference form
-(``conv2d(max_pool_2x2=True)``) and the training form (``conv2d_max_pool_2x2_train``). Each case
+(``conv2d(max_pool_2x2=True)``) and the training form (``conv2d_max_pool_2x2_train``); its backward
+as training runs it (``bwd``: both GEMMs, and col2im except for a first layer) and the weight
+gradient alone (``dw``: ``conv2d_backward(need_dx=False)``, implicit-im2col against im2col +
+np.matmul). Each case
 alternates the two paths (``functional.PACKED_CONV_GEMM`` False / True) for ``--rounds`` rounds,
 takes the best time of each path per round, and prints GFLOP/s of both and the median of the
 per-round ratios new / old (above 1: the packed GEMM is faster). Run it once with the
@@ -67,8 +70,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
-    parser.add_argument("--forms", nargs="+", default=["conv", "infer", "train", "bwd"],
-                        help="which of conv / infer / train / bwd to time")
+    parser.add_argument("--forms", nargs="+", default=["conv", "infer", "train", "bwd", "dw"],
+                        help="which of conv / infer / train / bwd / dw to time")
     args = parser.parse_args(argv)
     cnnx.parallel.set_num_threads(args.threads)
     print(f"cnnx {cnnx.__version__}, kernels {cnnx._simd.ISA}, {args.threads} thread(s), "
@@ -99,6 +102,10 @@ def main(argv=None):
             need_dx = not label.endswith("conv1")
             forms["bwd"] = lambda: F.conv2d_backward(dy, x, weight, padding=pad, need_dx=need_dx, workspace=ws,
                                                      activation=act, y=y_full)
+            # The weight gradient alone (with the layout pass and the bias gradient): implicit-im2col
+            # ``conv_weight_grad`` against im2col + np.matmul.
+            forms["dw"] = lambda: F.conv2d_backward(dy, x, weight, padding=pad, need_dx=False, workspace=ws,
+                                                    activation=act, y=y_full)
             for form, fn in forms.items():
                 if form not in args.forms:
                     continue
