@@ -375,7 +375,8 @@ def packed_conv_gemm(dtype, out_c, k, pixels):
 def packed_backward_gemm(dtype, out_c, k, pixels):
     """``(weight gradient, column gradient)``: whether each GEMM of a convolution backward (``dW =
     dY @ cols.T``, ``dcols = W.T @ dY``) runs cnnx's packed GEMM (``_ops.gemm``) instead of np.matmul
-    (see ``PACKED_CONV_GEMM``)."""
+    (see ``PACKED_CONV_GEMM``). The weight gradient's answer matters only where
+    ``implicit_weight_grad`` does not apply (dilated convolutions)."""
     if dtype != np.float32 or k == 0:
         return False, False
     if PACKED_CONV_GEMM is not None:
