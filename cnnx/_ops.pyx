@@ -1455,6 +1455,198 @@ def depthwise_conv2d_backward(
 # positions won (0..3, row-major); the backward scatters the pooled gradient through the
 # activation straight into the GEMM layout, so the full-size activation is never written or read.
 
+cdef extern from *:
+    """
+    /* The 2x2 / stride-2 max-pool with argmax over one activated GEMM plane, and its gradient
+       scatter, written with AVX-512 intrinsics: the pooled rows of the benchmark networks are 5 to
+       16 windows wide, too short for the compiler's 16-lane loops (it ran them as scalar code).
+       Each pooled row is processed in chunks of 16 (float) or 8 (double) windows under a lane mask:
+       the two image rows' values are de-interleaved into the windows' four corners with one
+       permutation each, and every comparison is the scalar kernels' (_leaky, _takes) as a mask,
+       so values, argmax codes, ties and NaNs are those of the loops they replace. Without AVX-512
+       (CNNX_POOL_SIMD 0) the Cython loops below run instead. */
+    #if defined(__AVX512F__) && defined(__AVX512VL__)
+    #include <immintrin.h>
+    #define CNNX_POOL_SIMD 1
+
+    static inline __mmask16 cnnx_low_bits16(Py_ssize_t n) {
+        return (__mmask16)(n <= 0 ? 0u : n >= 16 ? 0xFFFFu : ((1u << n) - 1u));
+    }
+    static inline __m512 cnnx_leaky16(__m512 x, __m512 b, __m512 slope) {
+        __m512 v = _mm512_add_ps(x, b);
+        __mmask16 pos = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ);
+        return _mm512_mask_blend_ps(pos, _mm512_mul_ps(v, slope), v);
+    }
+    /* _takes: v replaces best when larger, or when v is the first NaN. */
+    static inline __mmask16 cnnx_takes16(__m512 v, __m512 best) {
+        return _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ)
+            | (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) & _mm512_cmp_ps_mask(best, best, _CMP_ORD_Q));
+    }
+    static inline __m512d cnnx_leaky8(__m512d x, __m512d b, __m512d slope) {
+        __m512d v = _mm512_add_pd(x, b);
+        __mmask8 pos = _mm512_cmp_pd_mask(v, _mm512_setzero_pd(), _CMP_GT_OQ);
+        return _mm512_mask_blend_pd(pos, _mm512_mul_pd(v, slope), v);
+    }
+    static inline __mmask8 cnnx_takes8(__m512d v, __m512d best) {
+        return _mm512_cmp_pd_mask(v, best, _CMP_GT_OQ)
+            | (_mm512_cmp_pd_mask(v, v, _CMP_UNORD_Q) & _mm512_cmp_pd_mask(best, best, _CMP_ORD_Q));
+    }
+
+    /* src: one (oh, out_w) plane of GEMM output; dst, code: its (ph, pw) pooled values and
+       2 * dy + dx of each window's winner. */
+    static void cnnx_pool2x2_argmax_f32(const float *src, Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw,
+                                        float bias, float slope, float *dst, int *code) {
+        const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+        const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+        const __m512 b = _mm512_set1_ps(bias), s = _mm512_set1_ps(slope);
+        const __m512i one = _mm512_set1_epi32(1), two = _mm512_set1_epi32(2), three = _mm512_set1_epi32(3);
+        for (Py_ssize_t py = 0; py < ph; ++py) {
+            const float *top = src + 2 * py * out_w, *bottom = top + out_w;
+            for (Py_ssize_t px = 0; px < pw; px += 16) {
+                Py_ssize_t n = pw - px < 16 ? pw - px : 16;
+                __mmask16 lanes = cnnx_low_bits16(n), lo = cnnx_low_bits16(2 * n), hi = cnnx_low_bits16(2 * n - 16);
+                __m512 t0 = _mm512_maskz_loadu_ps(lo, top + 2 * px), t1 = _mm512_maskz_loadu_ps(hi, top + 2 * px + 16);
+                __m512 u0 = _mm512_maskz_loadu_ps(lo, bottom + 2 * px), u1 = _mm512_maskz_loadu_ps(hi, bottom + 2 * px + 16);
+                __m512 a0 = cnnx_leaky16(_mm512_permutex2var_ps(t0, even, t1), b, s);
+                __m512 a1 = cnnx_leaky16(_mm512_permutex2var_ps(t0, odd, t1), b, s);
+                __m512 a2 = cnnx_leaky16(_mm512_permutex2var_ps(u0, even, u1), b, s);
+                __m512 a3 = cnnx_leaky16(_mm512_permutex2var_ps(u0, odd, u1), b, s);
+                __mmask16 right_top = cnnx_takes16(a1, a0), right_bottom = cnnx_takes16(a3, a2);
+                __m512 m_top = _mm512_mask_blend_ps(right_top, a0, a1);
+                __m512 m_bottom = _mm512_mask_blend_ps(right_bottom, a2, a3);
+                __mmask16 take_bottom = cnnx_takes16(m_bottom, m_top);  /* the top wins ties */
+                __m512i k_top = _mm512_maskz_mov_epi32(right_top, one);
+                __m512i k_bottom = _mm512_mask_mov_epi32(two, right_bottom, three);
+                _mm512_mask_storeu_ps(dst + py * pw + px, lanes, _mm512_mask_blend_ps(take_bottom, m_top, m_bottom));
+                _mm512_mask_storeu_epi32(code + py * pw + px, lanes, _mm512_mask_blend_epi32(take_bottom, k_top, k_bottom));
+            }
+        }
+    }
+
+    static void cnnx_pool2x2_argmax_f64(const double *src, Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw,
+                                        double bias, double slope, double *dst, int *code) {
+        const __m512i even = _mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0);
+        const __m512i odd = _mm512_set_epi64(15, 13, 11, 9, 7, 5, 3, 1);
+        const __m512d b = _mm512_set1_pd(bias), s = _mm512_set1_pd(slope);
+        const __m256i one = _mm256_set1_epi32(1), two = _mm256_set1_epi32(2), three = _mm256_set1_epi32(3);
+        for (Py_ssize_t py = 0; py < ph; ++py) {
+            const double *top = src + 2 * py * out_w, *bottom = top + out_w;
+            for (Py_ssize_t px = 0; px < pw; px += 8) {
+                Py_ssize_t n = pw - px < 8 ? pw - px : 8;
+                __mmask8 lanes = (__mmask8)cnnx_low_bits16(n), lo = (__mmask8)cnnx_low_bits16(2 * n < 8 ? 2 * n : 8);
+                __mmask8 hi = (__mmask8)cnnx_low_bits16(2 * n - 8);
+                __m512d t0 = _mm512_maskz_loadu_pd(lo, top + 2 * px), t1 = _mm512_maskz_loadu_pd(hi, top + 2 * px + 8);
+                __m512d u0 = _mm512_maskz_loadu_pd(lo, bottom + 2 * px), u1 = _mm512_maskz_loadu_pd(hi, bottom + 2 * px + 8);
+                __m512d a0 = cnnx_leaky8(_mm512_permutex2var_pd(t0, even, t1), b, s);
+                __m512d a1 = cnnx_leaky8(_mm512_permutex2var_pd(t0, odd, t1), b, s);
+                __m512d a2 = cnnx_leaky8(_mm512_permutex2var_pd(u0, even, u1), b, s);
+                __m512d a3 = cnnx_leaky8(_mm512_permutex2var_pd(u0, odd, u1), b, s);
+                __mmask8 right_top = cnnx_takes8(a1, a0), right_bottom = cnnx_takes8(a3, a2);
+                __m512d m_top = _mm512_mask_blend_pd(right_top, a0, a1);
+                __m512d m_bottom = _mm512_mask_blend_pd(right_bottom, a2, a3);
+                __mmask8 take_bottom = cnnx_takes8(m_bottom, m_top);
+                __m256i k_top = _mm256_maskz_mov_epi32(right_top, one);
+                __m256i k_bottom = _mm256_mask_mov_epi32(two, right_bottom, three);
+                _mm512_mask_storeu_pd(dst + py * pw + px, lanes, _mm512_mask_blend_pd(take_bottom, m_top, m_bottom));
+                _mm256_mask_storeu_epi32(code + py * pw + px, lanes, _mm256_mask_blend_epi32(take_bottom, k_top, k_bottom));
+            }
+        }
+    }
+
+    /* The gradient scatter for one plane: dy, y, code of shape (ph, pw) -> out of shape
+       (oh, out_w), each window's gradient (times the leaky ReLU's derivative: `low` where y <= 0)
+       at its winner and zero elsewhere. Returns the sum of the routed gradient (the bias's). */
+    static double cnnx_unpool2x2_f32(const float *dy, const float *y, const int *code, Py_ssize_t oh,
+                                     Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw, float low, float *out) {
+        /* lanes 0..15 of the result take e_left[0], e_right[0], e_left[1], ... */
+        const __m512i first_half = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+        const __m512i second_half = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+        const __m512 d = _mm512_set1_ps(low), zero = _mm512_setzero_ps();
+        const __m512i three = _mm512_set1_epi32(3);
+        __m512d sum_lo = _mm512_setzero_pd(), sum_hi = _mm512_setzero_pd();
+        for (Py_ssize_t py = 0; py < ph; ++py) {
+            float *top = out + 2 * py * out_w, *bottom = top + out_w;
+            for (Py_ssize_t px = 0; px < pw; px += 16) {
+                Py_ssize_t n = pw - px < 16 ? pw - px : 16;
+                __mmask16 lanes = cnnx_low_bits16(n), lo = cnnx_low_bits16(2 * n), hi = cnnx_low_bits16(2 * n - 16);
+                __m512 g = _mm512_maskz_loadu_ps(lanes, dy + py * pw + px);
+                __m512 v = _mm512_maskz_loadu_ps(lanes, y + py * pw + px);
+                __m512i k = _mm512_and_epi32(_mm512_maskz_loadu_epi32(lanes, code + py * pw + px), three);
+                __mmask16 pos = _mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ);
+                g = _mm512_mask_blend_ps(pos, _mm512_mul_ps(g, d), g);
+                __m512 e0 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(k, _mm512_setzero_si512()), g);
+                __m512 e1 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(k, _mm512_set1_epi32(1)), g);
+                __m512 e2 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(k, _mm512_set1_epi32(2)), g);
+                __m512 e3 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(k, three), g);
+                _mm512_mask_storeu_ps(top + 2 * px, lo, _mm512_permutex2var_ps(e0, first_half, e1));
+                _mm512_mask_storeu_ps(top + 2 * px + 16, hi, _mm512_permutex2var_ps(e0, second_half, e1));
+                _mm512_mask_storeu_ps(bottom + 2 * px, lo, _mm512_permutex2var_ps(e2, first_half, e3));
+                _mm512_mask_storeu_ps(bottom + 2 * px + 16, hi, _mm512_permutex2var_ps(e2, second_half, e3));
+                sum_lo = _mm512_add_pd(sum_lo, _mm512_cvtps_pd(_mm512_castps512_ps256(g)));
+                sum_hi = _mm512_add_pd(sum_hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(g), 1))));
+            }
+            if (out_w > 2 * pw) { top[out_w - 1] = 0; bottom[out_w - 1] = 0; }  /* the odd last column */
+        }
+        for (Py_ssize_t x = 0; x < (oh - 2 * ph) * out_w; ++x) out[2 * ph * out_w + x] = 0;  /* the odd last row */
+        return _mm512_reduce_add_pd(_mm512_add_pd(sum_lo, sum_hi));
+    }
+
+    static double cnnx_unpool2x2_f64(const double *dy, const double *y, const int *code, Py_ssize_t oh,
+                                     Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw, double low, double *out) {
+        const __m512i first_half = _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0);
+        const __m512i second_half = _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4);
+        const __m512d d = _mm512_set1_pd(low), zero = _mm512_setzero_pd();
+        const __m256i three = _mm256_set1_epi32(3);
+        __m512d sum = _mm512_setzero_pd();
+        for (Py_ssize_t py = 0; py < ph; ++py) {
+            double *top = out + 2 * py * out_w, *bottom = top + out_w;
+            for (Py_ssize_t px = 0; px < pw; px += 8) {
+                Py_ssize_t n = pw - px < 8 ? pw - px : 8;
+                __mmask8 lanes = (__mmask8)cnnx_low_bits16(n), lo = (__mmask8)cnnx_low_bits16(2 * n < 8 ? 2 * n : 8);
+                __mmask8 hi = (__mmask8)cnnx_low_bits16(2 * n - 8);
+                __m512d g = _mm512_maskz_loadu_pd(lanes, dy + py * pw + px);
+                __m512d v = _mm512_maskz_loadu_pd(lanes, y + py * pw + px);
+                __m256i k = _mm256_and_si256(_mm256_maskz_loadu_epi32(lanes, code + py * pw + px), three);
+                __mmask8 pos = _mm512_cmp_pd_mask(v, zero, _CMP_GT_OQ);
+                g = _mm512_mask_blend_pd(pos, _mm512_mul_pd(g, d), g);
+                __m512d e0 = _mm512_maskz_mov_pd(_mm256_cmpeq_epi32_mask(k, _mm256_setzero_si256()), g);
+                __m512d e1 = _mm512_maskz_mov_pd(_mm256_cmpeq_epi32_mask(k, _mm256_set1_epi32(1)), g);
+                __m512d e2 = _mm512_maskz_mov_pd(_mm256_cmpeq_epi32_mask(k, _mm256_set1_epi32(2)), g);
+                __m512d e3 = _mm512_maskz_mov_pd(_mm256_cmpeq_epi32_mask(k, three), g);
+                _mm512_mask_storeu_pd(top + 2 * px, lo, _mm512_permutex2var_pd(e0, first_half, e1));
+                _mm512_mask_storeu_pd(top + 2 * px + 8, hi, _mm512_permutex2var_pd(e0, second_half, e1));
+                _mm512_mask_storeu_pd(bottom + 2 * px, lo, _mm512_permutex2var_pd(e2, first_half, e3));
+                _mm512_mask_storeu_pd(bottom + 2 * px + 8, hi, _mm512_permutex2var_pd(e2, second_half, e3));
+                sum = _mm512_add_pd(sum, g);
+            }
+            if (out_w > 2 * pw) { top[out_w - 1] = 0; bottom[out_w - 1] = 0; }
+        }
+        for (Py_ssize_t x = 0; x < (oh - 2 * ph) * out_w; ++x) out[2 * ph * out_w + x] = 0;
+        return _mm512_reduce_add_pd(sum);
+    }
+    #else
+    #define CNNX_POOL_SIMD 0
+    static void cnnx_pool2x2_argmax_f32(const float *src, Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw,
+                                        float bias, float slope, float *dst, int *code) {}
+    static void cnnx_pool2x2_argmax_f64(const double *src, Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw,
+                                        double bias, double slope, double *dst, int *code) {}
+    static double cnnx_unpool2x2_f32(const float *dy, const float *y, const int *code, Py_ssize_t oh,
+                                     Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw, float low, float *out) { return 0; }
+    static double cnnx_unpool2x2_f64(const double *dy, const double *y, const int *code, Py_ssize_t oh,
+                                     Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw, double low, double *out) { return 0; }
+    #endif
+    """
+    int CNNX_POOL_SIMD
+    void cnnx_pool2x2_argmax_f32(const float* src, Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw,
+                                 float bias, float slope, float* dst, int* code) noexcept nogil
+    void cnnx_pool2x2_argmax_f64(const double* src, Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw,
+                                 double bias, double slope, double* dst, int* code) noexcept nogil
+    double cnnx_unpool2x2_f32(const float* dy, const float* y, const int* code, Py_ssize_t oh, Py_ssize_t out_w,
+                              Py_ssize_t ph, Py_ssize_t pw, float low, float* out) noexcept nogil
+    double cnnx_unpool2x2_f64(const double* dy, const double* y, const int* code, Py_ssize_t oh, Py_ssize_t out_w,
+                              Py_ssize_t ph, Py_ssize_t pw, double low, double* out) noexcept nogil
+
+
 cdef inline floating _leaky(floating v, floating slope) noexcept nogil:
     """Leaky ReLU (slope 1: the identity, exactly); both sides computed first: a select."""
     cdef floating scaled = v * slope
@@ -1507,6 +1699,17 @@ def gemm_to_nchw_max_pool_2x2_argmax(
             or pair_max.shape[0] < g or pair_arg.shape[0] < g or pair_max.shape[1] < oh * pw
             or pair_arg.shape[1] < oh * pw):
         raise ValueError("gemm_to_nchw_max_pool_2x2_argmax: output, scratch or bias too small for the GEMM result")
+    if CNNX_POOL_SIMD:
+        for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
+            for o in range(oc):
+                b = bias[o] if has_bias else 0
+                if floating is float:
+                    cnnx_pool2x2_argmax_f32(&y_gemm[o, j, 0], out_w, ph, pw, b, slope, &y[first + j, o, 0],
+                                            &argmax[first + j, o, 0])
+                else:
+                    cnnx_pool2x2_argmax_f64(&y_gemm[o, j, 0], out_w, ph, pw, b, slope, &y[first + j, o, 0],
+                                            &argmax[first + j, o, 0])
+        return
     for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
         hm = &pair_max[j, 0]
         hk = &pair_arg[j, 0]
@@ -1569,6 +1772,22 @@ def max_pool_2x2_argmax_to_gemm(
     derivative[0] = <floating>negative_slope if rectify else 1
     derivative[1] = 1
     if g == 0 or oc == 0:
+        return
+    if CNNX_POOL_SIMD and P > 0 and ph * pw > 0:
+        if (dy.shape[0] < first + g or y.shape[0] < first + g or argmax.shape[0] < first + g or dy.shape[1] < oc
+                or y.shape[1] < oc or argmax.shape[1] < oc or dy.shape[2] < ph * pw or y.shape[2] < ph * pw
+                or argmax.shape[2] < ph * pw or dbias_partial.shape[0] < g or dbias_partial.shape[1] < oc):
+            raise ValueError("max_pool_2x2_argmax_to_gemm: dy, y, argmax or dbias_partial too small for dy_gemm")
+        for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
+            for o in range(oc):
+                if floating is float:
+                    dbias_partial[j, o] = cnnx_unpool2x2_f32(&dy[first + j, o, 0], &y[first + j, o, 0],
+                                                             &argmax[first + j, o, 0], P // out_w, out_w, ph, pw,
+                                                             derivative[0], &dy_gemm[o, j, 0])
+                else:
+                    dbias_partial[j, o] = cnnx_unpool2x2_f64(&dy[first + j, o, 0], &y[first + j, o, 0],
+                                                             &argmax[first + j, o, 0], P // out_w, out_w, ph, pw,
+                                                             derivative[0], &dy_gemm[o, j, 0])
         return
     for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
         for o in range(oc):
