@@ -1493,7 +1493,7 @@ cdef extern from *:
     }
 
     /* src: one (oh, out_w) plane of GEMM output; dst, code: its (ph, pw) pooled values and
-       2 * dy + dx of each window's winner. */
+       2 * dy + dx of each window's winner (code NULL: the values alone, for inference). */
     static void cnnx_pool2x2_argmax_f32(const float *src, Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw,
                                         float bias, float slope, float *dst, int *code) {
         const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
@@ -1518,7 +1518,8 @@ cdef extern from *:
                 __m512i k_top = _mm512_maskz_mov_epi32(right_top, one);
                 __m512i k_bottom = _mm512_mask_mov_epi32(two, right_bottom, three);
                 _mm512_mask_storeu_ps(dst + py * pw + px, lanes, _mm512_mask_blend_ps(take_bottom, m_top, m_bottom));
-                _mm512_mask_storeu_epi32(code + py * pw + px, lanes, _mm512_mask_blend_epi32(take_bottom, k_top, k_bottom));
+                if (code)
+                    _mm512_mask_storeu_epi32(code + py * pw + px, lanes, _mm512_mask_blend_epi32(take_bottom, k_top, k_bottom));
             }
         }
     }
@@ -1548,7 +1549,8 @@ cdef extern from *:
                 __m256i k_top = _mm256_maskz_mov_epi32(right_top, one);
                 __m256i k_bottom = _mm256_mask_mov_epi32(two, right_bottom, three);
                 _mm512_mask_storeu_pd(dst + py * pw + px, lanes, _mm512_mask_blend_pd(take_bottom, m_top, m_bottom));
-                _mm256_mask_storeu_epi32(code + py * pw + px, lanes, _mm256_mask_blend_epi32(take_bottom, k_top, k_bottom));
+                if (code)
+                    _mm256_mask_storeu_epi32(code + py * pw + px, lanes, _mm256_mask_blend_epi32(take_bottom, k_top, k_bottom));
             }
         }
     }
@@ -1803,3 +1805,41 @@ def max_pool_2x2_argmax_to_gemm(
                     dy_gemm[o, j, (2 * py + k // 2) * out_w + 2 * px + k % 2] = v
                     acc = acc + v
             dbias_partial[j, o] = acc
+
+
+def gemm_to_nchw_max_pool_2x2_vectorised(
+    const floating[:, :, ::1] y_gemm,
+    const floating[::1] bias,
+    bint has_bias,
+    bint rectify,
+    double negative_slope,
+    Py_ssize_t first,
+    Py_ssize_t out_w,
+    floating[:, :, ::1] y,
+    int n_threads,
+):
+    """``gemm_to_nchw_max_pool_2x2`` (same arguments, same values) through the AVX-512 row kernel
+    of ``gemm_to_nchw_max_pool_2x2_argmax``, keeping no argmax; a build without AVX-512 runs
+    ``gemm_to_nchw_max_pool_2x2`` itself. The activation is applied before the maximum here and
+    after it there: the same values, as a leaky ReLU with slope >= 0 and the bias are monotonic.
+    """
+    cdef Py_ssize_t oc = y_gemm.shape[0], g = y_gemm.shape[1], P = y_gemm.shape[2]
+    cdef Py_ssize_t pw = out_w // 2
+    cdef Py_ssize_t ph = P // out_w // 2 if out_w > 0 else 0
+    cdef Py_ssize_t j, o
+    cdef floating b
+    cdef floating slope = <floating>negative_slope if rectify else 1
+    if not CNNX_POOL_SIMD:
+        gemm_to_nchw_max_pool_2x2(y_gemm, bias, has_bias, rectify, negative_slope, first, out_w, y, n_threads)
+        return
+    if g == 0 or oc == 0 or ph == 0 or pw == 0:
+        return
+    if y.shape[0] < first + g or y.shape[1] < oc or y.shape[2] < ph * pw or (has_bias and bias.shape[0] < oc):
+        raise ValueError("gemm_to_nchw_max_pool_2x2_vectorised: output or bias too small for the GEMM result")
+    for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
+        for o in range(oc):
+            b = bias[o] if has_bias else 0
+            if floating is float:
+                cnnx_pool2x2_argmax_f32(&y_gemm[o, j, 0], out_w, ph, pw, b, slope, &y[first + j, o, 0], NULL)
+            else:
+                cnnx_pool2x2_argmax_f64(&y_gemm[o, j, 0], out_w, ph, pw, b, slope, &y[first + j, o, 0], NULL)

@@ -197,6 +197,13 @@ def test_pool_kernels_of_each_isa_match_numpy(rng, isa, dtype, g, oc, oh, out_w)
     np.testing.assert_array_equal(y[first:], y_ref)
     np.testing.assert_array_equal(code[first:], code_ref)
     assert np.all(y[:first] == -7) and np.all(code[:first] == -7)  # other images untouched
+    # Inference keeps no argmax: the same values (bias and activation are monotonic), NaNs included.
+    y_infer = np.full(y.shape, -7, dtype)
+    ops.gemm_to_nchw_max_pool_2x2_vectorised(y_gemm, bias, True, True, slope, first, out_w, y_infer, 2)
+    np.testing.assert_array_equal(y_infer, y)
+    y_plain = np.full(y.shape, -7, dtype)
+    ops.gemm_to_nchw_max_pool_2x2_vectorised(y_gemm, bias, False, False, 0.0, first, out_w, y_plain, 2)
+    np.testing.assert_array_equal(y_plain[first:], _pool_argmax_ref(y_gemm, 0 * bias, 1.0, out_w)[0])
 
     dy = rng.standard_normal(y.shape).astype(dtype)
     y_out = np.where(np.isnan(y), 1, y)
