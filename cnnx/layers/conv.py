@@ -199,24 +199,13 @@ class Conv2D(Layer):
         store_grads(self, weight=dw, bias=db)
         return dx if need_input_grad else None
 
-    # --- the kernels: the plain convolution, or the grouped/dilated one ---------------------
-    @property
-    def _plain(self):
-        return self.groups == 1 and self.dilation == (1, 1)
-
     def _conv(self, x, pads, workspace, **kwargs):
         w, b = self.params["weight"], self.params.get("bias")
-        if self._plain:
-            return F.conv2d(x, w, b, self.stride, pads, workspace=workspace, **kwargs)
-        return F.conv2d_grouped(x, w, b, self.stride, pads, self.dilation, self.groups, workspace=workspace,
-                                **kwargs)
+        return F.conv2d(x, w, b, self.stride, pads, self.dilation, self.groups, workspace=workspace, **kwargs)
 
     def _conv_backward(self, dz, x, pads, need_dx, workspace, **kwargs):
-        w = self.params["weight"]
-        if self._plain:
-            return F.conv2d_backward(dz, x, w, self.stride, pads, need_dx=need_dx, workspace=workspace, **kwargs)
-        return F.conv2d_grouped_backward(dz, x, w, self.stride, pads, self.dilation, self.groups, need_dx=need_dx,
-                                         workspace=workspace, **kwargs)
+        return F.conv2d_backward(dz, x, self.params["weight"], self.stride, pads, self.dilation, self.groups,
+                                 need_dx=need_dx, workspace=workspace, **kwargs)
 
     def get_config(self):
         return {
@@ -238,7 +227,8 @@ class Conv2D(Layer):
     def pools_in_training(self):
         """Whether ``call_pooled`` applies: a plain convolution (no groups, no dilation) whose
         activation, if any, the kernels apply."""
-        return self._plain and (self.activation is None or self._compiled_act is not None)
+        plain = self.groups == 1 and self.dilation == (1, 1)
+        return plain and (self.activation is None or self._compiled_act is not None)
 
     def call_pooled(self, x, training, state, *, fused_activation=None):
         """Forward of this layer (+ the activation layer an execution plan fuses) + a 2x2 / stride-2

@@ -168,12 +168,8 @@ class Conv1D(Layer):
         x4 = x.astype(w.dtype, copy=False)[:, :, None, :]
         pads = ((0, 0), self.explicit_padding(x.shape[2]))
         w4, b = w[:, :, None, :], self.params.get("bias")
-        if self.groups == 1 and self.dilation == 1:
-            z = F.conv2d(x4, w4, b, (1, self.stride), pads, workspace=state.workspace)
-        else:
-            z = F.conv2d_grouped(x4, w4, b, (1, self.stride), pads, (1, self.dilation), self.groups,
-                                 workspace=state.workspace)
-        z = z[:, :, 0, :]
+        z = F.conv2d(x4, w4, b, (1, self.stride), pads, (1, self.dilation), self.groups,
+                     workspace=state.workspace)[:, :, 0, :]
         state.x4, state.pads, state.act = x4, pads, act
         state.y, state.z = act.forward(z)
         return state.y
@@ -194,13 +190,9 @@ class Conv1D(Layer):
         check_dy(self, dy, state.y.shape)
         w = self.params["weight"]
         dz = state.act.backward(dy.astype(w.dtype, copy=False), state.z, state.y)
-        if self.groups == 1 and self.dilation == 1:
-            dx, dw, db = F.conv2d_backward(dz[:, :, None, :], state.x4, w[:, :, None, :], (1, self.stride),
-                                           state.pads, need_dx=need_input_grad, workspace=state.workspace)
-        else:
-            dx, dw, db = F.conv2d_grouped_backward(dz[:, :, None, :], state.x4, w[:, :, None, :], (1, self.stride),
-                                                   state.pads, (1, self.dilation), self.groups,
-                                                   need_dx=need_input_grad, workspace=state.workspace)
+        dx, dw, db = F.conv2d_backward(dz[:, :, None, :], state.x4, w[:, :, None, :], (1, self.stride), state.pads,
+                                       (1, self.dilation), self.groups, need_dx=need_input_grad,
+                                       workspace=state.workspace)
         store_grads(self, weight=dw[:, :, 0, :], bias=db)
         return dx[:, :, 0, :] if need_input_grad else None
 
