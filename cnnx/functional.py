@@ -1,9 +1,10 @@
 """Validated kernels: the only caller of the compiled module ``cnnx._ops``.
 
 Owns validation (ndim, dtypes, channel counts, geometry), contiguity, output allocation and the
-convolution's im2col + GEMM schedule: images are processed in groups small enough that a group's
-column matrix stays in cache, each group is one BLAS GEMM over all its output pixels, and groups
-are spread over worker threads (``parallel.for_each_group``). Layers pass a ``Workspace`` so
+one im2col + GEMM schedule of every convolution (plain, strided, dilated, grouped; its backward;
+the pooled training pass; the transposed convolution): images are processed in groups small
+enough that a group's column matrix stays in cache, each group is one BLAS GEMM per pass over all
+its output pixels, and groups are spread over worker threads (``parallel.for_each_group``). Layers pass a ``Workspace`` so
 buffers are allocated once per batch shape, not once per call.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 
 from . import _simd
 from ._simd import ops as _ops  # the build for this CPU's instruction set (cnnx._simd)
-from ._geometry import (
+from .geometry import (
     check_pool_padding,
     conv_transpose_output_size,
     dilated_kernel_size,
@@ -283,9 +284,9 @@ def _image_groups(x, window, oc, rows_per_pixel, workspace):
     """Split the batch for an im2col + GEMM pass: groups of images whose buffers (``rows_per_pixel``
     rows of ``x``'s dtype per output pixel and image) stay within COLUMN_BUFFER_BYTES.
 
-    Returns ``(n_groups, run)``; ``run(body)`` calls ``body(index, first, cols, scratch, n_threads)``
-    for every group on cnnx's workers, with ``cols`` the im2col ``(c*kh*kw, m, P)`` of images
-    ``first : first + m``, the worker's ``scratch`` and the threads the group's own loops may use.
+    Returns ``(n_groups, run)``; ``run(body)`` calls ``body(index, first, m, scratch, n_threads)``
+    for every group (images ``first : first + m``) on cnnx's workers, with the worker's
+    ``scratch`` and the threads the group's own loops may use.
     """
     n, c = x.shape[:2]
     kh, kw, out_h, out_w = window[0], window[1], window[-2], window[-1]
@@ -299,14 +300,19 @@ def _image_groups(x, window, oc, rows_per_pixel, workspace):
     def run(body):
         def run_group(worker, index):
             first = index * g
-            scratch = ws.worker(worker)
-            cols = scratch.get("cols", (k, min(g, n - first), p), x.dtype)
-            _ops.im2col_dilated(x, first, *window, cols, nt)
-            body(index, first, cols, scratch, nt)
+            body(index, first, min(g, n - first), ws.worker(worker), nt)
 
         for_each_group(n_groups, run_group)
 
     return n_groups, run
+
+
+def _unfold(x, window, first, m, scratch, n_threads):
+    """The im2col ``(c*kh*kw, m, out_h*out_w)`` of images ``first : first + m``, in ``scratch``."""
+    kh, kw, out_h, out_w = window[0], window[1], window[-2], window[-1]
+    cols = scratch.get("cols", (x.shape[1] * kh * kw, m, out_h * out_w), x.dtype)
+    _ops.im2col_dilated(x, first, *window, cols, n_threads)
+    return cols
 
 
 def _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace):
@@ -322,8 +328,9 @@ def _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace):
     w3 = weight.reshape(groups, oc // groups, k // groups)
     _, run = _image_groups(x, window, oc, k + oc, workspace)
 
-    def forward(index, first, cols, scratch, nt):
-        _, m, p = cols.shape
+    def forward(index, first, m, scratch, nt):
+        cols = _unfold(x, window, first, m, scratch, nt)
+        p = cols.shape[2]
         y_gemm = scratch.get("y_gemm", (oc, m, p), x.dtype)
         np.matmul(w3, cols.reshape(groups, k // groups, m * p), out=y_gemm.reshape(groups, oc // groups, m * p))
         gemm_to_output(y_gemm, first, scratch, nt)
@@ -392,8 +399,9 @@ def _conv_backward_groups(x, weight, window, groups, dy_to_gemm, dx, workspace):
     # the same sums in the same order whichever thread computed which part.
     dweight_parts = ws.get("dweight_parts", (n_groups, groups, ocg, kg), x.dtype)
 
-    def backward(index, first, cols, scratch, nt):
-        _, m, p = cols.shape
+    def backward(index, first, m, scratch, nt):
+        cols = _unfold(x, window, first, m, scratch, nt)
+        p = cols.shape[2]
         dy_gemm = scratch.get("dy_gemm", (oc, m, p), x.dtype)
         dy_to_gemm(first, dy_gemm, dbias_partial[first:first + m], nt)
         dy_g = dy_gemm.reshape(groups, ocg, m * p)

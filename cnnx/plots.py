@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._geometry import positive_pair
+from .geometry import positive_pair
 from .explain import activations, layer_index, layer_names
 from .validation import check_int
 

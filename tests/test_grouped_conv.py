@@ -82,11 +82,11 @@ def test_functional_matches_the_reference(case, n, dtype, rng):
     x = rng.standard_normal((n, c, 7, 8)).astype(dtype)
     w = rng.standard_normal((oc, c // groups) + k).astype(dtype)
     b = rng.standard_normal(oc).astype(dtype)
-    dil = cnnx._geometry.int_pair(dilation)
-    span = cnnx._geometry.dilated_kernel_size(k, dil)
-    pads = cnnx._geometry.explicit_padding(padding, span, cnnx._geometry.int_pair(stride), (7, 8))
+    dil = cnnx.geometry.int_pair(dilation)
+    span = cnnx.geometry.dilated_kernel_size(k, dil)
+    pads = cnnx.geometry.explicit_padding(padding, span, cnnx.geometry.int_pair(stride), (7, 8))
     y = F.conv2d(x, w, b, stride, padding, dilation, groups)
-    expected = reference_conv2d(x, w, b, cnnx._geometry.int_pair(stride), pads, dil, groups)
+    expected = reference_conv2d(x, w, b, cnnx.geometry.int_pair(stride), pads, dil, groups)
     tol = 1e-12 if dtype == np.float64 else 1e-4
     assert y.dtype == dtype and y.shape == expected.shape
     np.testing.assert_allclose(y, expected, rtol=tol, atol=tol)
@@ -96,7 +96,7 @@ def test_functional_matches_the_reference(case, n, dtype, rng):
     g = rng.standard_normal(y.shape).astype(dtype)
     dx, dw, db = F.conv2d_backward(g, x, w, stride, padding, dilation, groups)
     rdx, rdw, rdb = reference_backward(g.astype(np.float64), x.astype(np.float64), w.astype(np.float64),
-                                       cnnx._geometry.int_pair(stride), pads, dil, groups)
+                                       cnnx.geometry.int_pair(stride), pads, dil, groups)
     for got, want in ((dx, rdx), (dw, rdw), (db, rdb)):
         assert got.dtype == dtype
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(1.0, np.abs(want).max()))

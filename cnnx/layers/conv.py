@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from .. import functional as F
-from .._geometry import dilated_kernel_size, explicit_padding, positive_pair, windowed_output_size
+from ..geometry import dilated_kernel_size, explicit_padding, positive_pair, windowed_output_size
 from ..init import check_initializer
-from ._common import (check_bool, check_dy, check_floating, check_groups, init_weight_and_bias, positive_int,
-                      store_grads)
+from ..validation import check_bool, check_dy, check_floating, check_groups, positive_int
 from .activations import FusedActivation, check_activation, check_negative_slope, compiled_rectifier
-from .base import Layer
+from .base import Layer, init_weight_and_bias, store_grads
 
 
 def canonical_padding(padding, kernel_size, stride):
@@ -86,12 +85,7 @@ class Conv2D(Layer):
         return explicit_padding(self.padding, self._span, self.stride, tuple(hw))
 
     def output_shape(self, input_shape):
-        input_shape = tuple(input_shape)
-        if len(input_shape) != 3 or input_shape[0] != self.in_channels:
-            raise ValueError(
-                f"Conv2D expected input of shape ({self.in_channels}, h, w) per sample, received: {input_shape}"
-            )
-        _, h, w = input_shape
+        _, h, w = self._sample_shape(input_shape, (self.in_channels, "h", "w"))
         (pt, pb), (pl, pr) = self.explicit_padding((h, w))
         dilated = "" if self.dilation == (1, 1) else f" (dilation {self.dilation})"
         out_h, out_w = windowed_output_size((h, w), self._span, self.stride, ((pt, pb), (pl, pr)), "Conv2D", dilated)

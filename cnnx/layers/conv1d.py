@@ -10,12 +10,11 @@ from __future__ import annotations
 import numbers
 
 from .. import functional as F
-from .._geometry import conv_output_size, explicit_padding
+from ..geometry import conv_output_size, explicit_padding
 from ..init import check_initializer
-from ._common import (check_bool, check_dy, check_floating, check_groups, init_weight_and_bias, positive_int,
-                      store_grads)
+from ..validation import check_bool, check_dy, check_floating, check_groups, positive_int
 from .activations import FusedActivation, check_activation, check_negative_slope
-from .base import Layer
+from .base import Layer, init_weight_and_bias, store_grads
 
 
 def _positive_length(value, name):
@@ -125,12 +124,7 @@ class Conv1D(Layer):
         return _explicit_pads(self.padding, self._span, self.stride, length)
 
     def output_shape(self, input_shape):
-        input_shape = tuple(input_shape)
-        if len(input_shape) != 2 or input_shape[0] != self.in_channels:
-            raise ValueError(
-                f"Conv1D expected input of shape ({self.in_channels}, length) per sample, received: {input_shape}"
-            )
-        length = input_shape[1]
+        _, length = self._sample_shape(input_shape, (self.in_channels, "length"))
         left, right = self.explicit_padding(length)
         if self._span > length + left + right:
             dilated = "" if self.dilation == 1 else f", dilation {self.dilation}"
@@ -241,12 +235,7 @@ class _Pool1D(Layer):
         return (1, self.kernel_size), (1, self.stride), ((0, 0), self.pads)
 
     def output_shape(self, input_shape):
-        input_shape = tuple(input_shape)
-        if len(input_shape) != 2:
-            raise ValueError(
-                f"{type(self).__name__} expected input of shape (c, length) per sample, received: {input_shape}"
-            )
-        c, length = input_shape
+        c, length = self._sample_shape(input_shape, ("c", "length"))
         left, right = self.pads
         if self.kernel_size > length + left + right:
             raise ValueError(
