@@ -1493,7 +1493,7 @@ cdef extern from *:
     }
 
     /* src: one (oh, out_w) plane of GEMM output; dst, code: its (ph, pw) pooled values and
-       2 * dy + dx of each window's winner (code NULL: the values alone, for inference). */
+       2 * dy + dx of each window's winner. */
     static void cnnx_pool2x2_argmax_f32(const float *src, Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw,
                                         float bias, float slope, float *dst, int *code) {
         const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
@@ -1518,8 +1518,7 @@ cdef extern from *:
                 __m512i k_top = _mm512_maskz_mov_epi32(right_top, one);
                 __m512i k_bottom = _mm512_mask_mov_epi32(two, right_bottom, three);
                 _mm512_mask_storeu_ps(dst + py * pw + px, lanes, _mm512_mask_blend_ps(take_bottom, m_top, m_bottom));
-                if (code)
-                    _mm512_mask_storeu_epi32(code + py * pw + px, lanes, _mm512_mask_blend_epi32(take_bottom, k_top, k_bottom));
+                _mm512_mask_storeu_epi32(code + py * pw + px, lanes, _mm512_mask_blend_epi32(take_bottom, k_top, k_bottom));
             }
         }
     }
@@ -1549,8 +1548,7 @@ cdef extern from *:
                 __m256i k_top = _mm256_maskz_mov_epi32(right_top, one);
                 __m256i k_bottom = _mm256_mask_mov_epi32(two, right_bottom, three);
                 _mm512_mask_storeu_pd(dst + py * pw + px, lanes, _mm512_mask_blend_pd(take_bottom, m_top, m_bottom));
-                if (code)
-                    _mm256_mask_storeu_epi32(code + py * pw + px, lanes, _mm256_mask_blend_epi32(take_bottom, k_top, k_bottom));
+                _mm256_mask_storeu_epi32(code + py * pw + px, lanes, _mm256_mask_blend_epi32(take_bottom, k_top, k_bottom));
             }
         }
     }
@@ -1626,8 +1624,62 @@ cdef extern from *:
         for (Py_ssize_t x = 0; x < (oh - 2 * ph) * out_w; ++x) out[2 * ph * out_w + x] = 0;
         return _mm512_reduce_add_pd(sum);
     }
+
+    /* Inference: each window's maximum (NaN if it holds one), then the bias and the leaky ReLU
+       once per window (both monotonic: the same values as activating the four first). */
+    static inline __m512 cnnx_window_max16(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+        __m512 m = _mm512_max_ps(_mm512_max_ps(a0, a1), _mm512_max_ps(a2, a3));
+        __mmask16 nan = _mm512_cmp_ps_mask(a0, a1, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(a2, a3, _CMP_UNORD_Q);
+        return _mm512_mask_blend_ps(nan, m, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    }
+    static void cnnx_pool2x2_max_f32(const float *src, Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw,
+                                     float bias, float slope, float *dst) {
+        const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+        const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+        const __m512 b = _mm512_set1_ps(bias), s = _mm512_set1_ps(slope);
+        for (Py_ssize_t py = 0; py < ph; ++py) {
+            const float *top = src + 2 * py * out_w, *bottom = top + out_w;
+            for (Py_ssize_t px = 0; px < pw; px += 16) {
+                Py_ssize_t n = pw - px < 16 ? pw - px : 16;
+                __mmask16 lanes = cnnx_low_bits16(n), lo = cnnx_low_bits16(2 * n), hi = cnnx_low_bits16(2 * n - 16);
+                __m512 t0 = _mm512_maskz_loadu_ps(lo, top + 2 * px), t1 = _mm512_maskz_loadu_ps(hi, top + 2 * px + 16);
+                __m512 u0 = _mm512_maskz_loadu_ps(lo, bottom + 2 * px), u1 = _mm512_maskz_loadu_ps(hi, bottom + 2 * px + 16);
+                __m512 m = cnnx_window_max16(_mm512_permutex2var_ps(t0, even, t1), _mm512_permutex2var_ps(t0, odd, t1),
+                                             _mm512_permutex2var_ps(u0, even, u1), _mm512_permutex2var_ps(u0, odd, u1));
+                _mm512_mask_storeu_ps(dst + py * pw + px, lanes, cnnx_leaky16(m, b, s));
+            }
+        }
+    }
+    static inline __m512d cnnx_window_max8(__m512d a0, __m512d a1, __m512d a2, __m512d a3) {
+        __m512d m = _mm512_max_pd(_mm512_max_pd(a0, a1), _mm512_max_pd(a2, a3));
+        __mmask8 nan = _mm512_cmp_pd_mask(a0, a1, _CMP_UNORD_Q) | _mm512_cmp_pd_mask(a2, a3, _CMP_UNORD_Q);
+        return _mm512_mask_blend_pd(nan, m, _mm512_add_pd(_mm512_add_pd(a0, a1), _mm512_add_pd(a2, a3)));
+    }
+    static void cnnx_pool2x2_max_f64(const double *src, Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw,
+                                     double bias, double slope, double *dst) {
+        const __m512i even = _mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0);
+        const __m512i odd = _mm512_set_epi64(15, 13, 11, 9, 7, 5, 3, 1);
+        const __m512d b = _mm512_set1_pd(bias), s = _mm512_set1_pd(slope);
+        for (Py_ssize_t py = 0; py < ph; ++py) {
+            const double *top = src + 2 * py * out_w, *bottom = top + out_w;
+            for (Py_ssize_t px = 0; px < pw; px += 8) {
+                Py_ssize_t n = pw - px < 8 ? pw - px : 8;
+                __mmask8 lanes = (__mmask8)cnnx_low_bits16(n), lo = (__mmask8)cnnx_low_bits16(2 * n < 8 ? 2 * n : 8);
+                __mmask8 hi = (__mmask8)cnnx_low_bits16(2 * n - 8);
+                __m512d t0 = _mm512_maskz_loadu_pd(lo, top + 2 * px), t1 = _mm512_maskz_loadu_pd(hi, top + 2 * px + 8);
+                __m512d u0 = _mm512_maskz_loadu_pd(lo, bottom + 2 * px), u1 = _mm512_maskz_loadu_pd(hi, bottom + 2 * px + 8);
+                __m512d m = cnnx_window_max8(_mm512_permutex2var_pd(t0, even, t1), _mm512_permutex2var_pd(t0, odd, t1),
+                                             _mm512_permutex2var_pd(u0, even, u1), _mm512_permutex2var_pd(u0, odd, u1));
+                _mm512_mask_storeu_pd(dst + py * pw + px, lanes, cnnx_leaky8(m, b, s));
+            }
+        }
+    }
     #else
     #define CNNX_POOL_SIMD 0
+    static void cnnx_pool2x2_max_f32(const float *src, Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw,
+                                     float bias, float slope, float *dst) {}
+    static void cnnx_pool2x2_max_f64(const double *src, Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw,
+                                     double bias, double slope, double *dst) {}
     static void cnnx_pool2x2_argmax_f32(const float *src, Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw,
                                         float bias, float slope, float *dst, int *code) {}
     static void cnnx_pool2x2_argmax_f64(const double *src, Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw,
@@ -1643,6 +1695,10 @@ cdef extern from *:
                                  float bias, float slope, float* dst, int* code) noexcept nogil
     void cnnx_pool2x2_argmax_f64(const double* src, Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw,
                                  double bias, double slope, double* dst, int* code) noexcept nogil
+    void cnnx_pool2x2_max_f32(const float* src, Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw,
+                              float bias, float slope, float* dst) noexcept nogil
+    void cnnx_pool2x2_max_f64(const double* src, Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw,
+                              double bias, double slope, double* dst) noexcept nogil
     double cnnx_unpool2x2_f32(const float* dy, const float* y, const int* code, Py_ssize_t oh, Py_ssize_t out_w,
                               Py_ssize_t ph, Py_ssize_t pw, float low, float* out) noexcept nogil
     double cnnx_unpool2x2_f64(const double* dy, const double* y, const int* code, Py_ssize_t oh, Py_ssize_t out_w,
@@ -1818,11 +1874,9 @@ def gemm_to_nchw_max_pool_2x2_vectorised(
     floating[:, :, ::1] y,
     int n_threads,
 ):
-    """``gemm_to_nchw_max_pool_2x2`` (same arguments, same values) through the AVX-512 row kernel
-    of ``gemm_to_nchw_max_pool_2x2_argmax``, keeping no argmax; a build without AVX-512 runs
-    ``gemm_to_nchw_max_pool_2x2`` itself. The activation is applied before the maximum here and
-    after it there: the same values, as a leaky ReLU with slope >= 0 and the bias are monotonic.
-    """
+    """``gemm_to_nchw_max_pool_2x2`` (same arguments, same values) with its rows in masked
+    AVX-512 chunks, as ``gemm_to_nchw_max_pool_2x2_argmax`` has them; a build without AVX-512
+    runs ``gemm_to_nchw_max_pool_2x2`` itself."""
     cdef Py_ssize_t oc = y_gemm.shape[0], g = y_gemm.shape[1], P = y_gemm.shape[2]
     cdef Py_ssize_t pw = out_w // 2
     cdef Py_ssize_t ph = P // out_w // 2 if out_w > 0 else 0
@@ -1840,6 +1894,6 @@ def gemm_to_nchw_max_pool_2x2_vectorised(
         for o in range(oc):
             b = bias[o] if has_bias else 0
             if floating is float:
-                cnnx_pool2x2_argmax_f32(&y_gemm[o, j, 0], out_w, ph, pw, b, slope, &y[first + j, o, 0], NULL)
+                cnnx_pool2x2_max_f32(&y_gemm[o, j, 0], out_w, ph, pw, b, slope, &y[first + j, o, 0])
             else:
-                cnnx_pool2x2_argmax_f64(&y_gemm[o, j, 0], out_w, ph, pw, b, slope, &y[first + j, o, 0], NULL)
+                cnnx_pool2x2_max_f64(&y_gemm[o, j, 0], out_w, ph, pw, b, slope, &y[first + j, o, 0])
