@@ -1711,6 +1711,16 @@ cdef inline floating _leaky(floating v, floating slope) noexcept nogil:
     return v if v > 0 else scaled
 
 
+cdef inline bint _pool_rows_need_chunks(Py_ssize_t pw) noexcept nogil:
+    """Whether the pooled training kernels run their masked AVX-512 chunks for rows of ``pw``
+    windows: only where the loops cannot cover a row with whole vectors (``pw`` not a multiple of
+    8). Measured on single kernel calls, the chunks won everywhere but at 8 windows (forward
+    (64, 16, 16 x 16): 57 us as loops, 61 us in chunks; (16, 16, 28 x 28): 51 -> 28 us; backward
+    (32, 16, 32 x 32): 126 -> 40 us), yet whole seed-cifar training steps (rows of 16 and 8
+    windows) took 7 % more CPU time with them, seed-mnist and lenet5 (14 and 5) 7-8 % less."""
+    return pw % 8 != 0
+
+
 def gemm_to_nchw_max_pool_2x2_argmax(
     const floating[:, :, ::1] y_gemm,
     const floating[::1] bias,
@@ -1757,11 +1767,7 @@ def gemm_to_nchw_max_pool_2x2_argmax(
             or pair_max.shape[0] < g or pair_arg.shape[0] < g or pair_max.shape[1] < oh * pw
             or pair_arg.shape[1] < oh * pw):
         raise ValueError("gemm_to_nchw_max_pool_2x2_argmax: output, scratch or bias too small for the GEMM result")
-    # The masked chunks, except for rows of 16 k + 8 windows: their tail is one 8-lane vector,
-    # which the loops below run as well (measured on one (64, 16, 16 x 16) GEMM output: 57 us as
-    # loops, 61 us in chunks). Elsewhere the chunks won: (32, 16, 32 x 32) 70 -> 63 us, and the
-    # 14-window rows of a 28-wide output, which ran scalar in the loops, (16, 16, 28 x 28) 51 -> 28 us.
-    if CNNX_POOL_SIMD and pw % 16 != 8:
+    if CNNX_POOL_SIMD and _pool_rows_need_chunks(pw):
         for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
             for o in range(oc):
                 b = bias[o] if has_bias else 0
@@ -1835,7 +1841,7 @@ def max_pool_2x2_argmax_to_gemm(
     derivative[1] = 1
     if g == 0 or oc == 0:
         return
-    if CNNX_POOL_SIMD and P > 0 and ph * pw > 0:
+    if CNNX_POOL_SIMD and P > 0 and ph * pw > 0 and _pool_rows_need_chunks(pw):
         if (dy.shape[0] < first + g or y.shape[0] < first + g or argmax.shape[0] < first + g or dy.shape[1] < oc
                 or y.shape[1] < oc or argmax.shape[1] < oc or dy.shape[2] < ph * pw or y.shape[2] < ph * pw
                 or argmax.shape[2] < ph * pw or dbias_partial.shape[0] < g or dbias_partial.shape[1] < oc):
