@@ -1721,6 +1721,47 @@ cdef inline bint _pool_rows_need_chunks(Py_ssize_t pw) noexcept nogil:
     return pw % 8 != 0
 
 
+# The AVX-512 paths of the two kernels below, each its own function, so that the kernels' own
+# loops (still run for rows of 8k windows and without AVX-512) compile as they did without them.
+cdef void _pool_argmax_in_chunks(const floating[:, :, ::1] y_gemm, const floating[::1] bias, bint has_bias,
+                                 floating slope, Py_ssize_t first, Py_ssize_t out_w, floating[:, :, ::1] y,
+                                 int[:, :, ::1] argmax, int n_threads) noexcept:
+    cdef Py_ssize_t oc = y_gemm.shape[0], g = y_gemm.shape[1], P = y_gemm.shape[2]
+    cdef Py_ssize_t pw = out_w // 2
+    cdef Py_ssize_t ph = P // out_w // 2
+    cdef Py_ssize_t j, o
+    cdef floating b
+    for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
+        for o in range(oc):
+            b = bias[o] if has_bias else 0
+            if floating is float:
+                cnnx_pool2x2_argmax_f32(&y_gemm[o, j, 0], out_w, ph, pw, b, slope, &y[first + j, o, 0],
+                                        &argmax[first + j, o, 0])
+            else:
+                cnnx_pool2x2_argmax_f64(&y_gemm[o, j, 0], out_w, ph, pw, b, slope, &y[first + j, o, 0],
+                                        &argmax[first + j, o, 0])
+
+
+cdef void _unpool_in_chunks(const floating[:, :, ::1] dy, const floating[:, :, ::1] y, const int[:, :, ::1] argmax,
+                            floating low, Py_ssize_t first, Py_ssize_t out_w, floating[:, :, ::1] dy_gemm,
+                            double[:, ::1] dbias_partial, int n_threads) noexcept:
+    cdef Py_ssize_t oc = dy_gemm.shape[0], g = dy_gemm.shape[1], P = dy_gemm.shape[2]
+    cdef Py_ssize_t pw = out_w // 2
+    cdef Py_ssize_t oh = P // out_w
+    cdef Py_ssize_t ph = oh // 2
+    cdef Py_ssize_t j, o
+    for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
+        for o in range(oc):
+            if floating is float:
+                dbias_partial[j, o] = cnnx_unpool2x2_f32(&dy[first + j, o, 0], &y[first + j, o, 0],
+                                                         &argmax[first + j, o, 0], oh, out_w, ph, pw, low,
+                                                         &dy_gemm[o, j, 0])
+            else:
+                dbias_partial[j, o] = cnnx_unpool2x2_f64(&dy[first + j, o, 0], &y[first + j, o, 0],
+                                                         &argmax[first + j, o, 0], oh, out_w, ph, pw, low,
+                                                         &dy_gemm[o, j, 0])
+
+
 def gemm_to_nchw_max_pool_2x2_argmax(
     const floating[:, :, ::1] y_gemm,
     const floating[::1] bias,
@@ -1768,15 +1809,7 @@ def gemm_to_nchw_max_pool_2x2_argmax(
             or pair_arg.shape[1] < oh * pw):
         raise ValueError("gemm_to_nchw_max_pool_2x2_argmax: output, scratch or bias too small for the GEMM result")
     if CNNX_POOL_SIMD and _pool_rows_need_chunks(pw):
-        for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
-            for o in range(oc):
-                b = bias[o] if has_bias else 0
-                if floating is float:
-                    cnnx_pool2x2_argmax_f32(&y_gemm[o, j, 0], out_w, ph, pw, b, slope, &y[first + j, o, 0],
-                                            &argmax[first + j, o, 0])
-                else:
-                    cnnx_pool2x2_argmax_f64(&y_gemm[o, j, 0], out_w, ph, pw, b, slope, &y[first + j, o, 0],
-                                            &argmax[first + j, o, 0])
+        _pool_argmax_in_chunks(y_gemm, bias, has_bias, slope, first, out_w, y, argmax, n_threads)
         return
     for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
         hm = &pair_max[j, 0]
@@ -1846,16 +1879,7 @@ def max_pool_2x2_argmax_to_gemm(
                 or y.shape[1] < oc or argmax.shape[1] < oc or dy.shape[2] < ph * pw or y.shape[2] < ph * pw
                 or argmax.shape[2] < ph * pw or dbias_partial.shape[0] < g or dbias_partial.shape[1] < oc):
             raise ValueError("max_pool_2x2_argmax_to_gemm: dy, y, argmax or dbias_partial too small for dy_gemm")
-        for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
-            for o in range(oc):
-                if floating is float:
-                    dbias_partial[j, o] = cnnx_unpool2x2_f32(&dy[first + j, o, 0], &y[first + j, o, 0],
-                                                             &argmax[first + j, o, 0], P // out_w, out_w, ph, pw,
-                                                             derivative[0], &dy_gemm[o, j, 0])
-                else:
-                    dbias_partial[j, o] = cnnx_unpool2x2_f64(&dy[first + j, o, 0], &y[first + j, o, 0],
-                                                             &argmax[first + j, o, 0], P // out_w, out_w, ph, pw,
-                                                             derivative[0], &dy_gemm[o, j, 0])
+        _unpool_in_chunks(dy, y, argmax, derivative[0], first, out_w, dy_gemm, dbias_partial, n_threads)
         return
     for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
         for o in range(oc):
