@@ -16,7 +16,7 @@ scatters (col2im, pooling backward) never race and results do not depend on the 
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport INFINITY
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 ctypedef long long int64
 
@@ -220,6 +220,12 @@ cdef inline (Py_ssize_t, Py_ssize_t) _window(Py_ssize_t o, Py_ssize_t stride, Py
     return lo, (hi if hi > lo else lo)
 
 
+cdef inline void _zero_plane(floating[:, :, :, ::1] a, Py_ssize_t img, Py_ssize_t ch) noexcept nogil:
+    """``a[img, ch] = 0``: the plane a scatter (a backward, col2im) adds into, cleared first."""
+    if a.shape[2] > 0 and a.shape[3] > 0:
+        memset(&a[img, ch, 0, 0], 0, a.shape[2] * a.shape[3] * sizeof(floating))
+
+
 cdef inline bint _takes(floating v, floating best) noexcept nogil:
     """Whether ``v`` replaces the running maximum: larger, or the first NaN (NaN propagates)."""
     return (v > best) | ((v != v) & (best == best))
@@ -394,9 +400,7 @@ def avg_pool2d_backward(
     for plane in prange(n * c, nogil=True, schedule="static", num_threads=n_threads):
         img = plane // c
         ch = plane % c
-        for iy in range(h):
-            for ix in range(w):
-                dx[img, ch, iy, ix] = 0
+        _zero_plane(dx, img, ch)
         for oy in range(out_h):
             y_lo, y_hi = _window(oy, sy, pad_top, kh, h)
             for ox in range(out_w):
@@ -561,18 +565,27 @@ cdef inline int _chunks(Py_ssize_t n, int n_threads) noexcept nogil:
 
 cdef void _in_chunks(
     void (*kernel)(floating*, const Operands*, Py_ssize_t, Py_ssize_t) noexcept nogil,
-    floating* out,
+    floating[::1] out,
     const Operands* operands,
-    Py_ssize_t n,
     int n_threads,
-) noexcept nogil:
-    """Run ``kernel(out, operands, lo, hi)`` over elements ``[0, n)`` cut into one contiguous chunk
-    per thread (``_chunks``), chunk edges on 64-byte lines (``cnnx_chunk_edge``), so two threads
-    never write the same cache line. Each kernel is a plain loop over ``[lo, hi)`` that the
-    compiler vectorises; called once per chunk, the pointer costs nothing per element."""
+):
+    """Run ``kernel(&out[0], operands, lo, hi)`` over the elements ``[0, len(out))`` cut into one
+    contiguous chunk per thread (``_chunks``), chunk edges on 64-byte lines (``cnnx_chunk_edge``),
+    so two threads never write the same cache line. Each kernel is a plain loop over ``[lo, hi)``
+    that the compiler vectorises; called once per chunk, the pointer costs nothing per element."""
+    cdef Py_ssize_t n = out.shape[0]
     cdef int t, nt = _chunks(n, n_threads)
-    for t in prange(nt, schedule="static", num_threads=nt):
-        kernel(out, operands, cnnx_chunk_edge(n, t, nt), cnnx_chunk_edge(n, t + 1, nt))
+    cdef floating* dst
+    if n == 0:
+        return
+    dst = &out[0]
+    for t in prange(nt, nogil=True, schedule="static", num_threads=nt):
+        kernel(dst, operands, cnnx_chunk_edge(n, t, nt), cnnx_chunk_edge(n, t + 1, nt))
+
+
+cdef inline void* _address(const floating[::1] a):
+    """The address of ``a[0]`` for an ``Operands`` field (NULL when ``a`` is empty)."""
+    return <void*>&a[0] if a.shape[0] > 0 else NULL
 
 
 cdef void _leaky_relu_chunk(floating* y, const Operands* o, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
@@ -600,12 +613,9 @@ def leaky_relu_forward(
 ):
     """``y = x if x > 0 else negative_slope * x`` (slope 0 gives ReLU); ``y`` may be ``x``."""
     cdef Operands o
-    if x.shape[0] == 0:
-        return
-    o.x = &x[0]
+    o.x = _address(x)
     o.negative_slope = negative_slope
-    with nogil:
-        _in_chunks(_leaky_relu_chunk[floating], &y[0], &o, x.shape[0], n_threads)
+    _in_chunks(_leaky_relu_chunk[floating], y, &o, n_threads)
 
 
 cdef void _leaky_relu_grad_chunk(floating* dx, const Operands* o, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
@@ -630,47 +640,38 @@ def leaky_relu_backward(
     """``dx = dy if ref > 0 else negative_slope * dy``; ``ref`` is the output (slope >= 0) or the
     input (any slope). ``dx`` may be ``dy``."""
     cdef Operands o
-    if dy.shape[0] == 0:
-        return
-    o.x = &dy[0]
-    o.other = &ref[0]
+    o.x = _address(dy)
+    o.other = _address(ref)
     o.negative_slope = negative_slope
-    with nogil:
-        _in_chunks(_leaky_relu_grad_chunk[floating], &dx[0], &o, dy.shape[0], n_threads)
+    _in_chunks(_leaky_relu_grad_chunk[floating], dx, &o, n_threads)
 
 
-cdef void _sigmoid_chunk(floating* y, const Operands* o, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+cdef void _sigmoid_or_tanh_chunk(floating* y, const Operands* o, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
     cdef const floating* x = <const floating*>o.x
     cdef Py_ssize_t i
-    for i in range(lo, hi):
-        y[i] = <floating>cnnx_sigmoid(x[i])
+    if o.is_tanh:
+        for i in range(lo, hi):
+            y[i] = <floating>cnnx_tanh(x[i])
+    else:
+        for i in range(lo, hi):
+            y[i] = <floating>cnnx_sigmoid(x[i])
+
+
+cdef _sigmoid_or_tanh(const floating[::1] x, bint is_tanh, floating[::1] y, int n_threads):
+    cdef Operands o
+    o.x = _address(x)
+    o.is_tanh = is_tanh
+    _in_chunks(_sigmoid_or_tanh_chunk[floating], y, &o, n_threads)
 
 
 def sigmoid_forward(const floating[::1] x, floating[::1] y, int n_threads):
     """``y = 1 / (1 + exp(-x))`` without overflow, in double precision; ``y`` may be ``x``."""
-    cdef Operands o
-    if x.shape[0] == 0:
-        return
-    o.x = &x[0]
-    with nogil:
-        _in_chunks(_sigmoid_chunk[floating], &y[0], &o, x.shape[0], n_threads)
-
-
-cdef void _tanh_chunk(floating* y, const Operands* o, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
-    cdef const floating* x = <const floating*>o.x
-    cdef Py_ssize_t i
-    for i in range(lo, hi):
-        y[i] = <floating>cnnx_tanh(x[i])
+    _sigmoid_or_tanh(x, False, y, n_threads)
 
 
 def tanh_forward(const floating[::1] x, floating[::1] y, int n_threads):
     """``y = tanh(x)`` (in double precision); ``y`` may be ``x``."""
-    cdef Operands o
-    if x.shape[0] == 0:
-        return
-    o.x = &x[0]
-    with nogil:
-        _in_chunks(_tanh_chunk[floating], &y[0], &o, x.shape[0], n_threads)
+    _sigmoid_or_tanh(x, True, y, n_threads)
 
 
 cdef void _sigmoid_tanh_grad_chunk(floating* dx, const Operands* o, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
@@ -697,13 +698,10 @@ def sigmoid_tanh_backward(
 ):
     """From the output ``y``: ``dx = dy (1 - y^2)`` (tanh) or ``dx = dy y (1 - y)`` (sigmoid)."""
     cdef Operands o
-    if dy.shape[0] == 0:
-        return
-    o.x = &dy[0]
-    o.other = &y[0]
+    o.x = _address(dy)
+    o.other = _address(y)
     o.is_tanh = is_tanh
-    with nogil:
-        _in_chunks(_sigmoid_tanh_grad_chunk[floating], &dx[0], &o, dy.shape[0], n_threads)
+    _in_chunks(_sigmoid_tanh_grad_chunk[floating], dx, &o, n_threads)
 
 
 cdef double _SQRT_HALF = 0.70710678118654752440
@@ -762,13 +760,10 @@ cdef void _gelu_chunk(floating* out, const Operands* o, Py_ssize_t lo, Py_ssize_
 def gelu_forward(const floating[::1] x, bint approximate_tanh, floating[::1] y, int n_threads):
     """``y = x Phi(x)`` (erf form) or the tanh approximation, in double precision."""
     cdef Operands o
-    if x.shape[0] == 0:
-        return
-    o.x = &x[0]
+    o.x = _address(x)
     o.approximate_tanh = approximate_tanh
     o.gradient = False
-    with nogil:
-        _in_chunks(_gelu_chunk[floating], &y[0], &o, x.shape[0], n_threads)
+    _in_chunks(_gelu_chunk[floating], y, &o, n_threads)
 
 
 def gelu_backward(
@@ -780,14 +775,11 @@ def gelu_backward(
 ):
     """``dx = dy * gelu'(x)``."""
     cdef Operands o
-    if dy.shape[0] == 0:
-        return
-    o.x = &dy[0]
-    o.other = &x[0]
+    o.x = _address(dy)
+    o.other = _address(x)
     o.approximate_tanh = approximate_tanh
     o.gradient = True
-    with nogil:
-        _in_chunks(_gelu_chunk[floating], &dx[0], &o, dy.shape[0], n_threads)
+    _in_chunks(_gelu_chunk[floating], dx, &o, n_threads)
 
 
 cdef void _dropout_chunk(floating* y, const Operands* o, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
@@ -818,15 +810,12 @@ def dropout_forward(
     ``cnnx_draw24(seed, i)`` is at least ``ceil(p * 2^24)`` (probability ``p`` to 2^-24);
     ``mask = keep / (1 - p)``, ``y = x * mask``."""
     cdef Operands o
-    if x.shape[0] == 0:
-        return
-    o.x = &x[0]
-    o.state = &mask[0]
+    o.x = _address(x)
+    o.state = _address(mask)
     o.seed = seed
     o.threshold = <uint32_t>ceil(p * 16777216.0)
     o.scale = 1.0 / (1.0 - p)
-    with nogil:
-        _in_chunks(_dropout_chunk[floating], &y[0], &o, x.shape[0], n_threads)
+    _in_chunks(_dropout_chunk[floating], y, &o, n_threads)
 
 
 cdef void _multiply_chunk(floating* out, const Operands* o, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
@@ -840,12 +829,9 @@ cdef void _multiply_chunk(floating* out, const Operands* o, Py_ssize_t lo, Py_ss
 def multiply(const floating[::1] a, const floating[::1] b, floating[::1] out, int n_threads):
     """``out = a * b`` elementwise (dropout's backward); ``out`` may be ``a`` or ``b``."""
     cdef Operands o
-    if a.shape[0] == 0:
-        return
-    o.x = &a[0]
-    o.other = &b[0]
-    with nogil:
-        _in_chunks(_multiply_chunk[floating], &out[0], &o, a.shape[0], n_threads)
+    o.x = _address(a)
+    o.other = _address(b)
+    _in_chunks(_multiply_chunk[floating], out, &o, n_threads)
 
 
 # --- optimizers (PyTorch's single-tensor equations, one pass over param, grad and state) ---------
@@ -888,18 +874,15 @@ def sgd_step(
     (``buf = d`` when ``first``) and ``d = d + mu buf`` (Nesterov) or ``buf``; ``p -= lr d``.
     ``momentum_buffer`` is not read or written when ``momentum`` is 0."""
     cdef Operands o
-    if param.shape[0] == 0:
-        return
-    o.x = &grad[0]
-    o.state = &momentum_buffer[0] if momentum != 0 else NULL
+    o.x = _address(grad)
+    o.state = _address(momentum_buffer) if momentum != 0 else NULL
     o.lr = lr
     o.momentum = momentum
     o.damp_keep = 1.0 - dampening
     o.weight_decay = weight_decay
     o.nesterov = nesterov
     o.first = first
-    with nogil:
-        _in_chunks(_sgd_chunk[floating], &param[0], &o, param.shape[0], n_threads)
+    _in_chunks(_sgd_chunk[floating], param, &o, n_threads)
 
 
 cdef void _adam_chunk(floating* p, const Operands* o, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
@@ -944,11 +927,9 @@ def adam_step(
     ``p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``.
     """
     cdef Operands o
-    if param.shape[0] == 0:
-        return
-    o.x = &grad[0]
-    o.state = &exp_avg[0]
-    o.state2 = &exp_avg_sq[0]
+    o.x = _address(grad)
+    o.state = _address(exp_avg)
+    o.state2 = _address(exp_avg_sq)
     o.decay_keep = 1.0 - lr * weight_decay if decoupled else 1.0
     o.weight_decay = 0.0 if decoupled else weight_decay
     o.one_minus_beta1 = 1.0 - beta1
@@ -957,8 +938,7 @@ def adam_step(
     o.bc2_sqrt = sqrt(1.0 - beta2 ** step)
     o.eps = eps
     o.step_size = lr / (1.0 - beta1 ** step)
-    with nogil:
-        _in_chunks(_adam_chunk[floating], &param[0], &o, param.shape[0], n_threads)
+    _in_chunks(_adam_chunk[floating], param, &o, n_threads)
 
 
 # --- softmax cross-entropy (value and gradient in one pass over the logits) ---------------------
@@ -1130,14 +1110,10 @@ def channel_dot_sums(
     cdef double total, dot
     if c == 0:
         return
-    if n == 0 or L == 0:
-        sum_dy[:] = 0
-        sum_dy_other[:] = 0
-        return
     for ch in prange(c, nogil=True, schedule="static", num_threads=n_threads):
         total = 0
         dot = 0
-        for img in range(n):
+        for img in range(n if L > 0 else 0):  # (no element to address when L == 0)
             _sum_and_dot(&dy[img, ch, 0], &other[img, ch, 0], L, &total, &dot)
         sum_dy[ch] = total
         sum_dy_other[ch] = dot
@@ -1230,7 +1206,8 @@ cdef struct Geometry:
 
 cdef struct TapRange:
     # For one kernel tap: the output rows [oy_lo, oy_hi) and columns [ox_lo, ox_hi) whose input
-    # position (oy * sy + row0, ox * sx + col0) lies inside the image (empty: lo == hi).
+    # position (oy * sy + row0, ox * sx + col0) lies inside the image. When no column does, the
+    # row range is empty too, so a loop over the rows is all a kernel needs.
     Py_ssize_t oy_lo, oy_hi, ox_lo, ox_hi, row0, col0
 
 
@@ -1252,6 +1229,8 @@ cdef inline TapRange _tap_range(Py_ssize_t ki, Py_ssize_t kj, const Geometry* g)
     t.col0 = kj * g.dil_x - g.pad_left
     t.oy_lo, t.oy_hi = _inside(g.out_h, g.sy, t.row0, g.h)
     t.ox_lo, t.ox_hi = _inside(g.out_w, g.sx, t.col0, g.w)
+    if t.ox_lo == t.ox_hi:
+        t.oy_hi = t.oy_lo  # no column inside the image: the tap reads no row either
     return t
 
 
@@ -1326,7 +1305,7 @@ def im2col_dilated(
                     t = _tap_range(ki, kj, &geo)
                     for oy in range(out_h):
                         dst = &cols[(ci * kh + ki) * kw + kj, j, oy * out_w]
-                        if oy < t.oy_lo or oy >= t.oy_hi or t.ox_lo == t.ox_hi:
+                        if oy < t.oy_lo or oy >= t.oy_hi:
                             for ox in range(out_w):
                                 dst[ox] = 0
                             continue
@@ -1360,21 +1339,17 @@ def col2im_dilated(
     cdef Py_ssize_t g = cols.shape[1]
     cdef Py_ssize_t c = x.shape[1], h = x.shape[2], w = x.shape[3]
     cdef Geometry geo = Geometry(h, w, out_h, out_w, sy, sx, dil_y, dil_x, pad_top, pad_left)
-    cdef Py_ssize_t j, img, ci, ki, kj, oy, yy, xx
+    cdef Py_ssize_t j, img, ci, ki, kj, oy
     cdef TapRange t
     if g == 0:
         return
     for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
         img = first + j
         for ci in range(c):
-            for yy in range(h):
-                for xx in range(w):
-                    x[img, ci, yy, xx] = 0
+            _zero_plane(x, img, ci)
             for ki in range(kh):
                 for kj in range(kw):
                     t = _tap_range(ki, kj, &geo)
-                    if t.ox_lo == t.ox_hi:
-                        continue
                     for oy in range(t.oy_lo, t.oy_hi):
                         _add_scaled_row(&x[img, ci, oy * sy + t.row0, t.ox_lo * sx + t.col0], sx,
                                         &cols[(ci * kh + ki) * kw + kj, j, oy * out_w + t.ox_lo], 1, 1,
@@ -1429,8 +1404,6 @@ def depthwise_conv2d(
         for ki in range(kh):
             for kj in range(kw):
                 t = _tap_range(ki, kj, &geo)
-                if t.ox_lo == t.ox_hi:
-                    continue
                 wv = weight[o, 0, ki, kj]
                 for oy in range(t.oy_lo, t.oy_hi):
                     _add_scaled_row(&y[img, o, oy, t.ox_lo], 1, &x[img, ci, oy * sy + t.row0, t.ox_lo * sx + t.col0],
@@ -1468,7 +1441,7 @@ def depthwise_conv2d_backward(
     cdef Py_ssize_t kh = weight.shape[2], kw = weight.shape[3]
     cdef Py_ssize_t mult = oc // c if c > 0 else 1
     cdef Geometry geo = Geometry(h, w, out_h, out_w, sy, sx, dil_y, dil_x, pad_top, pad_left)
-    cdef Py_ssize_t plane, img, o, ci, m, ki, kj, oy, ox, iy, ix
+    cdef Py_ssize_t plane, img, o, ci, m, ki, kj, oy, ox
     cdef TapRange t
     cdef floating acc
     cdef double bacc
@@ -1488,10 +1461,9 @@ def depthwise_conv2d_backward(
             for kj in range(kw):
                 t = _tap_range(ki, kj, &geo)
                 acc = 0
-                if t.ox_lo < t.ox_hi:
-                    for oy in range(t.oy_lo, t.oy_hi):
-                        acc = _dot_row(acc, &dz[img, o, oy, t.ox_lo], &x[img, ci, oy * sy + t.row0, t.ox_lo * sx + t.col0],
-                                       sx, t.ox_hi - t.ox_lo)
+                for oy in range(t.oy_lo, t.oy_hi):
+                    acc = _dot_row(acc, &dz[img, o, oy, t.ox_lo], &x[img, ci, oy * sy + t.row0, t.ox_lo * sx + t.col0],
+                                   sx, t.ox_hi - t.ox_lo)
                 dweight_partial[img, o, ki * kw + kj] = acc
     if not need_dx:
         return
@@ -1499,16 +1471,12 @@ def depthwise_conv2d_backward(
     for plane in prange(n * c, nogil=True, schedule="static", num_threads=n_threads):
         img = plane // c
         ci = plane % c
-        for iy in range(h):
-            for ix in range(w):
-                dx[img, ci, iy, ix] = 0
+        _zero_plane(dx, img, ci)
         for m in range(mult):
             o = ci * mult + m
             for ki in range(kh):
                 for kj in range(kw):
                     t = _tap_range(ki, kj, &geo)
-                    if t.ox_lo == t.ox_hi:
-                        continue
                     for oy in range(t.oy_lo, t.oy_hi):
                         _add_scaled_row(&dx[img, ci, oy * sy + t.row0, t.ox_lo * sx + t.col0], sx,
                                         &dz[img, o, oy, t.ox_lo], 1, weight[o, 0, ki, kj], t.ox_hi - t.ox_lo)
