@@ -209,15 +209,128 @@ def nchw_to_gemm(
             dbias_partial[j, o] = acc
 
 
-cdef inline (Py_ssize_t, Py_ssize_t) _window(Py_ssize_t o, Py_ssize_t stride, Py_ssize_t pad, Py_ssize_t k,
+# --- a kernel's taps (convolutions, im2col / col2im, the average pool) ------------------------
+# A kernel tap (ki, kj) reads input row oy * sy - pad_top + ki * dil_y and column
+# ox * sx - pad_left + kj * dil_x for output (oy, ox). ``_tap_range`` gives the output rows and
+# columns for which that lies inside the image, so padding costs no test in the loops, and each
+# output row's run is one call of a row helper: a plain pointer loop the compiler vectorises for
+# unit stride. Walking tap by tap (rather than output by output) also makes the average pool a
+# sum of shifted planes, vectorised like the depthwise convolution.
+
+cdef struct Geometry:
+    # A convolution's geometry: input plane h x w, output plane out_h x out_w, strides,
+    # dilations and the leading (top / left) padding.
+    Py_ssize_t h, w, out_h, out_w, sy, sx, dil_y, dil_x, pad_top, pad_left
+
+
+cdef struct TapRange:
+    # For one kernel tap: the output rows [oy_lo, oy_hi) and columns [ox_lo, ox_hi) whose input
+    # position (oy * sy + row0, ox * sx + col0) lies inside the image. When no column does, the
+    # row range is empty too, so a loop over the rows is all a kernel needs.
+    Py_ssize_t oy_lo, oy_hi, ox_lo, ox_hi, row0, col0
+
+
+cdef inline (Py_ssize_t, Py_ssize_t) _inside(Py_ssize_t n_out, Py_ssize_t stride, Py_ssize_t offset,
                                              Py_ssize_t size) noexcept nogil:
-    """The input indices ``[lo, hi)`` of output ``o``'s pooling window (``o * stride - pad + tap``
-    for ``tap < k``) that lie inside the input's ``size`` elements; the taps in the padding are
-    left out, so the window loops need no bounds test."""
-    cdef Py_ssize_t start = o * stride - pad
-    cdef Py_ssize_t lo = 0 if start < 0 else start
-    cdef Py_ssize_t hi = start + k if start + k < size else size
-    return lo, (hi if hi > lo else lo)
+    """The outputs ``[lo, hi)`` of ``range(n_out)`` whose input index ``o * stride + offset`` lies in
+    ``[0, size)``: the ones before and after read the padding."""
+    cdef Py_ssize_t lo = (-offset + stride - 1) // stride if offset < 0 else 0
+    cdef Py_ssize_t hi = (size - offset + stride - 1) // stride if size > offset else 0
+    hi = n_out if hi > n_out else hi
+    lo = hi if lo > hi else lo
+    return lo, hi
+
+
+cdef inline TapRange _tap_range(Py_ssize_t ki, Py_ssize_t kj, const Geometry* g) noexcept nogil:
+    """Where tap ``(ki, kj)`` reads inside the image (see ``TapRange``)."""
+    cdef TapRange t
+    t.row0 = ki * g.dil_y - g.pad_top
+    t.col0 = kj * g.dil_x - g.pad_left
+    t.oy_lo, t.oy_hi = _inside(g.out_h, g.sy, t.row0, g.h)
+    t.ox_lo, t.ox_hi = _inside(g.out_w, g.sx, t.col0, g.w)
+    if t.ox_lo == t.ox_hi:
+        t.oy_hi = t.oy_lo  # no column inside the image: the tap reads no row either
+    return t
+
+
+cdef inline void _gather_row(floating* dst, const floating* src, Py_ssize_t step, Py_ssize_t n) noexcept nogil:
+    """``dst[i] = src[i * step]`` for ``i < n``: one ``memcpy`` for unit step."""
+    cdef Py_ssize_t i
+    if step == 1:
+        memcpy(dst, src, n * sizeof(floating))
+    else:
+        for i in range(n):
+            dst[i] = src[i * step]
+
+
+cdef inline void _add_scaled_row(floating* dst, Py_ssize_t dst_step, const floating* src, Py_ssize_t src_step,
+                                 floating scale, Py_ssize_t n) noexcept nogil:
+    """``dst[i * dst_step] += scale * src[i * src_step]`` for ``i < n`` (a scale of 1 adds exactly).
+    One step is 1 wherever it is called; the all-unit case is the loop the compiler vectorises."""
+    cdef Py_ssize_t i
+    if dst_step == 1 and src_step == 1:
+        for i in range(n):
+            dst[i] += scale * src[i]
+    else:
+        for i in range(n):
+            dst[i * dst_step] += scale * src[i * src_step]
+
+
+cdef inline floating _dot_row(floating acc, const floating* a, const floating* b, Py_ssize_t b_step,
+                              Py_ssize_t n) noexcept nogil:
+    """``acc + sum_i a[i] * b[i * b_step]``, added in order (the same result for any thread count)."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        acc = acc + a[i] * b[i * b_step]
+    return acc
+
+
+cdef inline const floating* _plane(const floating[:, :, :, ::1] a, Py_ssize_t img, Py_ssize_t ch) noexcept nogil:
+    """The address of plane ``a[img, ch]`` (NULL when the plane is empty: no tap reads it then)."""
+    return &a[img, ch, 0, 0] if a.shape[2] > 0 and a.shape[3] > 0 else NULL
+
+
+cdef inline void _tap_gather_add(floating* outputs, const floating* image, floating scale, const TapRange* t,
+                                 const Geometry* g) noexcept nogil:
+    """``outputs[oy, ox] += scale * image[oy * sy + row0, ox * sx + col0]`` over the tap's rows and
+    columns inside the image (``outputs`` is an ``out_h x out_w`` plane, ``image`` an ``h x w``
+    one): a tap's share of a depthwise convolution or an average pool."""
+    cdef Py_ssize_t oy
+    for oy in range(t.oy_lo, t.oy_hi):
+        _add_scaled_row(outputs + oy * g.out_w + t.ox_lo, 1,
+                        image + (oy * g.sy + t.row0) * g.w + t.ox_lo * g.sx + t.col0, g.sx, scale, t.ox_hi - t.ox_lo)
+
+
+cdef inline void _tap_scatter_add(floating* image, const floating* outputs, floating scale, const TapRange* t,
+                                  const Geometry* g) noexcept nogil:
+    """The adjoint of ``_tap_gather_add``: ``image[oy * sy + row0, ox * sx + col0] += scale *
+    outputs[oy, ox]`` (col2im, the depthwise input gradient, the average pool's backward)."""
+    cdef Py_ssize_t oy
+    for oy in range(t.oy_lo, t.oy_hi):
+        _add_scaled_row(image + (oy * g.sy + t.row0) * g.w + t.ox_lo * g.sx + t.col0, g.sx,
+                        outputs + oy * g.out_w + t.ox_lo, 1, scale, t.ox_hi - t.ox_lo)
+
+
+cdef inline floating _tap_dot(const floating* outputs, const floating* image, const TapRange* t,
+                              const Geometry* g) noexcept nogil:
+    """``sum outputs[oy, ox] * image[oy * sy + row0, ox * sx + col0]`` over the tap's rows and
+    columns inside the image, added in order (a depthwise weight's gradient)."""
+    cdef Py_ssize_t oy
+    cdef floating acc = 0
+    for oy in range(t.oy_lo, t.oy_hi):
+        acc = _dot_row(acc, outputs + oy * g.out_w + t.ox_lo,
+                       image + (oy * g.sy + t.row0) * g.w + t.ox_lo * g.sx + t.col0, g.sx, t.ox_hi - t.ox_lo)
+    return acc
+
+
+# --- pooling ---------------------------------------------------------------------------------
+
+cdef inline bint _in_window_bounds(Py_ssize_t i, Py_ssize_t size) noexcept nogil:
+    """Whether input index ``i`` of a max-pool window (``o * stride - pad + tap``) lies inside the
+    input's ``size`` elements rather than in the padding, which the pool skips. One unsigned
+    comparison (a negative ``i`` wraps to a huge value). The max pool walks each window in
+    order (its first maximum wins); the average pool walks the taps instead (``_tap_range``)."""
+    return <size_t>i < <size_t>size
 
 
 cdef inline void _zero_plane(floating[:, :, :, ::1] a, Py_ssize_t img, Py_ssize_t ch) noexcept nogil:
@@ -252,7 +365,7 @@ def max_pool2d(
     """
     cdef Py_ssize_t n = x.shape[0], c = x.shape[1], h = x.shape[2], w = x.shape[3]
     cdef Py_ssize_t out_h = y.shape[2], out_w = y.shape[3]
-    cdef Py_ssize_t plane, img, ch, oy, ox, iy, ix, best_idx, y0, x0, y_lo, y_hi, x_lo, x_hi
+    cdef Py_ssize_t plane, img, ch, oy, ox, ki, kj, iy, ix, best_idx, y0, x0
     cdef floating v, best, a, b, c2, d
     cdef Py_ssize_t k
     cdef bint take
@@ -295,13 +408,19 @@ def max_pool2d(
         img = plane // c
         ch = plane % c
         for oy in range(out_h):
-            y_lo, y_hi = _window(oy, sy, pad_top, kh, h)
+            y0 = oy * sy - pad_top
             for ox in range(out_w):
-                x_lo, x_hi = _window(ox, sx, pad_left, kw, w)
+                x0 = ox * sx - pad_left
                 best = -INFINITY
                 best_idx = -1
-                for iy in range(y_lo, y_hi):
-                    for ix in range(x_lo, x_hi):
+                for ki in range(kh):
+                    iy = y0 + ki
+                    if not _in_window_bounds(iy, h):
+                        continue
+                    for kj in range(kw):
+                        ix = x0 + kj
+                        if not _in_window_bounds(ix, w):
+                            continue
                         v = x[img, ch, iy, ix]
                         take = best_idx < 0 or _takes(v, best)
                         best = v if take else best
@@ -354,27 +473,33 @@ def avg_pool2d(
     floating[:, :, :, ::1] y,
     int n_threads,
 ):
-    """Mean over each window, padding counted as zeros (PyTorch's ``count_include_pad=True``):
-    the sum of the window's taps inside the input (``_window``) divided by ``kh * kw``."""
-    cdef Py_ssize_t n = x.shape[0], c = x.shape[1], h = x.shape[2], w = x.shape[3]
+    """Mean over each window, padding counted as zeros (PyTorch's ``count_include_pad=True``).
+
+    Summed tap by tap (``_tap_gather_add``: each tap adds a shifted plane, vectorised for unit
+    stride), which adds each window's values in the same order as a loop over the window would,
+    then scaled by ``1 / (kh * kw)``."""
+    cdef Py_ssize_t n = x.shape[0], c = x.shape[1]
     cdef Py_ssize_t out_h = y.shape[2], out_w = y.shape[3]
-    cdef Py_ssize_t plane, img, ch, oy, ox, iy, ix, y_lo, y_hi, x_lo, x_hi
-    cdef floating acc
+    cdef Geometry geo = Geometry(x.shape[2], x.shape[3], out_h, out_w, sy, sx, 1, 1, pad_top, pad_left)
+    cdef Py_ssize_t plane, img, ch, ki, kj, q
+    cdef TapRange t
+    cdef floating* dst
+    cdef const floating* src
     cdef floating scale = 1.0 / (kh * kw)
     if n == 0 or c == 0 or out_h == 0 or out_w == 0:
         return
     for plane in prange(n * c, nogil=True, schedule="static", num_threads=n_threads):
         img = plane // c
         ch = plane % c
-        for oy in range(out_h):
-            y_lo, y_hi = _window(oy, sy, pad_top, kh, h)
-            for ox in range(out_w):
-                x_lo, x_hi = _window(ox, sx, pad_left, kw, w)
-                acc = 0
-                for iy in range(y_lo, y_hi):
-                    for ix in range(x_lo, x_hi):
-                        acc = acc + x[img, ch, iy, ix]
-                y[img, ch, oy, ox] = acc * scale
+        _zero_plane(y, img, ch)
+        dst = &y[img, ch, 0, 0]
+        src = _plane(x, img, ch)
+        for ki in range(kh):
+            for kj in range(kw):
+                t = _tap_range(ki, kj, &geo)
+                _tap_gather_add(dst, src, 1, &t, &geo)
+        for q in range(out_h * out_w):
+            dst[q] = dst[q] * scale
 
 
 def avg_pool2d_backward(
@@ -388,12 +513,14 @@ def avg_pool2d_backward(
     floating[:, :, :, ::1] dx,
     int n_threads,
 ):
-    """Spread each ``dy / (kh * kw)`` over its window's taps inside the input (``_window``);
-    ``dx`` is overwritten."""
-    cdef Py_ssize_t n = dx.shape[0], c = dx.shape[1], h = dx.shape[2], w = dx.shape[3]
-    cdef Py_ssize_t out_h = dy.shape[2], out_w = dy.shape[3]
-    cdef Py_ssize_t plane, img, ch, oy, ox, iy, ix, y_lo, y_hi, x_lo, x_hi
-    cdef floating g
+    """Spread each ``dy / (kh * kw)`` over its window's positions inside the input, tap by tap
+    (``_tap_scatter_add``, the adjoint of the forward's walk); ``dx`` is overwritten."""
+    cdef Py_ssize_t n = dx.shape[0], c = dx.shape[1]
+    cdef Geometry geo = Geometry(dx.shape[2], dx.shape[3], dy.shape[2], dy.shape[3], sy, sx, 1, 1, pad_top, pad_left)
+    cdef Py_ssize_t plane, img, ch, ki, kj
+    cdef TapRange t
+    cdef floating* dst
+    cdef const floating* src
     cdef floating scale = 1.0 / (kh * kw)
     if n == 0 or c == 0:
         return
@@ -401,14 +528,12 @@ def avg_pool2d_backward(
         img = plane // c
         ch = plane % c
         _zero_plane(dx, img, ch)
-        for oy in range(out_h):
-            y_lo, y_hi = _window(oy, sy, pad_top, kh, h)
-            for ox in range(out_w):
-                x_lo, x_hi = _window(ox, sx, pad_left, kw, w)
-                g = dy[img, ch, oy, ox] * scale
-                for iy in range(y_lo, y_hi):
-                    for ix in range(x_lo, x_hi):
-                        dx[img, ch, iy, ix] += g
+        dst = <floating*>_plane(dx, img, ch)
+        src = _plane(dy, img, ch)
+        for ki in range(kh):
+            for kj in range(kw):
+                t = _tap_range(ki, kj, &geo)
+                _tap_scatter_add(dst, src, scale, &t, &geo)
 
 
 # --- per-element passes ------------------------------------------------------------------------
@@ -1191,80 +1316,7 @@ def batchnorm_train_backward(
 # oy * sy - pad_top + ki * dil_y and column ox * sx - pad_left + kj * dil_x. Rows of one group's
 # input channels are contiguous, so ``cols.reshape(groups, K // groups, g * P)`` is a view the
 # caller multiplies group by group in one batched GEMM (np.matmul over the leading axis).
-#
-# Every kernel here (and the depthwise convolution below) walks the taps; ``_tap_range`` gives
-# each tap's output rows and columns that read inside the image, so padding costs no test in the
-# loops, and each output row's run is one call of a row helper: a plain pointer loop the compiler
-# vectorises for unit stride. The row pointers are taken by memoryview indexing (bounds-checked
-# in the debug build); the run lengths come from ``_tap_range``.
-
-cdef struct Geometry:
-    # A convolution's geometry: input plane h x w, output plane out_h x out_w, strides,
-    # dilations and the leading (top / left) padding.
-    Py_ssize_t h, w, out_h, out_w, sy, sx, dil_y, dil_x, pad_top, pad_left
-
-
-cdef struct TapRange:
-    # For one kernel tap: the output rows [oy_lo, oy_hi) and columns [ox_lo, ox_hi) whose input
-    # position (oy * sy + row0, ox * sx + col0) lies inside the image. When no column does, the
-    # row range is empty too, so a loop over the rows is all a kernel needs.
-    Py_ssize_t oy_lo, oy_hi, ox_lo, ox_hi, row0, col0
-
-
-cdef inline (Py_ssize_t, Py_ssize_t) _inside(Py_ssize_t n_out, Py_ssize_t stride, Py_ssize_t offset,
-                                             Py_ssize_t size) noexcept nogil:
-    """The outputs ``[lo, hi)`` of ``range(n_out)`` whose input index ``o * stride + offset`` lies in
-    ``[0, size)``: the ones before and after read the padding."""
-    cdef Py_ssize_t lo = (-offset + stride - 1) // stride if offset < 0 else 0
-    cdef Py_ssize_t hi = (size - offset + stride - 1) // stride if size > offset else 0
-    hi = n_out if hi > n_out else hi
-    lo = hi if lo > hi else lo
-    return lo, hi
-
-
-cdef inline TapRange _tap_range(Py_ssize_t ki, Py_ssize_t kj, const Geometry* g) noexcept nogil:
-    """Where tap ``(ki, kj)`` reads inside the image (see ``TapRange``)."""
-    cdef TapRange t
-    t.row0 = ki * g.dil_y - g.pad_top
-    t.col0 = kj * g.dil_x - g.pad_left
-    t.oy_lo, t.oy_hi = _inside(g.out_h, g.sy, t.row0, g.h)
-    t.ox_lo, t.ox_hi = _inside(g.out_w, g.sx, t.col0, g.w)
-    if t.ox_lo == t.ox_hi:
-        t.oy_hi = t.oy_lo  # no column inside the image: the tap reads no row either
-    return t
-
-
-cdef inline void _gather_row(floating* dst, const floating* src, Py_ssize_t step, Py_ssize_t n) noexcept nogil:
-    """``dst[i] = src[i * step]`` for ``i < n``: one ``memcpy`` for unit step."""
-    cdef Py_ssize_t i
-    if step == 1:
-        memcpy(dst, src, n * sizeof(floating))
-    else:
-        for i in range(n):
-            dst[i] = src[i * step]
-
-
-cdef inline void _add_scaled_row(floating* dst, Py_ssize_t dst_step, const floating* src, Py_ssize_t src_step,
-                                 floating scale, Py_ssize_t n) noexcept nogil:
-    """``dst[i * dst_step] += scale * src[i * src_step]`` for ``i < n`` (a scale of 1 adds exactly).
-    One step is 1 wherever it is called; the all-unit case is the loop the compiler vectorises."""
-    cdef Py_ssize_t i
-    if dst_step == 1 and src_step == 1:
-        for i in range(n):
-            dst[i] += scale * src[i]
-    else:
-        for i in range(n):
-            dst[i * dst_step] += scale * src[i * src_step]
-
-
-cdef inline floating _dot_row(floating acc, const floating* a, const floating* b, Py_ssize_t b_step,
-                              Py_ssize_t n) noexcept nogil:
-    """``acc + sum_i a[i] * b[i * b_step]``, added in order (the same result for any thread count)."""
-    cdef Py_ssize_t i
-    for i in range(n):
-        acc = acc + a[i] * b[i * b_step]
-    return acc
-
+# The taps are walked with the helpers of "a kernel's taps" above.
 
 def im2col_dilated(
     const floating[:, :, :, ::1] x,
@@ -1335,11 +1387,11 @@ def col2im_dilated(
 ):
     """Adjoint of ``im2col_dilated``: overwrite ``x[first : first + g]`` with the sum of ``cols``
     folded back (``col2im`` is this with dilation 1); contributions in the padding are dropped.
-    Each output row's run inside the image is one ``_add_scaled_row`` (vectorised for unit stride)."""
+    Each tap's rows are added back by ``_tap_scatter_add`` (vectorised for unit stride)."""
     cdef Py_ssize_t g = cols.shape[1]
     cdef Py_ssize_t c = x.shape[1], h = x.shape[2], w = x.shape[3]
     cdef Geometry geo = Geometry(h, w, out_h, out_w, sy, sx, dil_y, dil_x, pad_top, pad_left)
-    cdef Py_ssize_t j, img, ci, ki, kj, oy
+    cdef Py_ssize_t j, img, ci, ki, kj
     cdef TapRange t
     if g == 0:
         return
@@ -1347,13 +1399,12 @@ def col2im_dilated(
         img = first + j
         for ci in range(c):
             _zero_plane(x, img, ci)
+            if cols.shape[2] == 0:
+                continue  # no output pixel: nothing to fold back
             for ki in range(kh):
                 for kj in range(kw):
                     t = _tap_range(ki, kj, &geo)
-                    for oy in range(t.oy_lo, t.oy_hi):
-                        _add_scaled_row(&x[img, ci, oy * sy + t.row0, t.ox_lo * sx + t.col0], sx,
-                                        &cols[(ci * kh + ki) * kw + kj, j, oy * out_w + t.ox_lo], 1, 1,
-                                        t.ox_hi - t.ox_lo)
+                    _tap_scatter_add(<floating*>_plane(x, img, ci), &cols[(ci * kh + ki) * kw + kj, j, 0], 1, &t, &geo)
 
 
 # --- direct depthwise convolution (groups == in_channels) -------------------------------------
@@ -1361,7 +1412,7 @@ def col2im_dilated(
 # is a sum of kh*kw shifted, scaled copies of one input plane: no column buffer (an im2col would
 # hold kh*kw copies of the input) and, for stride 1, a contiguous inner loop the compiler
 # vectorises. Parallel over planes; every plane is written by one thread only. The taps are
-# walked as in im2col (``_tap_range`` and the row helpers above).
+# walked with the helpers of "a kernel's taps" above.
 
 def depthwise_conv2d(
     const floating[:, :, :, ::1] x,
@@ -1404,10 +1455,7 @@ def depthwise_conv2d(
         for ki in range(kh):
             for kj in range(kw):
                 t = _tap_range(ki, kj, &geo)
-                wv = weight[o, 0, ki, kj]
-                for oy in range(t.oy_lo, t.oy_hi):
-                    _add_scaled_row(&y[img, o, oy, t.ox_lo], 1, &x[img, ci, oy * sy + t.row0, t.ox_lo * sx + t.col0],
-                                    sx, wv, t.ox_hi - t.ox_lo)
+                _tap_gather_add(&y[img, o, 0, 0], _plane(x, img, ci), weight[o, 0, ki, kj], &t, &geo)
         if leaky_relu:
             for oy in range(out_h):
                 for ox in range(out_w):
@@ -1443,7 +1491,6 @@ def depthwise_conv2d_backward(
     cdef Geometry geo = Geometry(h, w, out_h, out_w, sy, sx, dil_y, dil_x, pad_top, pad_left)
     cdef Py_ssize_t plane, img, o, ci, m, ki, kj, oy, ox
     cdef TapRange t
-    cdef floating acc
     cdef double bacc
     if n == 0 or oc == 0:
         return
@@ -1460,11 +1507,7 @@ def depthwise_conv2d_backward(
         for ki in range(kh):
             for kj in range(kw):
                 t = _tap_range(ki, kj, &geo)
-                acc = 0
-                for oy in range(t.oy_lo, t.oy_hi):
-                    acc = _dot_row(acc, &dz[img, o, oy, t.ox_lo], &x[img, ci, oy * sy + t.row0, t.ox_lo * sx + t.col0],
-                                   sx, t.ox_hi - t.ox_lo)
-                dweight_partial[img, o, ki * kw + kj] = acc
+                dweight_partial[img, o, ki * kw + kj] = _tap_dot(_plane(dz, img, o), _plane(x, img, ci), &t, &geo)
     if not need_dx:
         return
     # Input gradient: one thread per input plane, which gathers from its mult output planes.
@@ -1477,9 +1520,7 @@ def depthwise_conv2d_backward(
             for ki in range(kh):
                 for kj in range(kw):
                     t = _tap_range(ki, kj, &geo)
-                    for oy in range(t.oy_lo, t.oy_hi):
-                        _add_scaled_row(&dx[img, ci, oy * sy + t.row0, t.ox_lo * sx + t.col0], sx,
-                                        &dz[img, o, oy, t.ox_lo], 1, weight[o, 0, ki, kj], t.ox_hi - t.ox_lo)
+                    _tap_scatter_add(<floating*>_plane(dx, img, ci), _plane(dz, img, o), weight[o, 0, ki, kj], &t, &geo)
 
 
 # --- 2x2 max-pool fused into a convolution's layout passes, for training ---------------------
