@@ -2,7 +2,9 @@
 """cnnx's compiled hot path: arithmetic only.
 
 Owns im2col / col2im in the "channels-rows" layout the convolution GEMMs want, the NCHW <-> GEMM
-layout passes (with the bias add fused in), and pooling forward/backward. Callers
+layout passes (the convolution's epilogue: bias, fused leaky ReLU and optionally a 2x2 max-pool,
+and their gradients), the direct depthwise convolution, pooling forward/backward, the per-element
+passes (activations, dropout, optimizer steps), softmax cross-entropy and batch norm. Callers
 (``cnnx.functional``) validate shapes, dtypes and geometry and allocate every output; the only
 checks here are the ones memory safety needs at run time (argmax indices from the caller).
 
@@ -542,7 +544,8 @@ def avg_pool2d_backward(
 # Each runs over flat, C-contiguous arrays that the caller (cnnx.functional) checked for equal
 # length. The array is cut into one contiguous chunk per thread (chunk edges on 64-byte lines, so
 # two threads never write the same cache line) and each chunk is a plain pointer loop the compiler
-# vectorises. Every element is computed the same way whatever the chunking, so results do not
+# vectorises: each pass is a chunk kernel ``_<pass>_chunk(out, operands, lo, hi)``, and its ``def``
+# fills an ``Operands`` struct and hands both to the one runner, ``_in_chunks``. Every element is computed the same way whatever the chunking, so results do not
 # depend on the thread count. Data-dependent choices are written as selects (`a if c else b` on
 # values both computed), never branches: signs of activations are unpredictable.
 
@@ -682,7 +685,7 @@ cdef struct Operands:
     double step_size
 
 
-cdef inline int _chunks(Py_ssize_t n, int n_threads) noexcept nogil:
+cdef inline int _threads_for(Py_ssize_t n, int n_threads) noexcept nogil:
     """Threads actually used: at most one per 4096 elements (smaller chunks cost more to wake)."""
     cdef Py_ssize_t most = n // 4096
     if most < 1:
@@ -697,11 +700,11 @@ cdef void _in_chunks(
     int n_threads,
 ):
     """Run ``kernel(&out[0], operands, lo, hi)`` over the elements ``[0, len(out))`` cut into one
-    contiguous chunk per thread (``_chunks``), chunk edges on 64-byte lines (``cnnx_chunk_edge``),
+    contiguous chunk per thread (``_threads_for``), chunk edges on 64-byte lines (``cnnx_chunk_edge``),
     so two threads never write the same cache line. Each kernel is a plain loop over ``[lo, hi)``
     that the compiler vectorises; called once per chunk, the pointer costs nothing per element."""
     cdef Py_ssize_t n = out.shape[0]
-    cdef int t, nt = _chunks(n, n_threads)
+    cdef int t, nt = _threads_for(n, n_threads)
     cdef floating* dst
     if n == 0:
         return
