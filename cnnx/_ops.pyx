@@ -1323,6 +1323,17 @@ def batchnorm_train_backward(
 # caller multiplies group by group in one batched GEMM (np.matmul over the leading axis).
 # The taps are walked with the helpers of "a kernel's taps" above.
 
+cdef int _check_columns(const floating[:, :, ::1] cols, const floating[:, :, :, ::1] x, Py_ssize_t first,
+                       Py_ssize_t rows, Py_ssize_t pixels, str kernel) except -1:
+    """Raise ``IndexError`` unless ``cols`` holds ``rows`` kernel rows of ``pixels`` output pixels for
+    its ``g`` images and ``x`` holds images ``first .. first + g - 1``: the row runs below go
+    through plain pointers, so these extents are checked here, once, in every build."""
+    if cols.shape[0] < rows or cols.shape[2] < pixels or first < 0 or x.shape[0] < first + cols.shape[1]:
+        raise IndexError(f"{kernel}: columns of shape {(cols.shape[0], cols.shape[1], cols.shape[2])} and "
+                         f"{x.shape[0]} images do not fit {rows} kernel rows x {pixels} pixels from image {first}")
+    return 0
+
+
 def im2col_dilated(
     const floating[:, :, :, ::1] x,
     Py_ssize_t first,
@@ -1354,6 +1365,7 @@ def im2col_dilated(
     cdef floating* dst
     if g == 0 or cols.shape[0] == 0 or cols.shape[2] == 0:
         return
+    _check_columns(cols, x, first, c * kh * kw, out_h * out_w, "im2col_dilated")
     for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
         img = first + j
         for ci in range(c):
@@ -1400,6 +1412,7 @@ def col2im_dilated(
     cdef TapRange t
     if g == 0:
         return
+    _check_columns(cols, x, first, c * kh * kw, out_h * out_w, "col2im_dilated")
     for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
         img = first + j
         for ci in range(c):
@@ -1515,6 +1528,11 @@ def depthwise_conv2d_backward(
                 dweight_partial[img, o, ki * kw + kj] = _tap_dot(_plane(dz, img, o), _plane(x, img, ci), &t, &geo)
     if not need_dx:
         return
+    if dx.shape[0] < n or dx.shape[1] != c or dx.shape[2] != h or dx.shape[3] != w:
+        # (its planes are walked with x's geometry, through plain pointers)
+        raise IndexError(f"depthwise_conv2d_backward: dx of shape "
+                         f"{(dx.shape[0], dx.shape[1], dx.shape[2], dx.shape[3])} does not match x of shape "
+                         f"{(x.shape[0], x.shape[1], x.shape[2], x.shape[3])}")
     # Input gradient: one thread per input plane, which gathers from its mult output planes.
     for plane in prange(n * c, nogil=True, schedule="static", num_threads=n_threads):
         img = plane // c
