@@ -2,7 +2,7 @@
 
 Shapes are ConvNeXt-mini's depthwise 7x7 layers at batch 128 (32x16x16, 64x8x8, 128x4x4), a
 grouped 3x3 (4 groups) and a dilated 3x3. Each case times the forward pass and the backward pass
-(input and weight gradients) of ``cnnx.functional.conv2d_grouped`` and ``torch.nn.functional.conv2d``
+(input and weight gradients) of ``cnnx.functional.conv2d`` and ``torch.nn.functional.conv2d``
 in float32, alternating the two, and reports the best of ``--repeats`` runs and the ratio
 torch / cnnx (above 1: cnnx is faster). Timings on a shared machine are noisy: compare ratios.
 
@@ -56,15 +56,15 @@ def main(argv=None):
         x = rng.standard_normal((n, c, size, size)).astype(np.float32)
         w = rng.standard_normal((oc, c // groups, k, k)).astype(np.float32)
         ws = F.Workspace()
-        y = F.conv2d_grouped(x, w, None, 1, pad, dil, groups, workspace=ws)
+        y = F.conv2d(x, w, None, 1, pad, dil, groups, workspace=ws)
         dy = rng.standard_normal(y.shape).astype(np.float32)
         tx, tw, tdy = torch.from_numpy(x).requires_grad_(True), torch.from_numpy(w).requires_grad_(True), torch.from_numpy(dy)
 
         def cnnx_fwd():
-            F.conv2d_grouped(x, w, None, 1, pad, dil, groups, workspace=ws)
+            F.conv2d(x, w, None, 1, pad, dil, groups, workspace=ws)
 
         def cnnx_bwd():
-            F.conv2d_grouped_backward(dy, x, w, 1, pad, dil, groups, workspace=ws)
+            F.conv2d_backward(dy, x, w, 1, pad, dil, groups, workspace=ws)
 
         def torch_fwd():
             with torch.no_grad():

@@ -42,7 +42,7 @@ def _load_runtimes():
 
 _load_runtimes()
 
-from ._simd import show_config
+from ._simd import show_config, version_text
 from .random import manual_seed
 from . import layers
 from .layers import register_layer

@@ -79,7 +79,7 @@ def _argument_type(convert, accept, expected):
 
 
 def _is_float_range(value):
-    from ._image_file import FLOAT_RANGES
+    from .image_files import FLOAT_RANGES
 
     return value in FLOAT_RANGES
 
@@ -92,7 +92,7 @@ _fraction = _argument_type(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 def build_parser():
     """The ``cnnx`` argument parser (subcommands train, evaluate, predict, summary, explain, export, tune)."""
-    from . import _simd
+    from . import version_text
     from .models import MODELS
 
     models = sorted(MODELS)
@@ -104,7 +104,7 @@ def build_parser():
         description="Train and use convolutional networks on the CPU.",
         epilog="Run 'cnnx COMMAND --help' for a command's options.",
     )
-    version = parser.add_argument("--version", action="version", version=_simd.version_text())
+    version = parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     # What _check_global_options accepts before the command (``commands`` fills as they are added).
@@ -616,8 +616,8 @@ def _cmd_evaluate(args):
 
 
 def _load_images(path, net, float_range, what):
-    """Images from a .npy file, shaped (n, *input_shape): see ``cnnx._image_file`` for the rules."""
-    from ._image_file import read_images
+    """Images from a .npy file, shaped (n, *input_shape): see ``cnnx.image_files`` for the rules."""
+    from .image_files import read_images
 
     return read_images(path, net.input_shape, float_range=float_range, what=what)
 

@@ -13,7 +13,8 @@ import numbers
 
 import numpy as np
 
-from ._geometry import conv_output_size, positive_pair
+from . import functional as F
+from .geometry import conv_output_size, positive_pair
 from .validation import check_int
 
 __all__ = [
@@ -151,14 +152,9 @@ def _class_probabilities(net, out):
     out = np.asarray(out, dtype=np.float64)
     is_prob = _outputs_are_probabilities(net)
     if out.shape[1] == 1:
-        p1 = out[:, 0] if is_prob else 0.5 * (1.0 + np.tanh(0.5 * out[:, 0]))  # overflow-free sigmoid
+        p1 = out[:, 0] if is_prob else F.ACTIVATIONS["sigmoid"].forward(out[:, 0])  # overflow-free
         return np.stack([1.0 - p1, p1], axis=1)
-    if is_prob:
-        return out
-    z = out - out.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
-    return z
+    return out if is_prob else F.SOFTMAX.forward(out)
 
 
 def _score_gradient(net, out, target, score):

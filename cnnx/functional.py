@@ -1,9 +1,10 @@
 """Validated kernels: the only caller of the compiled module ``cnnx._ops``.
 
 Owns validation (ndim, dtypes, channel counts, geometry), contiguity, output allocation and the
-convolution's im2col + GEMM schedule: images are processed in groups small enough that a group's
-column matrix stays in cache, each group is one BLAS GEMM over all its output pixels, and groups
-are spread over worker threads (``parallel.for_each_group``). Layers pass a ``Workspace`` so
+one im2col + GEMM schedule of every convolution (plain, strided, dilated, grouped; its backward;
+the pooled training pass; the transposed convolution): images are processed in groups small
+enough that a group's column matrix stays in cache, each group is one BLAS GEMM per pass over all
+its output pixels, and groups are spread over worker threads (``parallel.for_each_group``). Layers pass a ``Workspace`` so
 buffers are allocated once per batch shape, not once per call.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 
 from . import _simd
 from ._simd import ops as _ops  # the build for this CPU's instruction set (cnnx._simd)
-from ._geometry import (
+from .geometry import (
     check_pool_padding,
     conv_transpose_output_size,
     dilated_kernel_size,
@@ -37,8 +38,6 @@ __all__ = [
     "avg_pool2d_backward",
     "im2col",
     "col2im",
-    "conv2d_grouped",
-    "conv2d_grouped_backward",
     "conv_transpose2d",
     "conv_transpose2d_backward",
     "linear",
@@ -151,6 +150,15 @@ def _pool_geometry(x_shape, kernel_size, stride, padding):
 
 
 # --- convolution -----------------------------------------------------------------------------
+# One schedule for every convolution (PyTorch's conv2d: stride, padding, dilation, groups). The
+# im2col puts each convolution group's input channels in a contiguous block of rows, so all the
+# convolution groups of one group of images are one batched GEMM (a groups axis of length 1 for
+# an ordinary convolution, which NumPy hands to BLAS as one plain GEMM). Each of the three GEMMs
+# (forward, weight gradient, input gradient) has one call site: ``_conv_forward_groups``,
+# ``_conv_backward_groups``, ``_fold_input_grad``. A depthwise convolution (groups == channels
+# > 1) takes the direct kernel instead (no column buffer kh*kw times the input's size).
+# A ``window`` is ``(kh, kw, sy, sx, dil_y, dil_x, pad_top, pad_left, out_h, out_w)``, the
+# geometry arguments of ``_ops.im2col_dilated`` / ``col2im_dilated`` in their order.
 
 def _rectifier(activation, negative_slope):
     """``(rectify, slope)`` for the kernels' fused leaky ReLU; ``activation`` None, "relu" or "leaky_relu"."""
@@ -166,19 +174,71 @@ def _rectifier(activation, negative_slope):
     raise ValueError(f"Expected activation None, 'relu' or 'leaky_relu', received: activation={activation!r}")
 
 
-def conv2d(x, weight, bias=None, stride=1, padding=0, out=None, workspace=None, activation=None,
-           negative_slope=0.01, max_pool_2x2=False):
+def _conv_setup(x, weight, stride, padding, dilation=1, groups=1, bias=None, dy=None, max_pool_2x2=False):
+    """Validate a convolution's arrays and geometry (for its forward, or its backward with ``dy``).
+
+    Returns ``(x, weight, bias, dy, window, groups)``: the arrays C-contiguous in one dtype
+    (float64 if any input is), ``bias`` / ``dy`` None when not given, ``window`` as above.
+    """
+    dtype = _common_dtype(x, weight, bias, dy)
+    x = float_array(x, "x", 4, dtype)
+    weight = float_array(weight, "weight", 4, dtype)
+    n, c, h, w = x.shape
+    oc = weight.shape[0]
+    # The defaults (one group, no dilation) skip their checks: a microsecond of a small call.
+    plain = type(groups) is int and groups == 1 and type(dilation) is int and dilation == 1
+    if not plain:
+        groups = check_int(groups, "groups", minimum=1)
+        if c % groups or oc % groups:
+            raise ValueError(
+                f"Expected in_channels ({c}) and out_channels ({oc}) divisible by groups, received: groups={groups}"
+            )
+    if weight.shape[1] * groups != c:
+        if groups == 1:
+            raise ValueError(f"Expected weight with {c} input channels to match x.shape={x.shape}, "
+                             f"received: weight.shape={weight.shape}")
+        raise ValueError(
+            f"Expected weight of shape ({oc}, {c // groups}, kh, kw) for {c} input channels in {groups} groups, "
+            f"received: weight.shape={weight.shape}"
+        )
+    if bias is not None:
+        bias = float_array(bias, "bias", 1, dtype)
+        if bias.shape[0] != oc:
+            raise ValueError(f"Expected bias of shape ({oc},), received: bias.shape={bias.shape}")
+    kh, kw = weight.shape[2:]
+    dil_y, dil_x = (1, 1) if plain else positive_pair(dilation, "dilation")
+    span = dilated_kernel_size((kh, kw), (dil_y, dil_x)) if (dil_y, dil_x) != (1, 1) else (kh, kw)
+    _, (sy, sx), ((pt, _), (pl, _)), (out_h, out_w) = _geometry((h, w), span, stride, padding)
+    if max_pool_2x2 and (out_h < 2 or out_w < 2):
+        raise ValueError(f"Expected a conv output of at least 2x2 to max-pool, received: {(out_h, out_w)}")
+    if dy is not None:
+        dy = float_array(dy, "dy", 4, dtype)
+    return x, weight, bias, dy, (kh, kw, sy, sx, dil_y, dil_x, pt, pl, out_h, out_w), groups
+
+
+def _is_depthwise(x, groups):
+    """Whether the direct depthwise kernels run: one input channel per group, more than one group."""
+    return groups > 1 and groups == x.shape[1]
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, out=None, workspace=None,
+           activation=None, negative_slope=0.01, max_pool_2x2=False):
     """2-D cross-correlation (PyTorch's ``conv2d``), optionally followed by a fused (leaky) ReLU
     and, for inference, a fused 2x2 / stride-2 max-pool.
 
     Parameters
     ----------
     x : ndarray of shape (n, c, h, w)
-    weight : ndarray of shape (out_c, c, kh, kw)
+    weight : ndarray of shape (out_c, c // groups, kh, kw)
+        Output channels ``[g * out_c // groups, (g + 1) * out_c // groups)`` see only input channels
+        ``[g * c // groups, (g + 1) * c // groups)``; ``groups == c`` is a depthwise convolution.
     bias : ndarray of shape (out_c,) or None
     stride : int or (sy, sx)
     padding : int, (ph, pw), ((top, bottom), (left, right)), "valid" or "same"
-    out : ndarray of shape (n, out_c, out_h, out_w), optional, written in place
+        ``"same"`` pads for the dilated kernel span ``d * (k - 1) + 1``.
+    dilation : int or (dy, dx), spacing between kernel taps
+    groups : int, dividing both ``c`` and ``out_c``
+    out : ndarray of the shape of ``y``, optional, written in place
     workspace : Workspace, optional, scratch buffers reused across calls
     activation : None, "relu" or "leaky_relu", applied in the same sweep as the bias
     negative_slope : float >= 0, the slope of "leaky_relu"
@@ -191,26 +251,23 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, out=None, workspace=None, 
         with ``max_pool_2x2``, of shape (n, out_c, out_h // 2, out_w // 2)
     """
     rectify, slope = _rectifier(activation, negative_slope)
-    dtype, (x, weight) = _images_and_weight(x, weight, bias)
-    n, c, h, w = x.shape
-    oc = weight.shape[0]
-    if weight.shape[1] != c:
-        raise ValueError(
-            f"Expected weight with {c} input channels to match x.shape={x.shape}, received: weight.shape={weight.shape}"
-        )
-    if bias is not None:
-        bias = float_array(bias, "bias", 1, dtype)
-        if bias.shape[0] != oc:
-            raise ValueError(f"Expected bias of shape ({oc},), received: bias.shape={bias.shape}")
-    (kh, kw), (sy, sx), ((pt, _), (pl, _)), (out_h, out_w) = _geometry((h, w), weight.shape[2:], stride, padding)
-    if max_pool_2x2 and (out_h < 2 or out_w < 2):
-        raise ValueError(f"Expected a conv output of at least 2x2 to max-pool, received: {(out_h, out_w)}")
+    x, weight, bias, _, window, groups = _conv_setup(x, weight, stride, padding, dilation, groups, bias=bias,
+                                                     max_pool_2x2=max_pool_2x2)
+    n, oc, out_h, out_w = x.shape[0], weight.shape[0], window[-2], window[-1]
+    dtype = x.dtype
     y_shape = (n, oc, out_h // 2, out_w // 2) if max_pool_2x2 else (n, oc, out_h, out_w)
     y = _check_out(out, y_shape, dtype)
     if y.size == 0:
         return y
     has_bias = bias is not None
     b = bias if has_bias else np.empty(0, dtype=dtype)
+    if _is_depthwise(x, groups):
+        kh, kw, sy, sx, dil_y, dil_x, pt, pl = window[:8]
+        ws = workspace if workspace is not None else Workspace()
+        full = ws.get("depthwise_y", (n, oc, out_h, out_w), dtype) if max_pool_2x2 else y
+        _ops.depthwise_conv2d(x, weight, b, has_bias, sy, sx, dil_y, dil_x, pt, pl, rectify, slope, full,
+                              threads_for(full.size * kh * kw))
+        return max_pool2d(full, 2, out=(y, None), indices=False)[0] if max_pool_2x2 else y
     y3 = y.reshape(n, oc, -1)
 
     def gemm_to_output(y_gemm, first, scratch, nt):
@@ -219,130 +276,156 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, out=None, workspace=None, 
         else:
             _ops.gemm_to_nchw(y_gemm, b, has_bias, rectify, slope, first, y3, nt)
 
-    _conv_forward_groups(x, weight, (kh, kw, sy, sx, pt, pl, out_h, out_w), gemm_to_output, workspace)
+    _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace)
     return y
 
 
-def _conv_forward_groups(x, weight, window, gemm_to_output, workspace):
-    """The im2col + GEMM forward of a ``window = (kh, kw, sy, sx, pad_top, pad_left, out_h,
-    out_w)`` convolution, run by groups of images on cnnx's workers.
+def _image_groups(x, window, oc, rows_per_pixel, workspace):
+    """Split the batch for an im2col + GEMM pass: groups of images whose buffers (``rows_per_pixel``
+    rows of ``x``'s dtype per output pixel and image) stay within COLUMN_BUFFER_BYTES.
+
+    Returns ``(n_groups, run)``; ``run(body)`` calls ``body(index, first, m, scratch, n_threads)``
+    for every group (images ``first : first + m``) on cnnx's workers, with the worker's
+    ``scratch`` and the threads the group's own loops may use.
+    """
+    n, c = x.shape[:2]
+    kh, kw, out_h, out_w = window[0], window[1], window[-2], window[-1]
+    k, p = c * kh * kw, out_h * out_w
+    ws = workspace if workspace is not None else Workspace()
+    g = _group_size(n, rows_per_pixel * p * x.dtype.itemsize)
+    n_groups = -(-n // g)
+    # One group: OpenMP loops and BLAS threads inside it; several: one thread per group.
+    nt = threads_for(n * (k + oc) * p) if n_groups == 1 else 1
+
+    def run(body):
+        def run_group(worker, index):
+            first = index * g
+            body(index, first, min(g, n - first), ws.worker(worker), nt)
+
+        for_each_group(n_groups, run_group)
+
+    return n_groups, run
+
+
+def _unfold(x, window, first, m, scratch, n_threads):
+    """The im2col ``(c*kh*kw, m, out_h*out_w)`` of images ``first : first + m``, in ``scratch``."""
+    kh, kw, out_h, out_w = window[0], window[1], window[-2], window[-1]
+    cols = scratch.get("cols", (x.shape[1] * kh * kw, m, out_h * out_w), x.dtype)
+    _ops.im2col_dilated(x, first, *window, cols, n_threads)
+    return cols
+
+
+def _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace):
+    """The im2col + GEMM forward of a convolution with this ``window`` and ``groups``, run by
+    groups of images on cnnx's workers.
 
     ``gemm_to_output(y_gemm, first, scratch, n_threads)`` takes the GEMM result of images
     ``first : first + m``, laid out ``(out_c, m, P)``, and writes the caller's output (bias,
     activation and pooling as the caller fuses them), with the worker's ``scratch`` for buffers.
     """
-    n, c = x.shape[:2]
-    dtype = x.dtype
     oc = weight.shape[0]
-    kh, kw, sy, sx, pt, pl, out_h, out_w = window
-    k, p = c * kh * kw, out_h * out_w
-    ws = workspace if workspace is not None else Workspace()
-    g = _group_size(n, (k + oc) * p * dtype.itemsize)
-    n_groups = -(-n // g)
-    w2 = weight.reshape(oc, k)
-    # One group: OpenMP loops and BLAS threads inside it; several: one thread per group.
-    nt = threads_for(n * (k + oc) * p) if n_groups == 1 else 1
+    k = x.shape[1] * window[0] * window[1]  # c * kh * kw
+    w3 = weight.reshape(groups, oc // groups, k // groups)
+    _, run = _image_groups(x, window, oc, k + oc, workspace)
 
-    def run_group(worker, index):
-        first = index * g
-        m = min(g, n - first)
-        scratch = ws.worker(worker)
-        cols = scratch.get("cols", (k, m, p), dtype)
-        _ops.im2col(x, first, kh, kw, sy, sx, pt, pl, out_h, out_w, cols, nt)
-        y_gemm = scratch.get("y_gemm", (oc, m, p), dtype)
-        np.matmul(w2, cols.reshape(k, m * p), out=y_gemm.reshape(oc, m * p))
+    def forward(index, first, m, scratch, nt):
+        cols = _unfold(x, window, first, m, scratch, nt)
+        p = cols.shape[2]
+        y_gemm = scratch.get("y_gemm", (oc, m, p), x.dtype)
+        np.matmul(w3, cols.reshape(groups, k // groups, m * p), out=y_gemm.reshape(groups, oc // groups, m * p))
         gemm_to_output(y_gemm, first, scratch, nt)
 
-    for_each_group(n_groups, run_group)
+    run(forward)
 
 
-def conv2d_backward(dy, x, weight, stride=1, padding=0, need_dx=True, out=None, workspace=None,
-                    activation=None, negative_slope=0.01, y=None):
+def conv2d_backward(dy, x, weight, stride=1, padding=0, dilation=1, groups=1, need_dx=True, out=None,
+                    workspace=None, activation=None, negative_slope=0.01, y=None):
     """Gradients of ``conv2d`` with respect to its input, weight and bias.
 
     Parameters
     ----------
     dy : ndarray of shape (n, out_c, out_h, out_w), upstream gradient
     x : ndarray of shape (n, c, h, w), the forward input
-    weight : ndarray of shape (out_c, c, kh, kw)
+    weight : ndarray of shape (out_c, c // groups, kh, kw)
+    stride, padding, dilation, groups : as given to ``conv2d``
     need_dx : bool, skip the input gradient when False (a network's first layer)
     out : ndarray of shape (n, c, h, w), optional, receives dx
+    workspace : Workspace, optional
     activation, negative_slope : the fused activation given to ``conv2d``; then ``dy`` is the
         gradient of its output and ``y`` must be that output
 
     Returns
     -------
     dx : ndarray of shape (n, c, h, w), or None when ``need_dx`` is False
-    dweight : ndarray of shape (out_c, c, kh, kw)
+    dweight : ndarray of shape (out_c, c // groups, kh, kw)
     dbias : ndarray of shape (out_c,)
     """
-    dtype, (x, weight, dy) = _images_and_weight(x, weight, dy=dy)
-    n, c, h, w = x.shape
-    oc = weight.shape[0]
-    if weight.shape[1] != c:
-        raise ValueError(
-            f"Expected weight with {c} input channels to match x.shape={x.shape}, received: weight.shape={weight.shape}"
-        )
-    (kh, kw), (sy, sx), ((pt, _), (pl, _)), (out_h, out_w) = _geometry((h, w), weight.shape[2:], stride, padding)
+    x, weight, _, dy, window, groups = _conv_setup(x, weight, stride, padding, dilation, groups, dy=dy)
+    n, c = x.shape[:2]
+    oc, out_h, out_w = weight.shape[0], window[-2], window[-1]
     rectify, slope, y = _backward_activation(dy, (n, oc, out_h, out_w), y, activation, negative_slope, "conv2d")
-    dx = _check_out(out, x.shape, dtype, "out") if need_dx else None
-    k = c * kh * kw
-    p = out_h * out_w
-    if n == 0 or p == 0 or k == 0:
+    dx = _check_out(out, x.shape, x.dtype, "out") if need_dx else None
+    if n == 0 or out_h * out_w == 0 or c == 0:
         return _empty_backward(dx, dy, y, rectify, slope, weight.shape)
-    dy3 = dy.reshape(n, oc, p)
-    y3 = y.reshape(n, oc, p)
+    if _is_depthwise(x, groups):
+        return _depthwise_backward(dy, x, weight, window, dx, rectify, slope, y, workspace)
+    dy3 = dy.reshape(n, oc, -1)
+    y3 = y.reshape(n, oc, -1)
 
     def dy_to_gemm(first, dy_gemm, dbias_part, nt):
         _ops.nchw_to_gemm(dy3, y3, rectify, slope, first, dy_gemm, dbias_part, nt)
 
-    dweight, dbias = _conv_backward_groups(x, weight, (kh, kw, sy, sx, pt, pl, out_h, out_w), dy_to_gemm,
-                                           dx, workspace)
+    dweight, dbias = _conv_backward_groups(x, weight, window, groups, dy_to_gemm, dx, workspace)
     return dx, dweight, dbias
 
 
-def _conv_backward_groups(x, weight, window, dy_to_gemm, dx, workspace):
-    """The im2col + GEMM backward of a stride/pad ``window = (kh, kw, sy, sx, pad_top, pad_left,
-    out_h, out_w)`` convolution, run by groups of images on cnnx's workers.
+def _conv_backward_groups(x, weight, window, groups, dy_to_gemm, dx, workspace):
+    """The im2col + GEMM backward of a convolution with this ``window`` and ``groups``, run by
+    groups of images on cnnx's workers.
 
     ``dy_to_gemm(first, dy_gemm, dbias_part, n_threads)`` writes the output gradient of images
     ``first : first + m`` in GEMM layout ``(out_c, m, P)`` (through the fused activation, and the
     pool's argmax where there is one) and their per-image bias gradients ``(m, out_c)``. ``dx``
     (or None) receives the input gradient. Returns ``(dweight, dbias)``.
     """
-    n, c = x.shape[:2]
-    dtype = x.dtype
-    oc = weight.shape[0]
-    kh, kw, sy, sx, pt, pl, out_h, out_w = window
-    k, p = c * kh * kw, out_h * out_w
+    n, oc = x.shape[0], weight.shape[0]
+    k = x.shape[1] * window[0] * window[1]  # c * kh * kw
+    kg, ocg = k // groups, oc // groups
+    w3 = weight.reshape(groups, ocg, kg)
     ws = workspace if workspace is not None else Workspace()
-    g = _group_size(n, (2 * k + oc) * p * dtype.itemsize)
-    n_groups = -(-n // g)
-    w2 = weight.reshape(oc, k)
+    n_groups, run = _image_groups(x, window, oc, 2 * k + oc, ws)
     dbias_partial = np.empty((n, oc), dtype=np.float64)
     # Each group's weight gradient is kept apart and the parts summed in group order afterwards:
     # the same sums in the same order whichever thread computed which part.
-    dweight_parts = ws.get("dweight_parts", (n_groups, oc, k), dtype)
-    nt = threads_for(n * (k + oc) * p) if n_groups == 1 else 1
+    dweight_parts = ws.get("dweight_parts", (n_groups, groups, ocg, kg), x.dtype)
 
-    def run_group(worker, index):
-        first = index * g
-        m = min(g, n - first)
-        scratch = ws.worker(worker)
-        cols = scratch.get("cols", (k, m, p), dtype)
-        _ops.im2col(x, first, kh, kw, sy, sx, pt, pl, out_h, out_w, cols, nt)
-        dy_gemm = scratch.get("dy_gemm", (oc, m, p), dtype)
+    def backward(index, first, m, scratch, nt):
+        cols = _unfold(x, window, first, m, scratch, nt)
+        p = cols.shape[2]
+        dy_gemm = scratch.get("dy_gemm", (oc, m, p), x.dtype)
         dy_to_gemm(first, dy_gemm, dbias_partial[first:first + m], nt)
-        dy2 = dy_gemm.reshape(oc, m * p)
-        np.matmul(dy2, cols.reshape(k, m * p).T, out=dweight_parts[index])
+        dy_g = dy_gemm.reshape(groups, ocg, m * p)
+        np.matmul(dy_g, cols.reshape(groups, kg, m * p).transpose(0, 2, 1), out=dweight_parts[index])
         if dx is not None:
-            _fold_input_grad(w2, dy2, first, m, window, dx, scratch, nt)
+            _fold_input_grad(w3, dy_g, first, m, window, dx, scratch, nt)
 
-    for_each_group(n_groups, run_group)
+    run(backward)
     dweight = dweight_parts[0].copy()
     for part in dweight_parts[1:]:
         dweight += part
-    return dweight.reshape(weight.shape), dbias_partial.sum(axis=0).astype(dtype)
+    return dweight.reshape(weight.shape), dbias_partial.sum(axis=0).astype(x.dtype)
+
+
+def _fold_input_grad(w3, dy3, first, m, window, dx, scratch, n_threads):
+    """A convolution's input gradient for images ``first : first + m``: ``dx[first : first + m] =
+    col2im(w3^T @ dy3)`` per convolution group, with ``w3 (groups, out_c // groups, k // groups)``
+    and ``dy3 (groups, out_c // groups, m * P)`` in GEMM layout. Also the forward of the
+    transposed convolution (``conv_transpose2d``), which is this adjoint."""
+    groups, _, kg = w3.shape
+    mp = dy3.shape[2]
+    dcols = scratch.get("dcols", (groups * kg, m, mp // max(m, 1)), dy3.dtype)
+    np.matmul(w3.transpose(0, 2, 1), dy3, out=dcols.reshape(groups, kg, mp))
+    _ops.col2im_dilated(dcols, first, *window, dx, n_threads)
 
 
 def _backward_activation(dy, expected, y, activation, negative_slope, op):
@@ -370,15 +453,24 @@ def _empty_backward(dx, dy, y, rectify, slope, weight_shape):
     return dx, np.zeros(weight_shape, dtype=dy.dtype), dz.sum(axis=(0, 2, 3))
 
 
-def _fold_input_grad(w2, dy2, first, m, window, dx, scratch, n_threads):
-    """A convolution's input gradient for images ``first : first + m``: ``dx[first : first + m] =
-    col2im(w2.T @ dy2)`` with ``w2 (out_c, k)``, ``dy2 (out_c, m * P)`` in GEMM layout and
-    ``window = (kh, kw, sy, sx, pad_top, pad_left, out_h, out_w)``. Also the forward of the
-    transposed convolution (``conv_transpose2d``), which is this adjoint."""
-    k = w2.shape[1]
-    dcols = scratch.get("dcols", (k, m, dy2.shape[1] // max(m, 1)), dy2.dtype)
-    np.matmul(w2.T, dy2, out=dcols.reshape(k, dy2.shape[1]))
-    _ops.col2im(dcols, first, *window, dx, n_threads)
+def _depthwise_backward(dy, x, weight, window, dx, rectify, slope, y, workspace):
+    """``conv2d_backward`` for ``groups == in_channels`` with the direct kernel."""
+    kh, kw, sy, sx, dil_y, dil_x, pt, pl = window[:8]
+    n, oc = dy.shape[0], weight.shape[0]
+    ws = workspace if workspace is not None else Workspace()
+    dz = np.where(y > 0, dy, dy * dy.dtype.type(slope)) if rectify else dy
+    dweight_partial = ws.get("depthwise_dweight", (n, oc, kh * kw), dy.dtype)
+    dbias_partial = ws.get("depthwise_dbias", (n, oc), np.dtype(np.float64))
+    need_dx = dx is not None
+    _ops.depthwise_conv2d_backward(dz, x, weight, sy, sx, dil_y, dil_x, pt, pl, need_dx,
+                                   dx if need_dx else _NO_DX.astype(dy.dtype), dweight_partial, dbias_partial,
+                                   threads_for(x.size * kh * kw))
+    # Summed over images here, in one fixed order: identical for any thread count.
+    dweight = dweight_partial.sum(axis=0).reshape(weight.shape)
+    return dx, dweight, dbias_partial.sum(axis=0).astype(dy.dtype)
+
+
+_NO_DX = np.zeros((1, 1, 1, 1))  # never written (need_dx=False)
 
 
 # --- im2col / col2im (public, image-major layout) ---------------------------------------------
@@ -927,192 +1019,6 @@ def layer_norm_backward(dy3, x_hat, inv_std, weight, need_dx=True):
     return g, dweight, dbias
 
 
-# --- grouped and dilated convolution ----------------------------------------------------------
-# The general convolution (PyTorch's ``conv2d(..., dilation, groups)``), kept apart from the
-# plain conv2d above so each stays simple. Same schedule (groups of images, one column buffer
-# each); the dilated im2col puts each convolution group's input channels in a contiguous block of
-# rows, so all convolution groups are one batched GEMM (np.matmul over a leading groups axis):
-# no Python loop over groups. A depthwise convolution (groups == channels) is then ``c`` GEMVs
-# of length kh*kw in one call.
-
-def _grouped_geometry(x_shape, weight_shape, stride, padding, dilation, groups):
-    """Validate the grouped geometry; return ``(kh, kw), (sy, sx), (dy, dx), (pt, pl), (out_h, out_w)``."""
-    n, c, h, w = x_shape
-    oc = weight_shape[0]
-    groups = check_int(groups, "groups", minimum=1)
-    if c % groups or oc % groups:
-        raise ValueError(
-            f"Expected in_channels ({c}) and out_channels ({oc}) divisible by groups, received: groups={groups}"
-        )
-    if weight_shape[1] * groups != c:
-        raise ValueError(
-            f"Expected weight of shape ({oc}, {c // groups}, kh, kw) for {c} input channels in {groups} groups, "
-            f"received: weight.shape={tuple(weight_shape)}"
-        )
-    dil = positive_pair(dilation, "dilation")
-    kh, kw = weight_shape[2:]
-    span = dilated_kernel_size((kh, kw), dil)
-    _, (sy, sx), ((pt, _), (pl, _)), out_hw = _geometry((h, w), span, stride, padding)
-    return (kh, kw), (sy, sx), dil, (pt, pl), out_hw, groups
-
-
-def conv2d_grouped(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, out=None, workspace=None,
-                   activation=None, negative_slope=0.01, max_pool_2x2=False):
-    """2-D cross-correlation with dilation and channel groups (PyTorch's ``conv2d``).
-
-    Parameters
-    ----------
-    x : ndarray of shape (n, c, h, w)
-    weight : ndarray of shape (out_c, c // groups, kh, kw)
-        Output channels ``[g * out_c // groups, (g + 1) * out_c // groups)`` see only input channels
-        ``[g * c // groups, (g + 1) * c // groups)``; ``groups == c`` is a depthwise convolution.
-    bias : ndarray of shape (out_c,) or None
-    stride : int or (sy, sx)
-    padding : int, (ph, pw), ((top, bottom), (left, right)), "valid" or "same"
-        ``"same"`` pads for the dilated kernel span ``d * (k - 1) + 1``.
-    dilation : int or (dy, dx), spacing between kernel taps
-    groups : int, dividing both ``c`` and ``out_c``
-    out, workspace, activation, negative_slope, max_pool_2x2 : as :func:`conv2d`
-
-    Returns
-    -------
-    y : ndarray of shape (n, out_c, out_h, out_w) (``(n, out_c, out_h // 2, out_w // 2)`` with ``max_pool_2x2``)
-    """
-    rectify, slope = _rectifier(activation, negative_slope)
-    dtype, (x, weight) = _images_and_weight(x, weight, bias)
-    n, c, h, w = x.shape
-    oc = weight.shape[0]
-    (kh, kw), (sy, sx), (dil_y, dil_x), (pt, pl), (out_h, out_w), groups = _grouped_geometry(
-        x.shape, weight.shape, stride, padding, dilation, groups)
-    if bias is not None:
-        bias = float_array(bias, "bias", 1, dtype)
-        if bias.shape[0] != oc:
-            raise ValueError(f"Expected bias of shape ({oc},), received: bias.shape={bias.shape}")
-    if max_pool_2x2 and (out_h < 2 or out_w < 2):
-        raise ValueError(f"Expected a conv output of at least 2x2 to max-pool, received: {(out_h, out_w)}")
-    y_shape = (n, oc, out_h // 2, out_w // 2) if max_pool_2x2 else (n, oc, out_h, out_w)
-    y = _check_out(out, y_shape, dtype)
-    if y.size == 0:
-        return y
-    ws = workspace if workspace is not None else Workspace()
-    has_bias = bias is not None
-    b = bias if has_bias else np.empty(0, dtype=dtype)
-    if groups == c:
-        # Depthwise: the direct kernel (no column buffer kh*kw times the input's size).
-        full = ws.get("depthwise_y", (n, oc, out_h, out_w), dtype) if max_pool_2x2 else y
-        _ops.depthwise_conv2d(x, weight, b, has_bias, sy, sx, dil_y, dil_x, pt, pl, rectify, slope, full,
-                              threads_for(full.size * kh * kw))
-        return max_pool2d(full, 2, out=(y, None), indices=False)[0] if max_pool_2x2 else y
-    k = c * kh * kw
-    p = out_h * out_w
-    g = _group_size(n, (k + oc) * p * dtype.itemsize)
-    n_groups = -(-n // g)
-    w3 = weight.reshape(groups, oc // groups, k // groups)
-    y3 = y.reshape(n, oc, -1)
-    nt = threads_for(n * (k + oc) * p) if n_groups == 1 else 1
-
-    def run_group(worker, index):
-        first = index * g
-        m = min(g, n - first)
-        scratch = ws.worker(worker)
-        cols = scratch.get("cols", (k, m, p), dtype)
-        _ops.im2col_dilated(x, first, kh, kw, sy, sx, dil_y, dil_x, pt, pl, out_h, out_w, cols, nt)
-        y_gemm = scratch.get("y_gemm", (oc, m, p), dtype)
-        np.matmul(w3, cols.reshape(groups, k // groups, m * p), out=y_gemm.reshape(groups, oc // groups, m * p))
-        if max_pool_2x2:
-            _ops.gemm_to_nchw_max_pool_2x2(y_gemm, b, has_bias, rectify, slope, first, out_w, y3, nt)
-        else:
-            _ops.gemm_to_nchw(y_gemm, b, has_bias, rectify, slope, first, y3, nt)
-
-    for_each_group(n_groups, run_group)
-    return y
-
-
-def conv2d_grouped_backward(dy, x, weight, stride=1, padding=0, dilation=1, groups=1, need_dx=True, out=None,
-                            workspace=None, activation=None, negative_slope=0.01, y=None):
-    """Gradients of :func:`conv2d_grouped` with respect to its input, weight and bias.
-
-    Parameters
-    ----------
-    dy : ndarray of shape (n, out_c, out_h, out_w)
-    x : ndarray of shape (n, c, h, w), the forward input
-    weight : ndarray of shape (out_c, c // groups, kh, kw)
-    stride, padding, dilation, groups : as given to :func:`conv2d_grouped`
-    need_dx, out, workspace, activation, negative_slope, y : as :func:`conv2d_backward`
-
-    Returns
-    -------
-    dx : ndarray of shape (n, c, h, w), or None when ``need_dx`` is False
-    dweight : ndarray of shape (out_c, c // groups, kh, kw)
-    dbias : ndarray of shape (out_c,)
-    """
-    dtype, (x, weight, dy) = _images_and_weight(x, weight, dy=dy)
-    n, c, h, w = x.shape
-    oc = weight.shape[0]
-    (kh, kw), (sy, sx), (dil_y, dil_x), (pt, pl), (out_h, out_w), groups = _grouped_geometry(
-        x.shape, weight.shape, stride, padding, dilation, groups)
-    rectify, slope, y = _backward_activation(dy, (n, oc, out_h, out_w), y, activation, negative_slope, "conv2d_grouped")
-    dx = _check_out(out, x.shape, dtype, "out") if need_dx else None
-    k = c * kh * kw
-    p = out_h * out_w
-    if n == 0 or p == 0:
-        return _empty_backward(dx, dy, y, rectify, slope, weight.shape)
-    ws = workspace if workspace is not None else Workspace()
-    if groups == c:
-        return _depthwise_backward(dy, x, weight, (sy, sx), (dil_y, dil_x), (pt, pl), dx, rectify, slope, y, ws)
-    g = _group_size(n, (2 * k + oc) * p * dtype.itemsize)
-    n_groups = -(-n // g)
-    kg, ocg = k // groups, oc // groups
-    w3 = weight.reshape(groups, ocg, kg)
-    dy3 = dy.reshape(n, oc, p)
-    y3 = y.reshape(n, oc, p)
-    dbias_partial = np.empty((n, oc), dtype=np.float64)
-    # Per image group, summed in group order afterwards: identical for any thread count.
-    dweight_parts = ws.get("dweight_parts", (n_groups, groups, ocg, kg), dtype)
-    nt = threads_for(n * (k + oc) * p) if n_groups == 1 else 1
-
-    def run_group(worker, index):
-        first = index * g
-        m = min(g, n - first)
-        scratch = ws.worker(worker)
-        cols = scratch.get("cols", (k, m, p), dtype)
-        _ops.im2col_dilated(x, first, kh, kw, sy, sx, dil_y, dil_x, pt, pl, out_h, out_w, cols, nt)
-        dy_gemm = scratch.get("dy_gemm", (oc, m, p), dtype)
-        _ops.nchw_to_gemm(dy3, y3, rectify, slope, first, dy_gemm, dbias_partial[first:first + m], nt)
-        dy_g = dy_gemm.reshape(groups, ocg, m * p)
-        np.matmul(dy_g, cols.reshape(groups, kg, m * p).transpose(0, 2, 1), out=dweight_parts[index])
-        if need_dx:
-            dcols = scratch.get("dcols", (k, m, p), dtype)
-            np.matmul(w3.transpose(0, 2, 1), dy_g, out=dcols.reshape(groups, kg, m * p))
-            _ops.col2im_dilated(dcols, first, kh, kw, sy, sx, dil_y, dil_x, pt, pl, out_h, out_w, dx, nt)
-
-    for_each_group(n_groups, run_group)
-    dweight = dweight_parts[0].copy()
-    for part in dweight_parts[1:]:
-        dweight += part
-    dbias = dbias_partial.sum(axis=0).astype(dtype)
-    return dx, dweight.reshape(weight.shape), dbias
-
-
-def _depthwise_backward(dy, x, weight, stride, dilation, pads, dx, rectify, slope, y, ws):
-    """``conv2d_grouped_backward`` for ``groups == in_channels`` with the direct kernel."""
-    n, oc, kh, kw = dy.shape[0], weight.shape[0], weight.shape[2], weight.shape[3]
-    dz = np.where(y > 0, dy, dy * dy.dtype.type(slope)) if rectify else dy
-    dweight_partial = ws.get("depthwise_dweight", (n, oc, kh * kw), dy.dtype)
-    dbias_partial = ws.get("depthwise_dbias", (n, oc), np.dtype(np.float64))
-    need_dx = dx is not None
-    _ops.depthwise_conv2d_backward(dz, x, weight, *stride, *dilation, *pads, need_dx,
-                                   dx if need_dx else _NO_DX.astype(dy.dtype), dweight_partial, dbias_partial,
-                                   threads_for(x.size * kh * kw))
-    # Summed over images here, in one fixed order: identical for any thread count.
-    dweight = dweight_partial.sum(axis=0).reshape(weight.shape)
-    return dx, dweight, dbias_partial.sum(axis=0).astype(dy.dtype)
-
-
-_NO_DX = np.zeros((1, 1, 1, 1))  # never written (need_dx=False)
-
-
-
 # --- fully connected and transposed convolution --------------------------------------------------
 
 def linear(x, weight, bias=None):
@@ -1218,10 +1124,10 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
         p = h * w
         g = _group_size(n, (k + c) * p * dtype.itemsize)
         n_groups = -(-n // g)
-        w2 = weight.reshape(c, k)
+        w3 = weight.reshape(1, c, k)
         x3 = x.reshape(n, c, p)
         nt = threads_for(n * (k + c) * p) if n_groups == 1 else 1
-        window = (kh, kw, sy, sx, ph, pw, h, w)
+        window = (kh, kw, sy, sx, 1, 1, ph, pw, h, w)
 
         def run_group(worker, index):
             first = index * g
@@ -1229,7 +1135,7 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
             scratch = ws.worker(worker)
             x_gemm = scratch.get("x_gemm", (c, m, p), dtype)
             np.copyto(x_gemm, x3[first:first + m].transpose(1, 0, 2))
-            _fold_input_grad(w2, x_gemm.reshape(c, m * p), first, m, window, y, scratch, nt)
+            _fold_input_grad(w3, x_gemm.reshape(1, c, m * p), first, m, window, y, scratch, nt)
 
         for_each_group(n_groups, run_group)
     if bias is not None:
@@ -1607,25 +1513,6 @@ SOFTMAX = _SoftmaxFn()
 # scatters the pooled gradient straight into the GEMM layout: the full-size activation is never
 # written, read back by a pool, or scattered into by a pool's backward.
 
-def _max_pool_2x2_conv_setup(x, weight, bias, stride, padding):
-    """Validated arrays and geometry shared by ``conv2d_max_pool_2x2_train`` and its backward."""
-    dtype = _common_dtype(x, weight, bias)
-    x = float_array(x, "x", 4, dtype)
-    weight = float_array(weight, "weight", 4, dtype)
-    if weight.shape[1] != x.shape[1]:
-        raise ValueError(f"Expected weight with {x.shape[1]} input channels to match x.shape={x.shape}, "
-                         f"received: weight.shape={weight.shape}")
-    if bias is not None:
-        bias = float_array(bias, "bias", 1, dtype)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"Expected bias of shape ({weight.shape[0]},), received: bias.shape={bias.shape}")
-    geometry = _geometry(x.shape[2:], weight.shape[2:], stride, padding)
-    out_h, out_w = geometry[3]
-    if out_h < 2 or out_w < 2:
-        raise ValueError(f"Expected a conv output of at least 2x2 to max-pool, received: {(out_h, out_w)}")
-    return dtype, x, weight, bias, geometry
-
-
 def conv2d_max_pool_2x2_train(x, weight, bias=None, stride=1, padding=0, workspace=None, activation=None,
                        negative_slope=0.01):
     """``max_pool2d(conv2d(x, ...), 2)`` with the pool's argmax, in one sweep over the GEMM output.
@@ -1641,10 +1528,9 @@ def conv2d_max_pool_2x2_train(x, weight, bias=None, stride=1, padding=0, workspa
         window position that won, for :func:`conv2d_max_pool_2x2_backward`
     """
     rectify, slope = _rectifier(activation, negative_slope)
-    dtype, x, weight, bias, ((kh, kw), (sy, sx), ((pt, _), (pl, _)), (out_h, out_w)) = \
-        _max_pool_2x2_conv_setup(x, weight, bias, stride, padding)
-    n, c = x.shape[:2]
-    oc = weight.shape[0]
+    x, weight, bias, _, window, _ = _conv_setup(x, weight, stride, padding, bias=bias, max_pool_2x2=True)
+    n, oc, out_h, out_w = x.shape[0], weight.shape[0], window[-2], window[-1]
+    dtype = x.dtype
     y = np.empty((n, oc, out_h // 2, out_w // 2), dtype=dtype)
     argmax = np.empty(y.shape, dtype=np.int32)
     if n == 0 or oc == 0:
@@ -1660,7 +1546,7 @@ def conv2d_max_pool_2x2_train(x, weight, bias=None, stride=1, padding=0, workspa
                                               pair_max, pair_arg, nt)
 
     # The same schedule as conv2d's: the same GEMMs, so the pooled values equal the unfused ones.
-    _conv_forward_groups(x, weight, (kh, kw, sy, sx, pt, pl, out_h, out_w), gemm_to_output, workspace)
+    _conv_forward_groups(x, weight, window, 1, gemm_to_output, workspace)
     return y, argmax
 
 
@@ -1682,12 +1568,10 @@ def conv2d_max_pool_2x2_backward(dy, argmax, y, x, weight, stride=1, padding=0, 
     dbias : ndarray of shape (out_c,)
     """
     rectify, slope = _rectifier(activation, negative_slope)
-    dtype, x, weight, _, ((kh, kw), (sy, sx), ((pt, _), (pl, _)), (out_h, out_w)) = \
-        _max_pool_2x2_conv_setup(x, weight, None, stride, padding)
-    n, c = x.shape[:2]
-    oc = weight.shape[0]
+    x, weight, _, dy, window, _ = _conv_setup(x, weight, stride, padding, dy=dy, max_pool_2x2=True)
+    n, oc, out_h, out_w = x.shape[0], weight.shape[0], window[-2], window[-1]
+    dtype = x.dtype
     pooled = (n, oc, out_h // 2, out_w // 2)
-    dy = float_array(dy, "dy", 4, dtype)
     y = float_array(y, "y", 4, dtype)
     for name, a in (("dy", dy), ("y", y), ("argmax", argmax)):
         if a.shape != pooled:
@@ -1703,6 +1587,5 @@ def conv2d_max_pool_2x2_backward(dy, argmax, y, x, weight, stride=1, padding=0, 
     def dy_to_gemm(first, dy_gemm, dbias_part, nt):
         _ops.max_pool_2x2_argmax_to_gemm(dy3, y3, argmax3, rectify, slope, first, out_w, dy_gemm, dbias_part, nt)
 
-    dweight, dbias = _conv_backward_groups(x, weight, (kh, kw, sy, sx, pt, pl, out_h, out_w), dy_to_gemm,
-                                           dx, workspace)
+    dweight, dbias = _conv_backward_groups(x, weight, window, 1, dy_to_gemm, dx, workspace)
     return dx, dweight, dbias

@@ -79,7 +79,8 @@ except ImportError:  # Windows
     fcntl = None
     import msvcrt
 
-__all__ = ["ModelFormatError", "save", "load", "save_weights", "load_weights", "json_safe", "FORMAT_VERSION"]
+__all__ = ["ModelFormatError", "NpyVersionError", "save", "load", "save_weights", "load_weights", "json_safe",
+           "read_npy_header", "FORMAT_VERSION"]
 
 #: The format version this module writes; it reads every version up to this one.
 FORMAT_VERSION = 1
@@ -567,6 +568,35 @@ def _file_kind(mode):
     return "not a regular file"
 
 
+class NpyVersionError(ValueError):
+    """A .npy file in a format version other than the 1.0 and 2.0 that ``numpy.save`` writes."""
+
+
+def read_npy_header(f):
+    """The header of the .npy array at the start of the binary file object ``f``.
+
+    The one .npy header reader (save/load's .npz members, the command's image files): header
+    first, so a size can be checked before any data is read. Reads no pickle.
+
+    Returns
+    -------
+    (shape, fortran_order, dtype), with ``f`` left at the first byte of the data
+
+    Raises
+    ------
+    NpyVersionError
+        For a format version other than 1.0 and 2.0.
+    ValueError, EOFError, SyntaxError, TypeError, OverflowError
+        From NumPy, for a header that is not one ``numpy.save`` writes.
+    """
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(f)
+    raise NpyVersionError(f"expected .npy format version 1.0 or 2.0, received: {version[0]}.{version[1]}")
+
+
 class _Npz:
     """An .npz held in memory, read without pickle: the header (shape, dtype) of every member
     first, each array's values only on request, so sizes are checked before memory is spent.
@@ -604,13 +634,7 @@ class _Npz:
         where = f"{self.file}: key {key!r}"
         try:
             with self._zip.open(info) as f:
-                version = np.lib.format.read_magic(f)
-                if version == (1, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-                elif version == (2, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-                else:
-                    raise ValueError(f"unsupported .npy format version {version}")
+                shape, fortran, dtype = read_npy_header(f)
                 offset = f.tell()
         except _ZIP_ERRORS as exc:
             raise ModelFormatError(f"{where}: unreadable ({type(exc).__name__}: {exc})") from None

@@ -56,13 +56,13 @@ _ALIASES = {
 # ------------------------------------------------------------------------------------------------
 # Input checks shared by the losses
 # ------------------------------------------------------------------------------------------------
-def _check_pred(loss, pred, min_ndim=1):
+def _check_pred(loss, pred):
     if not isinstance(pred, np.ndarray):
         raise TypeError(f"{loss} expected pred as a numpy array, received: {type(pred).__name__}")
     if pred.dtype not in (np.float32, np.float64):
         raise TypeError(f"{loss} expected pred of dtype float32 or float64, received: dtype={pred.dtype}")
-    if pred.ndim < min_ndim:
-        raise ValueError(f"{loss} expected pred with at least {min_ndim} dimension(s), received: shape={pred.shape}")
+    if pred.ndim < 1:
+        raise ValueError(f"{loss} expected pred with at least 1 dimension, received: shape={pred.shape}")
     if pred.shape[0] == 0:
         raise ValueError(f"{loss} expected a batch of at least one sample, received: shape={pred.shape}")
 
@@ -73,12 +73,13 @@ def _check_finite(loss, target):
 
 
 def _elementwise_target(loss, pred, target):
-    """Target for MSE/BCE as an array of ``pred``'s shape and dtype.
+    """Check ``pred``; return the target of MSE/BCE as an array of ``pred``'s shape and dtype.
 
     A target of shape ``(n,)`` is accepted for ``pred`` of shape ``(n, 1)`` (labels next to a
     single-output layer); it is reshaped, never broadcast, so an ``(n,)`` vs ``(n, 1)`` slip cannot
     silently turn into an ``(n, n)`` loss as it does with NumPy broadcasting.
     """
+    _check_pred(loss, pred)
     target = as_array(target, f"{loss}'s target")
     if target.dtype.kind not in "biuf":
         raise TypeError(f"{loss} expected a numeric target, received: dtype={target.dtype}")
@@ -92,11 +93,12 @@ def _elementwise_target(loss, pred, target):
 
 
 def _class_target(loss, pred, target):
-    """Validate a classification target for ``pred`` of shape ``(n, k)``.
+    """Check ``pred`` of shape ``(n, k)`` and validate its classification target.
 
     Returns ``(ids, None)`` with ids an intp array of shape ``(n,)``, or ``(None, rows)`` with rows
     of shape ``(n, k)`` in ``pred``'s dtype.
     """
+    _check_pred(loss, pred)
     if pred.ndim != 2:
         raise ValueError(f"{loss} expected pred of shape (n, classes), received: shape={pred.shape}")
     n, k = pred.shape
@@ -152,9 +154,6 @@ class Loss:
     Subclasses register themselves in :data:`LOSSES` by class name.
     """
 
-    #: True when ``pred`` is a raw score (logit) rather than a probability; tells a caller that
-    #: wants probabilities (``Network.predict``) to apply the matching softmax / sigmoid.
-    from_logits = False
     #: The activation that turns ``pred`` into probabilities ("softmax", "sigmoid"), applied by
     #: callers that want them (``Network.predict``, the ONNX export); None when ``pred`` is not logits.
     output_activation = None
@@ -165,7 +164,13 @@ class Loss:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        LOSSES[cls.__name__] = cls
+        if not cls.__name__.startswith("_"):  # a shared private base is no loss of its own
+            LOSSES[cls.__name__] = cls
+
+    @property
+    def from_logits(self):
+        """True when ``pred`` is a raw score (logit) rather than a probability (``output_activation`` is set)."""
+        return self.output_activation is not None
 
     def forward(self, pred, target):
         """Return the loss value (a Python float) and keep what ``backward`` needs."""
@@ -190,9 +195,14 @@ class Loss:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({args})"
 
-    def _need_forward(self, cached):
-        if cached is None:
+    #: What the last ``forward`` kept for ``backward`` (None before the first ``forward``).
+    _cache = None
+
+    def _cached(self):
+        """What the last ``forward`` kept; a RuntimeError when there was none."""
+        if self._cache is None:
             raise RuntimeError(f"{type(self).__name__}.backward() called before forward()")
+        return self._cache
 
 
 class MSE(Loss):
@@ -208,24 +218,31 @@ class MSE(Loss):
 
     dense_targets = True
 
-    def __init__(self):
-        self._diff = None
-
     def forward(self, pred, target):
-        _check_pred(self, pred)
         target = _elementwise_target(self, pred, target)
-        diff = np.subtract(pred, target)
-        self._diff = diff
+        diff = self._cache = np.subtract(pred, target)
         flat = diff.reshape(-1)
         # dot is one BLAS pass with no temporary, instead of squaring into a new array then summing
         return float(np.dot(flat, flat)) / flat.size
 
     def backward(self):
-        self._need_forward(self._diff)
-        return self._diff * (2.0 / self._diff.size)
+        diff = self._cached()
+        return diff * (2.0 / diff.size)
 
 
-class BinaryCrossEntropy(Loss):
+class _ClippedProbabilityLoss(Loss):
+    """A loss on probabilities, clipped ``eps`` away from 0 (and 1) so that its log stays finite."""
+
+    takes_probabilities = True
+
+    def __init__(self, eps=1e-7):
+        self.eps = _check_eps(eps)
+
+    def get_config(self):
+        return {"eps": self.eps}
+
+
+class BinaryCrossEntropy(_ClippedProbabilityLoss):
     """Binary cross-entropy on probabilities (after a Sigmoid), mean over all elements, as
     ``torch.nn.BCELoss()``.
 
@@ -240,18 +257,9 @@ class BinaryCrossEntropy(Loss):
         Clipping margin; 1e-7 stays distinct from 0 and 1 in float32.
     """
 
-    takes_probabilities = True
     dense_targets = True
 
-    def __init__(self, eps=1e-7):
-        self.eps = _check_eps(eps)
-        self._cache = None
-
-    def get_config(self):
-        return {"eps": self.eps}
-
     def forward(self, pred, target):
-        _check_pred(self, pred)
         target = _elementwise_target(self, pred, target)
         if target.size and (target.min() < 0 or target.max() > 1):
             bad = target.min() if target.min() < 0 else target.max()
@@ -268,8 +276,7 @@ class BinaryCrossEntropy(Loss):
         return -float(log_p.sum(dtype=np.float64)) / log_p.size
 
     def backward(self):
-        self._need_forward(self._cache)
-        p, one_minus_p, target = self._cache
+        p, one_minus_p, target = self._cached()
         d = np.subtract(p, target)
         denom = p * one_minus_p
         denom *= p.size
@@ -284,15 +291,10 @@ class BinaryCrossEntropyWithLogits(Loss):
     ``(sigmoid(x) - t) / size``.
     """
 
-    from_logits = True
     output_activation = "sigmoid"
     dense_targets = True
 
-    def __init__(self):
-        self._cache = None
-
     def forward(self, pred, target):
-        _check_pred(self, pred)
         target = _elementwise_target(self, pred, target)
         # exp(-|x|) <= 1: the stable form needs no clipping
         e = np.abs(pred)
@@ -309,14 +311,13 @@ class BinaryCrossEntropyWithLogits(Loss):
         return float(value.sum(dtype=np.float64)) / value.size
 
     def backward(self):
-        self._need_forward(self._cache)
-        sig, target = self._cache
+        sig, target = self._cached()
         d = np.subtract(sig, target)
         d *= 1.0 / d.size
         return d
 
 
-class CrossEntropy(Loss):
+class CrossEntropy(_ClippedProbabilityLoss):
     """Categorical cross-entropy on probabilities (after a Softmax layer).
 
     ``loss = -mean_i sum_j t_ij log p_ij`` with ``p`` clipped to ``[eps, 1]``; for class ids this is
@@ -331,17 +332,7 @@ class CrossEntropy(Loss):
     eps : float, default 1e-7
     """
 
-    takes_probabilities = True
-
-    def __init__(self, eps=1e-7):
-        self.eps = _check_eps(eps)
-        self._cache = None
-
-    def get_config(self):
-        return {"eps": self.eps}
-
     def forward(self, pred, target):
-        _check_pred(self, pred)
         ids, rows = _class_target(self, pred, target)
         n = pred.shape[0]
         if ids is not None:
@@ -356,8 +347,7 @@ class CrossEntropy(Loss):
         return -float(log_p.sum(dtype=np.float64)) / n
 
     def backward(self):
-        self._need_forward(self._cache)
-        shape, dtype, ids, picked, p, rows = self._cache
+        shape, dtype, ids, picked, p, rows = self._cached()
         n = shape[0]
         if ids is not None:
             d = np.zeros(shape, dtype=dtype)
@@ -382,7 +372,6 @@ class SoftmaxCrossEntropy(Loss):
         As torch: the target becomes ``(1 - label_smoothing) t + label_smoothing / k``.
     """
 
-    from_logits = True
     output_activation = "softmax"
 
     def __init__(self, label_smoothing=0.0):
@@ -393,13 +382,11 @@ class SoftmaxCrossEntropy(Loss):
         ):
             raise ValueError(f"Expected label_smoothing in [0, 1], received: label_smoothing={label_smoothing!r}")
         self.label_smoothing = float(label_smoothing)
-        self._cache = None
 
     def get_config(self):
         return {"label_smoothing": self.label_smoothing}
 
     def forward(self, pred, target):
-        _check_pred(self, pred)
         ids, rows = _class_target(self, pred, target)
         k = pred.shape[1]
         eps = self.label_smoothing
@@ -411,8 +398,7 @@ class SoftmaxCrossEntropy(Loss):
         return value
 
     def backward(self):
-        self._need_forward(self._cache)
-        return self._cache.copy()
+        return self._cached().copy()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -258,13 +258,17 @@ def _activation_layer(g, layer, x, shape):
     return g.activation(name, x, getattr(layer, "negative_slope", 0.01), getattr(layer, "approximate", "none"))
 
 
+def _scale_and_shift(g, layer):
+    """A normalisation layer's ``weight`` and ``bias`` (ones and zeros without ``affine``)."""
+    if layer.affine:
+        return g.param(layer, "weight"), g.param(layer, "bias")
+    c = layer.num_features
+    return g.constant(np.ones(c), "weight"), g.constant(np.zeros(c), "bias")
+
+
 @converter("BatchNorm1D", "BatchNorm2D")
 def _batchnorm(g, layer, x, shape):
-    c = layer.num_features
-    if layer.affine:
-        scale, bias = g.param(layer, "weight"), g.param(layer, "bias")
-    else:
-        scale, bias = g.constant(np.ones(c), "weight"), g.constant(np.zeros(c), "bias")
+    scale, bias = _scale_and_shift(g, layer)
     inputs = [x, scale, bias, g.param(layer, "running_mean"), g.param(layer, "running_var")]
     return g.node("BatchNormalization", inputs, epsilon=layer.eps)
 
@@ -293,11 +297,7 @@ def _global_pool2d(g, layer, x, shape):
 
 @converter("LayerNorm")
 def _layer_norm(g, layer, x, shape):
-    c = layer.num_features
-    if layer.affine:
-        scale, bias = g.param(layer, "weight"), g.param(layer, "bias")
-    else:
-        scale, bias = g.constant(np.ones(c), "weight"), g.constant(np.zeros(c), "bias")
+    scale, bias = _scale_and_shift(g, layer)
     if layer.axis == -1 or len(shape) == 1:
         return g.node("LayerNormalization", [x, scale, bias], axis=-1, epsilon=layer.eps)
     # Over the channels of (n, c, ...): move them last, normalise, move them back.

@@ -70,6 +70,11 @@ class Step:
         return f"Step({self.kind}: {self.label}, layers {list(self.indices)})"
 
 
+def _rectifier(act):
+    """``(name, negative_slope)`` of a ReLU / LeakyReLU layer, as Conv2D's ``fused_activation`` takes it."""
+    return act.activation_name, getattr(act, "negative_slope", 0.0)
+
+
 class _ConvActivation(Step):
     """Conv2D + ReLU / LeakyReLU layer: the activation runs in the convolution's kernels."""
 
@@ -77,8 +82,7 @@ class _ConvActivation(Step):
 
     def __init__(self, layers, indices, reuse_output=False):
         super().__init__(layers, indices, reuse_output)
-        act = layers[1]
-        self.rectifier = (act.activation_name, getattr(act, "negative_slope", 0.0))
+        self.rectifier = _rectifier(layers[1])
 
     def forward(self, x, training, states):
         return self.layers[0].call(x, training, states[self.first], fused_activation=self.rectifier,
@@ -94,10 +98,7 @@ class _ConvPool(Step):
 
     def __init__(self, layers, indices):
         super().__init__(layers, indices)
-        self.rectifier = None
-        if len(layers) == 3:
-            act = layers[1]
-            self.rectifier = (act.activation_name, getattr(act, "negative_slope", 0.0))
+        self.rectifier = _rectifier(layers[1]) if len(layers) == 3 else None
         self.kind = "conv+act+pool" if len(layers) == 3 else "conv+pool"
 
     def forward(self, x, training, states):
@@ -113,10 +114,7 @@ class _ConvPoolTraining(Step):
 
     def __init__(self, layers, indices):
         super().__init__(layers, indices)
-        self.rectifier = None
-        if len(layers) == 3:
-            act = layers[1]
-            self.rectifier = (act._fn.name, getattr(act, "negative_slope", 0.0))
+        self.rectifier = _rectifier(layers[1]) if len(layers) == 3 else None
         self.kind = "conv+act+pool" if len(layers) == 3 else "conv+pool"
 
     def forward(self, x, training, states):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._geometry import positive_pair
+from .geometry import positive_pair
 from .explain import activations, layer_index, layer_names
 from .validation import check_int
 
@@ -252,6 +252,35 @@ def _overlay(ax, values, mappable, vmax, extent):
     ax.set_ylim(h - 0.5, -0.5)
 
 
+def _one_map(values, what, shape):
+    """``values`` as a 2-D float64 array, or a ValueError naming ``what`` and its ``shape``."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2:
+        raise ValueError(f"Expected one {what} of shape {shape}, received: {values.shape}")
+    return values
+
+
+def _image_and_map(image, values, map_title, **imshow_kwargs):
+    """Three panels: ``image``, the map ``values`` (drawn with ``imshow_kwargs``) and ``image``
+    again for an overlay; returns ``(fig, axes, mappable of the map)``."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6), layout="constrained")
+    _show_image(axes[0], image, "image")
+    im = axes[1].imshow(values, interpolation="nearest", **imshow_kwargs)
+    axes[1].set_title(map_title, fontsize=9)
+    axes[1].set_xlabel("x (pixels)")
+    axes[1].set_ylabel("y (pixels)")
+    _show_image(axes[2], image, "overlay")
+    return fig, axes, im
+
+
+def _finish_map(fig, axes, im, label, title, path):
+    """The colour bar (``label``) and ``title`` of an ``_image_and_map`` figure; saved to ``path``."""
+    fig.colorbar(im, ax=axes.tolist(), fraction=0.025, pad=0.02, label=label)
+    fig.suptitle(title)
+    return _finish(fig, path)
+
+
 def _heat_extent(heat_shape, image_shape, patch, stride):
     """imshow extent putting each occlusion cell over the centre of its patch."""
     h, w = image_shape
@@ -286,26 +315,15 @@ def plot_occlusion(image, heatmap, path=None, title="Occlusion sensitivity", pat
     -------
     matplotlib.figure.Figure
     """
-    plt = _pyplot()
-    heat = np.asarray(heatmap, dtype=np.float64)
-    if heat.ndim != 2:
-        raise ValueError(f"Expected one heatmap of shape (out_h, out_w), received: {heat.shape}")
+    heat = _one_map(heatmap, "heatmap", "(out_h, out_w)")
     shown = _display_image(image)
     extent = _heat_extent(heat.shape, shown.shape[:2], patch, stride)
     vmax = float(np.abs(heat).max()) or 1.0
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6), layout="constrained")
-    _show_image(axes[0], image, "image")
-    im = axes[1].imshow(heat, cmap=cmap, vmin=-vmax, vmax=vmax, extent=extent, interpolation="nearest")
+    fig, axes, im = _image_and_map(image, heat, "probability drop", cmap=cmap, vmin=-vmax, vmax=vmax, extent=extent)
     axes[1].set_xlim(-0.5, shown.shape[1] - 0.5)
     axes[1].set_ylim(shown.shape[0] - 0.5, -0.5)
-    axes[1].set_title("probability drop", fontsize=9)
-    _show_image(axes[2], image, "overlay")
     _overlay(axes[2], heat, im, vmax, extent)
-    axes[1].set_xlabel("x (pixels)")
-    axes[1].set_ylabel("y (pixels)")
-    fig.colorbar(im, ax=axes.tolist(), fraction=0.025, pad=0.02, label="baseline p - occluded p")
-    fig.suptitle(title)
-    return _finish(fig, path)
+    return _finish_map(fig, axes, im, "baseline p - occluded p", title, path)
 
 
 def plot_saliency(image, saliency, path=None, title="Saliency (|d score / d input|)", cmap="hot"):
@@ -324,28 +342,17 @@ def plot_saliency(image, saliency, path=None, title="Saliency (|d score / d inpu
     -------
     matplotlib.figure.Figure
     """
-    plt = _pyplot()
-    sal = np.asarray(saliency, dtype=np.float64)
-    if sal.ndim != 2:
-        raise ValueError(f"Expected one saliency map of shape (h, w), received: {sal.shape}")
+    sal = _one_map(saliency, "saliency map", "(h, w)")
     if sal.shape != _display_image(image).shape[:2]:
         raise ValueError(
             f"Expected a saliency map of the image's size {_display_image(image).shape[:2]}, received: {sal.shape}"
         )
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6), layout="constrained")
-    _show_image(axes[0], image, "image")
-    im = axes[1].imshow(sal, cmap=cmap, vmin=0.0, interpolation="nearest")
-    axes[1].set_title("saliency", fontsize=9)
-    axes[1].set_xlabel("x (pixels)")
-    axes[1].set_ylabel("y (pixels)")
-    _show_image(axes[2], image, "overlay")
+    fig, axes, im = _image_and_map(image, sal, "saliency", cmap=cmap, vmin=0.0)
     # Dim the image on black so the bright end of "hot" stays visible over white garments.
     axes[2].set_facecolor("black")
     axes[2].images[0].set_alpha(0.5)
     _overlay(axes[2], sal, im, float(sal.max()), None)
-    fig.colorbar(im, ax=axes.tolist(), fraction=0.025, pad=0.02, label="|gradient|")
-    fig.suptitle(title)
-    return _finish(fig, path)
+    return _finish_map(fig, axes, im, "|gradient|", title, path)
 
 
 def plot_history(history, path=None, title="Training history"):

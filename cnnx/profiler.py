@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._geometry import int_pair
+from .geometry import int_pair
 from .parallel import with_single_threaded_blas
 from .validation import check_int
 

@@ -21,6 +21,7 @@ count when ``momentum=None``), so it keeps no count; ``state_dict`` writes 0 and
 """
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 from collections import namedtuple
@@ -381,73 +382,68 @@ def _torch_pool(layer):
     return cls(layer.kernel_size, layer.stride, padding, count_include_pad=True)
 
 
-_TORCH_CLASSES = {}
+# The torch classes below are defined on first use (torch is optional) and once: functools.cache.
 
 
+@functools.cache
 def _padded_conv_class(dims=2):
     """``nn.Conv{dims}d`` padding explicitly (any four sides) before the convolution; same keys."""
-    key = f"conv{dims}d"
-    if key not in _TORCH_CLASSES:
-        import torch.nn as nn
-        import torch.nn.functional as F
+    import torch.nn as nn
+    import torch.nn.functional as F
 
-        base = nn.Conv2d if dims == 2 else nn.Conv1d
+    base = nn.Conv2d if dims == 2 else nn.Conv1d
 
-        class PaddedConv(base):
-            pads = None
+    class PaddedConv(base):
+        pads = None
 
-            def forward(self, x):
-                return super().forward(F.pad(x, self.pads))
+        def forward(self, x):
+            return super().forward(F.pad(x, self.pads))
 
-        PaddedConv.__name__ = f"PaddedConv{dims}d"
-        _TORCH_CLASSES[key] = PaddedConv
-    return _TORCH_CLASSES[key]
+    PaddedConv.__name__ = f"PaddedConv{dims}d"
+    return PaddedConv
 
 
+@functools.cache
 def _residual_class():
     """A torch module computing ``block(x) + shortcut(x)`` (identity shortcut when None)."""
-    if "residual" not in _TORCH_CLASSES:
-        import torch.nn as nn
+    import torch.nn as nn
 
-        class Residual(nn.Module):
-            def __init__(self, block, shortcut=None):
-                super().__init__()
-                self.block = block
-                self.shortcut = shortcut
+    class Residual(nn.Module):
+        def __init__(self, block, shortcut=None):
+            super().__init__()
+            self.block = block
+            self.shortcut = shortcut
 
-            def forward(self, x):
-                return self.block(x) + (x if self.shortcut is None else self.shortcut(x))
+        def forward(self, x):
+            return self.block(x) + (x if self.shortcut is None else self.shortcut(x))
 
-        _TORCH_CLASSES["residual"] = Residual
-    return _TORCH_CLASSES["residual"]
+    return Residual
 
 
+@functools.cache
 def _concat_class():
     """A torch module joining its branches' outputs on the channel axis."""
-    if "concat" not in _TORCH_CLASSES:
-        import torch
-        import torch.nn as nn
+    import torch
+    import torch.nn as nn
 
-        class Concat(nn.Module):
-            def __init__(self, branches):
-                super().__init__()
-                self.branches = nn.ModuleList(branches)
+    class Concat(nn.Module):
+        def __init__(self, branches):
+            super().__init__()
+            self.branches = nn.ModuleList(branches)
 
-            def forward(self, x):
-                return torch.cat([branch(x) for branch in self.branches], dim=1)
+        def forward(self, x):
+            return torch.cat([branch(x) for branch in self.branches], dim=1)
 
-        _TORCH_CLASSES["concat"] = Concat
-    return _TORCH_CLASSES["concat"]
+    return Concat
 
 
+@functools.cache
 def _channel_layer_norm_class():
     """``nn.LayerNorm`` over axis 1 of ``(n, c, ...)`` (ConvNeXt's channels-first LayerNorm); same keys."""
-    if "channel_layer_norm" not in _TORCH_CLASSES:
-        import torch.nn as nn
+    import torch.nn as nn
 
-        class ChannelLayerNorm(nn.LayerNorm):
-            def forward(self, x):
-                return super().forward(x.movedim(1, -1)).movedim(-1, 1)
+    class ChannelLayerNorm(nn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x.movedim(1, -1)).movedim(-1, 1)
 
-        _TORCH_CLASSES["channel_layer_norm"] = ChannelLayerNorm
-    return _TORCH_CLASSES["channel_layer_norm"]
+    return ChannelLayerNorm

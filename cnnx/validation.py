@@ -12,7 +12,8 @@ import re
 
 import numpy as np
 
-__all__ = ["NotAnIntegerError", "as_array", "as_floating", "check_int", "check_shape", "float_array", "from_identifier", "is_nan", "squash_name"]
+__all__ = ["NotAnIntegerError", "as_array", "as_floating", "check_array", "check_bool", "check_dy", "check_floating", "check_groups",
+           "check_int", "check_shape", "float_array", "from_identifier", "is_nan", "positive_float", "positive_int", "squash_name"]
 
 
 class NotAnIntegerError(TypeError, ValueError):
@@ -31,6 +32,57 @@ def check_int(value, name, minimum=None):
     if minimum is not None and value < minimum:
         raise ValueError(f"Expected {name} >= {minimum}, received: {name}={value!r}")
     return int(value)
+
+
+def positive_int(value, name):
+    """``value`` as an int, which must be >= 1 (``check_int`` with ``minimum=1``)."""
+    return check_int(value, name, minimum=1)
+
+
+def positive_float(value, name):
+    """``value`` as a float, which must be a real number > 0 (a bool is refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) > 0:
+        raise ValueError(f"Expected {name} to be a positive number, received: {name}={value!r}")
+    return float(value)
+
+
+def check_bool(value, name):
+    """``value`` as a bool, which must be a Python or NumPy bool (not any truthy object)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"Expected {name} to be a bool, received: {name}={value!r}")
+    return bool(value)
+
+
+def check_groups(groups, in_channels, out_channels):
+    """``groups`` of a convolution layer as an int >= 1 dividing both channel counts."""
+    groups = positive_int(groups, "groups")
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(
+            f"Expected groups to divide in_channels ({in_channels}) and out_channels ({out_channels}), "
+            f"received: groups={groups}"
+        )
+    return groups
+
+
+def check_array(owner, x):
+    """Raise a TypeError unless ``x`` is an ndarray; ``owner`` (a layer) names the message."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{type(owner).__name__} expected a numpy array, received: {type(x).__name__}")
+
+
+def check_floating(owner, x):
+    """Raise unless the array ``x`` has a floating dtype; ``owner`` (a layer) names the message."""
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(f"{type(owner).__name__} expected a floating-point array, received: dtype={x.dtype}")
+
+
+def check_dy(owner, dy, expected):
+    """Raise unless ``dy`` is an ndarray of shape ``expected`` (what the last forward of ``owner``,
+    a layer, produced)."""
+    expected = tuple(expected)
+    if not isinstance(dy, np.ndarray) or dy.shape != expected:
+        received = dy.shape if isinstance(dy, np.ndarray) else type(dy).__name__
+        raise ValueError(f"{type(owner).__name__} expected dy of shape {expected}, received: {received}")
 
 
 def check_shape(shape):

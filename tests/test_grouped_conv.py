@@ -1,5 +1,5 @@
 """Grouped, depthwise and dilated convolutions: Conv2D / Conv1D (dilation=, groups=) and
-``functional.conv2d_grouped`` against a naive reference, central differences, torch.nn, and the
+``functional.conv2d`` against a naive reference, central differences, torch.nn, and the
 usual invalid input."""
 import numpy as np
 import pytest
@@ -82,11 +82,11 @@ def test_functional_matches_the_reference(case, n, dtype, rng):
     x = rng.standard_normal((n, c, 7, 8)).astype(dtype)
     w = rng.standard_normal((oc, c // groups) + k).astype(dtype)
     b = rng.standard_normal(oc).astype(dtype)
-    dil = cnnx._geometry.int_pair(dilation)
-    span = cnnx._geometry.dilated_kernel_size(k, dil)
-    pads = cnnx._geometry.explicit_padding(padding, span, cnnx._geometry.int_pair(stride), (7, 8))
-    y = F.conv2d_grouped(x, w, b, stride, padding, dilation, groups)
-    expected = reference_conv2d(x, w, b, cnnx._geometry.int_pair(stride), pads, dil, groups)
+    dil = cnnx.geometry.int_pair(dilation)
+    span = cnnx.geometry.dilated_kernel_size(k, dil)
+    pads = cnnx.geometry.explicit_padding(padding, span, cnnx.geometry.int_pair(stride), (7, 8))
+    y = F.conv2d(x, w, b, stride, padding, dilation, groups)
+    expected = reference_conv2d(x, w, b, cnnx.geometry.int_pair(stride), pads, dil, groups)
     tol = 1e-12 if dtype == np.float64 else 1e-4
     assert y.dtype == dtype and y.shape == expected.shape
     np.testing.assert_allclose(y, expected, rtol=tol, atol=tol)
@@ -94,21 +94,26 @@ def test_functional_matches_the_reference(case, n, dtype, rng):
         assert y.shape[2:] == x.shape[2:]
 
     g = rng.standard_normal(y.shape).astype(dtype)
-    dx, dw, db = F.conv2d_grouped_backward(g, x, w, stride, padding, dilation, groups)
+    dx, dw, db = F.conv2d_backward(g, x, w, stride, padding, dilation, groups)
     rdx, rdw, rdb = reference_backward(g.astype(np.float64), x.astype(np.float64), w.astype(np.float64),
-                                       cnnx._geometry.int_pair(stride), pads, dil, groups)
+                                       cnnx.geometry.int_pair(stride), pads, dil, groups)
     for got, want in ((dx, rdx), (dw, rdw), (db, rdb)):
         assert got.dtype == dtype
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(1.0, np.abs(want).max()))
 
 
-def test_groups_1_dilation_1_equals_the_plain_convolution(rng):
+def test_groups_1_dilation_1_is_the_plain_convolution(rng):
+    # One function serves the plain and the grouped/dilated convolution (conv2d_grouped was a
+    # second schedule until it merged into conv2d); groups=1, dilation=1 is the plain one.
     x = rng.standard_normal((3, 4, 9, 8))
     w = rng.standard_normal((5, 4, 3, 2))
     b = rng.standard_normal(5)
-    np.testing.assert_allclose(F.conv2d_grouped(x, w, b, 2, 1), F.conv2d(x, w, b, 2, 1), rtol=1e-12, atol=1e-12)
+    pads = ((1, 1), (1, 1))
+    y = F.conv2d(x, w, b, 2, 1, 1, 1)
+    np.testing.assert_allclose(y, reference_conv2d(x, w, b, (2, 2), pads, (1, 1), 1), rtol=1e-12, atol=1e-12)
     dy = rng.standard_normal((3, 5, 5, 5))
-    for a, e in zip(F.conv2d_grouped_backward(dy, x, w, 2, 1), F.conv2d_backward(dy, x, w, 2, 1)):
+    expected = reference_backward(dy, x, w, (2, 2), pads, (1, 1), 1)
+    for a, e in zip(F.conv2d_backward(dy, x, w, 2, 1, 1, 1), expected):
         np.testing.assert_allclose(a, e, rtol=1e-12, atol=1e-12)
 
 
@@ -116,12 +121,12 @@ def test_non_contiguous_input_and_fused_relu(rng):
     x = rng.standard_normal((2, 8, 7, 6))[:, ::2]          # every other channel: not contiguous
     w = rng.standard_normal((4, 2, 3, 3))
     b = rng.standard_normal(4)
-    y = F.conv2d_grouped(x, w, b, 1, 1, 2, 2, activation="relu")
+    y = F.conv2d(x, w, b, 1, 1, 2, 2, activation="relu")
     z = reference_conv2d(np.ascontiguousarray(x), w, b, (1, 1), ((1, 1), (1, 1)), (2, 2), 2)
     np.testing.assert_allclose(y, np.maximum(z, 0), rtol=1e-12, atol=1e-12)
     dy = rng.standard_normal(y.shape)
-    dx, dw, db = F.conv2d_grouped_backward(dy, x, w, 1, 1, 2, 2, activation="relu", y=y)
-    ex, ew, eb = F.conv2d_grouped_backward(dy * (z > 0), x, w, 1, 1, 2, 2)
+    dx, dw, db = F.conv2d_backward(dy, x, w, 1, 1, 2, 2, activation="relu", y=y)
+    ex, ew, eb = F.conv2d_backward(dy * (z > 0), x, w, 1, 1, 2, 2)
     for a, e in ((dx, ex), (dw, ew), (db, eb)):
         np.testing.assert_allclose(a, e, rtol=1e-12, atol=1e-12)
 
@@ -129,8 +134,8 @@ def test_non_contiguous_input_and_fused_relu(rng):
 def test_fused_max_pool_2x2_equals_conv_then_pool(rng):
     x = rng.standard_normal((2, 4, 8, 8))
     w = rng.standard_normal((4, 1, 3, 3))
-    y = F.conv2d_grouped(x, w, None, 1, 1, 1, 4, activation="relu")
-    pooled = F.conv2d_grouped(x, w, None, 1, 1, 1, 4, activation="relu", max_pool_2x2=True)
+    y = F.conv2d(x, w, None, 1, 1, 1, 4, activation="relu")
+    pooled = F.conv2d(x, w, None, 1, 1, 1, 4, activation="relu", max_pool_2x2=True)
     np.testing.assert_allclose(pooled, F.max_pool2d(y, 2)[0], rtol=1e-12, atol=1e-12)
 
 
@@ -145,10 +150,10 @@ def test_results_identical_with_one_thread_and_several(threads, rng, monkeypatch
     wd = rng.standard_normal((8, 1, 3, 3)).astype(np.float32)  # depthwise: the direct kernel
 
     def run():
-        y = F.conv2d_grouped(x, w, None, (2, 1), 1, (1, 2), 2)
-        yd = F.conv2d_grouped(x, wd, None, 1, 2, 2, 4)
-        return ((y,) + F.conv2d_grouped_backward(np.ones_like(y), x, w, (2, 1), 1, (1, 2), 2)
-                + (yd,) + F.conv2d_grouped_backward(np.cos(yd), x, wd, 1, 2, 2, 4))
+        y = F.conv2d(x, w, None, (2, 1), 1, (1, 2), 2)
+        yd = F.conv2d(x, wd, None, 1, 2, 2, 4)
+        return ((y,) + F.conv2d_backward(np.ones_like(y), x, w, (2, 1), 1, (1, 2), 2)
+                + (yd,) + F.conv2d_backward(np.cos(yd), x, wd, 1, 2, 2, 4))
 
     with num_threads(1):
         serial = run()
@@ -255,13 +260,13 @@ def test_dilated_kernel_larger_than_the_input_is_refused():
 def test_functional_errors(rng):
     x = rng.standard_normal((2, 4, 6, 6))
     with pytest.raises(ValueError, match=r"Expected weight of shape \(6, 2, kh, kw\) .* received: weight.shape=\(6, 4, 3, 3\)"):
-        F.conv2d_grouped(x, np.zeros((6, 4, 3, 3)), groups=2)
+        F.conv2d(x, np.zeros((6, 4, 3, 3)), groups=2)
     with pytest.raises(ValueError, match="divisible by groups, received: groups=3"):
-        F.conv2d_grouped(x, np.zeros((6, 1, 3, 3)), groups=3)
+        F.conv2d(x, np.zeros((6, 1, 3, 3)), groups=3)
     with pytest.raises(ValueError, match=r"Expected a kernel no larger than the padded input"):
-        F.conv2d_grouped(x, np.zeros((4, 1, 3, 3)), dilation=4, groups=4)
+        F.conv2d(x, np.zeros((4, 1, 3, 3)), dilation=4, groups=4)
     with pytest.raises(ValueError, match=r"Expected dy of shape"):
-        F.conv2d_grouped_backward(np.zeros((2, 4, 5, 5)), x, np.zeros((4, 1, 3, 3)), groups=4)
+        F.conv2d_backward(np.zeros((2, 4, 5, 5)), x, np.zeros((4, 1, 3, 3)), groups=4)
 
 
 # --- parity with torch.nn in float64 -----------------------------------------------------------
@@ -325,8 +330,8 @@ def test_threaded_results_are_bit_identical_on_convnext_shapes(threads, rng):
     # ConvNeXt's shapes (many small planes) against the serial run can pass on a racy build; the
     # kernels now assign those bounds directly. Each plane is one thread's: bit-identical results.
     def run(x, w, dy, padding, dilation, groups):
-        y = F.conv2d_grouped(x, w, None, 1, padding, dilation, groups)
-        return (y,) + F.conv2d_grouped_backward(dy, x, w, 1, padding, dilation, groups)[:2]
+        y = F.conv2d(x, w, None, 1, padding, dilation, groups)
+        return (y,) + F.conv2d_backward(dy, x, w, 1, padding, dilation, groups)[:2]
 
     cases = []
     for c, size in ((32, 16), (64, 8), (128, 4)):

@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from ..functional import ACTIVATIONS, SOFTMAX, check_gelu_approximate, erf, erfc, normal_cdf
-from ._common import check_dy, check_floating
+from ..validation import check_array, check_dy, check_floating
 from .base import Layer
 
 # erf, erfc and normal_cdf stay importable from here (their home before cnnx.functional).
@@ -121,8 +121,7 @@ class _Activation(Layer):
         -------
         y : ndarray of the same shape and dtype
         """
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"{type(self).__name__} expected a numpy array, received: {type(x).__name__}")
+        check_array(self, x)
         if x.ndim < self._min_ndim:
             raise ValueError(
                 f"{type(self).__name__} expected input with at least {self._min_ndim} axes (batch first), "

@@ -25,6 +25,8 @@ import math
 import numpy as np
 
 from .. import random as _random
+from ..init import initialize_bias, initialize_weight
+from ..validation import check_array
 
 # The layer classes a saved config may name, by class name: what save/load (and
 # ``Network.from_config``, ``Residual``) use to rebuild a network. cnnx's own layers enter it as
@@ -154,13 +156,23 @@ class Layer:
         return f"{type(self).__name__}({args})"
 
     # --- helpers for subclasses ---------------------------------------------------------
+    def _sample_shape(self, input_shape, expected):
+        """``input_shape`` (per sample) as a tuple, checked against ``expected``: an int where the
+        size is fixed, a name (``"h"``) where any size goes, e.g. ``(self.in_channels, "h", "w")``."""
+        input_shape = tuple(input_shape)
+        if len(input_shape) != len(expected) or any(
+            isinstance(e, int) and e != s for e, s in zip(expected, input_shape)
+        ):
+            shown = "(" + ", ".join(map(str, expected)) + ("," if len(expected) == 1 else "") + ")"
+            raise ValueError(f"{type(self).__name__} expected input of shape {shown} per sample, received: {input_shape}")
+        return input_shape
+
     def _check_input(self, x, expected_shape):
         """Raise a clear error unless ``x`` is an ndarray of shape ``(n, *expected_shape)``.
 
         ``None`` in ``expected_shape`` means any size on that axis.
         """
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"{type(self).__name__} expected a numpy array, received: {type(x).__name__}")
+        check_array(self, x)
         ok = x.ndim == len(expected_shape) + 1 and all(
             e is None or e == s for e, s in zip(expected_shape, x.shape[1:])
         )
@@ -305,3 +317,53 @@ def check_state_size(shape, what):
             "file holds"
         )
     budget[0] -= n
+
+
+# --- parameter bookkeeping the layer classes share ----------------------------------------------
+
+def init_weight_and_bias(layer, shape, rng, bias_shape=None):
+    """Draw ``layer.params["weight"]`` of ``shape`` (and ``"bias"`` when ``layer.use_bias``) with
+    ``layer.weight_init``, then zero the gradients.
+
+    ``bias_shape`` is the shape whose first axis gives the bias length and whose others give its
+    fan-in (default ``shape``).
+    """
+    check_state_size(shape, "a weight")  # before drawing: a doctored saved config is refused here
+    if layer.use_bias:
+        check_state_size((shape if bias_shape is None else bias_shape)[:1], "a bias")
+    gen = default_rng(rng)
+    layer.params["weight"] = initialize_weight(layer.weight_init, shape, gen)
+    if layer.use_bias:
+        layer.params["bias"] = initialize_bias(layer.weight_init, shape if bias_shape is None else bias_shape, gen)
+    layer.zero_grads()
+
+
+def grad_buffer(layer, name):
+    """``layer.grads[name]`` as a writable array matching its parameter (made on first use).
+
+    Gradients are written into this array rather than replacing it, so anyone holding a reference
+    (an optimizer's parameter list) always sees the latest values.
+    """
+    p = layer.params[name]
+    g = layer.grads.get(name)
+    if g is None or g.shape != p.shape or g.dtype != p.dtype:
+        g = layer.grads[name] = np.zeros_like(p)
+    return g
+
+
+def store_grads(layer, **grads):
+    """Copy each ``name=gradient`` into ``layer.grads[name]`` in place.
+
+    Names the layer has no parameter for (the bias of a layer built without one) are skipped.
+    """
+    for name, g in grads.items():
+        if name in layer.params:
+            np.copyto(grad_buffer(layer, name), g)
+
+
+def init_affine(layer, num_features):
+    """``layer.params`` ``"weight"`` (ones) and ``"bias"`` (zeros) of shape ``(num_features,)``: the
+    per-feature scale and shift of a normalisation layer built with ``affine=True``."""
+    layer.params["weight"] = np.ones(num_features, dtype=np.float32)
+    layer.params["bias"] = np.zeros(num_features, dtype=np.float32)
+    layer.zero_grads()

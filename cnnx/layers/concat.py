@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import check_dy
+from ..validation import check_array, check_dy
 from .base import Layer, layer_to_config, layers_from_config
-from .container import Container, as_layer_list, path_backward
+from .container import Container, as_layer_list, path_backward, path_forward, path_shape
 
 
 class Concat(Container):
@@ -38,14 +38,7 @@ class Concat(Container):
                 f"received: {branches!r}"
             )
         self.branches = [as_layer_list(branch, f"branches[{b}]") for b, branch in enumerate(branches)]
-        children = [layer for branch in self.branches for layer in branch]
-        if len({id(layer) for layer in children}) != len(children):
-            raise ValueError("Expected every layer of the branches to be a distinct object, received a repeated layer")
-        # Inner layers always pass gradients on; the first layer of each branch follows this
-        # layer's own flag (which a Network may turn off), set in backward.
-        for layer in children:
-            layer.needs_input_grad = True
-        self.needs_input_grad = True
+        self._hold([layer for branch in self.branches for layer in branch], "the branches")
         self._splits = None
         self._y_shape = None
 
@@ -59,7 +52,7 @@ class Concat(Container):
     # --- shapes --------------------------------------------------------------------------
     def output_shape(self, input_shape):
         input_shape = tuple(input_shape)
-        shapes = [self._branch_shape(b, input_shape) for b in range(len(self.branches))]
+        shapes = [path_shape(branch, input_shape, f"Concat branches[{b}]") for b, branch in enumerate(self.branches)]
         for b, shape in enumerate(shapes):
             if len(shape) < 1 or shape[1:] != shapes[0][1:]:
                 raise ValueError(
@@ -67,16 +60,6 @@ class Concat(Container):
                     f"{input_shape}, received: branch 0 {shapes[0]}, branch {b} {shape}"
                 )
         return (sum(s[0] for s in shapes),) + shapes[0][1:]
-
-    def _branch_shape(self, b, shape):
-        for i, layer in enumerate(self.branches[b]):
-            try:
-                shape = tuple(layer.output_shape(shape))
-            except (ValueError, TypeError) as exc:
-                raise ValueError(
-                    f"Concat branches[{b}][{i}] ({type(layer).__name__}) cannot take input of shape {shape}: {exc}"
-                ) from exc
-        return shape
 
     # --- forward / backward ----------------------------------------------------------------
     def forward(self, x, training=False):
@@ -88,14 +71,8 @@ class Concat(Container):
         -------
         y : ndarray of shape (n, sum of the branches' channels, ...)
         """
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"Concat expected a numpy array, received: {type(x).__name__}")
-        outputs = []
-        for branch in self.branches:
-            a = x
-            for layer in branch:
-                a = layer.forward(a, training)
-            outputs.append(a)
+        check_array(self, x)
+        outputs = [path_forward(branch, x, training) for branch in self.branches]
         shapes = [a.shape for a in outputs]
         if any(a.ndim < 2 or a.shape[0] != x.shape[0] or a.shape[2:] != outputs[0].shape[2:] for a in outputs):
             raise ValueError(

@@ -9,7 +9,18 @@ from __future__ import annotations
 
 from .base import Layer
 
-__all__ = ["Container", "as_layer_list", "path_backward"]
+__all__ = ["Container", "as_layer_list", "path_backward", "path_forward", "path_shape"]
+
+
+def _snapshot(what, collect):
+    """A property reading ``collect(container)``; its setter accepts only the empty dict
+    ``Layer.__init__`` assigns (a container keeps nothing of its own)."""
+
+    def refuse(self, value):
+        if value:
+            raise AttributeError(f"{type(self).__name__} keeps its {what} in its {self.holders}; set them there")
+
+    return property(collect, refuse)
 
 
 class Container(Layer):
@@ -26,56 +37,44 @@ class Container(Layer):
         """Yield ``(prefix, layers)`` for every path, in the order of its names."""
         raise NotImplementedError
 
-    # Layer.__init__ assigns empty dicts; accept exactly that and keep nothing.
-    @property
-    def params(self):
-        return {name: p for name, p, _ in self.named_parameters()}
+    def _hold(self, children, what):
+        """Take ``children`` (every layer of every path; ``what`` names them in the error): they
+        must be distinct objects. Inner layers always pass gradients on; the first layer of each
+        path follows the container's own flag (which a Network may turn off), set in backward."""
+        if len({id(layer) for layer in children}) != len(children):
+            raise ValueError(f"Expected every layer of {what} to be a distinct object, received a repeated layer")
+        for layer in children:
+            layer.needs_input_grad = True
+        self.needs_input_grad = True
 
-    @params.setter
-    def params(self, value):
-        if value:
-            raise AttributeError(f"{type(self).__name__} keeps its parameters in its {self.holders}; set them there")
+    def held_layers(self):
+        """Yield ``(name, layer)`` for every layer it holds: ``name`` is ``"<path>.<index>"``."""
+        for prefix, layers in self.paths():
+            for i, layer in enumerate(layers):
+                yield f"{prefix}.{i}", layer
 
-    @property
-    def grads(self):
-        return {name: g for name, _, g in self.named_parameters()}
-
-    @grads.setter
-    def grads(self, value):
-        if value:
-            raise AttributeError(f"{type(self).__name__} keeps its gradients in its {self.holders}; set them there")
-
-    @property
-    def buffers(self):
-        return dict(self.named_buffers())
-
-    @buffers.setter
-    def buffers(self, value):
-        if value:
-            raise AttributeError(f"{type(self).__name__} keeps its buffers in its {self.holders}; set them there")
+    params = _snapshot("parameters", lambda self: {name: p for name, p, _ in self.named_parameters()})
+    grads = _snapshot("gradients", lambda self: {name: g for name, _, g in self.named_parameters()})
+    buffers = _snapshot("buffers", lambda self: dict(self.named_buffers()))
 
     def named_parameters(self):
-        for prefix, layers in self.paths():
-            for i, layer in enumerate(layers):
-                for name, p, g in layer.named_parameters():
-                    yield f"{prefix}.{i}.{name}", p, g
+        for where, layer in self.held_layers():
+            for name, p, g in layer.named_parameters():
+                yield f"{where}.{name}", p, g
 
     def named_buffers(self):
-        for prefix, layers in self.paths():
-            for i, layer in enumerate(layers):
-                for name, b in layer.named_buffers():
-                    yield f"{prefix}.{i}.{name}", b
+        for where, layer in self.held_layers():
+            for name, b in layer.named_buffers():
+                yield f"{where}.{name}", b
 
     def astype(self, dtype):
-        for _, layers in self.paths():
-            for layer in layers:
-                layer.astype(dtype)
+        for _, layer in self.held_layers():
+            layer.astype(dtype)
         return self
 
     def zero_grads(self):
-        for _, layers in self.paths():
-            for layer in layers:
-                layer.zero_grads()
+        for _, layer in self.held_layers():
+            layer.zero_grads()
 
 
 def as_layer_list(layers, name, allow_none=False):
@@ -93,6 +92,26 @@ def as_layer_list(layers, name, allow_none=False):
         if not isinstance(layer, Layer):
             raise TypeError(f"Expected {name}[{i}] to be a cnnx Layer, received: {type(layer).__name__}")
     return list(layers)
+
+
+def path_shape(layers, shape, where):
+    """The output shape of ``layers`` for a per-sample input ``shape``; ``where`` ("Residual block",
+    "Concat branches[1]") names the path when a layer refuses the shape."""
+    for i, layer in enumerate(layers):
+        try:
+            shape = tuple(layer.output_shape(shape))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(
+                f"{where}[{i}] ({type(layer).__name__}) cannot take input of shape {shape}: {exc}"
+            ) from exc
+    return shape
+
+
+def path_forward(layers, x, training):
+    """Run ``x`` through ``layers`` in order; returns the path's output."""
+    for layer in layers:
+        x = layer.forward(x, training)
+    return x
 
 
 def path_backward(layers, d, needs_input_grad):

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from .. import functional as F
-from .._geometry import dilated_kernel_size, explicit_padding, positive_pair, windowed_output_size
+from ..geometry import dilated_kernel_size, explicit_padding, positive_pair, windowed_output_size
 from ..init import check_initializer
-from ._common import (check_bool, check_dy, check_floating, check_groups, init_weight_and_bias, positive_int,
-                      store_grads)
+from ..validation import check_bool, check_dy, check_floating, check_groups, positive_int
 from .activations import FusedActivation, check_activation, check_negative_slope, compiled_rectifier
-from .base import Layer
+from .base import Layer, init_weight_and_bias, store_grads
 
 
 def canonical_padding(padding, kernel_size, stride):
@@ -86,12 +85,7 @@ class Conv2D(Layer):
         return explicit_padding(self.padding, self._span, self.stride, tuple(hw))
 
     def output_shape(self, input_shape):
-        input_shape = tuple(input_shape)
-        if len(input_shape) != 3 or input_shape[0] != self.in_channels:
-            raise ValueError(
-                f"Conv2D expected input of shape ({self.in_channels}, h, w) per sample, received: {input_shape}"
-            )
-        _, h, w = input_shape
+        _, h, w = self._sample_shape(input_shape, (self.in_channels, "h", "w"))
         (pt, pb), (pl, pr) = self.explicit_padding((h, w))
         dilated = "" if self.dilation == (1, 1) else f" (dilation {self.dilation})"
         out_h, out_w = windowed_output_size((h, w), self._span, self.stride, ((pt, pb), (pl, pr)), "Conv2D", dilated)
@@ -199,24 +193,13 @@ class Conv2D(Layer):
         store_grads(self, weight=dw, bias=db)
         return dx if need_input_grad else None
 
-    # --- the kernels: the plain convolution, or the grouped/dilated one ---------------------
-    @property
-    def _plain(self):
-        return self.groups == 1 and self.dilation == (1, 1)
-
     def _conv(self, x, pads, workspace, **kwargs):
         w, b = self.params["weight"], self.params.get("bias")
-        if self._plain:
-            return F.conv2d(x, w, b, self.stride, pads, workspace=workspace, **kwargs)
-        return F.conv2d_grouped(x, w, b, self.stride, pads, self.dilation, self.groups, workspace=workspace,
-                                **kwargs)
+        return F.conv2d(x, w, b, self.stride, pads, self.dilation, self.groups, workspace=workspace, **kwargs)
 
     def _conv_backward(self, dz, x, pads, need_dx, workspace, **kwargs):
-        w = self.params["weight"]
-        if self._plain:
-            return F.conv2d_backward(dz, x, w, self.stride, pads, need_dx=need_dx, workspace=workspace, **kwargs)
-        return F.conv2d_grouped_backward(dz, x, w, self.stride, pads, self.dilation, self.groups, need_dx=need_dx,
-                                         workspace=workspace, **kwargs)
+        return F.conv2d_backward(dz, x, self.params["weight"], self.stride, pads, self.dilation, self.groups,
+                                 need_dx=need_dx, workspace=workspace, **kwargs)
 
     def get_config(self):
         return {
@@ -238,7 +221,8 @@ class Conv2D(Layer):
     def pools_in_training(self):
         """Whether ``call_pooled`` applies: a plain convolution (no groups, no dilation) whose
         activation, if any, the kernels apply."""
-        return self._plain and (self.activation is None or self._compiled_act is not None)
+        plain = self.groups == 1 and self.dilation == (1, 1)
+        return plain and (self.activation is None or self._compiled_act is not None)
 
     def call_pooled(self, x, training, state, *, fused_activation=None):
         """Forward of this layer (+ the activation layer an execution plan fuses) + a 2x2 / stride-2

@@ -10,12 +10,11 @@ from __future__ import annotations
 import numbers
 
 from .. import functional as F
-from .._geometry import conv_output_size, explicit_padding
+from ..geometry import conv_output_size, explicit_padding
 from ..init import check_initializer
-from ._common import (check_bool, check_dy, check_floating, check_groups, init_weight_and_bias, positive_int,
-                      store_grads)
+from ..validation import check_bool, check_dy, check_floating, check_groups, positive_int
 from .activations import FusedActivation, check_activation, check_negative_slope
-from .base import Layer
+from .base import Layer, init_weight_and_bias, store_grads
 
 
 def _positive_length(value, name):
@@ -125,12 +124,7 @@ class Conv1D(Layer):
         return _explicit_pads(self.padding, self._span, self.stride, length)
 
     def output_shape(self, input_shape):
-        input_shape = tuple(input_shape)
-        if len(input_shape) != 2 or input_shape[0] != self.in_channels:
-            raise ValueError(
-                f"Conv1D expected input of shape ({self.in_channels}, length) per sample, received: {input_shape}"
-            )
-        length = input_shape[1]
+        _, length = self._sample_shape(input_shape, (self.in_channels, "length"))
         left, right = self.explicit_padding(length)
         if self._span > length + left + right:
             dilated = "" if self.dilation == 1 else f", dilation {self.dilation}"
@@ -168,12 +162,8 @@ class Conv1D(Layer):
         x4 = x.astype(w.dtype, copy=False)[:, :, None, :]
         pads = ((0, 0), self.explicit_padding(x.shape[2]))
         w4, b = w[:, :, None, :], self.params.get("bias")
-        if self.groups == 1 and self.dilation == 1:
-            z = F.conv2d(x4, w4, b, (1, self.stride), pads, workspace=state.workspace)
-        else:
-            z = F.conv2d_grouped(x4, w4, b, (1, self.stride), pads, (1, self.dilation), self.groups,
-                                 workspace=state.workspace)
-        z = z[:, :, 0, :]
+        z = F.conv2d(x4, w4, b, (1, self.stride), pads, (1, self.dilation), self.groups,
+                     workspace=state.workspace)[:, :, 0, :]
         state.x4, state.pads, state.act = x4, pads, act
         state.y, state.z = act.forward(z)
         return state.y
@@ -194,13 +184,9 @@ class Conv1D(Layer):
         check_dy(self, dy, state.y.shape)
         w = self.params["weight"]
         dz = state.act.backward(dy.astype(w.dtype, copy=False), state.z, state.y)
-        if self.groups == 1 and self.dilation == 1:
-            dx, dw, db = F.conv2d_backward(dz[:, :, None, :], state.x4, w[:, :, None, :], (1, self.stride),
-                                           state.pads, need_dx=need_input_grad, workspace=state.workspace)
-        else:
-            dx, dw, db = F.conv2d_grouped_backward(dz[:, :, None, :], state.x4, w[:, :, None, :], (1, self.stride),
-                                                   state.pads, (1, self.dilation), self.groups,
-                                                   need_dx=need_input_grad, workspace=state.workspace)
+        dx, dw, db = F.conv2d_backward(dz[:, :, None, :], state.x4, w[:, :, None, :], (1, self.stride), state.pads,
+                                       (1, self.dilation), self.groups, need_dx=need_input_grad,
+                                       workspace=state.workspace)
         store_grads(self, weight=dw[:, :, 0, :], bias=db)
         return dx[:, :, 0, :] if need_input_grad else None
 
@@ -249,12 +235,7 @@ class _Pool1D(Layer):
         return (1, self.kernel_size), (1, self.stride), ((0, 0), self.pads)
 
     def output_shape(self, input_shape):
-        input_shape = tuple(input_shape)
-        if len(input_shape) != 2:
-            raise ValueError(
-                f"{type(self).__name__} expected input of shape (c, length) per sample, received: {input_shape}"
-            )
-        c, length = input_shape
+        c, length = self._sample_shape(input_shape, ("c", "length"))
         left, right = self.pads
         if self.kernel_size > length + left + right:
             raise ValueError(

@@ -13,9 +13,9 @@ import numpy as np
 from .. import functional as F
 from .. import random as _random
 from ..init import check_initializer
-from ._common import check_bool, check_dy, check_floating, grad_buffer, init_weight_and_bias, positive_int
+from ..validation import check_array, check_bool, check_dy, check_floating, positive_int
 from .activations import FusedActivation, check_activation, check_negative_slope
-from .base import Layer
+from .base import Layer, grad_buffer, init_weight_and_bias
 
 
 class Dense(Layer):
@@ -157,8 +157,7 @@ class Flatten(Layer):
         -------
         y : ndarray of shape (n, d1 * ...), a view of ``x`` when ``x`` is contiguous
         """
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"Flatten expected a numpy array, received: {type(x).__name__}")
+        check_array(self, x)
         if x.ndim < 2:
             raise ValueError(f"Flatten expected input of shape (batch, d1, ...), received: {x.shape}")
         state.x_shape = x.shape
@@ -213,8 +212,7 @@ class Dropout(Layer):
         -------
         y : ndarray of the same shape (``x`` itself in evaluation)
         """
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"Dropout expected a numpy array, received: {type(x).__name__}")
+        check_array(self, x)
         check_floating(self, x)
         state.y_shape = x.shape
         if not training or self.p == 0.0:

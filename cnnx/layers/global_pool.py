@@ -8,7 +8,7 @@ They are the 2-D pooling kernels of ``cnnx.functional`` with a window as large a
 from __future__ import annotations
 
 from .. import functional as F
-from ._common import check_bool, check_dy, check_floating
+from ..validation import check_bool, check_dy, check_floating
 from .base import Layer
 
 
@@ -22,12 +22,7 @@ class _GlobalPool2D(Layer):
         self._x_shape = None
 
     def output_shape(self, input_shape):
-        input_shape = tuple(input_shape)
-        if len(input_shape) != 3:
-            raise ValueError(
-                f"{type(self).__name__} expected input of shape (c, h, w) per sample, received: {input_shape}"
-            )
-        c = input_shape[0]
+        c, _, _ = self._sample_shape(input_shape, ("c", "h", "w"))
         return (c, 1, 1) if self.keepdims else (c,)
 
     def forward(self, x, training=False):

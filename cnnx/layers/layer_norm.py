@@ -11,13 +11,11 @@ implementation on a ``(a, c, b)`` view of the input, normalised over its middle 
 """
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 
 from .. import functional as F
-from ._common import check_bool, check_dy, check_floating, positive_int, store_grads
-from .base import Layer, check_state_size
+from ..validation import check_array, check_bool, check_dy, check_floating, positive_float, positive_int
+from .base import Layer, check_state_size, init_affine, store_grads
 
 
 class LayerNorm(Layer):
@@ -48,16 +46,12 @@ class LayerNorm(Layer):
         if isinstance(axis, bool) or axis not in (1, -1):
             raise ValueError(f"Expected axis 1 (channels) or -1 (last axis), received: axis={axis!r}")
         self.axis = int(axis)
-        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not float(eps) > 0:
-            raise ValueError(f"Expected eps to be a positive number, received: eps={eps!r}")
-        self.eps = float(eps)
+        self.eps = positive_float(eps, "eps")
         self.affine = check_bool(affine, "affine")
         self.needs_input_grad = True
         if self.affine:
             check_state_size((2 * self.num_features,), "num_features")  # weight and bias
-            self.params["weight"] = np.ones(self.num_features, dtype=np.float32)
-            self.params["bias"] = np.zeros(self.num_features, dtype=np.float32)
-            self.zero_grads()
+            init_affine(self, self.num_features)
         self._dtype = np.dtype(np.float32)  # the dtype without affine parameters to carry it
         self._cache = None
 
@@ -89,8 +83,7 @@ class LayerNorm(Layer):
         -------
         y : ndarray of the shape of ``x``, in the layer's dtype
         """
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"LayerNorm expected a numpy array, received: {type(x).__name__}")
+        check_array(self, x)
         check_floating(self, x)
         if x.ndim < 2:
             raise ValueError(f"LayerNorm expected a batch of samples (n, ...), received: shape={x.shape}")

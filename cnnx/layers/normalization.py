@@ -15,8 +15,8 @@ import numbers
 import numpy as np
 
 from .. import functional as F
-from ._common import check_bool, check_dy, check_floating, positive_int, store_grads
-from .base import Layer, check_state_size
+from ..validation import check_array, check_bool, check_dy, check_floating, positive_float, positive_int
+from .base import Layer, check_state_size, init_affine, store_grads
 
 
 class _BatchNorm(Layer):
@@ -25,20 +25,16 @@ class _BatchNorm(Layer):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True):
         super().__init__()
         self.num_features = positive_int(num_features, "num_features")
-        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not float(eps) > 0:
-            raise ValueError(f"Expected eps to be a positive number, received: eps={eps!r}")
+        self.eps = positive_float(eps, "eps")
         if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= float(momentum) <= 1.0:
             raise ValueError(f"Expected momentum to be a number in [0, 1], received: momentum={momentum!r}")
-        self.eps = float(eps)
         self.momentum = float(momentum)
         self.affine = check_bool(affine, "affine")
         self.needs_input_grad = True
         c = self.num_features
         check_state_size(((4 if self.affine else 2) * c,), "num_features")  # weight, bias, 2 buffers
         if self.affine:
-            self.params["weight"] = np.ones(c, dtype=np.float32)
-            self.params["bias"] = np.zeros(c, dtype=np.float32)
-            self.zero_grads()
+            init_affine(self, c)
         self.buffers["running_mean"] = np.zeros(c, dtype=np.float32)
         self.buffers["running_var"] = np.ones(c, dtype=np.float32)
         self._cache = None
@@ -54,8 +50,7 @@ class _BatchNorm(Layer):
 
     def _as_ncl(self, x):
         """Validate ``x`` and return it as an ``(n, c, L)`` array of the parameters' dtype."""
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"{type(self).__name__} expected a numpy array, received: {type(x).__name__}")
+        check_array(self, x)
         check_floating(self, x)
         if x.ndim < 1:
             raise ValueError(f"{type(self).__name__} expected a batch of samples, received: shape={x.shape}")

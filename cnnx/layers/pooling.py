@@ -6,8 +6,8 @@ runs forward (``_pool``) and backward (``_pool_backward``).
 from __future__ import annotations
 
 from .. import functional as F
-from .._geometry import check_pool_padding, explicit_padding, positive_pair, windowed_output_size
-from ._common import check_dy, check_floating
+from ..geometry import check_pool_padding, explicit_padding, positive_pair, windowed_output_size
+from ..validation import check_dy, check_floating
 from .base import Layer
 
 
@@ -36,12 +36,7 @@ class _Pool2D(Layer):
         return state
 
     def output_shape(self, input_shape):
-        input_shape = tuple(input_shape)
-        if len(input_shape) != 3:
-            raise ValueError(
-                f"{type(self).__name__} expected input of shape (c, h, w) per sample, received: {input_shape}"
-            )
-        c, h, w = input_shape
+        c, h, w = self._sample_shape(input_shape, ("c", "h", "w"))
         return (c,) + windowed_output_size((h, w), self.kernel_size, self.stride, self.pads, type(self).__name__)
 
     def call(self, x, training, state):

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import check_dy
+from ..validation import check_array, check_dy
 from .activations import FusedActivation, check_activation, check_negative_slope
 from .base import layer_to_config, layers_from_config
-from .container import Container, as_layer_list, path_backward
+from .container import Container, as_layer_list, path_backward, path_forward, path_shape
 
 
 class Residual(Container):
@@ -41,19 +41,10 @@ class Residual(Container):
         super().__init__()
         self.block = as_layer_list(block, "block")
         self.shortcut = as_layer_list(shortcut, "shortcut", allow_none=True)
-        children = self.block + (self.shortcut or [])
-        if len({id(layer) for layer in children}) != len(children):
-            raise ValueError(
-                "Expected every layer of block and shortcut to be a distinct object, received a repeated layer"
-            )
+        self._hold(self.block + (self.shortcut or []), "block and shortcut")
         self.activation = check_activation(activation)
         self.negative_slope = check_negative_slope(negative_slope)
         self._act = FusedActivation(self.activation, self.negative_slope)
-        # Inner layers always pass gradients on; only the first layer of each path may skip dx
-        # (decided in backward from this layer's own flag, which a Network may turn off).
-        for layer in children:
-            layer.needs_input_grad = True
-        self.needs_input_grad = True
         self._z = self._y = None
 
     # --- the Layer state: the paths' (see Container) ---------------------------------------
@@ -65,8 +56,9 @@ class Residual(Container):
     # --- shapes --------------------------------------------------------------------------
     def output_shape(self, input_shape):
         input_shape = tuple(input_shape)
-        block_shape = _path_shape(self.block, input_shape, "block")
-        short_shape = input_shape if self.shortcut is None else _path_shape(self.shortcut, input_shape, "shortcut")
+        block_shape = path_shape(self.block, input_shape, "Residual block")
+        short_shape = input_shape if self.shortcut is None else path_shape(self.shortcut, input_shape,
+                                                                           "Residual shortcut")
         if block_shape != short_shape:
             what = "the identity shortcut" if self.shortcut is None else "the shortcut"
             raise ValueError(
@@ -85,15 +77,9 @@ class Residual(Container):
         -------
         y : ndarray of the block's output shape
         """
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"Residual expected a numpy array, received: {type(x).__name__}")
-        a = x
-        for layer in self.block:
-            a = layer.forward(a, training)
-        s = x
-        if self.shortcut is not None:
-            for layer in self.shortcut:
-                s = layer.forward(s, training)
+        check_array(self, x)
+        a = path_forward(self.block, x, training)
+        s = x if self.shortcut is None else path_forward(self.shortcut, x, training)
         if a.shape != s.shape:
             raise ValueError(
                 f"Residual expected the block and the shortcut to give the same shape for input {x.shape}, "
@@ -158,13 +144,3 @@ class Residual(Container):
             extra += f", negative_slope={self.negative_slope!r}"
         return f"Residual(block={show(self.block)}, shortcut={shortcut}{extra})"
 
-
-def _path_shape(layers, shape, name):
-    for i, layer in enumerate(layers):
-        try:
-            shape = tuple(layer.output_shape(shape))
-        except (ValueError, TypeError) as exc:
-            raise ValueError(
-                f"Residual {name}[{i}] ({type(layer).__name__}) cannot take input of shape {shape}: {exc}"
-            ) from exc
-    return shape

@@ -10,10 +10,10 @@ import numbers
 import numpy as np
 
 from .. import functional as F
-from .._geometry import conv_transpose_output_size, int_pair, positive_pair
+from ..geometry import conv_transpose_output_size, int_pair, positive_pair
 from ..init import check_initializer
-from ._common import check_bool, check_dy, check_floating, grad_buffer, init_weight_and_bias, positive_int, store_grads
-from .base import Layer
+from ..validation import check_array, check_bool, check_dy, check_floating, positive_int
+from .base import Layer, grad_buffer, init_weight_and_bias, store_grads
 
 
 class ConvTranspose2D(Layer):
@@ -157,10 +157,7 @@ class Upsample2D(Layer):
         self._x_shape = None
 
     def output_shape(self, input_shape):
-        input_shape = tuple(input_shape)
-        if len(input_shape) != 3:
-            raise ValueError(f"Upsample2D expected input of shape (c, h, w) per sample, received: {input_shape}")
-        c, h, w = input_shape
+        c, h, w = self._sample_shape(input_shape, ("c", "h", "w"))
         sy, sx = self.scale_factor
         return (c, h * sy, w * sx)
 
@@ -257,8 +254,7 @@ class Reshape(Layer):
         -------
         y : ndarray of shape (n, *target_shape), a view of ``x`` where NumPy can make one
         """
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"Reshape expected a numpy array, received: {type(x).__name__}")
+        check_array(self, x)
         if x.ndim < 1:
             raise ValueError(f"Reshape expected a batch (n, ...), received: shape={x.shape}")
         out = self.output_shape(x.shape[1:])

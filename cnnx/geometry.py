@@ -1,4 +1,4 @@
-"""Geometry helpers shared by functional, layers and tests.
+"""Window geometry shared by functional, the layers, explain, plots, the profiler and tests.
 
 One place turns user-facing ``kernel_size`` / ``stride`` / ``padding`` arguments into the
 explicit integers the kernels take, so nothing re-derives output sizes inline.

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .io import NpyVersionError, read_npy_header
+
 __all__ = ["FLOAT_RANGES", "ImageFileError", "read_images"]
 
 FLOAT_RANGES = (1, 255)
@@ -106,16 +108,9 @@ def _read_header(path, label):
             raise ImageFileError(f"{label}: {expected}, received: {received}")
         f.seek(0)
         try:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
-            elif version == (2, 0):
-                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
-            else:
-                raise ImageFileError(
-                    f"{label}: expected .npy format version 1.0 or 2.0, received: {version[0]}.{version[1]}")
-        except ImageFileError:
-            raise
+            shape, fortran_order, dtype = read_npy_header(f)
+        except NpyVersionError as exc:
+            raise ImageFileError(f"{label}: {exc}") from None
         except (ValueError, EOFError, SyntaxError, TypeError, OverflowError):
             raise ImageFileError(
                 f"{label}: expected a .npy header as numpy.save writes it ({{'descr': ..., "
