@@ -12,6 +12,7 @@ rather than crash on an illegal instruction.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
@@ -113,6 +114,32 @@ def _choose():
 
 ISA, ops = _choose()
 
+# OpenBLAS's kernel families (threadpoolctl's "architecture") by the widest ISA build of cnnx
+# whose vectors they match; anything not listed (older or non-x86 cores) counts as the baseline.
+_BLAS_AVX512 = frozenset({"skylakex", "cooperlake", "sapphirerapids"})
+_BLAS_AVX2 = frozenset({"haswell", "zen", "skylake", "excavator", "steamroller"})
+
+
+@functools.lru_cache(maxsize=1)
+def blas_isa():
+    """The instruction set NumPy's BLAS kernels use, on the scale of ``ISAS`` ("avx512", "avx2",
+    "baseline"), or None when threadpoolctl reports no OpenBLAS (another BLAS: assumed to match the
+    CPU). OpenBLAS picks its kernels from the CPU unless ``OPENBLAS_CORETYPE`` forces narrower ones."""
+    from threadpoolctl import threadpool_info
+
+    for pool in threadpool_info():
+        if pool.get("internal_api") == "openblas" and pool.get("architecture"):
+            arch = str(pool["architecture"]).lower()
+            return "avx512" if arch in _BLAS_AVX512 else "avx2" if arch in _BLAS_AVX2 else "baseline"
+    return None
+
+
+def blas_narrower_than_kernels():
+    """Whether NumPy's BLAS runs narrower vectors than cnnx's kernels (e.g. AVX2 kernels forced by
+    ``OPENBLAS_CORETYPE=Haswell`` on an AVX-512 CPU): then cnnx's own GEMM beats it on more shapes."""
+    blas = blas_isa()
+    return blas is not None and ISAS.index(blas) > ISAS.index(ISA)
+
 
 def config():
     """What the compiled kernels run with: a dict of ISA, OpenMP, threads, debug build, CPU."""
@@ -127,6 +154,7 @@ def config():
         "openmp": bool(ops.openmp_enabled()),
         "threads": parallel.get_num_threads(),
         "debug_build": bool(ops.debug_build()),
+        "blas_kernels": blas_isa(),
     }
 
 

@@ -276,7 +276,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, out=
         else:
             _ops.gemm_to_nchw(y_gemm, b, has_bias, rectify, slope, first, y3, nt)
 
-    _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace)
+    nchw = None if max_pool_2x2 else (b, has_bias, rectify, slope, y3)
+    _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace, nchw)
     return y
 
 
@@ -315,27 +316,75 @@ def _unfold(x, window, first, m, scratch, n_threads):
     return cols
 
 
-def _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace):
+def _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace, nchw=None):
     """The im2col + GEMM forward of a convolution with this ``window`` and ``groups``, run by
     groups of images on cnnx's workers.
 
     ``gemm_to_output(y_gemm, first, scratch, n_threads)`` takes the GEMM result of images
     ``first : first + m``, laid out ``(out_c, m, P)``, and writes the caller's output (bias,
     activation and pooling as the caller fuses them), with the worker's ``scratch`` for buffers.
+    ``nchw = (bias, has_bias, rectify, slope, y3)`` (optional) is ``gemm_to_nchw``'s epilogue: where
+    cnnx's packed GEMM runs, it writes ``y3`` directly and ``gemm_to_output`` is not called.
     """
     oc = weight.shape[0]
     k = x.shape[1] * window[0] * window[1]  # c * kh * kw
     w3 = weight.reshape(groups, oc // groups, k // groups)
     _, run = _image_groups(x, window, oc, k + oc, workspace)
+    out_h, out_w = window[-2], window[-1]
+    # The packed GEMM takes the plain convolution (one group, no dilation); window without dilation.
+    packed = (groups == 1 and window[4:6] == (1, 1)
+              and packed_conv_gemm(x.dtype, oc, k, out_h * out_w))
+    plain_window = window[:4] + window[6:]
 
     def forward(index, first, m, scratch, nt):
-        cols = _unfold(x, window, first, m, scratch, nt)
-        p = cols.shape[2]
-        y_gemm = scratch.get("y_gemm", (oc, m, p), x.dtype)
-        np.matmul(w3, cols.reshape(groups, k // groups, m * p), out=y_gemm.reshape(groups, oc // groups, m * p))
+        if packed and nchw is not None:
+            _ops.conv_gemm_nchw(x, first, m, w3[0], *plain_window, *nchw, nt)
+            return
+        y_gemm = scratch.get("y_gemm", (oc, m, out_h * out_w), x.dtype)
+        if packed:
+            _ops.conv_gemm_columns(x, first, w3[0], *plain_window, y_gemm, nt)
+        else:
+            cols = _unfold(x, window, first, m, scratch, nt)
+            p = cols.shape[2]
+            np.matmul(w3, cols.reshape(groups, k // groups, m * p), out=y_gemm.reshape(groups, oc // groups, m * p))
         gemm_to_output(y_gemm, first, scratch, nt)
 
     run(forward)
+
+
+# Which convolution GEMMs run cnnx's packed GEMM (``_ops.conv_gemm_*``: im2col fused into the
+# packing, bias and activation into the tile stores; ``_ops.gemm`` for the backward) instead of
+# im2col + np.matmul: float32 only (float64 stays on BLAS; the PyTorch parity tests run in it).
+# ``None`` follows the measured rules below; True / False force a path (benchmarks/conv_gemm.py
+# compares the two).
+PACKED_CONV_GEMM = None
+
+
+def packed_conv_gemm(dtype, out_c, k, pixels):
+    """Whether a convolution forward with GEMM ``(out_c, k) @ (k, pixels per image)`` runs cnnx's
+    packed GEMM (see ``PACKED_CONV_GEMM``; the figures behind the rule are in docs/PERFORMANCE_LOG.md)."""
+    if dtype != np.float32 or k == 0:
+        return False
+    if PACKED_CONV_GEMM is not None:
+        return bool(PACKED_CONV_GEMM)
+    # Measured per layer (docs/PERFORMANCE_LOG.md, Zen 5): 1.05-2.6x faster on every conv layer of
+    # the benchmark workloads, against OpenBLAS with its AVX2 (Haswell) or AVX-512 kernels.
+    return True
+
+
+def packed_backward_gemm(dtype, out_c, k, pixels):
+    """``(weight gradient, column gradient)``: whether each GEMM of a convolution backward (``dW =
+    dY @ cols.T``, ``dcols = W.T @ dY``) runs cnnx's packed GEMM (``_ops.gemm``) instead of np.matmul
+    (see ``PACKED_CONV_GEMM``)."""
+    if dtype != np.float32 or k == 0:
+        return False, False
+    if PACKED_CONV_GEMM is not None:
+        return bool(PACKED_CONV_GEMM), bool(PACKED_CONV_GEMM)
+    # Measured (docs/PERFORMANCE_LOG.md, Zen 5): dcols wins or ties from k = 12 on, loses at k = 4;
+    # dW (a reduction over the pixels, B packed transposed) wins only for k >= 288 and only against
+    # a BLAS running narrower kernels than cnnx's build.
+    dweight = k >= 256 and _simd.blas_narrower_than_kernels()
+    return dweight, k >= 8
 
 
 def conv2d_backward(dy, x, weight, stride=1, padding=0, dilation=1, groups=1, need_dx=True, out=None,
@@ -398,6 +447,7 @@ def _conv_backward_groups(x, weight, window, groups, dy_to_gemm, dx, workspace):
     # Each group's weight gradient is kept apart and the parts summed in group order afterwards:
     # the same sums in the same order whichever thread computed which part.
     dweight_parts = ws.get("dweight_parts", (n_groups, groups, ocg, kg), x.dtype)
+    packed_dweight = groups == 1 and packed_backward_gemm(x.dtype, oc, k, window[-2] * window[-1])[0]
 
     def backward(index, first, m, scratch, nt):
         cols = _unfold(x, window, first, m, scratch, nt)
@@ -405,7 +455,10 @@ def _conv_backward_groups(x, weight, window, groups, dy_to_gemm, dx, workspace):
         dy_gemm = scratch.get("dy_gemm", (oc, m, p), x.dtype)
         dy_to_gemm(first, dy_gemm, dbias_partial[first:first + m], nt)
         dy_g = dy_gemm.reshape(groups, ocg, m * p)
-        np.matmul(dy_g, cols.reshape(groups, kg, m * p).transpose(0, 2, 1), out=dweight_parts[index])
+        if packed_dweight:
+            _ops.gemm(dy_g[0], cols.reshape(kg, m * p).T, dweight_parts[index, 0], nt)
+        else:
+            np.matmul(dy_g, cols.reshape(groups, kg, m * p).transpose(0, 2, 1), out=dweight_parts[index])
         if dx is not None:
             _fold_input_grad(w3, dy_g, first, m, window, dx, scratch, nt)
 
@@ -424,7 +477,10 @@ def _fold_input_grad(w3, dy3, first, m, window, dx, scratch, n_threads):
     groups, _, kg = w3.shape
     mp = dy3.shape[2]
     dcols = scratch.get("dcols", (groups * kg, m, mp // max(m, 1)), dy3.dtype)
-    np.matmul(w3.transpose(0, 2, 1), dy3, out=dcols.reshape(groups, kg, mp))
+    if groups == 1 and packed_backward_gemm(dy3.dtype, w3.shape[1], kg, mp // max(m, 1))[1]:
+        _ops.gemm(w3[0].T, dy3[0], dcols.reshape(kg, mp), n_threads)
+    else:
+        np.matmul(w3.transpose(0, 2, 1), dy3, out=dcols.reshape(groups, kg, mp))
     _ops.col2im_dilated(dcols, first, *window, dx, n_threads)
 
 

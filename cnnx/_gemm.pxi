@@ -1,0 +1,568 @@
+# cnnx's own float32 GEMM for convolutions, with im2col fused into the packing (included by _ops.pyx).
+#
+# C = A @ B with A = the weights (out_c, K = c*kh*kw) and B = the im2col matrix of a group of
+# images (K, N = g * P), P = out_h * out_w, never materialised:
+# - A is packed once per call into micro-panels of MR rows (k-major, MR values per k, zero rows
+#   past out_c);
+# - B is packed block by block (KC x NC) straight from the images: panels of NR columns, NR values
+#   per k, gathered with the convolution's geometry (zero where the window hangs over the padding);
+# - a register-blocked micro-kernel (MR x NR accumulators) computes one output tile and writes it
+#   to C through a (row stride, image stride) addressing, with the bias and the (leaky) ReLU
+#   applied to the finished sums: NCHW output and the (out_c, g, P) GEMM layout are the same code.
+# Loops (BLIS's, with the roles of A and B swapped because the vectors run along the output
+# pixels, which are contiguous in NCHW): NC blocks of columns -> KC blocks of K -> pack B ->
+# MR panels of A (one stays in L1) -> NR panels of B (the block stays in L2) -> micro-kernel.
+# Each call runs on the calling thread alone, or splits its NC blocks over n_threads with OpenMP;
+# every output value is the same sum in the same order whatever the split.
+#
+# The micro-kernel is C with GCC/Clang vector extensions; its width follows the build's
+# instruction set (cnnx._ops_avx512: 16 floats, cnnx._ops_avx2: 8, baseline: 4), so the same
+# source gives each per-ISA module its own kernel. Compilers without vector extensions (MSVC) get
+# a plain scalar kernel of the same shape.
+
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset
+from cython.parallel cimport threadid
+
+cdef extern from *:
+    """
+    #include <string.h>
+    #include <stdint.h>
+    #if defined(__GNUC__) || defined(__clang__)
+      #define CNNX_GEMM_VECTOR 1
+      #if defined(__AVX512F__)
+        #define CNNX_VW 16
+        #define CNNX_MR 8
+      #elif defined(__AVX2__) || defined(__FMA__) || defined(__AVX__)
+        #define CNNX_VW 8
+        #define CNNX_MR 6
+      #else
+        #define CNNX_VW 4
+        #define CNNX_MR 6
+      #endif
+    #else
+      #define CNNX_GEMM_VECTOR 0
+      #define CNNX_VW 4
+      #define CNNX_MR 4
+    #endif
+    /* Two vectors of columns per tile: MR x 2 accumulators, two B loads and one broadcast fit the
+       register file (AVX-512: 16 + 3 of 32 zmm; AVX2 / SSE: 12 + 3 of 16). */
+    #define CNNX_NR (2 * CNNX_VW)
+    /* Cache blocking: A's MR x KC micro-panel stays in L1, B's KC x NC block in L2. */
+    #define CNNX_KC_MAX 512
+    #define CNNX_NC_BYTES (256 * 1024)
+    static const int CNNX_GEMM_MR = CNNX_MR;
+    static const int CNNX_GEMM_NR = CNNX_NR;
+    static const int CNNX_GEMM_VW = CNNX_VW;
+    static const int CNNX_GEMM_KC_MAX = CNNX_KC_MAX;
+    static const int CNNX_GEMM_NC_BYTES = CNNX_NC_BYTES;
+
+    #if CNNX_GEMM_VECTOR
+    typedef float cnnx_vf __attribute__((vector_size(CNNX_VW * 4)));
+    typedef int32_t cnnx_vi __attribute__((vector_size(CNNX_VW * 4)));
+    static inline cnnx_vf cnnx_vload(const float *p) { cnnx_vf v; memcpy(&v, p, sizeof v); return v; }
+    static inline void cnnx_vstore(float *p, cnnx_vf v) { memcpy(p, &v, sizeof v); }
+    /* s - (+0) is exactly s for every s (also -0), so this folds to a plain broadcast; v + s would
+       not (-0 + +0 = +0). */
+    static inline cnnx_vf cnnx_splat(float s) { cnnx_vf zero = {0}; return s - zero; }
+    /* v if v > 0 else v * slope, as a bit select (no branch; NaN gives NaN * slope = NaN). */
+    static inline cnnx_vf cnnx_vleaky(cnnx_vf v, float slope) {
+        cnnx_vi pos = v > 0;
+        cnnx_vi a = (cnnx_vi)v, b = (cnnx_vi)(v * slope);
+        return (cnnx_vf)((a & pos) | (b & ~pos));
+    }
+    /* Row r of the tile: accumulate a broadcast A value times the two B vectors. */
+    #define CNNX_ROW_FMA(r) { cnnx_vf ar = cnnx_splat(a[r]); c##r##0 += ar * b0; c##r##1 += ar * b1; }
+    #define CNNX_ROW_STORE(r) \
+        if (r < rows) { \
+            float *cr = c + (Py_ssize_t)(r) * ldc; \
+            cnnx_vf v0 = c##r##0, v1 = c##r##1; \
+            if (accumulate) { v0 += cnnx_vload(cr); v1 += cnnx_vload(cr + CNNX_VW); } \
+            if (bias) { cnnx_vf br = cnnx_splat(bias[r]); v0 += br; v1 += br; } \
+            if (rectify) { v0 = cnnx_vleaky(v0, slope); v1 = cnnx_vleaky(v1, slope); } \
+            cnnx_vstore(cr, v0); cnnx_vstore(cr + CNNX_VW, v1); \
+        }
+    #define CNNX_ROW_DECL(r) cnnx_vf c##r##0 = {0}, c##r##1 = {0};
+
+    /* One MR x NR tile: c[r, 0:NR] (row stride ldc) = (accumulate ? c : 0) + sum_k a[k, r] b[k, :],
+       then + bias[r] and the leaky ReLU when given; only the first `rows` rows are written.
+       a: kc x MR packed, b: kc x NR packed. */
+    static void cnnx_sgemm_micro(Py_ssize_t kc, const float *restrict a, const float *restrict b,
+                                 float *c, Py_ssize_t ldc, int rows, int accumulate,
+                                 const float *bias, int rectify, float slope) {
+        CNNX_ROW_DECL(0) CNNX_ROW_DECL(1) CNNX_ROW_DECL(2) CNNX_ROW_DECL(3)
+        CNNX_ROW_DECL(4) CNNX_ROW_DECL(5)
+        #if CNNX_MR > 6
+        CNNX_ROW_DECL(6) CNNX_ROW_DECL(7)
+        #endif
+        for (Py_ssize_t k = 0; k < kc; ++k) {
+            cnnx_vf b0 = cnnx_vload(b), b1 = cnnx_vload(b + CNNX_VW);
+            CNNX_ROW_FMA(0) CNNX_ROW_FMA(1) CNNX_ROW_FMA(2) CNNX_ROW_FMA(3)
+            CNNX_ROW_FMA(4) CNNX_ROW_FMA(5)
+            #if CNNX_MR > 6
+            CNNX_ROW_FMA(6) CNNX_ROW_FMA(7)
+            #endif
+            a += CNNX_MR;
+            b += CNNX_NR;
+        }
+        CNNX_ROW_STORE(0) CNNX_ROW_STORE(1) CNNX_ROW_STORE(2) CNNX_ROW_STORE(3)
+        CNNX_ROW_STORE(4) CNNX_ROW_STORE(5)
+        #if CNNX_MR > 6
+        CNNX_ROW_STORE(6) CNNX_ROW_STORE(7)
+        #endif
+    }
+    #endif  /* CNNX_GEMM_VECTOR: the micro-kernel */
+    /* Copy / zero n <= NR floats: the runs of the B packing (an output row of a panel at most), so
+       straight-line vector code: whole vectors, an overlapping last vector, or fixed-size pieces
+       for runs shorter than a vector (a loop here became a memcpy call, costing more than the copy). */
+    #if CNNX_GEMM_VECTOR
+    static inline void cnnx_copy_run(float *restrict dst, const float *restrict src, Py_ssize_t n) {
+        if (n >= CNNX_VW) {
+            cnnx_vstore(dst, cnnx_vload(src));
+            if (n > CNNX_VW) cnnx_vstore(dst + n - CNNX_VW, cnnx_vload(src + n - CNNX_VW));
+            return;
+        }
+        Py_ssize_t t = 0;
+        if (n & 8) { memcpy(dst + t, src + t, 8 * sizeof(float)); t += 8; }
+        if (n & 4) { memcpy(dst + t, src + t, 4 * sizeof(float)); t += 4; }
+        if (n & 2) { memcpy(dst + t, src + t, 2 * sizeof(float)); t += 2; }
+        if (n & 1) dst[t] = src[t];
+    }
+    static inline void cnnx_zero_run(float *dst, Py_ssize_t n) {
+        static const float zeros[CNNX_VW] = {0};
+        cnnx_copy_run(dst, zeros, n < CNNX_VW ? n : CNNX_VW);
+        if (n > CNNX_VW) cnnx_copy_run(dst + n - CNNX_VW, zeros, CNNX_VW);
+    }
+    #else
+    static void cnnx_copy_run(float *dst, const float *src, Py_ssize_t n) {
+        for (Py_ssize_t t = 0; t < n; ++t) dst[t] = src[t];
+    }
+    static void cnnx_zero_run(float *dst, Py_ssize_t n) {
+        for (Py_ssize_t t = 0; t < n; ++t) dst[t] = 0;
+    }
+    #endif
+    #if !CNNX_GEMM_VECTOR
+    static void cnnx_sgemm_micro(Py_ssize_t kc, const float *a, const float *b,
+                                 float *c, Py_ssize_t ldc, int rows, int accumulate,
+                                 const float *bias, int rectify, float slope) {
+        float acc[CNNX_MR][CNNX_NR] = {{0}};
+        for (Py_ssize_t k = 0; k < kc; ++k) {
+            for (int r = 0; r < CNNX_MR; ++r)
+                for (int j = 0; j < CNNX_NR; ++j)
+                    acc[r][j] += a[r] * b[j];
+            a += CNNX_MR;
+            b += CNNX_NR;
+        }
+        for (int r = 0; r < rows; ++r) {
+            float *cr = c + (Py_ssize_t)r * ldc;
+            for (int j = 0; j < CNNX_NR; ++j) {
+                float v = acc[r][j] + (accumulate ? cr[j] : 0.0f) + (bias ? bias[r] : 0.0f);
+                if (rectify) v = v > 0 ? v : v * slope;
+                cr[j] = v;
+            }
+        }
+    }
+    #endif
+    /* 64-byte aligned buffers for the packed panels (freed with cnnx_free_aligned). */
+    static float *cnnx_alloc_floats(Py_ssize_t n) {
+        char *raw = (char *)malloc((size_t)n * sizeof(float) + 64 + sizeof(void *));
+        if (!raw) return NULL;
+        uintptr_t p = ((uintptr_t)(raw + sizeof(void *)) + 63) & ~(uintptr_t)63;
+        ((void **)p)[-1] = raw;
+        return (float *)p;
+    }
+    static void cnnx_free_floats(float *p) { if (p) free(((void **)p)[-1]); }
+    """
+    const int CNNX_GEMM_MR
+    const int CNNX_GEMM_NR
+    const int CNNX_GEMM_VW
+    const int CNNX_GEMM_KC_MAX
+    const int CNNX_GEMM_NC_BYTES
+    void cnnx_sgemm_micro(Py_ssize_t kc, const float* a, const float* b, float* c, Py_ssize_t ldc, int rows,
+                          int accumulate, const float* bias, int rectify, float slope) noexcept nogil
+    void cnnx_copy_run(float* dst, const float* src, Py_ssize_t n) noexcept nogil
+    void cnnx_zero_run(float* dst, Py_ssize_t n) noexcept nogil
+    float* cnnx_alloc_floats(Py_ssize_t n) noexcept nogil
+    void cnnx_free_floats(float* p) noexcept nogil
+
+
+# The geometry of one call: images, window, output addressing.
+cdef struct _ConvGemm:
+    const float* x        # x[first], the group's first image
+    Py_ssize_t c, h, w    # input channels and size
+    const float* xpad     # the group's images with zero padding: (images, c, hp, wp)
+    Py_ssize_t images, hp, wp
+    Py_ssize_t kh, kw, sy, sx, pad_top, pad_left, out_h, out_w
+    Py_ssize_t M, K, N, P # out_c, c*kh*kw, g*P, out_h*out_w
+    Py_ssize_t kc_max, nc # blocking
+    const float* a_src    # A(o, k) = a_src[o * a_rs + k * a_cs]
+    Py_ssize_t a_rs, a_cs
+    const float* b_src    # NULL: B is the images' implicit im2col; else B(k, n) = b_src[k * b_rs + n * b_cs]
+    Py_ssize_t b_rs, b_cs
+    const float* a_packed
+    float* out            # C(o, n) = out[o * row_stride + (n // P) * image_stride + n % P]
+    Py_ssize_t row_stride, image_stride
+    const float* bias     # NULL without bias
+    int rectify
+    float slope
+
+
+def gemm_config():
+    """The micro-kernel and blocking of this build: ``{"mr", "nr", "vector_width", "kc_max",
+    "nc_bytes"}`` (rows x columns of one register tile, floats per vector, K block, B block bytes)."""
+    return {"mr": CNNX_GEMM_MR, "nr": CNNX_GEMM_NR, "vector_width": CNNX_GEMM_VW,
+            "kc_max": CNNX_GEMM_KC_MAX, "nc_bytes": CNNX_GEMM_NC_BYTES}
+
+
+cdef void _pack_a(const _ConvGemm* g, float* ap) noexcept nogil:
+    """A (M, K) -> micro-panels of MR rows: ap[(panel * K + k) * MR + r], zero past M."""
+    cdef Py_ssize_t mr = CNNX_GEMM_MR
+    cdef Py_ssize_t panel, k, r, o
+    cdef float* dst
+    for panel in range((g.M + mr - 1) // mr):
+        for k in range(g.K):
+            dst = ap + (panel * g.K + k) * mr
+            for r in range(mr):
+                o = panel * mr + r
+                dst[r] = g.a_src[o * g.a_rs + k * g.a_cs] if o < g.M else 0
+
+
+cdef void _pack_matrix_panel(const _ConvGemm* g, Py_ssize_t n_start, Py_ssize_t k0, Py_ssize_t kc,
+                             float* bp) noexcept nogil:
+    """One KC x NR panel of an explicit B, columns ``n_start : n_start + NR``, rows ``k0 : k0 + kc``:
+    bp[k * NR + j]. Columns past N are zero."""
+    cdef Py_ssize_t nr = CNNX_GEMM_NR
+    cdef Py_ssize_t valid = g.N - n_start if g.N - n_start < nr else nr
+    cdef Py_ssize_t k, j
+    cdef const float* src
+    if g.b_cs == 1:
+        for k in range(kc):
+            src = g.b_src + (k0 + k) * g.b_rs + n_start
+            cnnx_copy_run(bp + k * nr, src, valid)
+            cnnx_zero_run(bp + k * nr + valid, nr - valid)
+        return
+    # A transposed B: read each column along its contiguous direction.
+    for j in range(valid):
+        src = g.b_src + (n_start + j) * g.b_cs + k0 * g.b_rs
+        for k in range(kc):
+            bp[k * nr + j] = src[k * g.b_rs]
+    for k in range(kc):
+        cnnx_zero_run(bp + k * nr + valid, nr - valid)
+
+
+cdef void _pad_images(const _ConvGemm* g, float* xpad) noexcept nogil:
+    """The group's images with their padding as zeros: xpad[j, ci, pad_top + iy, pad_left + ix] =
+    x[j, ci, iy, ix], shape (images, c, hp, wp), so that packing never clips a window."""
+    cdef Py_ssize_t j, ci, r, iy
+    cdef float* row
+    for j in range(g.images):
+        for ci in range(g.c):
+            for r in range(g.hp):
+                row = xpad + ((j * g.c + ci) * g.hp + r) * g.wp
+                iy = r - g.pad_top
+                if iy < 0 or iy >= g.h:
+                    memset(row, 0, g.wp * sizeof(float))
+                    continue
+                memset(row, 0, g.pad_left * sizeof(float))
+                memcpy(row + g.pad_left, g.x + ((j * g.c + ci) * g.h + iy) * g.w, g.w * sizeof(float))
+                memset(row + g.pad_left + g.w, 0, (g.wp - g.pad_left - g.w) * sizeof(float))
+
+
+cdef void _pack_image_panel(const _ConvGemm* g, Py_ssize_t n_start, Py_ssize_t k0, Py_ssize_t kc,
+                            float* bp) noexcept nogil:
+    """One KC x NR panel of the implicit im2col matrix, columns ``n_start : n_start + NR``, rows
+    ``k0 : k0 + kc``: bp[k * NR + j], read from the padded images. Columns past N are zero."""
+    cdef Py_ssize_t nr = CNNX_GEMM_NR
+    # The panel's columns as runs of consecutive output pixels of one output row of one image:
+    # where each run starts in the panel, its length, and its first window's corner in xpad.
+    cdef Py_ssize_t seg_col[64]
+    cdef Py_ssize_t seg_len[64]
+    cdef Py_ssize_t seg_src[64]
+    cdef Py_ssize_t n_segs = 0, j = 0, n, p, oy, ox, length, valid
+    cdef Py_ssize_t plane = g.hp * g.wp
+    valid = g.N - n_start
+    if valid > nr:
+        valid = nr
+    while j < valid:
+        n = n_start + j
+        p = n % g.P
+        oy = p // g.out_w
+        ox = p - oy * g.out_w
+        length = g.out_w - ox
+        if length > valid - j:
+            length = valid - j
+        seg_col[n_segs] = j
+        seg_len[n_segs] = length
+        seg_src[n_segs] = (n // g.P) * g.c * plane + oy * g.sy * g.wp + ox * g.sx
+        n_segs += 1
+        j += length
+    cdef Py_ssize_t k, s, t, ci, ki, kj, offset
+    cdef float* dst
+    cdef const float* src
+    ci = k0 // (g.kh * g.kw)
+    ki = (k0 // g.kw) % g.kh
+    kj = k0 % g.kw
+    for k in range(kc):
+        dst = bp + k * nr
+        offset = ci * plane + ki * g.wp + kj  # row k's tap, relative to each window's corner
+        if g.sx == 1:
+            for s in range(n_segs):
+                cnnx_copy_run(dst + seg_col[s], g.xpad + seg_src[s] + offset, seg_len[s])
+        else:
+            for s in range(n_segs):
+                src = g.xpad + seg_src[s] + offset
+                for t in range(seg_len[s]):
+                    dst[seg_col[s] + t] = src[t * g.sx]
+        cnnx_zero_run(dst + valid, nr - valid)
+        kj += 1
+        if kj == g.kw:
+            kj = 0
+            ki += 1
+            if ki == g.kh:
+                ki = 0
+                ci += 1
+
+
+cdef void _store_tile(const _ConvGemm* g, Py_ssize_t o0, Py_ssize_t n_start, const float* a, const float* b,
+                      Py_ssize_t kc, bint accumulate, bint last) noexcept nogil:
+    """Tile rows ``o0 : o0 + MR``, columns ``n_start : n_start + NR``: the micro-kernel straight
+    into C when the tile's columns are contiguous there, else through a buffer."""
+    cdef Py_ssize_t mr = CNNX_GEMM_MR, nr = CNNX_GEMM_NR
+    cdef int rows = <int>(g.M - o0 if g.M - o0 < mr else mr)
+    cdef const float* bias = (g.bias + o0) if (last and g.bias != NULL) else NULL
+    cdef int rectify = g.rectify if last else 0
+    cdef Py_ssize_t image = n_start // g.P, p = n_start % g.P
+    cdef float* c = g.out + o0 * g.row_stride + image * g.image_stride + p
+    if n_start + nr <= g.N and (p + nr <= g.P or g.image_stride == g.P):
+        cnnx_sgemm_micro(kc, a, b, c, g.row_stride, rows, accumulate, bias, rectify, g.slope)
+        return
+    cdef float tile[16 * 64]  # MR x NR, MR <= 16 and NR <= 64 in every build
+    cdef Py_ssize_t r, j, n, valid = g.N - n_start
+    if valid > nr:
+        valid = nr
+    if accumulate:
+        for j in range(valid):
+            n = n_start + j
+            c = g.out + o0 * g.row_stride + (n // g.P) * g.image_stride + n % g.P
+            for r in range(rows):
+                tile[r * nr + j] = c[r * g.row_stride]
+    cnnx_sgemm_micro(kc, a, b, tile, nr, rows, accumulate, bias, rectify, g.slope)
+    for j in range(valid):
+        n = n_start + j
+        c = g.out + o0 * g.row_stride + (n // g.P) * g.image_stride + n % g.P
+        for r in range(rows):
+            c[r * g.row_stride] = tile[r * nr + j]
+
+
+cdef void _gemm_block(const _ConvGemm* g, Py_ssize_t block, float* bp) noexcept nogil:
+    """Columns ``block * nc : (block + 1) * nc`` of C, all rows, all of K (in KC blocks)."""
+    cdef Py_ssize_t mr = CNNX_GEMM_MR, nr = CNNX_GEMM_NR
+    cdef Py_ssize_t n0 = block * g.nc
+    cdef Py_ssize_t n1 = n0 + g.nc if n0 + g.nc < g.N else g.N
+    cdef Py_ssize_t n_panels = (n1 - n0 + nr - 1) // nr
+    cdef Py_ssize_t k0, kc, panel, o0
+    k0 = 0
+    while k0 < g.K:
+        kc = g.K - k0 if g.K - k0 < g.kc_max else g.kc_max
+        for panel in range(n_panels):
+            if g.b_src == NULL:
+                _pack_image_panel(g, n0 + panel * nr, k0, kc, bp + panel * kc * nr)
+            else:
+                _pack_matrix_panel(g, n0 + panel * nr, k0, kc, bp + panel * kc * nr)
+        o0 = 0
+        while o0 < g.M:
+            for panel in range(n_panels):
+                _store_tile(g, o0, n0 + panel * nr, g.a_packed + (o0 // mr) * g.K * mr + k0 * mr,
+                            bp + panel * kc * nr, kc, k0 > 0, k0 + kc >= g.K)
+            o0 += mr
+        k0 += kc
+
+
+cdef int _conv_gemm(_ConvGemm* g, int n_threads) noexcept nogil:
+    """Run the whole product (blocking set here); 0 on success, -1 when out of memory."""
+    cdef Py_ssize_t mr = CNNX_GEMM_MR, nr = CNNX_GEMM_NR
+    cdef Py_ssize_t n_kblocks = (g.K + CNNX_GEMM_KC_MAX - 1) // CNNX_GEMM_KC_MAX
+    # Balanced K blocks (576 -> 2 x 288, not 512 + 64).
+    g.kc_max = (g.K + n_kblocks - 1) // n_kblocks
+    g.nc = (CNNX_GEMM_NC_BYTES // (g.kc_max * <Py_ssize_t>sizeof(float))) // nr * nr
+    if g.nc < nr:
+        g.nc = nr
+    cdef Py_ssize_t n_blocks = (g.N + g.nc - 1) // g.nc
+    if n_threads > n_blocks:
+        n_threads = <int>n_blocks
+    if n_threads < 1:
+        n_threads = 1
+    cdef float* ap = cnnx_alloc_floats(((g.M + mr - 1) // mr) * mr * g.K)
+    cdef Py_ssize_t b_floats = g.kc_max * ((g.nc + nr - 1) // nr) * nr
+    cdef float* bp = cnnx_alloc_floats(b_floats * n_threads)
+    cdef Py_ssize_t block
+    if ap == NULL or bp == NULL:
+        cnnx_free_floats(ap)
+        cnnx_free_floats(bp)
+        return -1
+    _pack_a(g, ap)
+    g.a_packed = ap
+    cdef float* xpad = NULL
+    if g.b_src == NULL:
+        if g.pad_top == 0 and g.pad_left == 0 and g.hp == g.h and g.wp == g.w:
+            g.xpad = g.x  # no padding: read the images themselves
+        else:
+            xpad = cnnx_alloc_floats(g.images * g.c * g.hp * g.wp)
+            if xpad == NULL:
+                cnnx_free_floats(ap)
+                cnnx_free_floats(bp)
+                return -1
+            _pad_images(g, xpad)
+            g.xpad = xpad
+    if n_threads == 1:
+        for block in range(n_blocks):
+            _gemm_block(g, block, bp)
+    else:
+        for block in prange(n_blocks, schedule="static", num_threads=n_threads):
+            _gemm_block(g, block, bp + threadid() * b_floats)
+    cnnx_free_floats(ap)
+    cnnx_free_floats(bp)
+    cnnx_free_floats(xpad)
+    return 0
+
+
+cdef void _conv_gemm_setup(_ConvGemm* g, const float[:, :, :, ::1] x, Py_ssize_t first, Py_ssize_t g_images,
+                           const float[:, ::1] weight, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sy,
+                           Py_ssize_t sx, Py_ssize_t pad_top, Py_ssize_t pad_left, Py_ssize_t out_h,
+                           Py_ssize_t out_w) noexcept:
+    g.x = &x[first, 0, 0, 0]
+    g.c = x.shape[1]
+    g.h = x.shape[2]
+    g.w = x.shape[3]
+    g.kh, g.kw, g.sy, g.sx = kh, kw, sy, sx
+    g.pad_top, g.pad_left, g.out_h, g.out_w = pad_top, pad_left, out_h, out_w
+    g.M = weight.shape[0]
+    g.K = weight.shape[1]
+    g.a_src = &weight[0, 0]
+    g.a_rs = g.K
+    g.a_cs = 1
+    g.b_src = NULL
+    g.P = out_h * out_w
+    g.N = g_images * g.P
+    g.images = g_images
+    # The padded extent every window reads: top/left padding, then up to the last window's end
+    # (at least the image: rows / columns no window reads are copied but never packed).
+    g.hp = max(pad_top + g.h, (out_h - 1) * sy + kh)
+    g.wp = max(pad_left + g.w, (out_w - 1) * sx + kw)
+    g.bias = NULL
+    g.rectify = 0
+    g.slope = 0
+
+
+def conv_gemm_nchw(
+    const float[:, :, :, ::1] x,
+    Py_ssize_t first,
+    Py_ssize_t count,
+    const float[:, ::1] weight,
+    Py_ssize_t kh,
+    Py_ssize_t kw,
+    Py_ssize_t sy,
+    Py_ssize_t sx,
+    Py_ssize_t pad_top,
+    Py_ssize_t pad_left,
+    Py_ssize_t out_h,
+    Py_ssize_t out_w,
+    const float[::1] bias,
+    bint has_bias,
+    bint leaky_relu,
+    double negative_slope,
+    float[:, :, ::1] y,
+    int n_threads,
+):
+    """The float32 convolution forward of images ``x[first : first + count]`` into
+    ``y[first : first + count]`` of shape ``(n, out_c, out_h * out_w)``, in one pass: the packed
+    GEMM with ``weight`` of shape ``(out_c, c*kh*kw)`` over the implicit im2col matrix, plus
+    ``bias[o]`` when ``has_bias``, then a leaky ReLU with ``negative_slope`` when ``leaky_relu``
+    (as ``im2col`` + GEMM + ``gemm_to_nchw``). The caller checks the geometry."""
+    cdef _ConvGemm g
+    if weight.shape[1] == 0:
+        raise ValueError("Expected a weight with at least one column (c*kh*kw > 0), received: shape (%d, 0)" % weight.shape[0])
+    if count <= 0 or y.shape[1] == 0 or y.shape[2] == 0:
+        return
+    _conv_gemm_setup(&g, x, first, count, weight, kh, kw, sy, sx, pad_top, pad_left, out_h, out_w)
+    g.out = &y[first, 0, 0]
+    g.row_stride = g.P
+    g.image_stride = g.M * g.P
+    g.bias = &bias[0] if has_bias else NULL
+    g.rectify = leaky_relu
+    g.slope = <float>negative_slope
+    cdef int status
+    with nogil:
+        status = _conv_gemm(&g, n_threads)
+    if status != 0:
+        raise MemoryError("cnnx: no memory for the packed GEMM panels")
+
+
+def conv_gemm_columns(
+    const float[:, :, :, ::1] x,
+    Py_ssize_t first,
+    const float[:, ::1] weight,
+    Py_ssize_t kh,
+    Py_ssize_t kw,
+    Py_ssize_t sy,
+    Py_ssize_t sx,
+    Py_ssize_t pad_top,
+    Py_ssize_t pad_left,
+    Py_ssize_t out_h,
+    Py_ssize_t out_w,
+    float[:, :, ::1] y_gemm,
+    int n_threads,
+):
+    """``y_gemm (out_c, g, out_h * out_w) = weight @ im2col(x[first : first + g])`` in float32,
+    the GEMM layout ``gemm_to_nchw`` and its pooled variants read, without materialising the
+    columns. ``weight`` of shape ``(out_c, c*kh*kw)``."""
+    cdef _ConvGemm g
+    if weight.shape[1] == 0:
+        raise ValueError("Expected a weight with at least one column (c*kh*kw > 0), received: shape (%d, 0)" % weight.shape[0])
+    if y_gemm.shape[0] == 0 or y_gemm.shape[1] == 0 or y_gemm.shape[2] == 0:
+        return
+    _conv_gemm_setup(&g, x, first, y_gemm.shape[1], weight, kh, kw, sy, sx, pad_top, pad_left, out_h, out_w)
+    g.out = &y_gemm[0, 0, 0]
+    g.row_stride = g.N
+    g.image_stride = g.P
+    cdef int status
+    with nogil:
+        status = _conv_gemm(&g, n_threads)
+    if status != 0:
+        raise MemoryError("cnnx: no memory for the packed GEMM panels")
+
+
+def gemm(const float[:, :] a, const float[:, :] b, float[:, ::1] c, int n_threads):
+    """``c = a @ b`` in float32 with cnnx's packed GEMM: ``a (M, K)`` and ``b (K, N)`` of any strides
+    (transposed views included), ``c (M, N)`` C-contiguous, overwritten. ``n_threads`` splits
+    the columns; the values do not depend on it."""
+    cdef _ConvGemm g
+    if a.shape[1] != b.shape[0] or c.shape[0] != a.shape[0] or c.shape[1] != b.shape[1]:
+        raise ValueError(f"Expected a (M, K), b (K, N), c (M, N), received: a ({a.shape[0]}, {a.shape[1]}), "
+                         f"b ({b.shape[0]}, {b.shape[1]}), c ({c.shape[0]}, {c.shape[1]})")
+    if c.shape[0] == 0 or c.shape[1] == 0:
+        return
+    if a.shape[1] == 0:
+        c[:, :] = 0
+        return
+    g.M = a.shape[0]
+    g.K = a.shape[1]
+    g.N = c.shape[1]
+    g.P = g.N  # one "image": C(o, n) = c[o, n]
+    g.a_src = &a[0, 0]
+    g.a_rs = a.strides[0] // sizeof(float)
+    g.a_cs = a.strides[1] // sizeof(float)
+    g.b_src = &b[0, 0]
+    g.b_rs = b.strides[0] // sizeof(float)
+    g.b_cs = b.strides[1] // sizeof(float)
+    g.out = &c[0, 0]
+    g.row_stride = c.shape[1]
+    g.image_stride = 0
+    g.bias = NULL
+    g.rectify = 0
+    g.slope = 0
+    cdef int status
+    with nogil:
+        status = _conv_gemm(&g, n_threads)
+    if status != 0:
+        raise MemoryError("cnnx: no memory for the packed GEMM panels")

@@ -1,0 +1,202 @@
+"""cnnx's packed float32 convolution GEMM (``_ops.conv_gemm_nchw`` / ``conv_gemm_columns``, im2col
+fused into the packing): every build this CPU can run against the float64 reference over a grid of
+shapes that are not multiples of the register tile (MR x NR) or of the K block, 1x1 / 3x3 / 5x5
+windows, strides 1 and 2, paddings 0 / 1 / 2, one and odd batches, one input channel; and
+``functional.conv2d`` (plain, pooled inference, pooled training) on the packed path."""
+import itertools
+
+import numpy as np
+import pytest
+
+import cnnx.functional as F
+from cnnx import _simd
+import reference as ref
+
+BUILDS = _simd.available_isas()
+
+# (batch, channels, height, width, out_channels, kernel, stride, padding)
+SHAPES = [
+    (1, 1, 9, 7, 5, 3, 1, 1),        # one image, one channel, M < MR
+    (3, 1, 28, 28, 6, 5, 1, 2),      # lenet5's first layer, odd batch
+    (2, 3, 12, 11, 32, 3, 1, 1),     # M a multiple of MR, N = 2 * 132 not of NR
+    (3, 4, 11, 13, 9, 3, 2, 2),      # stride 2, padding 2
+    (1, 5, 8, 8, 17, 1, 1, 0),       # 1x1
+    (5, 2, 7, 9, 3, 5, 2, 0),        # 5x5 stride 2, output 2x3
+    (3, 6, 10, 10, 16, 5, 1, 0),     # lenet5's second layer shape class
+    (2, 70, 6, 5, 13, 3, 1, 1),      # K = 630 > the K block (512): accumulates across K blocks
+    (1, 2, 3, 3, 3, 3, 1, 2),        # output larger than the input, mostly padding
+    (7, 3, 5, 4, 40, 2, 1, 0),       # many images per NR panel
+]
+
+
+def shape_id(shape):
+    return "n{}c{}_{}x{}_o{}_k{}s{}p{}".format(*shape)
+
+
+def operands(shape, rng):
+    n, c, h, w, oc, k, s, p = shape
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    weight = rng.standard_normal((oc, c, k, k)).astype(np.float32)
+    bias = rng.standard_normal(oc).astype(np.float32)
+    return x, weight, bias
+
+
+def reference_and_bound(x, weight, bias, stride, padding):
+    """The float64 convolution and a float32 round-off bound for each output: a sum of K products
+    rounded in float32 is off by at most about K * eps * sum |x w| (with bias)."""
+    pads = ((padding, padding), (padding, padding))
+    z = ref.conv2d(x.astype(np.float64), weight.astype(np.float64), bias.astype(np.float64), (stride, stride), pads)
+    size = ref.conv2d(np.abs(x).astype(np.float64), np.abs(weight).astype(np.float64),
+                      np.abs(bias).astype(np.float64), (stride, stride), pads)
+    k = weight[0].size + 1
+    return z, 2 * k * np.finfo(np.float32).eps * size + 1e-30
+
+
+@pytest.mark.parametrize("isa", BUILDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_conv_gemm_nchw_matches_reference_with_bias_and_leaky_relu(isa, shape, rng):
+    ops = _simd.load(isa)
+    x, weight, bias = operands(shape, rng)
+    n, c, h, w, oc, k, s, p = shape
+    z, bound = reference_and_bound(x, weight, bias, s, p)
+    out_h, out_w = z.shape[2:]
+    # The group is images 1 : n of an output with one more image in front, which stays untouched.
+    y = np.full((n + 1, oc, out_h * out_w), 7.0, np.float32)
+    xs = np.concatenate([np.zeros_like(x[:1]), x])
+    ops.conv_gemm_nchw(xs, 1, n, weight.reshape(oc, -1), k, k, s, s, p, p, out_h, out_w,
+                       bias, True, True, 0.1, y, 1)
+    expected = np.where(z > 0, z, 0.1 * z).reshape(n, oc, -1)
+    assert np.all(np.abs(y[1:] - expected) <= bound.reshape(n, oc, -1))
+    assert np.all(y[0] == 7.0)  # exact: never written
+
+
+@pytest.mark.parametrize("isa", BUILDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_conv_gemm_columns_matches_reference_in_gemm_layout(isa, shape, rng):
+    ops = _simd.load(isa)
+    x, weight, _ = operands(shape, rng)
+    n, c, h, w, oc, k, s, p = shape
+    zero_bias = np.zeros(oc, np.float32)
+    z, bound = reference_and_bound(x, weight, zero_bias, s, p)
+    out_h, out_w = z.shape[2:]
+    y_gemm = np.full((oc, n, out_h * out_w), np.nan, np.float32)
+    ops.conv_gemm_columns(x, 0, weight.reshape(oc, -1), k, k, s, s, p, p, out_h, out_w, y_gemm, 1)
+    got = y_gemm.transpose(1, 0, 2).reshape(z.shape)
+    assert np.all(np.abs(got - z) <= bound)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[7], SHAPES[9]], ids=shape_id)
+def test_conv_gemm_gives_the_same_values_on_any_thread_count(shape, rng):
+    ops = _simd.load(BUILDS[0])
+    x, weight, bias = operands(shape, rng)
+    n, c, h, w, oc, k, s, p = shape
+    out_h, out_w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    results = []
+    for threads in (1, 2, 3):
+        y = np.empty((n, oc, out_h * out_w), np.float32)
+        ops.conv_gemm_nchw(x, 0, n, weight.reshape(oc, -1), k, k, s, s, p, p, out_h, out_w,
+                           bias, True, False, 0.0, y, threads)
+        results.append(y)
+    # Exact: each output is the same sum in the same order whichever thread computes its block.
+    assert np.array_equal(results[0], results[1]) and np.array_equal(results[0], results[2])
+
+
+def test_conv_gemm_refuses_an_empty_weight():
+    ops = _simd.load(BUILDS[0])
+    x = np.zeros((1, 0, 4, 4), np.float32)
+    with pytest.raises(ValueError, match="at least one column"):
+        ops.conv_gemm_nchw(x, 0, 1, np.zeros((2, 0), np.float32), 1, 1, 1, 1, 0, 0, 4, 4,
+                           np.zeros(2, np.float32), False, False, 0.0, np.zeros((1, 2, 16), np.float32), 1)
+
+
+def test_packed_path_is_float32_only():
+    assert F.packed_conv_gemm(np.dtype(np.float32), 32, 27, 1024)
+    assert not F.packed_conv_gemm(np.dtype(np.float64), 32, 27, 1024)
+    assert not F.packed_conv_gemm(np.dtype(np.float32), 32, 0, 1024)
+    assert F.packed_backward_gemm(np.dtype(np.float32), 32, 27, 1024)[1]
+    assert F.packed_backward_gemm(np.dtype(np.float64), 32, 576, 1024) == (False, False)
+
+
+def test_weight_gradient_stays_on_blas_unless_its_kernels_are_narrower(monkeypatch):
+    monkeypatch.setattr(_simd, "blas_narrower_than_kernels", lambda: False)
+    assert not F.packed_backward_gemm(np.dtype(np.float32), 128, 576, 256)[0]
+    monkeypatch.setattr(_simd, "blas_narrower_than_kernels", lambda: True)
+    assert F.packed_backward_gemm(np.dtype(np.float32), 128, 576, 256)[0]
+    assert not F.packed_backward_gemm(np.dtype(np.float32), 32, 27, 1024)[0]  # small k: BLAS either way
+
+
+def test_blas_isa_names_a_known_instruction_set_or_none():
+    assert _simd.blas_isa() in (None,) + _simd.ISAS
+    assert isinstance(_simd.blas_narrower_than_kernels(), bool)
+
+
+FORMS = ["conv", "conv_pool_infer", "conv_pool_train"]
+
+
+@pytest.mark.parametrize("form, shape", list(itertools.product(FORMS, [SHAPES[1], SHAPES[2], SHAPES[7]])),
+                         ids=lambda v: v if isinstance(v, str) else shape_id(v))
+def test_functional_conv2d_on_the_packed_path_matches_reference(form, shape, rng, monkeypatch):
+    monkeypatch.setattr(F, "PACKED_CONV_GEMM", True)
+    x, weight, bias = operands(shape, rng)
+    n, c, h, w, oc, k, s, p = shape
+    z, bound = reference_and_bound(x, weight, bias, s, p)
+    expected = np.maximum(z, 0)
+    if form == "conv":
+        got = F.conv2d(x, weight, bias, stride=s, padding=p, activation="relu")
+    else:
+        ph, pw = z.shape[2] // 2, z.shape[3] // 2
+        crop = (slice(None), slice(None), slice(0, 2 * ph), slice(0, 2 * pw))
+        expected = ref.max_pool2d(expected[crop], (2, 2), (2, 2), ((0, 0), (0, 0)))
+        bound = ref.max_pool2d(bound[crop], (2, 2), (2, 2), ((0, 0), (0, 0)))
+        if form == "conv_pool_infer":
+            got = F.conv2d(x, weight, bias, stride=s, padding=p, activation="relu", max_pool_2x2=True)
+        else:
+            got, _ = F.conv2d_max_pool_2x2_train(x, weight, bias, stride=s, padding=p, activation="relu")
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    assert np.all(np.abs(got - expected) <= bound)
+
+
+# (M, K, N, a transposed, b transposed): the GEMM of the convolution backwards (dW = dY @ cols.T,
+# dcols = W.T @ dY) and edges of every block size.
+GEMMS = [(5, 7, 9, False, False), (64, 128, 1000, True, False), (33, 700, 65, False, True),
+         (8, 3, 32, True, True), (17, 1, 40, False, False)]
+
+
+@pytest.mark.parametrize("isa", BUILDS)
+@pytest.mark.parametrize("m, k, n, ta, tb", GEMMS)
+def test_gemm_matches_float64_product_for_any_strides(isa, m, k, n, ta, tb, rng):
+    ops = _simd.load(isa)
+    a = rng.standard_normal((k, m) if ta else (m, k)).astype(np.float32)
+    b = rng.standard_normal((n, k) if tb else (k, n)).astype(np.float32)
+    a, b = (a.T if ta else a), (b.T if tb else b)
+    c = np.full((m, n), np.nan, np.float32)
+    ops.gemm(a, b, c, 2)
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    bound = 2 * k * np.finfo(np.float32).eps * (np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64))
+    assert np.all(np.abs(c - exact) <= bound)
+
+
+def test_gemm_refuses_mismatched_shapes():
+    ops = _simd.load(BUILDS[0])
+    with pytest.raises(ValueError, match=r"received: a \(2, 3\), b \(4, 5\)"):
+        ops.gemm(np.zeros((2, 3), np.float32), np.zeros((4, 5), np.float32), np.zeros((2, 5), np.float32), 1)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[7]], ids=shape_id)
+def test_conv2d_backward_on_the_packed_path_matches_reference(shape, rng, monkeypatch):
+    monkeypatch.setattr(F, "PACKED_CONV_GEMM", True)
+    x, weight, _ = operands(shape, rng)
+    n, c, h, w, oc, k, s, p = shape
+    pads = ((p, p), (p, p))
+    z = ref.conv2d(x.astype(np.float64), weight.astype(np.float64), None, (s, s), pads)
+    dy = rng.standard_normal(z.shape).astype(np.float32)
+    dx, dweight, dbias = F.conv2d_backward(dy, x, weight, stride=s, padding=p)
+    dx_ref, dweight_ref, _ = ref.conv2d_backward(dy.astype(np.float64), x.astype(np.float64),
+                                              weight.astype(np.float64), (s, s), pads)
+    # Round-off bounds: the same sums of |.| products, times 2 * terms * eps.
+    eps = np.finfo(np.float32).eps
+    dx_size, dweight_size, _ = ref.conv2d_backward(np.abs(dy).astype(np.float64), np.abs(x).astype(np.float64),
+                                                np.abs(weight).astype(np.float64), (s, s), pads)
+    assert np.all(np.abs(dx - dx_ref) <= 2 * oc * k * k * eps * dx_size)
+    assert np.all(np.abs(dweight - dweight_ref) <= 2 * n * z[0, 0].size * eps * dweight_size)
+    np.testing.assert_allclose(dbias, dy.astype(np.float64).sum(axis=(0, 2, 3)), rtol=1e-5, atol=1e-5)
