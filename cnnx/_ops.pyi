@@ -92,6 +92,10 @@ def gemm_to_nchw_max_pool_2x2_argmax(
     y_gemm: Float, bias: Float, has_bias: bool, rectify: bool, negative_slope: float, first: int, out_w: int,
     y: Float, argmax: NDArray[np.int32], pair_max: Float, pair_arg: NDArray[np.int32], n_threads: int,
 ) -> None: ...
+def gemm_to_nchw_max_pool_2x2_vectorised(
+    y_gemm: Float, bias: Float, has_bias: bool, rectify: bool, negative_slope: float, first: int, out_w: int,
+    y: Float, n_threads: int,
+) -> None: ...
 def max_pool_2x2_argmax_to_gemm(
     dy: Float, y: Float, argmax: NDArray[np.int32], rectify: bool, negative_slope: float, first: int,
     out_w: int, dy_gemm: Float, dbias_partial: NDArray[np.float64], n_threads: int,

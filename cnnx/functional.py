@@ -272,7 +272,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, out=
 
     def gemm_to_output(y_gemm, first, scratch, nt):
         if max_pool_2x2:
-            _ops.gemm_to_nchw_max_pool_2x2(y_gemm, b, has_bias, rectify, slope, first, out_w, y3, nt)
+            _ops.gemm_to_nchw_max_pool_2x2_vectorised(y_gemm, b, has_bias, rectify, slope, first, out_w, y3, nt)
         else:
             _ops.gemm_to_nchw(y_gemm, b, has_bias, rectify, slope, first, y3, nt)
 

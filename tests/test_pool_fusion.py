@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import cnnx
+from cnnx import _simd
 from cnnx import functional as F
 from cnnx.layers import Conv2D, Dense, Flatten, LeakyReLU, MaxPool2D, ReLU
 from cnnx.network import Network
@@ -135,3 +136,81 @@ def test_grouped_conv_is_not_pool_fused_in_training():
     net = Network(layers, input_shape=(2, 6, 6))
     assert net.plan.train_steps[0].kind == "conv+act"
     assert net.plan.infer_steps[0].kind == "conv+act+pool"
+
+
+# --- the pooled training kernels of every ISA build against a NumPy reference -----------------
+# The AVX-512 build runs its pooled rows in masked chunks of 16 (float) or 8 (double) windows:
+# the widths below give rows of 1 window, exact chunks, one window past a chunk and several chunks.
+
+def _leaky_ref(v, slope):
+    return np.where(v > 0, v, v * slope)
+
+
+def _pool_argmax_ref(y_gemm, bias, slope, out_w):
+    """(out_c, g, oh * out_w) -> pooled (g, out_c, ph * pw) and codes: the first maximum (or the
+    first NaN) of each window in row-major order, as np.argmax picks it."""
+    oc, g, p = y_gemm.shape
+    oh = p // out_w
+    ph, pw = oh // 2, out_w // 2
+    a = _leaky_ref(y_gemm.reshape(oc, g, oh, out_w) + bias[:, None, None, None], slope)
+    a = a[:, :, :2 * ph, :2 * pw].reshape(oc, g, ph, 2, pw, 2).transpose(1, 0, 2, 4, 3, 5)
+    corners = a.reshape(g, oc, ph * pw, 4)
+    code = np.argmax(corners, axis=-1)
+    return np.take_along_axis(corners, code[..., None], -1)[..., 0], code.astype(np.int32)
+
+
+def _unpool_ref(dy, y, code, low, oh, out_w):
+    g, oc, _ = dy.shape
+    ph, pw = oh // 2, out_w // 2
+    v = np.where(y > 0, dy, dy * low)
+    out = np.zeros((oc, g, oh, out_w), dy.dtype)
+    k = (code & 3).reshape(g, oc, ph, pw)
+    py, px = np.meshgrid(np.arange(ph), np.arange(pw), indexing="ij")
+    for j in range(g):
+        for o in range(oc):
+            out[o, j, 2 * py + k[j, o] // 2, 2 * px + k[j, o] % 2] = v[j, o].reshape(ph, pw)
+    return out.reshape(oc, g, oh * out_w), v.sum(axis=-1, dtype=np.float64)
+
+
+@pytest.mark.parametrize("isa", _simd.available_isas())
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("g, oc, oh, out_w", [
+    (1, 1, 2, 2), (1, 3, 3, 3), (2, 2, 5, 14), (1, 2, 4, 16), (3, 1, 2, 18), (2, 2, 3, 31),
+    (1, 1, 4, 32), (2, 3, 7, 34), (1, 2, 2, 67),
+])
+def test_pool_kernels_of_each_isa_match_numpy(rng, isa, dtype, g, oc, oh, out_w):
+    ops = _simd.load(isa)
+    slope = 0.1
+    first = 1  # the group's images start one into the batch
+    n = first + g
+    # Small integers make ties in most windows; a few NaNs must win as max_pool2d's do.
+    y_gemm = rng.integers(-2, 3, (oc, g, oh * out_w)).astype(dtype)
+    y_gemm.flat[rng.choice(y_gemm.size, size=max(1, y_gemm.size // 40), replace=False)] = np.nan
+    bias = rng.integers(-1, 2, oc).astype(dtype)
+    ph, pw = oh // 2, out_w // 2
+    y = np.full((n, oc, ph * pw), -7, dtype)
+    code = np.full(y.shape, -7, np.int32)
+    scratch = (np.empty((g, oh * pw), dtype), np.empty((g, oh * pw), np.int32))
+    ops.gemm_to_nchw_max_pool_2x2_argmax(y_gemm, bias, True, True, slope, first, out_w, y, code, *scratch, 2)
+    y_ref, code_ref = _pool_argmax_ref(y_gemm, bias, slope, out_w)
+    # Comparisons and one add and one multiply per value, the same in both: exact.
+    np.testing.assert_array_equal(y[first:], y_ref)
+    np.testing.assert_array_equal(code[first:], code_ref)
+    assert np.all(y[:first] == -7) and np.all(code[:first] == -7)  # other images untouched
+    # Inference keeps no argmax: the same values (bias and activation are monotonic), NaNs included.
+    y_infer = np.full(y.shape, -7, dtype)
+    ops.gemm_to_nchw_max_pool_2x2_vectorised(y_gemm, bias, True, True, slope, first, out_w, y_infer, 2)
+    np.testing.assert_array_equal(y_infer, y)
+    y_plain = np.full(y.shape, -7, dtype)
+    ops.gemm_to_nchw_max_pool_2x2_vectorised(y_gemm, bias, False, False, 0.0, first, out_w, y_plain, 2)
+    np.testing.assert_array_equal(y_plain[first:], _pool_argmax_ref(y_gemm, 0 * bias, 1.0, out_w)[0])
+
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    y_out = np.where(np.isnan(y), 1, y)
+    codes = rng.integers(-4, 8, y.shape).astype(np.int32)  # the kernel masks codes to 0..3
+    dy_gemm = np.full((oc, g, oh * out_w), np.nan, dtype)
+    dbias = np.full((g, oc), np.nan)
+    ops.max_pool_2x2_argmax_to_gemm(dy, y_out, codes, True, slope, first, out_w, dy_gemm, dbias, 2)
+    dy_gemm_ref, dbias_ref = _unpool_ref(dy[first:], y_out[first:], codes[first:], slope, oh, out_w)
+    np.testing.assert_array_equal(dy_gemm, dy_gemm_ref)  # one multiply per value, or a copy: exact
+    np.testing.assert_allclose(dbias, dbias_ref, rtol=1e-12, atol=1e-12)  # summed in another order
