@@ -770,7 +770,8 @@ def conv_weight_grad(
         raise ValueError(f"Expected dweight ({oc}, {x.shape[1] * kh * kw}) and dy_gemm (out_c, g, {out_h * out_w}), "
                          f"received: dweight ({dweight.shape[0]}, {dweight.shape[1]}), dy_gemm ({oc}, {m}, {dy_gemm.shape[2]})")
     dweight[:, :] = 0
-    if oc == 0 or m == 0 or dweight.shape[1] == 0 or out_h * out_w == 0:
+    # Empty images (only padding under the windows) have a zero weight gradient.
+    if oc == 0 or m == 0 or dweight.shape[1] == 0 or out_h * out_w == 0 or x.shape[2] == 0 or x.shape[3] == 0:
         return
     g.x = &x[first, 0, 0, 0]
     g.c, g.h, g.w = x.shape[1], x.shape[2], x.shape[3]

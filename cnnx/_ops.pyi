@@ -100,3 +100,22 @@ def max_pool_2x2_argmax_to_gemm(
     dy: Float, y: Float, argmax: NDArray[np.int32], rectify: bool, negative_slope: float, first: int,
     out_w: int, dy_gemm: Float, dbias_partial: NDArray[np.float64], n_threads: int,
 ) -> None: ...
+
+# cnnx's packed float32 GEMM (_gemm.pxi).
+F32 = NDArray[np.float32]
+
+def gemm_config() -> dict[str, int]: ...
+def conv_gemm_nchw(
+    x: F32, first: int, count: int, weight: F32, kh: int, kw: int, sy: int, sx: int, pad_top: int, pad_left: int,
+    out_h: int, out_w: int, bias: F32, has_bias: bool, leaky_relu: bool, negative_slope: float, y: F32,
+    n_threads: int,
+) -> None: ...
+def conv_gemm_columns(
+    x: F32, first: int, weight: F32, kh: int, kw: int, sy: int, sx: int, pad_top: int, pad_left: int,
+    out_h: int, out_w: int, y_gemm: F32, n_threads: int,
+) -> None: ...
+def gemm(a: F32, b: F32, c: F32, n_threads: int) -> None: ...
+def conv_weight_grad(
+    x: F32, first: int, dy_gemm: F32, kh: int, kw: int, sy: int, sx: int, pad_top: int, pad_left: int,
+    out_h: int, out_w: int, dweight: F32, n_threads: int,
+) -> None: ...

@@ -267,3 +267,12 @@ def test_implicit_weight_gradient_is_float32_only(monkeypatch):
     assert not F.implicit_weight_grad(np.dtype(np.float32), 32, 0, 1024)
     monkeypatch.setattr(F, "PACKED_CONV_GEMM", False)
     assert not F.implicit_weight_grad(np.dtype(np.float32), 32, 27, 1024)
+
+
+def test_conv_weight_grad_of_empty_images_is_zero():
+    # 0x0 images with padding 1: every window reads only padding, so dW is exactly zero.
+    ops = _simd.load(BUILDS[0])
+    dweight = np.full((3, 2), np.nan, np.float32)
+    ops.conv_weight_grad(np.zeros((2, 2, 0, 0), np.float32), 0, np.ones((3, 2, 4), np.float32),
+                         1, 1, 1, 1, 1, 1, 2, 2, dweight, 1)
+    assert np.array_equal(dweight, np.zeros((3, 2), np.float32))
