@@ -20,6 +20,7 @@ import textwrap
 import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 from setuptools._distutils.ccompiler import new_compiler
 from setuptools._distutils.errors import CompileError, LinkError
 from setuptools._distutils.sysconfig import customize_compiler
@@ -133,7 +134,27 @@ directives = {
     "embedsignature": True,
 }
 
+class BuildExtByMode(build_ext):
+    """build_ext that rebuilds every module when ``CNNX_DEBUG`` changed since the last build here:
+    setuptools compares only timestamps, so after a debug build a release build (or the reverse)
+    would silently leave the other build's modules in place."""
+
+    def run(self):
+        marker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "build", "cnnx-build-mode")
+        mode = "debug" if DEBUG else "release"
+        try:
+            with open(marker) as f:
+                self.force = self.force or f.read() != mode
+        except OSError:  # no marker yet: the first build here, or one built before the marker existed
+            self.force = True
+        super().run()
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        with open(marker, "w") as f:
+            f.write(mode)
+
+
 setup(
+    cmdclass={"build_ext": BuildExtByMode},
     ext_modules=cythonize(
         extensions,
         compiler_directives=directives,
