@@ -1099,6 +1099,36 @@ def layer_norm_backward(dy3, x_hat, inv_std, weight, need_dx=True):
 
 # --- fully connected and transposed convolution --------------------------------------------------
 
+def packed_dense_gemm(dtype, out_features):
+    """Whether a dense layer's GEMMs (``linear`` and ``linear_backward``) run cnnx's packed GEMM
+    (``_ops.gemm``) instead of np.matmul (see ``PACKED_CONV_GEMM``, which forces this one too)."""
+    if dtype != np.float32:
+        return False
+    if PACKED_CONV_GEMM is not None:
+        return bool(PACKED_CONV_GEMM)
+    # Measured (docs/PERFORMANCE_LOG.md, Zen 5, forward + backward of the benchmark nets' dense
+    # layers): against the AVX2 kernels that OPENBLAS_CORETYPE=Haswell forces on AVX-512 cnnx's is
+    # 1.13-1.37x faster from 120 outputs on, 0.92-0.95x at 10 outputs; against OpenBLAS's own
+    # AVX-512 kernels 0.65-1.26x, so BLAS keeps those.
+    return out_features >= 16 and _simd.blas_narrower_than_kernels()
+
+
+def _dense_product(weight):
+    """The row-block product ``product(a, b, out)`` for ``parallel.matmul`` in a dense layer's GEMMs."""
+    return _packed_product if packed_dense_gemm(weight.dtype, weight.shape[0]) else _blas_product
+
+
+def _packed_product(a, b, out):
+    if a.dtype == b.dtype == out.dtype:
+        _ops.gemm(a, b, out, 1)
+    else:
+        np.matmul(a, b, out=out)
+
+
+def _blas_product(a, b, out):
+    np.matmul(a, b, out=out)
+
+
 def linear(x, weight, bias=None):
     """``x @ weight.T + bias`` (PyTorch's ``F.linear``), the rows spread over the worker threads.
 
@@ -1123,7 +1153,7 @@ def linear(x, weight, bias=None):
     x = x.astype(weight.dtype, copy=False)
     if bias is not None and np.shape(bias) != (weight.shape[0],):
         raise ValueError(f"Expected bias of shape ({weight.shape[0]},), received: bias.shape={np.shape(bias)}")
-    z = matmul(x, weight.T, np.empty((x.shape[0], weight.shape[0]), dtype=weight.dtype))
+    z = matmul(x, weight.T, np.empty((x.shape[0], weight.shape[0]), dtype=weight.dtype), _dense_product(weight))
     if bias is not None:
         z += bias
     return z
@@ -1137,12 +1167,12 @@ def linear_backward(dz, x, weight, dweight, dbias=None, need_dx=True):
     -------
     dx : ndarray of shape (n, in_features), or None when ``need_dx`` is False
     """
-    matmul(dz.T, x, out=dweight)
+    matmul(dz.T, x, dweight, _dense_product(weight))
     if dbias is not None:
         np.sum(dz, axis=0, out=dbias)
     if not need_dx:
         return None
-    return matmul(dz, weight, np.empty((dz.shape[0], weight.shape[1]), dtype=weight.dtype))
+    return matmul(dz, weight, np.empty((dz.shape[0], weight.shape[1]), dtype=weight.dtype), _dense_product(weight))
 
 
 def _transpose_geometry(x_shape, weight_shape, stride, padding, output_padding):

@@ -156,20 +156,26 @@ def single_threaded_blas():
 MIN_GEMM_WORK = 1 << 20
 
 
-def matmul(a, b, out):
+def matmul(a, b, out, product=None):
     """``out = a @ b`` with the rows of ``a`` (and ``out``) spread over the worker threads.
 
-    ``a`` may be a strided view (e.g. a transpose); ``out`` must be C-contiguous.
+    ``a`` may be a strided view (e.g. a transpose); ``out`` must be C-contiguous. ``product(a, b,
+    out)`` computes one block of rows (np.matmul when None; ``functional`` passes BLAS's or cnnx's
+    own GEMM).
     """
+    if product is None:
+        def product(a, b, out):
+            np.matmul(a, b, out=out)
     rows = a.shape[0]
     parts = min(_num_threads, rows, max(1, rows * a.shape[1] * b.shape[1] // MIN_GEMM_WORK))
     if parts <= 1:
-        return np.matmul(a, b, out=out)
+        product(a, b, out)
+        return out
     bounds = [rows * i // parts for i in range(parts + 1)]
 
     def work(worker, part):
         lo, hi = bounds[part], bounds[part + 1]
-        np.matmul(a[lo:hi], b, out=out[lo:hi])
+        product(a[lo:hi], b, out[lo:hi])
 
     for_each_group(parts, work)
     return out

@@ -8,6 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
+import cnnx
 import cnnx.functional as F
 from cnnx import _simd
 import reference as ref
@@ -276,3 +277,32 @@ def test_conv_weight_grad_of_empty_images_is_zero():
     ops.conv_weight_grad(np.zeros((2, 2, 0, 0), np.float32), 0, np.ones((3, 2, 4), np.float32),
                          1, 1, 1, 1, 1, 1, 2, 2, dweight, 1)
     assert np.array_equal(dweight, np.zeros((3, 2), np.float32))
+
+
+def test_dense_gemm_follows_the_blas_rule_and_is_float32_only(monkeypatch):
+    monkeypatch.setattr(_simd, "blas_narrower_than_kernels", lambda: False)
+    assert not F.packed_dense_gemm(np.dtype(np.float32), 128)
+    monkeypatch.setattr(_simd, "blas_narrower_than_kernels", lambda: True)
+    assert F.packed_dense_gemm(np.dtype(np.float32), 128)
+    assert not F.packed_dense_gemm(np.dtype(np.float32), 10)  # a 10-class head: BLAS either way
+    assert not F.packed_dense_gemm(np.dtype(np.float64), 128)
+
+
+@pytest.mark.parametrize("n, d_in, d_out", [(1, 5, 3), (37, 300, 17), (256, 784, 128)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_linear_and_its_backward_on_the_packed_path_match_float64(n, d_in, d_out, threads, rng, monkeypatch):
+    monkeypatch.setattr(F, "PACKED_CONV_GEMM", True)
+    monkeypatch.setattr(cnnx.parallel, "MIN_GEMM_WORK", 1)  # split rows even for the small cases
+    x = rng.standard_normal((n, d_in)).astype(np.float32)
+    w = rng.standard_normal((d_out, d_in)).astype(np.float32)
+    b = rng.standard_normal(d_out).astype(np.float32)
+    dz = rng.standard_normal((n, d_out)).astype(np.float32)
+    x64, w64, dz64 = (a.astype(np.float64) for a in (x, w, dz))
+    eps = np.finfo(np.float32).eps
+    with cnnx.parallel.num_threads(threads):
+        z = F.linear(x, w, b)
+        dw = np.full_like(w, np.nan)
+        dx = F.linear_backward(dz, x, w, dw, np.empty_like(b))
+    assert np.all(np.abs(z - (x64 @ w64.T + b)) <= 2 * d_in * eps * (np.abs(x64) @ np.abs(w64.T) + np.abs(b)))
+    assert np.all(np.abs(dw - dz64.T @ x64) <= 2 * n * eps * (np.abs(dz64.T) @ np.abs(x64)))
+    assert np.all(np.abs(dx - dz64 @ w64) <= 2 * d_out * eps * (np.abs(dz64) @ np.abs(w64)))
