@@ -1100,16 +1100,17 @@ def layer_norm_backward(dy3, x_hat, inv_std, weight, need_dx=True):
 # --- fully connected and transposed convolution --------------------------------------------------
 
 def packed_dense_gemm(dtype, out_features):
-    """Whether a dense layer's GEMMs (``linear`` and ``linear_backward``) run cnnx's packed GEMM
-    (``_ops.gemm``) instead of np.matmul (see ``PACKED_CONV_GEMM``, which forces this one too)."""
+    """Whether a dense layer's backward GEMMs (``linear_backward``: ``dW = dz.T @ x``, ``dx = dz @
+    W``) run cnnx's packed GEMM (``_ops.gemm``) instead of np.matmul (see ``PACKED_CONV_GEMM``,
+    which forces this one too). The forward stays on np.matmul."""
     if dtype != np.float32:
         return False
     if PACKED_CONV_GEMM is not None:
         return bool(PACKED_CONV_GEMM)
-    # Measured (docs/PERFORMANCE_LOG.md, Zen 5, forward + backward of the benchmark nets' dense
-    # layers): against the AVX2 kernels that OPENBLAS_CORETYPE=Haswell forces on AVX-512 cnnx's is
-    # 1.13-1.37x faster from 120 outputs on, 0.92-0.95x at 10 outputs; against OpenBLAS's own
-    # AVX-512 kernels 0.65-1.26x, so BLAS keeps those.
+    # Measured (docs/PERFORMANCE_LOG.md, Zen 5): against the AVX2 kernels that
+    # OPENBLAS_CORETYPE=Haswell forces on AVX-512, cnnx's backward GEMMs are 1.17-1.89x faster from
+    # 120 outputs on (not at 10 outputs); its forward lost inside predict (seed-mnist 0.6x), so it
+    # is not used there. Against OpenBLAS's own AVX-512 kernels BLAS keeps them all.
     return out_features >= 16 and _simd.blas_narrower_than_kernels()
 
 
@@ -1153,7 +1154,7 @@ def linear(x, weight, bias=None):
     x = x.astype(weight.dtype, copy=False)
     if bias is not None and np.shape(bias) != (weight.shape[0],):
         raise ValueError(f"Expected bias of shape ({weight.shape[0]},), received: bias.shape={np.shape(bias)}")
-    z = matmul(x, weight.T, np.empty((x.shape[0], weight.shape[0]), dtype=weight.dtype), _dense_product(weight))
+    z = matmul(x, weight.T, np.empty((x.shape[0], weight.shape[0]), dtype=weight.dtype))
     if bias is not None:
         z += bias
     return z
