@@ -134,6 +134,7 @@ directives = {
     "embedsignature": True,
 }
 
+
 class BuildExtByMode(build_ext):
     """build_ext that rebuilds every module when ``CNNX_DEBUG`` changed since the last build here:
     setuptools compares only timestamps, so after a debug build a release build (or the reverse)

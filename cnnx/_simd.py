@@ -184,7 +184,7 @@ def show_config(file=None):
         f"CPU: {c['cpu']}",
         f"CPU SIMD flags: {' '.join(c['cpu_simd_flags']) or 'unknown'}",
         f"NumPy BLAS kernels: {c['blas_kernels'] or 'not OpenBLAS (assumed to match the CPU)'}"
-        + (" (narrower than cnnx's kernels: more convolution GEMMs run cnnx's own)"
+        + (" (narrower than cnnx's kernels: more GEMMs run cnnx's own)"
            if blas_narrower_than_kernels() else ""),
     ]
     print("\n".join(lines), file=file or sys.stdout)
