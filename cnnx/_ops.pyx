@@ -1562,7 +1562,9 @@ cdef extern from *:
     /* The 2x2 / stride-2 max-pool with argmax over one activated GEMM plane, and its gradient
        scatter, written with AVX-512 intrinsics: the pooled rows of the benchmark networks are 5 to
        16 windows wide, too short for the compiler's 16-lane loops (it ran them as scalar code).
-       Each pooled row is processed in chunks of 16 (float) or 8 (double) windows under a lane mask:
+       Float32 only (float64, the parity tests' dtype, keeps the loops: a second copy of these
+       kernels for doubles bought nothing that matters). Each pooled row is processed in chunks of
+       16 windows under a lane mask:
        the two image rows' values are de-interleaved into the windows' four corners with one
        permutation each, and every comparison is the scalar kernels' (_leaky, _takes) as a mask,
        so values, argmax codes, ties and NaNs are those of the loops they replace. Without AVX-512
@@ -1583,15 +1585,6 @@ cdef extern from *:
     static inline __mmask16 cnnx_takes16(__m512 v, __m512 best) {
         return _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ)
             | (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) & _mm512_cmp_ps_mask(best, best, _CMP_ORD_Q));
-    }
-    static inline __m512d cnnx_leaky8(__m512d x, __m512d b, __m512d slope) {
-        __m512d v = _mm512_add_pd(x, b);
-        __mmask8 pos = _mm512_cmp_pd_mask(v, _mm512_setzero_pd(), _CMP_GT_OQ);
-        return _mm512_mask_blend_pd(pos, _mm512_mul_pd(v, slope), v);
-    }
-    static inline __mmask8 cnnx_takes8(__m512d v, __m512d best) {
-        return _mm512_cmp_pd_mask(v, best, _CMP_GT_OQ)
-            | (_mm512_cmp_pd_mask(v, v, _CMP_UNORD_Q) & _mm512_cmp_pd_mask(best, best, _CMP_ORD_Q));
     }
 
     /* src: one (oh, out_w) plane of GEMM output; dst, code: its (ph, pw) pooled values and
@@ -1625,35 +1618,6 @@ cdef extern from *:
         }
     }
 
-    static void cnnx_pool2x2_argmax_f64(const double *src, Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw,
-                                        double bias, double slope, double *dst, int *code) {
-        const __m512i even = _mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0);
-        const __m512i odd = _mm512_set_epi64(15, 13, 11, 9, 7, 5, 3, 1);
-        const __m512d b = _mm512_set1_pd(bias), s = _mm512_set1_pd(slope);
-        const __m256i one = _mm256_set1_epi32(1), two = _mm256_set1_epi32(2), three = _mm256_set1_epi32(3);
-        for (Py_ssize_t py = 0; py < ph; ++py) {
-            const double *top = src + 2 * py * out_w, *bottom = top + out_w;
-            for (Py_ssize_t px = 0; px < pw; px += 8) {
-                Py_ssize_t n = pw - px < 8 ? pw - px : 8;
-                __mmask8 lanes = (__mmask8)cnnx_low_bits16(n), lo = (__mmask8)cnnx_low_bits16(2 * n < 8 ? 2 * n : 8);
-                __mmask8 hi = (__mmask8)cnnx_low_bits16(2 * n - 8);
-                __m512d t0 = _mm512_maskz_loadu_pd(lo, top + 2 * px), t1 = _mm512_maskz_loadu_pd(hi, top + 2 * px + 8);
-                __m512d u0 = _mm512_maskz_loadu_pd(lo, bottom + 2 * px), u1 = _mm512_maskz_loadu_pd(hi, bottom + 2 * px + 8);
-                __m512d a0 = cnnx_leaky8(_mm512_permutex2var_pd(t0, even, t1), b, s);
-                __m512d a1 = cnnx_leaky8(_mm512_permutex2var_pd(t0, odd, t1), b, s);
-                __m512d a2 = cnnx_leaky8(_mm512_permutex2var_pd(u0, even, u1), b, s);
-                __m512d a3 = cnnx_leaky8(_mm512_permutex2var_pd(u0, odd, u1), b, s);
-                __mmask8 right_top = cnnx_takes8(a1, a0), right_bottom = cnnx_takes8(a3, a2);
-                __m512d m_top = _mm512_mask_blend_pd(right_top, a0, a1);
-                __m512d m_bottom = _mm512_mask_blend_pd(right_bottom, a2, a3);
-                __mmask8 take_bottom = cnnx_takes8(m_bottom, m_top);
-                __m256i k_top = _mm256_maskz_mov_epi32(right_top, one);
-                __m256i k_bottom = _mm256_mask_mov_epi32(two, right_bottom, three);
-                _mm512_mask_storeu_pd(dst + py * pw + px, lanes, _mm512_mask_blend_pd(take_bottom, m_top, m_bottom));
-                _mm256_mask_storeu_epi32(code + py * pw + px, lanes, _mm256_mask_blend_epi32(take_bottom, k_top, k_bottom));
-            }
-        }
-    }
 
     /* The gradient scatter for one plane: dy, y, code of shape (ph, pw) -> out of shape
        (oh, out_w), each window's gradient (times the leaky ReLU's derivative: `low` where y <= 0)
@@ -1693,39 +1657,6 @@ cdef extern from *:
         return _mm512_reduce_add_pd(_mm512_add_pd(sum_lo, sum_hi));
     }
 
-    static double cnnx_unpool2x2_f64(const double *dy, const double *y, const int *code, Py_ssize_t oh,
-                                     Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw, double low, double *out) {
-        const __m512i first_half = _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0);
-        const __m512i second_half = _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4);
-        const __m512d d = _mm512_set1_pd(low), zero = _mm512_setzero_pd();
-        const __m256i three = _mm256_set1_epi32(3);
-        __m512d sum = _mm512_setzero_pd();
-        for (Py_ssize_t py = 0; py < ph; ++py) {
-            double *top = out + 2 * py * out_w, *bottom = top + out_w;
-            for (Py_ssize_t px = 0; px < pw; px += 8) {
-                Py_ssize_t n = pw - px < 8 ? pw - px : 8;
-                __mmask8 lanes = (__mmask8)cnnx_low_bits16(n), lo = (__mmask8)cnnx_low_bits16(2 * n < 8 ? 2 * n : 8);
-                __mmask8 hi = (__mmask8)cnnx_low_bits16(2 * n - 8);
-                __m512d g = _mm512_maskz_loadu_pd(lanes, dy + py * pw + px);
-                __m512d v = _mm512_maskz_loadu_pd(lanes, y + py * pw + px);
-                __m256i k = _mm256_and_si256(_mm256_maskz_loadu_epi32(lanes, code + py * pw + px), three);
-                __mmask8 pos = _mm512_cmp_pd_mask(v, zero, _CMP_GT_OQ);
-                g = _mm512_mask_blend_pd(pos, _mm512_mul_pd(g, d), g);
-                __m512d e0 = _mm512_maskz_mov_pd(_mm256_cmpeq_epi32_mask(k, _mm256_setzero_si256()), g);
-                __m512d e1 = _mm512_maskz_mov_pd(_mm256_cmpeq_epi32_mask(k, _mm256_set1_epi32(1)), g);
-                __m512d e2 = _mm512_maskz_mov_pd(_mm256_cmpeq_epi32_mask(k, _mm256_set1_epi32(2)), g);
-                __m512d e3 = _mm512_maskz_mov_pd(_mm256_cmpeq_epi32_mask(k, three), g);
-                _mm512_mask_storeu_pd(top + 2 * px, lo, _mm512_permutex2var_pd(e0, first_half, e1));
-                _mm512_mask_storeu_pd(top + 2 * px + 8, hi, _mm512_permutex2var_pd(e0, second_half, e1));
-                _mm512_mask_storeu_pd(bottom + 2 * px, lo, _mm512_permutex2var_pd(e2, first_half, e3));
-                _mm512_mask_storeu_pd(bottom + 2 * px + 8, hi, _mm512_permutex2var_pd(e2, second_half, e3));
-                sum = _mm512_add_pd(sum, g);
-            }
-            if (out_w > 2 * pw) { top[out_w - 1] = 0; bottom[out_w - 1] = 0; }
-        }
-        for (Py_ssize_t x = 0; x < (oh - 2 * ph) * out_w; ++x) out[2 * ph * out_w + x] = 0;
-        return _mm512_reduce_add_pd(sum);
-    }
 
     /* Inference: each window's maximum (NaN if it holds one), then the bias and the leaky ReLU
        once per window (both monotonic: the same values as activating the four first). */
@@ -1752,59 +1683,23 @@ cdef extern from *:
             }
         }
     }
-    static inline __m512d cnnx_window_max8(__m512d a0, __m512d a1, __m512d a2, __m512d a3) {
-        __m512d m = _mm512_max_pd(_mm512_max_pd(a0, a1), _mm512_max_pd(a2, a3));
-        __mmask8 nan = _mm512_cmp_pd_mask(a0, a1, _CMP_UNORD_Q) | _mm512_cmp_pd_mask(a2, a3, _CMP_UNORD_Q);
-        return _mm512_mask_blend_pd(nan, m, _mm512_add_pd(_mm512_add_pd(a0, a1), _mm512_add_pd(a2, a3)));
-    }
-    static void cnnx_pool2x2_max_f64(const double *src, Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw,
-                                     double bias, double slope, double *dst) {
-        const __m512i even = _mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0);
-        const __m512i odd = _mm512_set_epi64(15, 13, 11, 9, 7, 5, 3, 1);
-        const __m512d b = _mm512_set1_pd(bias), s = _mm512_set1_pd(slope);
-        for (Py_ssize_t py = 0; py < ph; ++py) {
-            const double *top = src + 2 * py * out_w, *bottom = top + out_w;
-            for (Py_ssize_t px = 0; px < pw; px += 8) {
-                Py_ssize_t n = pw - px < 8 ? pw - px : 8;
-                __mmask8 lanes = (__mmask8)cnnx_low_bits16(n), lo = (__mmask8)cnnx_low_bits16(2 * n < 8 ? 2 * n : 8);
-                __mmask8 hi = (__mmask8)cnnx_low_bits16(2 * n - 8);
-                __m512d t0 = _mm512_maskz_loadu_pd(lo, top + 2 * px), t1 = _mm512_maskz_loadu_pd(hi, top + 2 * px + 8);
-                __m512d u0 = _mm512_maskz_loadu_pd(lo, bottom + 2 * px), u1 = _mm512_maskz_loadu_pd(hi, bottom + 2 * px + 8);
-                __m512d m = cnnx_window_max8(_mm512_permutex2var_pd(t0, even, t1), _mm512_permutex2var_pd(t0, odd, t1),
-                                             _mm512_permutex2var_pd(u0, even, u1), _mm512_permutex2var_pd(u0, odd, u1));
-                _mm512_mask_storeu_pd(dst + py * pw + px, lanes, cnnx_leaky8(m, b, s));
-            }
-        }
-    }
     #else
     #define CNNX_POOL_SIMD 0
     static void cnnx_pool2x2_max_f32(const float *src, Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw,
                                      float bias, float slope, float *dst) {}
-    static void cnnx_pool2x2_max_f64(const double *src, Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw,
-                                     double bias, double slope, double *dst) {}
     static void cnnx_pool2x2_argmax_f32(const float *src, Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw,
                                         float bias, float slope, float *dst, int *code) {}
-    static void cnnx_pool2x2_argmax_f64(const double *src, Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw,
-                                        double bias, double slope, double *dst, int *code) {}
     static double cnnx_unpool2x2_f32(const float *dy, const float *y, const int *code, Py_ssize_t oh,
                                      Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw, float low, float *out) { return 0; }
-    static double cnnx_unpool2x2_f64(const double *dy, const double *y, const int *code, Py_ssize_t oh,
-                                     Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw, double low, double *out) { return 0; }
     #endif
     """
     int CNNX_POOL_SIMD
     void cnnx_pool2x2_argmax_f32(const float* src, Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw,
                                  float bias, float slope, float* dst, int* code) noexcept nogil
-    void cnnx_pool2x2_argmax_f64(const double* src, Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw,
-                                 double bias, double slope, double* dst, int* code) noexcept nogil
     void cnnx_pool2x2_max_f32(const float* src, Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw,
                               float bias, float slope, float* dst) noexcept nogil
-    void cnnx_pool2x2_max_f64(const double* src, Py_ssize_t out_w, Py_ssize_t ph, Py_ssize_t pw,
-                              double bias, double slope, double* dst) noexcept nogil
     double cnnx_unpool2x2_f32(const float* dy, const float* y, const int* code, Py_ssize_t oh, Py_ssize_t out_w,
                               Py_ssize_t ph, Py_ssize_t pw, float low, float* out) noexcept nogil
-    double cnnx_unpool2x2_f64(const double* dy, const double* y, const int* code, Py_ssize_t oh, Py_ssize_t out_w,
-                              Py_ssize_t ph, Py_ssize_t pw, double low, double* out) noexcept nogil
 
 
 cdef inline floating _leaky(floating v, floating slope) noexcept nogil:
@@ -1825,27 +1720,23 @@ cdef inline bint _pool_rows_need_chunks(Py_ssize_t pw) noexcept nogil:
 
 # The AVX-512 paths of the two kernels below, each its own function, so that the kernels' own
 # loops (still run for rows of 8k windows and without AVX-512) compile as they did without them.
-cdef void _pool_argmax_in_chunks(const floating[:, :, ::1] y_gemm, const floating[::1] bias, bint has_bias,
-                                 floating slope, Py_ssize_t first, Py_ssize_t out_w, floating[:, :, ::1] y,
+cdef void _pool_argmax_in_chunks(const float[:, :, ::1] y_gemm, const float[::1] bias, bint has_bias,
+                                 float slope, Py_ssize_t first, Py_ssize_t out_w, float[:, :, ::1] y,
                                  int[:, :, ::1] argmax, int n_threads) noexcept:
     cdef Py_ssize_t oc = y_gemm.shape[0], g = y_gemm.shape[1], P = y_gemm.shape[2]
     cdef Py_ssize_t pw = out_w // 2
     cdef Py_ssize_t ph = P // out_w // 2
     cdef Py_ssize_t j, o
-    cdef floating b
+    cdef float b
     for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
         for o in range(oc):
             b = bias[o] if has_bias else 0
-            if floating is float:
-                cnnx_pool2x2_argmax_f32(&y_gemm[o, j, 0], out_w, ph, pw, b, slope, &y[first + j, o, 0],
-                                        &argmax[first + j, o, 0])
-            else:
-                cnnx_pool2x2_argmax_f64(&y_gemm[o, j, 0], out_w, ph, pw, b, slope, &y[first + j, o, 0],
-                                        &argmax[first + j, o, 0])
+            cnnx_pool2x2_argmax_f32(&y_gemm[o, j, 0], out_w, ph, pw, b, slope, &y[first + j, o, 0],
+                                    &argmax[first + j, o, 0])
 
 
-cdef void _unpool_in_chunks(const floating[:, :, ::1] dy, const floating[:, :, ::1] y, const int[:, :, ::1] argmax,
-                            floating low, Py_ssize_t first, Py_ssize_t out_w, floating[:, :, ::1] dy_gemm,
+cdef void _unpool_in_chunks(const float[:, :, ::1] dy, const float[:, :, ::1] y, const int[:, :, ::1] argmax,
+                            float low, Py_ssize_t first, Py_ssize_t out_w, float[:, :, ::1] dy_gemm,
                             double[:, ::1] dbias_partial, int n_threads) noexcept:
     cdef Py_ssize_t oc = dy_gemm.shape[0], g = dy_gemm.shape[1], P = dy_gemm.shape[2]
     cdef Py_ssize_t pw = out_w // 2
@@ -1854,14 +1745,9 @@ cdef void _unpool_in_chunks(const floating[:, :, ::1] dy, const floating[:, :, :
     cdef Py_ssize_t j, o
     for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
         for o in range(oc):
-            if floating is float:
-                dbias_partial[j, o] = cnnx_unpool2x2_f32(&dy[first + j, o, 0], &y[first + j, o, 0],
-                                                         &argmax[first + j, o, 0], oh, out_w, ph, pw, low,
-                                                         &dy_gemm[o, j, 0])
-            else:
-                dbias_partial[j, o] = cnnx_unpool2x2_f64(&dy[first + j, o, 0], &y[first + j, o, 0],
-                                                         &argmax[first + j, o, 0], oh, out_w, ph, pw, low,
-                                                         &dy_gemm[o, j, 0])
+            dbias_partial[j, o] = cnnx_unpool2x2_f32(&dy[first + j, o, 0], &y[first + j, o, 0],
+                                                     &argmax[first + j, o, 0], oh, out_w, ph, pw, low,
+                                                     &dy_gemm[o, j, 0])
 
 
 def gemm_to_nchw_max_pool_2x2_argmax(
@@ -1910,9 +1796,10 @@ def gemm_to_nchw_max_pool_2x2_argmax(
             or pair_max.shape[0] < g or pair_arg.shape[0] < g or pair_max.shape[1] < oh * pw
             or pair_arg.shape[1] < oh * pw):
         raise ValueError("gemm_to_nchw_max_pool_2x2_argmax: output, scratch or bias too small for the GEMM result")
-    if CNNX_POOL_SIMD and _pool_rows_need_chunks(pw):
-        _pool_argmax_in_chunks(y_gemm, bias, has_bias, slope, first, out_w, y, argmax, n_threads)
-        return
+    if floating is float:  # the chunks are float32 only; float64 (the parity tests' dtype) keeps the loops
+        if CNNX_POOL_SIMD and _pool_rows_need_chunks(pw):
+            _pool_argmax_in_chunks(y_gemm, bias, has_bias, slope, first, out_w, y, argmax, n_threads)
+            return
     for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
         hm = &pair_max[j, 0]
         hk = &pair_arg[j, 0]
@@ -1976,7 +1863,7 @@ def max_pool_2x2_argmax_to_gemm(
     derivative[1] = 1
     if g == 0 or oc == 0:
         return
-    if CNNX_POOL_SIMD and P > 0 and ph * pw > 0 and _pool_rows_need_chunks(pw):
+    if floating is float and CNNX_POOL_SIMD and P > 0 and ph * pw > 0 and _pool_rows_need_chunks(pw):
         if (dy.shape[0] < first + g or y.shape[0] < first + g or argmax.shape[0] < first + g or dy.shape[1] < oc
                 or y.shape[1] < oc or argmax.shape[1] < oc or dy.shape[2] < ph * pw or y.shape[2] < ph * pw
                 or argmax.shape[2] < ph * pw or dbias_partial.shape[0] < g or dbias_partial.shape[1] < oc):
@@ -1999,6 +1886,19 @@ def max_pool_2x2_argmax_to_gemm(
             dbias_partial[j, o] = acc
 
 
+cdef void _pool_max_in_chunks(const float[:, :, ::1] y_gemm, const float[::1] bias, bint has_bias, float slope,
+                              Py_ssize_t first, Py_ssize_t out_w, float[:, :, ::1] y, int n_threads) noexcept:
+    cdef Py_ssize_t oc = y_gemm.shape[0], g = y_gemm.shape[1], P = y_gemm.shape[2]
+    cdef Py_ssize_t pw = out_w // 2
+    cdef Py_ssize_t ph = P // out_w // 2
+    cdef Py_ssize_t j, o
+    cdef float b
+    for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
+        for o in range(oc):
+            b = bias[o] if has_bias else 0
+            cnnx_pool2x2_max_f32(&y_gemm[o, j, 0], out_w, ph, pw, b, slope, &y[first + j, o, 0])
+
+
 def gemm_to_nchw_max_pool_2x2_vectorised(
     const floating[:, :, ::1] y_gemm,
     const floating[::1] bias,
@@ -2011,28 +1911,21 @@ def gemm_to_nchw_max_pool_2x2_vectorised(
     int n_threads,
 ):
     """``gemm_to_nchw_max_pool_2x2`` (same arguments, same values) with its rows in masked
-    AVX-512 chunks, as ``gemm_to_nchw_max_pool_2x2_argmax`` has them; a build without AVX-512
-    runs ``gemm_to_nchw_max_pool_2x2`` itself."""
+    AVX-512 chunks, as ``gemm_to_nchw_max_pool_2x2_argmax`` has them; float64 and a build without
+    AVX-512 run ``gemm_to_nchw_max_pool_2x2`` itself."""
     cdef Py_ssize_t oc = y_gemm.shape[0], g = y_gemm.shape[1], P = y_gemm.shape[2]
     cdef Py_ssize_t pw = out_w // 2
     cdef Py_ssize_t ph = P // out_w // 2 if out_w > 0 else 0
-    cdef Py_ssize_t j, o
-    cdef floating b
-    cdef floating slope = <floating>negative_slope if rectify else 1
-    if not CNNX_POOL_SIMD:
-        gemm_to_nchw_max_pool_2x2(y_gemm, bias, has_bias, rectify, negative_slope, first, out_w, y, n_threads)
-        return
-    if g == 0 or oc == 0 or ph == 0 or pw == 0:
-        return
-    if y.shape[0] < first + g or y.shape[1] < oc or y.shape[2] < ph * pw or (has_bias and bias.shape[0] < oc):
-        raise ValueError("gemm_to_nchw_max_pool_2x2_vectorised: output or bias too small for the GEMM result")
-    for j in prange(g, nogil=True, schedule="static", num_threads=n_threads):
-        for o in range(oc):
-            b = bias[o] if has_bias else 0
-            if floating is float:
-                cnnx_pool2x2_max_f32(&y_gemm[o, j, 0], out_w, ph, pw, b, slope, &y[first + j, o, 0])
-            else:
-                cnnx_pool2x2_max_f64(&y_gemm[o, j, 0], out_w, ph, pw, b, slope, &y[first + j, o, 0])
+    if floating is float:  # the chunks are float32 only
+        if CNNX_POOL_SIMD:
+            if g == 0 or oc == 0 or ph == 0 or pw == 0:
+                return
+            if y.shape[0] < first + g or y.shape[1] < oc or y.shape[2] < ph * pw or (has_bias and bias.shape[0] < oc):
+                raise ValueError("gemm_to_nchw_max_pool_2x2_vectorised: output or bias too small for the GEMM result")
+            _pool_max_in_chunks(y_gemm, bias, has_bias, <float>negative_slope if rectify else 1, first, out_w, y,
+                                n_threads)
+            return
+    gemm_to_nchw_max_pool_2x2(y_gemm, bias, has_bias, rectify, negative_slope, first, out_w, y, n_threads)
 
 
 # cnnx's packed float32 GEMM for convolutions (implicit im2col), see _gemm.pxi.
