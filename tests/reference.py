@@ -96,3 +96,20 @@ def numerical_gradient(f, x, eps=1e-6):
         flat[i] = old
         gflat[i] = (up - down) / (2 * eps)
     return grad
+
+
+def assert_identical_for_any_thread_count(run, threads):
+    """``run()`` (a list of arrays) gives the same bits with one thread and with ``threads``.
+
+    Bit-exact on purpose: cnnx's kernels give every output the same sums in the same order whichever
+    thread computes it (a design property, not a float coincidence; see cnnx/parallel.py).
+    """
+    from cnnx.parallel import num_threads
+
+    with num_threads(1):
+        serial = run()
+    with num_threads(threads):
+        parallel = run()
+    assert len(serial) == len(parallel)
+    for a, b in zip(serial, parallel):
+        np.testing.assert_array_equal(a, b)

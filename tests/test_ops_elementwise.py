@@ -8,6 +8,7 @@ import pytest
 import cnnx.functional as F
 import cnnx.parallel
 from cnnx.parallel import num_threads
+import reference as ref
 
 DTYPES = [np.float32, np.float64]
 TOL = {np.float32: dict(rtol=2e-6, atol=1e-7), np.float64: dict(rtol=1e-14, atol=1e-300)}
@@ -124,12 +125,7 @@ def test_elementwise_results_identical_for_any_thread_count(threads, rng, monkey
         return [F.leaky_relu(x, 0.01), F.sigmoid(x), F.tanh(x), F.gelu(x), F.gelu_backward(dy, x, "tanh"),
                 F.multiply(x, dy)]
 
-    with num_threads(1):
-        serial = run()
-    with num_threads(threads):
-        parallel = run()
-    for a, b in zip(serial, parallel):
-        np.testing.assert_array_equal(a, b)
+    ref.assert_identical_for_any_thread_count(run, threads)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
@@ -290,9 +286,4 @@ def test_batch_norm_identical_for_any_thread_count(threads, rng, monkeypatch):
     x = rng.standard_normal((3, 5, 29)).astype(np.float32)
     g = np.ones(5, np.float32)
     b = np.zeros(5, np.float32)
-    with num_threads(1):
-        serial = F.batch_norm_train(x, g, b, 1e-5)
-    with num_threads(threads):
-        parallel = F.batch_norm_train(x, g, b, 1e-5)
-    for a, c in zip(serial, parallel):
-        np.testing.assert_array_equal(a, c)
+    ref.assert_identical_for_any_thread_count(lambda: F.batch_norm_train(x, g, b, 1e-5), threads)
