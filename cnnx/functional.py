@@ -25,7 +25,7 @@ from .geometry import (
     positive_pair,
     windowed_output_size,
 )
-from .parallel import for_each_group, matmul, threads_for
+from .parallel import blas_product, for_each_group, matmul, threads_for
 from .validation import as_floating, check_int, float_array
 
 __all__ = [
@@ -1115,19 +1115,16 @@ def packed_dense_gemm(dtype, out_features):
 
 
 def _dense_product(weight):
-    """The row-block product ``product(a, b, out)`` for ``parallel.matmul`` in a dense layer's GEMMs."""
-    return _packed_product if packed_dense_gemm(weight.dtype, weight.shape[0]) else _blas_product
+    """The row-block product ``product(a, b, out)`` for ``parallel.matmul`` in a dense layer's
+    backward GEMMs (``packed_dense_gemm`` decides)."""
+    return _packed_product if packed_dense_gemm(weight.dtype, weight.shape[0]) else blas_product
 
 
 def _packed_product(a, b, out):
     if a.dtype == b.dtype == out.dtype:
         _ops.gemm(a, b, out, 1)
-    else:
-        np.matmul(a, b, out=out)
-
-
-def _blas_product(a, b, out):
-    np.matmul(a, b, out=out)
+    else:  # mixed dtypes: NumPy casts, the compiled GEMM is float32 only
+        blas_product(a, b, out)
 
 
 def linear(x, weight, bias=None):

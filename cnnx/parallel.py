@@ -156,16 +156,17 @@ def single_threaded_blas():
 MIN_GEMM_WORK = 1 << 20
 
 
-def matmul(a, b, out, product=None):
+def blas_product(a, b, out):
+    """``out = a @ b`` by NumPy's BLAS: ``matmul``'s default product for one block of rows."""
+    np.matmul(a, b, out=out)
+
+
+def matmul(a, b, out, product=blas_product):
     """``out = a @ b`` with the rows of ``a`` (and ``out``) spread over the worker threads.
 
     ``a`` may be a strided view (e.g. a transpose); ``out`` must be C-contiguous. ``product(a, b,
-    out)`` computes one block of rows (np.matmul when None; ``functional`` passes BLAS's or cnnx's
-    own GEMM).
+    out)`` computes one block of rows (``functional`` passes cnnx's own GEMM where it is faster).
     """
-    if product is None:
-        def product(a, b, out):
-            np.matmul(a, b, out=out)
     rows = a.shape[0]
     parts = min(_num_threads, rows, max(1, rows * a.shape[1] * b.shape[1] // MIN_GEMM_WORK))
     if parts <= 1:
