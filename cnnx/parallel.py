@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import queue
 import sys
 import threading
 
@@ -77,28 +78,51 @@ def set_num_threads(n, blas=True):
         threadpool_limits(limits=n, user_api="blas")
 
 
-_executor = None
-_executor_size = 0
-# Guards the pool and the BLAS limit below: several user threads may call a Network at once.
+# Guards the helper threads and the BLAS limit below: several user threads may call a Network at once.
 _state_lock = threading.Lock()
 # Set in every thread while it runs work for ``for_each_group``: a parallel call made from there
 # runs inline (the pool's threads are all busy with the outer call; waiting on them could deadlock).
 _inside = threading.local()
+# Helper threads, each fed through its own queue (see ``_Helper``); the calling thread is worker 0.
+_helpers = []
 
 
-def _workers(n):
-    """A thread pool with at least ``n`` threads, created once and grown when asked for more."""
-    global _executor, _executor_size
+class _Helper:
+    """A persistent worker thread that runs the tasks put on its queue, one after another.
+
+    A ``for_each_group`` call costs one ``put`` per helper (a C-level queue: no futures, no
+    condition variables): the hand-off is what a small call pays on the critical path, where the
+    woken thread's start already takes tens of microseconds on a virtual machine.
+    """
+
+    def __init__(self, index):
+        self.queue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._serve, name=f"cnnx-{index}", daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        get = self.queue.get
+        while True:
+            get()()
+
+
+def _helper_threads(n):
+    """At least ``n`` helper threads, started once and added to when more are asked for."""
     with _state_lock:
-        if _executor is None or _executor_size < n:
-            from concurrent.futures import ThreadPoolExecutor
+        while len(_helpers) < n:
+            _helpers.append(_Helper(len(_helpers) + 1))
+        return _helpers[:n]
 
-            if _executor is not None:
-                # Not wait=True: another caller may still be waiting on work queued there.
-                _executor.shutdown(wait=False)
-            _executor = ThreadPoolExecutor(max_workers=n, thread_name_prefix="cnnx")
-            _executor_size = n
-        return _executor
+
+def _forget_helpers_after_fork():
+    # A forked child has none of the parent's threads: it starts its own helpers when it needs them.
+    global _state_lock
+    _state_lock = threading.Lock()
+    _helpers.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_helpers_after_fork)
 
 
 def in_parallel_region():
@@ -182,6 +206,64 @@ def matmul(a, b, out, product=blas_product):
     return out
 
 
+class _Groups:
+    """The state of one ``for_each_group`` call: the next group to hand out, and the helpers
+    inside a group (the caller waits for them before it returns; a helper that starts after the
+    last group was handed out finds nothing left and never touches the caller's buffers)."""
+
+    __slots__ = ("work", "count", "next", "lock", "running", "all_done", "error")
+
+    def __init__(self, count, work):
+        self.work = work
+        self.count = count
+        self.next = 0
+        self.lock = threading.Lock()
+        self.running = 0  # helpers inside a group
+        self.all_done = threading.Lock()  # held while running > 0
+        self.error = None
+
+    def run(self, worker):
+        """Run groups in this thread until none is left (worker 0 is the caller)."""
+        helper = worker != 0
+        lock = self.lock
+        _inside.depth = getattr(_inside, "depth", 0) + 1
+        try:
+            while True:
+                with lock:
+                    group = self.next
+                    if group >= self.count:
+                        return
+                    self.next = group + 1
+                    if helper:
+                        self.running += 1
+                        if self.running == 1:
+                            self.all_done.acquire()
+                try:
+                    self.work(worker, group)
+                except BaseException as exc:  # stop the others, re-raise in the caller
+                    with lock:
+                        self.next = self.count
+                        if self.error is None:
+                            self.error = exc
+                    if not helper:
+                        return
+                finally:
+                    if helper:
+                        with lock:
+                            self.running -= 1
+                            if self.running == 0:
+                                self.all_done.release()
+        finally:
+            _inside.depth -= 1
+
+    def wait_for_helpers(self):
+        with self.lock:
+            busy = self.running > 0
+        if busy:  # released by the last helper to leave its group
+            self.all_done.acquire()
+            self.all_done.release()
+
+
 def for_each_group(n_groups, work, n_threads=None):
     """Call ``work(worker, group)`` for every group index, spread over threads as they free up.
 
@@ -190,45 +272,24 @@ def for_each_group(n_groups, work, n_threads=None):
     writes only what belongs to its group, so the result does not depend on the schedule.
     Exceptions from any worker are raised here. Called from inside another ``for_each_group``'s
     work, it runs inline in the calling thread (worker 0): nested parallelism never waits on the
-    pool it is running in.
+    pool it is running in. The calling thread works too and never waits for a helper that has not
+    started: a helper still busy elsewhere (another caller's groups) simply finds nothing left.
     """
     n_threads = min(_num_threads if n_threads is None else n_threads, n_groups)
     if n_threads <= 1 or in_parallel_region():
         for group in range(n_groups):
             work(0, group)
         return
-    next_group = iter(range(n_groups))
-    lock = threading.Lock()
-    failed = []
-
-    def run(worker):
-        _inside.depth = getattr(_inside, "depth", 0) + 1
-        try:
-            while not failed:
-                with lock:
-                    group = next(next_group, None)
-                if group is None:
-                    return
-                try:
-                    work(worker, group)
-                except BaseException as exc:  # stop the others, re-raise in the caller
-                    failed.append(exc)
-                    raise
-        finally:
-            _inside.depth -= 1
-
+    call = _Groups(n_groups, work)
     with single_threaded_blas():
-        futures = [_workers(n_threads - 1).submit(run, w) for w in range(1, n_threads)]
+        for worker, helper in enumerate(_helper_threads(n_threads - 1), start=1):
+            helper.queue.put(functools.partial(call.run, worker))
         try:
-            run(0)
+            call.run(0)
         finally:
-            for future in futures:
-                # A helper still queued (the pool busy with another caller's groups) is dropped:
-                # run(0) has done its share. One that started is waited for before buffers go.
-                if not future.cancel():
-                    future.exception()
-    if failed:
-        raise failed[0]
+            call.wait_for_helpers()
+    if call.error is not None:
+        raise call.error
 
 
 def with_single_threaded_blas(method):
