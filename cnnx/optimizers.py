@@ -103,6 +103,33 @@ class Optimizer:
             ``grad`` an ndarray of param's shape, or None to skip the parameter this step.
         """
         # check everything before touching anything, so a bad entry cannot leave half a step applied
+        todo = self._checked(params)
+        self.iterations += 1
+        self._apply(todo)
+
+    # Whether ``step`` is nothing but ``count_step`` + ``update_part`` over every parameter, each
+    # parameter's update reading only its own arrays: then ``fit`` may update a layer's parameters
+    # as soon as its gradients are final, while the backward goes on (``training.fit``).
+    updates_in_parts = False
+
+    def count_step(self):
+        """Count one step (``iterations``) whose parameters ``update_part`` updates."""
+        self.iterations += 1
+
+    def update_part(self, params):
+        """Update ``params``, some of one step's parameters, as ``step`` would (checked first,
+        ``iterations`` not advanced: ``count_step`` counts the step once)."""
+        self._apply(self._checked(params))
+
+    def _apply(self, todo):
+        for key, param, grad in todo:
+            state = self.state.get(key)
+            if state is None:
+                state = self.state[key] = {}
+            self._update(key, param, grad, state)
+
+    def _checked(self, params):
+        """The ``(key, param, grad)`` entries with a gradient, after checking every entry."""
         todo = []
         for item in params:
             if not isinstance(item, (tuple, list)) or len(item) != 3:
@@ -124,12 +151,7 @@ class Optimizer:
             if state is not None:
                 self._conform_state(key, param, state)
             todo.append((key, param, grad))
-        self.iterations += 1
-        for key, param, grad in todo:
-            state = self.state.get(key)
-            if state is None:
-                state = self.state[key] = {}
-            self._update(key, param, grad, state)
+        return todo
 
     def _update(self, key, param, grad, state):
         raise NotImplementedError
@@ -321,6 +343,8 @@ class SGD(Optimizer):
 
     _state_names = ("momentum_buffer",)
 
+    updates_in_parts = True  # each parameter's update reads only its own arrays
+
     def __init__(self, lr, momentum=0.0, nesterov=False, weight_decay=0.0, dampening=0.0):
         super().__init__(lr)
         self.momentum = _check_real("momentum", momentum, low=0.0)
@@ -408,6 +432,8 @@ class Adam(Optimizer):
     _state_names = ("exp_avg", "exp_avg_sq")
     _counts_param_steps = True
     _decoupled = False
+
+    updates_in_parts = True
 
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(lr)
