@@ -326,9 +326,14 @@ class Background:
 
     def _drain(self):
         lock = self._lock
+        helper = _helper_threads(1)[0]
         _inside.depth = getattr(_inside, "depth", 0) + 1
         try:
             while True:
+                if not helper.queue.empty():
+                    # A parallel call is waiting for this helper: its groups first, these after.
+                    helper.queue.put(self._drain)
+                    return
                 with lock:
                     if not self._tasks:
                         self._scheduled = False

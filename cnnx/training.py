@@ -18,7 +18,6 @@ Everything is validated when ``FitExtras`` is built, before any training.
 """
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 import sys
@@ -342,11 +341,15 @@ class OverlappedUpdate:
         params = [id(p) for _, p, _ in net.parameters()]  # (the Network refuses a layer twice)
         return len(set(params)) == len(params)
 
+    # Elements per task of a large parameter's update: tens of microseconds of work, so a helper
+    # busy with one joins the next convolution's groups soon, and two threads share what is left.
+    CHUNK = 1 << 16
+
     def _layers_done(self, indices):
         layers = self.network.layers
         params = [(f"{i}.{name}", p, g) for i in indices for name, p, g in layers[i].named_parameters()]
-        if params:
-            self.background.submit(functools.partial(self.optimizer.update_part, params))
+        for task in self.optimizer.update_tasks(params, self.CHUNK):
+            self.background.submit(task)
 
     def backward_and_step(self, dloss):
         """``net.backward(dloss)`` and the optimizer's step; returns when both are done."""

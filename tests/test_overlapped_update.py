@@ -28,8 +28,9 @@ OPTIMIZERS = {
 }
 
 
-def _train(rng_seed, optimizer, overlap, dtype="float32"):
-    """Weights and optimizer state after three epochs of fit, with the overlap on or off."""
+def _train(rng_seed, optimizer, overlap, dtype="float32", chunk=None):
+    """Weights and optimizer state after three epochs of fit, with the overlap on or off (and
+    the update tasks cut into runs of ``chunk`` elements)."""
     data = np.random.default_rng(rng_seed)
     x = data.standard_normal((48, 2, 8, 8))
     y = data.integers(0, 3, 48)
@@ -43,10 +44,13 @@ def _train(rng_seed, optimizer, overlap, dtype="float32"):
         return used[-1] and overlap
 
     training.OverlappedUpdate.applies = staticmethod(applies)
+    default_chunk = training.OverlappedUpdate.CHUNK
+    training.OverlappedUpdate.CHUNK = chunk or default_chunk
     try:
         net.fit(x, y, epochs=3, batch_size=16, shuffle=True, seed=1, verbose=0)
     finally:
         training.OverlappedUpdate.applies = staticmethod(original)
+        training.OverlappedUpdate.CHUNK = default_chunk
     state = net.optimizer.state_dict()
     weights = net.get_weights()  # copies
     return [weights[k] for k in sorted(weights)] + [state[k] for k in sorted(state)], used
@@ -54,9 +58,10 @@ def _train(rng_seed, optimizer, overlap, dtype="float32"):
 
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_overlapped_update_gives_the_same_weights_and_state_as_the_step_after_backward(optimizer, dtype):
+@pytest.mark.parametrize("chunk", [None, 40], ids=["whole-parameters", "runs-of-32"])
+def test_overlapped_update_gives_the_same_weights_and_state_as_the_step_after_backward(optimizer, dtype, chunk):
     with parallel.num_threads(2):
-        overlapped, used = _train(3, optimizer, overlap=True, dtype=dtype)
+        overlapped, used = _train(3, optimizer, overlap=True, dtype=dtype, chunk=chunk)
         serial, _ = _train(3, optimizer, overlap=False, dtype=dtype)
     assert used == [True]  # the overlap did run
     assert len(overlapped) == len(serial)
@@ -68,6 +73,31 @@ def test_overlapped_update_gives_the_same_weights_and_state_as_the_step_after_ba
 
 def test_overlapped_training_is_identical_for_any_thread_count():
     assert_identical_for_any_thread_count(lambda: _train(5, "adam", overlap=True)[0], threads=2)
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS) + ["sgd-plain", "sgd-nesterov"])
+def test_update_tasks_in_any_order_equal_one_step(optimizer, rng):
+    make = {**OPTIMIZERS, "sgd-plain": lambda: SGD(lr=0.1),
+            "sgd-nesterov": lambda: SGD(lr=0.1, momentum=0.8, nesterov=True, weight_decay=1e-2)}[optimizer]
+    shapes = [(7, 50), (3,), (200,)]  # 350 and 200 elements: several runs of 32, a short last one
+    params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    by_step, by_tasks = make(), make()
+    ours = [p.copy() for p in params]
+    for _ in range(3):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        by_step.step([(f"{i}.w", p, g) for i, (p, g) in enumerate(zip(params, grads))])
+        tasks = by_tasks.update_tasks([(f"{i}.w", p, g) for i, (p, g) in enumerate(zip(ours, grads))], chunk=40)
+        assert len(tasks) == 11 + 1 + 7
+        for k in rng.permutation(len(tasks)):
+            tasks[k]()
+        by_tasks.count_step()
+        for a, b in zip(params, ours):
+            # Exact: each element gets the same arithmetic, only the runs and their order differ.
+            np.testing.assert_array_equal(a, b)
+    state_a, state_b = by_step.state_dict(), by_tasks.state_dict()
+    assert sorted(state_a) == sorted(state_b)
+    for key in state_a:
+        np.testing.assert_array_equal(state_a[key], state_b[key])
 
 
 def _applies(net, sync=None, clip=None):
