@@ -124,16 +124,25 @@ def install(net, tracer):
     net.loss.forward = tracer.wrap_op("loss", net.loss.forward)
     net.loss.backward = tracer.wrap_op("loss", net.loss.backward)
     net.optimizer.step = tracer.wrap_op("optimizer", net.optimizer.step)
-    update_part = net.optimizer.update_part
+    submit = parallel.Background.submit
 
-    def traced_update_part(params):  # fit's overlapped update, run by a helper or by the caller
-        t0 = clock()
-        try:
-            return update_part(params)
-        finally:
-            tracer.updates.append((threading.get_ident(), t0, clock()))
+    def traced(task):
+        def run():
+            t0 = clock()
+            try:
+                task()
+            finally:
+                tracer.updates.append((threading.get_ident(), t0, clock()))
 
-    net.optimizer.update_part = traced_update_part
+        return run
+
+    def traced_submit(background, *tasks):  # fit's overlapped update: a helper's or the caller's
+        submit(background, *map(traced, tasks))
+
+    parallel.Background.submit = traced_submit
+    finish = parallel.Background.finish
+    parallel.Background.finish = lambda background: tracer.wrap_op("update (rest, after backward)",
+                                                                   finish)(background)
 
     class BatchSpans(cnnx.callbacks.Callback):
         def on_batch_begin(self, batch, logs=None):

@@ -297,12 +297,11 @@ def for_each_group(n_groups, work, n_threads=None):
 class Background:
     """Tasks handed to a helper thread while the calling thread goes on with other work.
 
-    ``submit(task)`` queues ``task()``; a helper runs the queued tasks one after another when it is
-    free (between, or instead of, the groups of ``for_each_group`` calls). ``finish()`` runs in the
+    ``submit(*tasks)`` queues them; a helper runs the queued tasks one after another when it is
+    free (between the groups of ``for_each_group`` calls, which go first). ``finish()`` runs in the
     calling thread every task no helper has started, waits for the one a helper is running, and
     raises the first exception a task raised. Tasks must not depend on which thread runs them or
     in which order they run (the optimizer's per-layer updates: each parameter's own arrays).
-    With one thread, or from inside a worker's task, ``submit`` runs the task at once.
     """
 
     def __init__(self):
@@ -313,12 +312,10 @@ class Background:
         self._all_done = threading.Lock()  # held while a helper runs a task
         self._error = None
 
-    def submit(self, task):
-        if _num_threads <= 1 or in_parallel_region():
-            task()
-            return
+    def submit(self, *tasks):
+        """Queue ``tasks`` (also from inside a task: whoever is free takes them)."""
         with self._lock:
-            self._tasks.append(task)
+            self._tasks.extend(tasks)
             schedule = not self._scheduled
             self._scheduled = True
         if schedule:
