@@ -276,8 +276,10 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, out=
         else:
             _ops.gemm_to_nchw(y_gemm, b, has_bias, rectify, slope, first, y3, nt)
 
-    nchw = None if max_pool_2x2 else (b, has_bias, rectify, slope, y3)
-    _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace, nchw)
+    # On the packed path the tile stores write y3 themselves, pooled too unless POOLED_TILE_STORE
+    # says to pool in a second pass over the GEMM layout.
+    nchw = None if max_pool_2x2 and not POOLED_TILE_STORE else (b, has_bias, rectify, slope, y3)
+    _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace, nchw, pool_2x2=max_pool_2x2)
     return y
 
 
@@ -316,7 +318,7 @@ def _unfold(x, window, first, m, scratch, n_threads):
     return cols
 
 
-def _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace, nchw=None):
+def _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace, nchw=None, pool_2x2=False):
     """The im2col + GEMM forward of a convolution with this ``window`` and ``groups``, run by
     groups of images on cnnx's workers.
 
@@ -324,7 +326,8 @@ def _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace, n
     ``first : first + m``, laid out ``(out_c, m, P)``, and writes the caller's output (bias,
     activation and pooling as the caller fuses them), with the worker's ``scratch`` for buffers.
     ``nchw = (bias, has_bias, rectify, slope, y3)`` (optional) is ``gemm_to_nchw``'s epilogue: where
-    cnnx's packed GEMM runs, it writes ``y3`` directly and ``gemm_to_output`` is not called.
+    cnnx's packed GEMM runs, it writes ``y3`` directly and ``gemm_to_output`` is not called; with
+    ``pool_2x2``, ``y3`` is the 2x2 max-pooled output (``conv_gemm_nchw_max_pool_2x2``).
     """
     oc = weight.shape[0]
     k = x.shape[1] * window[0] * window[1]  # c * kh * kw
@@ -338,7 +341,8 @@ def _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace, n
 
     def forward(index, first, m, scratch, nt):
         if packed and nchw is not None:
-            _ops.conv_gemm_nchw(x, first, m, w3[0], *plain_window, *nchw, nt)
+            tile_store = _ops.conv_gemm_nchw_max_pool_2x2 if pool_2x2 else _ops.conv_gemm_nchw
+            tile_store(x, first, m, w3[0], *plain_window, *nchw, nt)
             return
         y_gemm = scratch.get("y_gemm", (oc, m, out_h * out_w), x.dtype)
         if packed:
@@ -358,6 +362,14 @@ def _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace, n
 # ``None`` follows the measured rules below; True / False force a path (benchmarks/conv_gemm.py
 # compares the two).
 PACKED_CONV_GEMM = None
+
+
+# Whether a pooled inference convolution on the packed path (``conv2d(max_pool_2x2=True)``) pools
+# in the GEMM's tile stores (``_ops.conv_gemm_nchw_max_pool_2x2``: only the pixels the pool keeps
+# are computed, no full-size output is written) rather than writing the GEMM layout and pooling it
+# in a second pass. Measured faster on every pooled layer of the benchmark workloads
+# (docs/PERFORMANCE_LOG.md); False keeps the two passes (benchmarks/conv_gemm.py --pool-store).
+POOLED_TILE_STORE = True
 
 
 def packed_conv_gemm(dtype, out_c, k, pixels):
