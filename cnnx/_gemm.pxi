@@ -215,6 +215,7 @@ cdef struct _PoolTiles:
     # the GEMM's columns are the pixels the pool keeps, 4 per window, see ``_pack_pool_panel``.
     Py_ssize_t ph, pw     # pooled output size: out_h // 2, out_w // 2
     Py_ssize_t windows    # images * ph * pw
+    int* code             # training: each window's argmax (2 * dy + dx) beside the output; NULL: none
 
 
 def gemm_config():
@@ -937,7 +938,82 @@ cdef extern from *:
             memcpy(out + (Py_ssize_t)(r) * ldo, lanes, CNNX_POOL_WINDOWS * sizeof(float)); \\
             if (s < rows) memcpy(out + (Py_ssize_t)(s) * ldo, lanes + CNNX_POOL_WINDOWS, CNNX_POOL_WINDOWS * sizeof(float)); \\
         }
+    /* Training: every pixel activated first (slope 1 without activation), then compared as
+       max_pool2d does: left against right in each row, then the top row's winner against the
+       bottom's; the first maximum (or the first NaN) in row-major order wins. */
+    static inline cnnx_vi cnnx_vtakes(cnnx_vf v, cnnx_vf best) { return (v > best) | ((v != v) & (best == best)); }
+    static inline cnnx_vf cnnx_vselect(cnnx_vi take, cnnx_vf v, cnnx_vf other) {
+        return (cnnx_vf)(((cnnx_vi)v & take) | ((cnnx_vi)other & ~take));
+    }
+    #define CNNX_POOL_ACT(r) \
+        cnnx_vf top##r = {0}, bottom##r = {0}; \
+        if (r < rows) { \
+            top##r = c##r##0; bottom##r = c##r##1; \
+            if (partial) { top##r += cnnx_vload(partial + (r) * CNNX_NR); bottom##r += cnnx_vload(partial + (r) * CNNX_NR + CNNX_VW); } \
+            if (bias) { cnnx_vf br = cnnx_splat(bias[r]); top##r += br; bottom##r += br; } \
+            top##r = cnnx_vleaky(top##r, slope); bottom##r = cnnx_vleaky(bottom##r, slope); \
+        }
+    #define CNNX_POOL_ARGMAX_PAIR(r, s) \
+        if (r < rows) { \
+            CNNX_POOL_ACT(r) CNNX_POOL_ACT(s) \
+            cnnx_vf tl = CNNX_EVEN(top##r, top##s), tr = CNNX_ODD(top##r, top##s); \
+            cnnx_vf bl = CNNX_EVEN(bottom##r, bottom##s), br_ = CNNX_ODD(bottom##r, bottom##s); \
+            cnnx_vi right_top = cnnx_vtakes(tr, tl), right_bottom = cnnx_vtakes(br_, bl); \
+            cnnx_vf m_top = cnnx_vselect(right_top, tr, tl), m_bottom = cnnx_vselect(right_bottom, br_, bl); \
+            cnnx_vi take_bottom = cnnx_vtakes(m_bottom, m_top); /* the top wins ties */ \
+            cnnx_vi two = {0}; two += 2; \
+            cnnx_vi k = (take_bottom & (two - right_bottom)) | (~take_bottom & -right_top); \
+            cnnx_vf p = cnnx_vselect(take_bottom, m_bottom, m_top); \
+            float lanes[CNNX_VW]; int codes[CNNX_VW]; \
+            cnnx_vstore(lanes, p); memcpy(codes, &k, sizeof k); \
+            memcpy(out + (Py_ssize_t)(r) * ldo, lanes, CNNX_POOL_WINDOWS * sizeof(float)); \
+            memcpy(code + (Py_ssize_t)(r) * ldo, codes, CNNX_POOL_WINDOWS * sizeof(int)); \
+            if (s < rows) { \
+                memcpy(out + (Py_ssize_t)(s) * ldo, lanes + CNNX_POOL_WINDOWS, CNNX_POOL_WINDOWS * sizeof(float)); \
+                memcpy(code + (Py_ssize_t)(s) * ldo, codes + CNNX_POOL_WINDOWS, CNNX_POOL_WINDOWS * sizeof(int)); \
+            } \
+        }
     #endif
+
+    /* The training form of cnnx_sgemm_micro_pool2x2: the activated pooled values and each window's
+       argmax code[r * ldo + i] = 2 * dy + dx, as gemm_to_nchw_max_pool_2x2_argmax computes them
+       (slope 1: no activation). */
+    static void cnnx_sgemm_micro_pool2x2_argmax(Py_ssize_t kc, const float *restrict a, const float *restrict b,
+                                                const float *partial, float *out, int *code, Py_ssize_t ldo,
+                                                int rows, const float *bias, float slope) {
+    #if CNNX_GEMM_VECTOR
+        CNNX_TILE_SUMS
+        CNNX_POOL_ARGMAX_PAIR(0, 1) CNNX_POOL_ARGMAX_PAIR(2, 3) CNNX_POOL_ARGMAX_PAIR(4, 5)
+        #if CNNX_MR > 6
+        CNNX_POOL_ARGMAX_PAIR(6, 7)
+        #endif
+    #else
+        float acc[CNNX_MR][CNNX_NR] = {{0}};
+        for (Py_ssize_t k = 0; k < kc; ++k) {
+            for (int r = 0; r < CNNX_MR; ++r)
+                for (int j = 0; j < CNNX_NR; ++j)
+                    acc[r][j] += a[r] * b[j];
+            a += CNNX_MR;
+            b += CNNX_NR;
+        }
+        for (int r = 0; r < rows; ++r) {
+            float v[CNNX_NR];
+            for (int j = 0; j < CNNX_NR; ++j) {
+                float t = acc[r][j] + (partial ? partial[r * CNNX_NR + j] : 0.0f) + (bias ? bias[r] : 0.0f);
+                float scaled = t * slope;
+                v[j] = t > 0 ? t : scaled;
+            }
+            for (int i = 0; i < CNNX_POOL_WINDOWS; ++i) {
+                float tl = v[2 * i], tr = v[2 * i + 1], bl = v[CNNX_VW + 2 * i], br = v[CNNX_VW + 2 * i + 1];
+                int right_top = tr > tl || (tr != tr && tl == tl), right_bottom = br > bl || (br != br && bl == bl);
+                float m_top = right_top ? tr : tl, m_bottom = right_bottom ? br : bl;
+                int take_bottom = m_bottom > m_top || (m_bottom != m_bottom && m_top == m_top);
+                out[(Py_ssize_t)r * ldo + i] = take_bottom ? m_bottom : m_top;
+                code[(Py_ssize_t)r * ldo + i] = take_bottom ? 2 + right_bottom : right_top;
+            }
+        }
+    #endif
+    }
 
     /* One MR x NR tile of the pooled-order GEMM (a: kc x MR packed, b: kc x NR packed in the
        order above), plus `partial` (the earlier K blocks' sums, MR x NR, row stride NR) when given,
@@ -979,6 +1055,9 @@ cdef extern from *:
     }
     """
     const int CNNX_GEMM_POOL_WINDOWS
+    void cnnx_sgemm_micro_pool2x2_argmax(Py_ssize_t kc, const float* a, const float* b, const float* partial,
+                                         float* out, int* code, Py_ssize_t ldo, int rows, const float* bias,
+                                         float slope) noexcept nogil
     void cnnx_sgemm_micro_pool2x2(Py_ssize_t kc, const float* a, const float* b, const float* partial, float* out,
                                   Py_ssize_t ldo, int rows, const float* bias, int rectify,
                                   float slope) noexcept nogil
@@ -1062,20 +1141,32 @@ cdef void _store_pool_tile(const _ConvGemm* g, const _PoolTiles* pool, Py_ssize_
     cdef Py_ssize_t pq = pool.ph * pool.pw
     cdef Py_ssize_t w0 = n_start // 4
     cdef Py_ssize_t q = w0 % pq
-    cdef float* c = g.out + o0 * g.row_stride + (w0 // pq) * g.image_stride + q
+    cdef Py_ssize_t at = o0 * g.row_stride + (w0 // pq) * g.image_stride + q
+    # Training always activates (slope 1 without an activation), as the argmax pass it replaces.
+    cdef float slope = g.slope if g.rectify else 1
     if w0 + per_tile <= pool.windows and q + per_tile <= pq:
-        cnnx_sgemm_micro_pool2x2(kc, a, b, partial, c, g.row_stride, rows, bias, g.rectify, g.slope)
+        if pool.code == NULL:
+            cnnx_sgemm_micro_pool2x2(kc, a, b, partial, g.out + at, g.row_stride, rows, bias, g.rectify, g.slope)
+        else:
+            cnnx_sgemm_micro_pool2x2_argmax(kc, a, b, partial, g.out + at, pool.code + at, g.row_stride, rows,
+                                            bias, slope)
         return
     cdef float tile[16 * 32]  # MR x VW / 2, MR <= 16 and VW <= 64 in every build
+    cdef int tile_code[16 * 32]
     cdef Py_ssize_t r, j, w, valid = pool.windows - w0
     if valid > per_tile:
         valid = per_tile
-    cnnx_sgemm_micro_pool2x2(kc, a, b, partial, tile, per_tile, rows, bias, g.rectify, g.slope)
+    if pool.code == NULL:
+        cnnx_sgemm_micro_pool2x2(kc, a, b, partial, tile, per_tile, rows, bias, g.rectify, g.slope)
+    else:
+        cnnx_sgemm_micro_pool2x2_argmax(kc, a, b, partial, tile, tile_code, per_tile, rows, bias, slope)
     for j in range(valid):
         w = w0 + j
-        c = g.out + o0 * g.row_stride + (w // pq) * g.image_stride + w % pq
+        at = o0 * g.row_stride + (w // pq) * g.image_stride + w % pq
         for r in range(rows):
-            c[r * g.row_stride] = tile[r * per_tile + j]
+            g.out[at + r * g.row_stride] = tile[r * per_tile + j]
+            if pool.code != NULL:
+                pool.code[at + r * g.row_stride] = tile_code[r * per_tile + j]
 
 
 cdef void _gemm_pool_block(const _ConvGemm* g, const _PoolTiles* pool, Py_ssize_t block, float* bp) noexcept nogil:
@@ -1133,6 +1224,47 @@ def conv_gemm_nchw_max_pool_2x2(
     ``max_pool2d(leaky_relu(conv(x) + bias), 2)`` with only the pixels the pool keeps computed and
     no full-size output written. ``negative_slope`` must be >= 0 (the pool commutes with a
     monotone activation only). The caller checks the geometry of ``x`` and ``weight``."""
+    _conv_gemm_pooled(x, first, count, weight, kh, kw, sy, sx, pad_top, pad_left, out_h, out_w, bias, has_bias,
+                      leaky_relu, negative_slope, y, NULL, n_threads)
+
+
+def conv_gemm_nchw_max_pool_2x2_argmax(
+    const float[:, :, :, ::1] x,
+    Py_ssize_t first,
+    Py_ssize_t count,
+    const float[:, ::1] weight,
+    Py_ssize_t kh,
+    Py_ssize_t kw,
+    Py_ssize_t sy,
+    Py_ssize_t sx,
+    Py_ssize_t pad_top,
+    Py_ssize_t pad_left,
+    Py_ssize_t out_h,
+    Py_ssize_t out_w,
+    const float[::1] bias,
+    bint has_bias,
+    bint leaky_relu,
+    double negative_slope,
+    float[:, :, ::1] y,
+    int[:, :, ::1] argmax,
+    int n_threads,
+):
+    """The training form of ``conv_gemm_nchw_max_pool_2x2``: also ``argmax`` (shaped as ``y``), each
+    window's winner ``2 * dy + dx``, with the values and codes of ``conv_gemm_columns`` +
+    ``gemm_to_nchw_max_pool_2x2_argmax`` (all four pixels activated, then compared; the first
+    maximum or the first NaN in row-major order wins)."""
+    if argmax.shape[0] != y.shape[0] or argmax.shape[1] != y.shape[1] or argmax.shape[2] != y.shape[2]:
+        raise ValueError(f"Expected argmax of y's shape ({y.shape[0]}, {y.shape[1]}, {y.shape[2]}), received: "
+                         f"({argmax.shape[0]}, {argmax.shape[1]}, {argmax.shape[2]})")
+    _conv_gemm_pooled(x, first, count, weight, kh, kw, sy, sx, pad_top, pad_left, out_h, out_w, bias, has_bias,
+                      leaky_relu, negative_slope, y, &argmax[0, 0, 0] if argmax.shape[0] > 0 and argmax.shape[1] > 0
+                      and argmax.shape[2] > 0 else NULL, n_threads)
+
+
+cdef _conv_gemm_pooled(const float[:, :, :, ::1] x, Py_ssize_t first, Py_ssize_t count, const float[:, ::1] weight,
+                       Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sy, Py_ssize_t sx, Py_ssize_t pad_top,
+                       Py_ssize_t pad_left, Py_ssize_t out_h, Py_ssize_t out_w, const float[::1] bias, bint has_bias,
+                       bint leaky_relu, double negative_slope, float[:, :, ::1] y, int* code, int n_threads):
     cdef _ConvGemm g
     cdef _PoolTiles pool
     if weight.shape[1] == 0:
@@ -1149,6 +1281,7 @@ def conv_gemm_nchw_max_pool_2x2(
         return
     _conv_gemm_setup(&g, x, first, count, weight, kh, kw, sy, sx, pad_top, pad_left, out_h, out_w)
     pool.windows = count * pool.ph * pool.pw
+    pool.code = code + first * y.shape[1] * y.shape[2] if code != NULL else NULL  # addressed as g.out
     g.P = 4 * pool.ph * pool.pw  # the GEMM's columns: 4 pixels per window
     g.N = count * g.P
     g.out = &y[first, 0, 0]

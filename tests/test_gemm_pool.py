@@ -149,3 +149,77 @@ def test_conv2d_pooled_in_the_tile_stores_equals_conv2d_then_max_pool2d(shape, a
     # the two kernels' multiply-adds differently).
     np.testing.assert_allclose(got, unfused, rtol=1e-5, atol=1e-5 * np.abs(unfused).max())
     np.testing.assert_allclose(got, two_passes, rtol=1e-5, atol=1e-5 * np.abs(unfused).max())
+
+
+# --- the training form: pooled values and each window's argmax from the tile stores -----------
+
+def corners_reference(z, slope):
+    """Activated (n, oc, oh, ow) -> pooled values and codes 2 * dy + dx of each window's first
+    maximum (or first NaN) in row-major order, as max_pool2d picks it."""
+    n, oc, oh, ow = z.shape
+    ph, pw = oh // 2, ow // 2
+    a = np.where(z > 0, z, slope * z)[:, :, :2 * ph, :2 * pw].reshape(n, oc, ph, 2, pw, 2)
+    corners = a.transpose(0, 1, 2, 4, 3, 5).reshape(n, oc, ph * pw, 4)
+    code = np.argmax(corners, axis=-1)
+    return np.take_along_axis(corners, code[..., None], -1)[..., 0], code.astype(np.int32)
+
+
+@pytest.mark.parametrize("isa", BUILDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_pooled_conv_gemm_argmax_matches_max_pool_with_ties(isa, shape, rng):
+    ops = _simd.load(isa)
+    n, c, h, w, oc, k, s, p = shape
+    # Small integers: every sum is exact in float32 (|sum| <= 4 * K + 2 < 2**24) and so is the slope
+    # 0.5, so values and codes must be exactly the reference's; most windows hold ties (and ReLU
+    # makes more), which must go to the first maximum.
+    x = rng.integers(-2, 3, (n, c, h, w)).astype(np.float32)
+    weight = rng.integers(-2, 3, (oc, c, k, k)).astype(np.float32)
+    bias = rng.integers(-2, 3, oc).astype(np.float32)
+    pads = ((p, p), (p, p))
+    for case, (rectify, slope, with_bias) in enumerate([(False, 1.0, True), (True, 0.0, False), (True, 0.5, True)]):
+        z = ref.conv2d(x.astype(np.float64), weight.astype(np.float64),
+                       bias.astype(np.float64) if with_bias else None, (s, s), pads)
+        expected, expected_code = corners_reference(z, slope)
+        out_h, out_w = z.shape[2:]
+        y = np.full((n + 1, oc, expected.shape[2]), 7.0, np.float32)
+        code = np.full(y.shape, -1, np.int32)
+        xs = np.concatenate([np.zeros_like(x[:1]), x])
+        ops.conv_gemm_nchw_max_pool_2x2_argmax(xs, 1, n, weight.reshape(oc, -1), k, k, s, s, p, p, out_h, out_w,
+                                               bias if with_bias else np.empty(0, np.float32), with_bias, rectify,
+                                               slope if rectify else 0.0, y, code, 1 + case % 2)
+        np.testing.assert_array_equal(y[1:], expected)
+        np.testing.assert_array_equal(code[1:], expected_code)
+        assert np.all(y[0] == 7.0) and np.all(code[0] == -1)  # the image in front is never written
+
+
+@pytest.mark.parametrize("isa", BUILDS)
+def test_pooled_conv_gemm_argmax_picks_the_first_nan(isa, rng):
+    ops = _simd.load(isa)
+    x = rng.standard_normal((1, 1, 4, 6)).astype(np.float32)
+    x[0, 0, 1, 2] = np.nan   # window (0, 1), bottom left
+    x[0, 0, 2, 5] = np.nan   # window (1, 2), top right
+    x[0, 0, 3, 4] = np.nan   # window (1, 2), bottom left: the top right comes first
+    y = np.empty((1, 1, 6), np.float32)
+    code = np.empty((1, 1, 6), np.int32)
+    ops.conv_gemm_nchw_max_pool_2x2_argmax(x, 0, 1, np.ones((1, 1), np.float32), 1, 1, 1, 1, 0, 0, 4, 6,
+                                           np.zeros(1, np.float32), False, True, 0.0, y, code, 1)
+    assert np.isnan(y[0, 0, [1, 5]]).all() and not np.isnan(y[0, 0, [0, 2, 3, 4]]).any()
+    assert code[0, 0, 1] == 2 and code[0, 0, 5] == 1
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[5]], ids=shape_id)
+def test_pooled_training_forward_from_the_tile_stores_equals_the_pooling_pass(shape, threads, rng, monkeypatch):
+    monkeypatch.setattr(F, "PACKED_CONV_GEMM", True)
+    x, weight, bias = operands(shape, rng)
+    n, c, h, w, oc, k, s, p = shape
+    with num_threads(threads):
+        y, argmax = F.conv2d_max_pool_2x2_train(x, weight, bias, s, p, activation="leaky_relu", negative_slope=0.1)
+        monkeypatch.setattr(F, "POOLED_TILE_STORE", False)
+        y_pass, argmax_pass = F.conv2d_max_pool_2x2_train(x, weight, bias, s, p, activation="leaky_relu",
+                                                          negative_slope=0.1)
+    expected, bound, _ = unfused_reference(x, weight, bias, s, p, "leaky_relu", 0.1)
+    assert np.all(np.abs(y - expected) <= bound)
+    np.testing.assert_allclose(y, y_pass, rtol=1e-5, atol=1e-5 * np.abs(y_pass).max())
+    # Both paths sum with the same micro-kernel in the same order and compare the same activated values.
+    np.testing.assert_array_equal(argmax, argmax_pass)
