@@ -32,7 +32,11 @@ cdef extern from *:
       #define CNNX_GEMM_VECTOR 1
       #if defined(__AVX512F__)
         #define CNNX_VW 16
-        #define CNNX_MR 8
+        #ifndef CNNX_MR_AVX512  /* CFLAGS=-DCNNX_MR_AVX512=12 (or 14) builds a taller tile to measure:
+                                   slower on Zen 5 as GCC 12 compiles it (docs/PERFORMANCE_LOG.md) */
+          #define CNNX_MR_AVX512 8
+        #endif
+        #define CNNX_MR CNNX_MR_AVX512
       #elif defined(__AVX2__) || defined(__FMA__) || defined(__AVX__)
         #define CNNX_VW 8
         #define CNNX_MR 6
@@ -85,10 +89,18 @@ cdef extern from *:
     #define CNNX_ROW_DECL(r) cnnx_vf c##r##0 = {0}, c##r##1 = {0};
     /* The register tile's sums over k < kc (shared by every tile store): accumulators c<r>0, c<r>1
        of row r, from a (kc x MR packed) and b (kc x NR packed). */
-    #if CNNX_MR > 6
+    #if CNNX_MR == 14
+      #define CNNX_ROWS_HI(op) op(6) op(7) op(8) op(9) op(10) op(11) op(12) op(13)
+      #define CNNX_ROW_PAIRS_HI(op) op(6, 7) op(8, 9) op(10, 11) op(12, 13)
+    #elif CNNX_MR == 12
+      #define CNNX_ROWS_HI(op) op(6) op(7) op(8) op(9) op(10) op(11)
+      #define CNNX_ROW_PAIRS_HI(op) op(6, 7) op(8, 9) op(10, 11)
+    #elif CNNX_MR == 8
       #define CNNX_ROWS_HI(op) op(6) op(7)
+      #define CNNX_ROW_PAIRS_HI(op) op(6, 7)
     #else
       #define CNNX_ROWS_HI(op)
+      #define CNNX_ROW_PAIRS_HI(op)
     #endif
     #define CNNX_TILE_SUMS \
         CNNX_ROW_DECL(0) CNNX_ROW_DECL(1) CNNX_ROW_DECL(2) CNNX_ROW_DECL(3) \
@@ -109,10 +121,7 @@ cdef extern from *:
                                  const float *bias, int rectify, float slope) {
         CNNX_TILE_SUMS
         CNNX_ROW_STORE(0) CNNX_ROW_STORE(1) CNNX_ROW_STORE(2) CNNX_ROW_STORE(3)
-        CNNX_ROW_STORE(4) CNNX_ROW_STORE(5)
-        #if CNNX_MR > 6
-        CNNX_ROW_STORE(6) CNNX_ROW_STORE(7)
-        #endif
+        CNNX_ROW_STORE(4) CNNX_ROW_STORE(5) CNNX_ROWS_HI(CNNX_ROW_STORE)
     }
     #endif  /* CNNX_GEMM_VECTOR: the micro-kernel */
     /* Copy / zero n <= NR floats: the runs of the B packing (an output row of a panel at most), so
@@ -984,9 +993,7 @@ cdef extern from *:
     #if CNNX_GEMM_VECTOR
         CNNX_TILE_SUMS
         CNNX_POOL_ARGMAX_PAIR(0, 1) CNNX_POOL_ARGMAX_PAIR(2, 3) CNNX_POOL_ARGMAX_PAIR(4, 5)
-        #if CNNX_MR > 6
-        CNNX_POOL_ARGMAX_PAIR(6, 7)
-        #endif
+        CNNX_ROW_PAIRS_HI(CNNX_POOL_ARGMAX_PAIR)
     #else
         float acc[CNNX_MR][CNNX_NR] = {{0}};
         for (Py_ssize_t k = 0; k < kc; ++k) {
@@ -1025,9 +1032,7 @@ cdef extern from *:
     #if CNNX_GEMM_VECTOR
         CNNX_TILE_SUMS
         CNNX_POOL_ROW_PAIR(0, 1) CNNX_POOL_ROW_PAIR(2, 3) CNNX_POOL_ROW_PAIR(4, 5)
-        #if CNNX_MR > 6
-        CNNX_POOL_ROW_PAIR(6, 7)
-        #endif
+        CNNX_ROW_PAIRS_HI(CNNX_POOL_ROW_PAIR)
     #else
         float acc[CNNX_MR][CNNX_NR] = {{0}};
         for (Py_ssize_t k = 0; k < kc; ++k) {
