@@ -25,6 +25,8 @@ SHAPES = [
     (2, 128, 6, 6, 20, 2, 1, 0),     # mind-cifar conv4's shape class: 5x5 output, K = 512
     (1, 3, 35, 35, 7, 2, 1, 0),      # 34x34 -> 17x17: long pooled rows across tiles
     (4, 16, 16, 16, 17, 3, 1, 1),    # 16x16 -> 8x8, M = 17 (a last MR panel of one row)
+    (3, 70, 12, 12, 13, 3, 1, 1),    # K = 630 and several column blocks: each block keeps its own sums
+    (9, 2, 3, 3, 5, 2, 1, 0),        # 2x2 -> 1x1: one window per image, a tile spans 2-8 images
 ]
 
 
@@ -82,7 +84,7 @@ def test_pooled_conv_gemm_matches_the_unfused_reference(isa, shape, rng):
         assert np.all(y[0] == 7.0)  # exact: the image in front is never written
 
 
-@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[5], SHAPES[7]], ids=shape_id)
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[5], SHAPES[8], SHAPES[9]], ids=shape_id)
 def test_pooled_conv_gemm_gives_the_same_values_on_any_thread_count(shape, rng):
     ops = _simd.load(BUILDS[0])
     x, weight, bias = operands(shape, rng)
