@@ -1109,9 +1109,29 @@ cdef void _pack_pool_panel(const _ConvGemm* g, const _PoolTiles* pool, Py_ssize_
     cdef Py_ssize_t k, s, t, ci, ki, kj, offset
     cdef float* dst
     cdef const float* src
+    cdef const float* top
+    cdef const float* bottom
     ci = k0 // (g.kh * g.kw)
     ki = (k0 // g.kw) % g.kh
     kj = k0 % g.kw
+    if g.sx == 1 and n_segs == 2 and seg_len[0] == vw and seg_len[1] == vw:
+        # The common case (pooled rows of a multiple of VW / 2 windows): each half is one whole
+        # vector of one output row, copied without the run loop.
+        top = g.xpad + seg_src[0]
+        bottom = g.xpad + seg_src[1]
+        for k in range(kc):
+            dst = bp + k * nr
+            offset = ci * plane + ki * g.wp + kj
+            cnnx_copy_run(dst, top + offset, CNNX_GEMM_VW)
+            cnnx_copy_run(dst + vw, bottom + offset, CNNX_GEMM_VW)
+            kj += 1
+            if kj == g.kw:
+                kj = 0
+                ki += 1
+                if ki == g.kh:
+                    ki = 0
+                    ci += 1
+        return
     for k in range(kc):
         dst = bp + k * nr
         offset = ci * plane + ki * g.wp + kj  # row k's tap, relative to each window's corner
