@@ -10,8 +10,7 @@ data at its benchmarks/README.md batch size and records, per batch, when each th
 
 - the calling (main) thread is busy for the whole batch except while it waits inside
   ``parallel.for_each_group`` for another thread's last group;
-- a worker thread is busy while it runs a group of a ``for_each_group`` call, or an optimizer
-  update that ``fit`` handed it during the backward (``training.OverlappedUpdate``).
+- a worker thread is busy while it runs a group of a ``for_each_group`` call.
 
 From these intervals it reports the time one thread ran alone ("serial"), split by what the main
 thread was in (a plan step's forward or backward, the loss, the optimizer, the fit loop between
@@ -54,14 +53,12 @@ class Tracer:
         self.ops = []
         self.calls = []
         self.batches = []
-        self.updates = []  # (thread id, start, end) of fit's overlapped optimizer updates
         self.openmp_ops = collections.Counter()
 
     def clear(self):
         self.ops.clear()
         self.calls.clear()
         self.batches.clear()
-        self.updates.clear()
 
     def wrap_for_each_group(self, original):
         tracer = self
@@ -124,25 +121,6 @@ def install(net, tracer):
     net.loss.forward = tracer.wrap_op("loss", net.loss.forward)
     net.loss.backward = tracer.wrap_op("loss", net.loss.backward)
     net.optimizer.step = tracer.wrap_op("optimizer", net.optimizer.step)
-    submit = parallel.Background.submit
-
-    def traced(task):
-        def run():
-            t0 = clock()
-            try:
-                task()
-            finally:
-                tracer.updates.append((threading.get_ident(), t0, clock()))
-
-        return run
-
-    def traced_submit(background, *tasks):  # fit's overlapped update: a helper's or the caller's
-        submit(background, *map(traced, tasks))
-
-    parallel.Background.submit = traced_submit
-    finish = parallel.Background.finish
-    parallel.Background.finish = lambda background: tracer.wrap_op("update (rest, after backward)",
-                                                                   finish)(background)
 
     class BatchSpans(cnnx.callbacks.Callback):
         def on_batch_begin(self, batch, logs=None):
@@ -184,8 +162,6 @@ def analyse(tracer, skip):
                 ends = [max((g[2] for g in grp), default=c0) for grp in (own, others)]
                 call_stats[label].append((c1 - c0, n_groups, min((g[1] for g in others), default=c1) - c0,
                                           abs(ends[0] - ends[1]), len(others)))
-        helper_updates = [u for u in tracer.updates if u[0] != main and start <= u[1] and u[2] <= end]
-        events += [(u[1], 1) for u in helper_updates] + [(u[2], -1) for u in helper_updates]
         events.sort()
         busy, last_t = 0, start
         time_at = collections.Counter()

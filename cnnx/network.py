@@ -255,15 +255,14 @@ class Network:
         return self.plan.forward(x, training, keep_caches=False, timer=timer)
 
     @with_single_threaded_blas
-    def backward(self, dloss, need_input_grad=False, timer=None, after_step=None):
+    def backward(self, dloss, need_input_grad=False, timer=None):
         """Back-propagate ``dloss`` (the gradient w.r.t. the last ``forward``'s output).
 
         Fills every layer's ``grads``. Returns the gradient w.r.t. the network input when
         ``need_input_grad`` is true (saliency maps), else None. Uses the caches of the calling
-        thread's last ``forward``. ``timer`` as in :meth:`forward_checked`; ``after_step(indices)``
-        is called once the layers ``indices`` have their gradients (``fit``'s overlapped update).
+        thread's last ``forward``. ``timer`` as in :meth:`forward_checked`.
         """
-        return self.plan.backward(dloss, need_input_grad, timer=timer, after_step=after_step)
+        return self.plan.backward(dloss, need_input_grad, timer=timer)
 
     # ------------------------------------------------------------------ training ----------
     def compile(self, loss, optimizer):

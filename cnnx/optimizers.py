@@ -18,7 +18,6 @@ steady-state step allocates nothing.
 """
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from collections.abc import Mapping
@@ -47,13 +46,6 @@ def _check_real(name, value, low=None, high=None, low_open=False, high_open=Fals
         bounds = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
         raise ValueError(f"Expected {name} in {bounds}, received: {name}={value!r}")
     return value
-
-
-def _runs(size, chunk):
-    """``(lo, hi)`` runs of at most ``chunk`` elements covering ``range(size)``, their edges on
-    multiples of 16 elements (64-byte lines for float32: two threads never write one line)."""
-    step = max(16, chunk - chunk % 16)
-    return [(lo, min(lo + step, size)) for lo in range(0, size, step)]
 
 
 class Optimizer:
@@ -111,50 +103,6 @@ class Optimizer:
             ``grad`` an ndarray of param's shape, or None to skip the parameter this step.
         """
         # check everything before touching anything, so a bad entry cannot leave half a step applied
-        todo = self._checked(params)
-        self.iterations += 1
-        self._apply(todo)
-
-    # Whether ``step`` is nothing but ``count_step`` + ``update_part`` over every parameter, each
-    # parameter's update reading only its own arrays: then ``fit`` may update a layer's parameters
-    # as soon as its gradients are final, while the backward goes on (``training.fit``).
-    updates_in_parts = False
-
-    def count_step(self):
-        """Count one step (``iterations``) whose parameters ``update_part`` updates."""
-        self.iterations += 1
-
-    def update_part(self, params):
-        """Update ``params``, some of one step's parameters, as ``step`` would (checked first,
-        ``iterations`` not advanced: ``count_step`` counts the step once)."""
-        self._apply(self._checked(params))
-
-    def update_tasks(self, params, chunk):
-        """Callables that together do ``update_part(params)``: one per parameter, and for the
-        compiled element-wise updates one per run of at most ``chunk`` elements (every element is
-        updated the same way whatever the runs; ``fit`` spreads them over the threads). Checks and
-        per-step state (Adam's step count, new buffers) are done here, before any task runs."""
-        tasks = []
-        for key, param, grad in self._checked(params):
-            state = self.state.get(key)
-            if state is None:
-                state = self.state[key] = {}
-            tasks += self._update_tasks(key, param, grad, state, chunk)
-        return tasks
-
-    def _update_tasks(self, key, param, grad, state, chunk):
-        """The update of one parameter as callables (here: one, ``_update``)."""
-        return [functools.partial(self._update, key, param, grad, state)]
-
-    def _apply(self, todo):
-        for key, param, grad in todo:
-            state = self.state.get(key)
-            if state is None:
-                state = self.state[key] = {}
-            self._update(key, param, grad, state)
-
-    def _checked(self, params):
-        """The ``(key, param, grad)`` entries with a gradient, after checking every entry."""
         todo = []
         for item in params:
             if not isinstance(item, (tuple, list)) or len(item) != 3:
@@ -176,7 +124,12 @@ class Optimizer:
             if state is not None:
                 self._conform_state(key, param, state)
             todo.append((key, param, grad))
-        return todo
+        self.iterations += 1
+        for key, param, grad in todo:
+            state = self.state.get(key)
+            if state is None:
+                state = self.state[key] = {}
+            self._update(key, param, grad, state)
 
     def _update(self, key, param, grad, state):
         raise NotImplementedError
@@ -368,8 +321,6 @@ class SGD(Optimizer):
 
     _state_names = ("momentum_buffer",)
 
-    updates_in_parts = True  # each parameter's update reads only its own arrays
-
     def __init__(self, lr, momentum=0.0, nesterov=False, weight_decay=0.0, dampening=0.0):
         super().__init__(lr)
         self.momentum = _check_real("momentum", momentum, low=0.0)
@@ -392,20 +343,6 @@ class SGD(Optimizer):
             "weight_decay": self.weight_decay,
             "dampening": self.dampening,
         }
-
-    def _update_tasks(self, key, p, grad, state, chunk):
-        mu = self.momentum
-        buf = state.get("momentum_buffer")
-        if p.size <= chunk or not self._compiled(p, grad, *(() if buf is None else (buf,))):
-            return super()._update_tasks(key, p, grad, state, chunk)
-        first = bool(mu) and buf is None
-        if first:
-            buf = state["momentum_buffer"] = np.empty_like(p)
-        p_flat, g_flat = p.reshape(-1), np.ascontiguousarray(grad).reshape(-1)
-        b_flat = (buf if mu else p).reshape(-1)
-        args = (self.lr, mu, self.dampening, self.weight_decay, self.nesterov, first)
-        return [functools.partial(F.sgd_step, p_flat[lo:hi], g_flat[lo:hi], b_flat[lo:hi], *args)
-                for lo, hi in _runs(p.size, chunk)]
 
     def _update(self, key, p, grad, state):
         lr, mu, wd = self.lr, self.momentum, self.weight_decay
@@ -472,8 +409,6 @@ class Adam(Optimizer):
     _counts_param_steps = True
     _decoupled = False
 
-    updates_in_parts = True
-
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(lr)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -497,20 +432,6 @@ class Adam(Optimizer):
             )
         # a state dict without per-parameter counts: every parameter was updated every step
         state.setdefault("step", iterations)
-
-    def _update_tasks(self, key, p, grad, state, chunk):
-        m, v = state.get("exp_avg"), state.get("exp_avg_sq")
-        if p.size <= chunk or not self._compiled(p, grad, *(() if m is None else (m, v))):
-            return super()._update_tasks(key, p, grad, state, chunk)
-        t = state["step"] = state.get("step", 0) + 1
-        if m is None:
-            m = state["exp_avg"] = np.zeros_like(p)
-            v = state["exp_avg_sq"] = np.zeros_like(p)
-        p_flat, g_flat = p.reshape(-1), np.ascontiguousarray(grad).reshape(-1)
-        m_flat, v_flat = m.reshape(-1), v.reshape(-1)
-        args = (t, self.lr, *self.betas, self.eps, self.weight_decay, self._decoupled)
-        return [functools.partial(F.adam_step, p_flat[lo:hi], g_flat[lo:hi], m_flat[lo:hi], v_flat[lo:hi], *args)
-                for lo, hi in _runs(p.size, chunk)]
 
     def _update(self, key, p, grad, state):
         lr, wd, eps = self.lr, self.weight_decay, self.eps

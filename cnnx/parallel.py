@@ -19,7 +19,6 @@ looked up again when modules were imported since the last look.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import os
@@ -54,9 +53,8 @@ MIN_WORK_PER_THREAD = 1 << 15
 
 
 def threads_for(work):
-    """Threads to use for a kernel call touching about ``work`` elements (one inside a worker's
-    task: the other threads are busy with the same call or the caller's work)."""
-    if work < 2 * MIN_WORK_PER_THREAD or in_parallel_region():
+    """Threads to use for a kernel call touching about ``work`` elements."""
+    if work < 2 * MIN_WORK_PER_THREAD:
         return 1
     return max(1, min(_num_threads, work // MIN_WORK_PER_THREAD))
 
@@ -292,84 +290,6 @@ def for_each_group(n_groups, work, n_threads=None):
             call.wait_for_helpers()
     if call.error is not None:
         raise call.error
-
-
-class Background:
-    """Tasks handed to a helper thread while the calling thread goes on with other work.
-
-    ``submit(*tasks)`` queues them; a helper runs the queued tasks one after another when it is
-    free (between the groups of ``for_each_group`` calls, which go first). ``finish()`` runs in the
-    calling thread every task no helper has started, waits for the one a helper is running, and
-    raises the first exception a task raised. Tasks must not depend on which thread runs them or
-    in which order they run (the optimizer's per-layer updates: each parameter's own arrays).
-    """
-
-    def __init__(self):
-        self._tasks = collections.deque()
-        self._lock = threading.Lock()
-        self._scheduled = False  # a drain is queued on, or running in, a helper
-        self._running = 0
-        self._all_done = threading.Lock()  # held while a helper runs a task
-        self._error = None
-
-    def submit(self, *tasks):
-        """Queue ``tasks`` (also from inside a task: whoever is free takes them)."""
-        with self._lock:
-            self._tasks.extend(tasks)
-            schedule = not self._scheduled
-            self._scheduled = True
-        if schedule:
-            _helper_threads(1)[0].queue.put(self._drain)
-
-    def _drain(self):
-        lock = self._lock
-        helper = _helper_threads(1)[0]
-        _inside.depth = getattr(_inside, "depth", 0) + 1
-        try:
-            while True:
-                if not helper.queue.empty():
-                    # A parallel call is waiting for this helper: its groups first, these after.
-                    helper.queue.put(self._drain)
-                    return
-                with lock:
-                    if not self._tasks:
-                        self._scheduled = False
-                        return
-                    task = self._tasks.popleft()
-                    self._running += 1
-                    self._all_done.acquire()
-                try:
-                    task()
-                except BaseException as exc:  # raised in the caller by finish()
-                    with lock:
-                        if self._error is None:
-                            self._error = exc
-                finally:
-                    with lock:
-                        self._running -= 1
-                        self._all_done.release()
-        finally:
-            _inside.depth -= 1
-
-    def finish(self):
-        try:
-            while True:
-                with self._lock:
-                    if not self._tasks:
-                        busy = self._running > 0
-                        break
-                    task = self._tasks.popleft()
-                task()
-        finally:
-            with self._lock:
-                self._tasks.clear()
-                busy = self._running > 0
-            if busy:
-                self._all_done.acquire()
-                self._all_done.release()
-            error, self._error = self._error, None
-        if error is not None:
-            raise error
 
 
 def with_single_threaded_blas(method):

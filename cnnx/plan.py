@@ -220,11 +220,9 @@ class Plan:
                 return _run(steps, x, training, ctx.states, timer)
         return _run(steps, x, training, ctx.states, timer)
 
-    def backward(self, d, need_input_grad=False, timer=None, after_step=None):
+    def backward(self, d, need_input_grad=False, timer=None):
         """Back-propagate ``d`` through the calling thread's last forward; fills the layers'
-        ``grads``. Returns the input gradient when ``need_input_grad``, else None.
-        ``after_step(indices)``, when given, is called as soon as a step's layers (their indices)
-        have their gradients (``fit`` starts their optimizer update there)."""
+        ``grads``. Returns the input gradient when ``need_input_grad``, else None."""
         ctx = self.context()
         # Stateful layers' caches are shared by all threads: hold off their forwards too.
         with self._backward_lock, (self._forward_lock if self._stateful else _NO_LOCK):
@@ -239,8 +237,6 @@ class Plan:
                 d = step.backward(d, ctx.states, need_input_grad or k > 0)
                 if timer is not None:
                     timer[k] += clock() - t0
-                if after_step is not None:
-                    after_step(step.indices)
             return d
 
     def describe(self, training=True):

@@ -18,7 +18,6 @@ Everything is validated when ``FitExtras`` is built, before any training.
 """
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 import sys
@@ -26,7 +25,6 @@ import sys
 import numpy as np
 
 from . import augment as _augment
-from . import parallel
 from .gradients import class_weight_table, clip_grad_norm_
 from .validation import check_int
 
@@ -120,7 +118,6 @@ def fit(net, x, y, epochs=1, batch_size=32, validation_data=None, shuffle=True, 
 
     forward, backward = net.forward_checked, net.backward
     loss_fn, step, parameters = net.loss, net.optimizer.step, net.parameters
-    overlap = OverlappedUpdate(net) if OverlappedUpdate.applies(net, sync, clip_grad_norm) else None
     count_correct = correct_counter(net)
 
     epochs_done = len(history["loss"])
@@ -170,15 +167,12 @@ def fit(net, x, y, epochs=1, batch_size=32, validation_data=None, shuffle=True, 
                         epoch, b, value,
                     )
                 batch_correct = count_correct(out, ib)
-                if overlap is not None:
-                    overlap.backward_and_step(extras.weigh(loss_fn.backward(), ib))
-                else:
-                    backward(extras.weigh(loss_fn.backward(), ib))
-                    if sync is not None:
-                        sync.allreduce_gradients()  # before clipping: the norm is the global batch's
-                    params = parameters()
-                    extras.clip(params)
-                    step(params)
+                backward(extras.weigh(loss_fn.backward(), ib))
+                if sync is not None:
+                    sync.allreduce_gradients()  # before clipping: the norm is the global batch's
+                params = parameters()
+                extras.clip(params)
+                step(params)
                 extras.after_batch()
 
                 loss_sum += value * m
@@ -309,63 +303,6 @@ def _progress_bar(total, epoch, epochs):
     interactive = getattr(sys.stderr, "isatty", lambda: False)()
     return tqdm(total=total, unit="batch", desc=f"Epoch {epoch + 1}/{epochs}", leave=True,
                 dynamic_ncols=True, mininterval=0.1 if interactive else 5.0)
-
-
-class OverlappedUpdate:
-    """``fit``'s backward and optimizer step with each layer's update started on a helper thread
-    as soon as the backward has its gradients, while the backward goes on with the layers before
-    it: the second core gets the update's work in the backward's one-threaded spans (dense layers,
-    Python between the calls, the last groups of a convolution) instead of a serial step after it.
-
-    The same updates with the same values (each parameter's update reads only its own arrays; the
-    optimizer counts the step once). Used only where nothing needs all the gradients first
-    (``applies``): no gradient clipping, no allreduce over MPI ranks, an optimizer whose ``step``
-    is its per-parameter updates (``updates_in_parts``), no parameter array shared by two layers
-    (tied weights: the later layer's update would change what the earlier one's backward reads),
-    more than one thread.
-    """
-
-    def __init__(self, net):
-        self.network = net
-        self.optimizer = net.optimizer
-        self.background = parallel.Background()
-
-    @staticmethod
-    def applies(net, sync, clip_grad_norm):
-        from .optimizers import Optimizer
-
-        opt = net.optimizer
-        if sync is not None or clip_grad_norm is not None or parallel.get_num_threads() <= 1:
-            return False
-        if not getattr(opt, "updates_in_parts", False) or type(opt).step is not Optimizer.step:
-            return False
-        params = [id(p) for _, p, _ in net.parameters()]  # (the Network refuses a layer twice)
-        return len(set(params)) == len(params)
-
-    # Elements per task of a large parameter's update: tens of microseconds of work, so a helper
-    # busy with one joins the next convolution's groups soon, and two threads share what is left.
-    CHUNK = 1 << 16
-
-    def _layers_done(self, indices):
-        # All the Python of the update (checks, state, the runs) goes to the helper too: here it
-        # would add ~20 us per step to the backward's critical path.
-        self.background.submit(functools.partial(self._update_layers, indices))
-
-    def _update_layers(self, indices):
-        layers = self.network.layers
-        params = [(f"{i}.{name}", p, g) for i in indices for name, p, g in layers[i].named_parameters()]
-        tasks = self.optimizer.update_tasks(params, self.CHUNK)
-        if tasks:
-            self.background.submit(*tasks[1:])  # shared with whichever thread is free
-            tasks[0]()
-
-    def backward_and_step(self, dloss):
-        """``net.backward(dloss)`` and the optimizer's step; returns when both are done."""
-        try:
-            self.network.backward(dloss, after_step=self._layers_done)
-        finally:
-            self.background.finish()
-        self.optimizer.count_step()
 
 
 class FitExtras:
