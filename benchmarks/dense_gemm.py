@@ -12,8 +12,10 @@ workload's batch size and at ``Network.predict``'s default of 256) runs, as the 
 
 ``--networks``: whole user-style networks (separate activation layers, ``workloads.cnnx_model(name,
 fused=False)``) through ``fit`` and ``predict`` over 8 batches per call, instead of single layers,
-with the dense rule (``PACKED_DENSE_GEMM = None``) against every Dense GEMM on np.matmul (False);
-the minor page faults per call are printed beside the times.
+with the dense rules (``PACKED_DENSE_GEMM = None``) against every Dense GEMM on np.matmul (False)
+and against main's rule before ``_ops.dense_gemm`` (commit d0ba7b0: forward on np.matmul, the
+backward's row blocks on ``_ops.gemm`` against narrower BLAS kernels); the minor page faults per
+call are printed beside the times.
 
 Each case alternates the two paths (``functional.PACKED_DENSE_GEMM`` False / True) for
 ``--rounds`` rounds, takes the best time of each per round, and prints both times and the median
@@ -22,6 +24,7 @@ environment's OpenBLAS kernels and with ``env -u OPENBLAS_CORETYPE``: the BLAS p
 them, cnnx's does not.
 
     PYTHONPATH=$PWD python benchmarks/dense_gemm.py --threads 1 2 --rounds 5
+    PYTHONPATH=$PWD python benchmarks/dense_gemm.py --networks --threads 1 --clock cpu
 """
 from __future__ import annotations
 
@@ -63,13 +66,18 @@ def dense_layers(name, batch):
     return layers
 
 
+#: The clock of ``best_time``: wall time, or the process's CPU time (``--clock cpu``: on a machine
+#: shared with other work, a one-thread call's CPU time does not count the time it waited).
+CLOCK = time.perf_counter
+
+
 def best_time(fn, min_seconds=0.1):
     """Best of the calls made in ``min_seconds`` (at least 5)."""
     best, spent, calls = float("inf"), 0.0, 0
     while spent < min_seconds or calls < 5:
-        start = time.perf_counter()
+        start = CLOCK()
         fn()
-        took = time.perf_counter() - start
+        took = CLOCK() - start
         best, spent, calls = min(best, took), spent + took, calls + 1
     return best
 
@@ -103,6 +111,27 @@ def measure(layer, form, threads, rounds, rng):
     return min(times[False]), min(times[True]), ratio
 
 
+def main_rule_linear_backward(dz, x, weight, dweight, dbias=None, need_dx=True):
+    """``linear_backward`` as main had it before ``_ops.dense_gemm`` (commit d0ba7b0): np.matmul by
+    row blocks, each block on ``_ops.gemm`` (one thread) when NumPy's BLAS runs narrower kernels
+    than cnnx's build and out_features >= 16."""
+    import numpy as np
+    import cnnx.functional as F
+    from cnnx import _simd, parallel
+
+    def packed(a, b, out):
+        F._ops.gemm(a, b, out, 1)
+
+    product = packed if (weight.dtype == np.float32 and weight.shape[0] >= 16
+                         and _simd.blas_narrower_than_kernels()) else parallel.blas_product
+    parallel.matmul(dz.T, x, dweight, product)
+    if dbias is not None:
+        np.sum(dz, axis=0, out=dbias)
+    if not need_dx:
+        return None
+    return parallel.matmul(dz, weight, np.empty((dz.shape[0], weight.shape[1]), dtype=weight.dtype), product)
+
+
 def measure_network(name, mode, threads, rounds):
     """(best s per call all-BLAS, best s per call with the rule, median ratio, faults per call of
     each) of ``fit`` / ``predict`` over 8 batches of workload ``name``."""
@@ -124,20 +153,25 @@ def measure_network(name, mode, threads, rounds):
     else:
         def call():
             net.predict(x, batch_size=batch)
-    times = {False: [], None: []}
-    faults = {False: [], None: []}
+    paths = ("blas", "main", "rule")
+    times = {path: [] for path in paths}
+    faults = {path: [] for path in paths}
+    new_backward = F.linear_backward
     with cnnx.parallel.num_threads(threads):
         for _ in range(rounds):
-            for rule in (False, None):
-                F.PACKED_DENSE_GEMM = rule
+            for path in paths:
+                F.PACKED_DENSE_GEMM = None if path == "rule" else False
+                F.linear_backward = main_rule_linear_backward if path == "main" else new_backward
                 call()  # warm: the plan's buffers for this path
                 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                times[rule].append(best_time(call, 0.3))
-                calls = max(1, round(0.3 / times[rule][-1]))
-                faults[rule].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls)
-    F.PACKED_DENSE_GEMM = None
-    ratio = statistics.median(o / p for o, p in zip(times[False], times[None]))
-    return min(times[False]), min(times[None]), ratio, statistics.median(faults[False]), statistics.median(faults[None])
+                start = CLOCK()
+                times[path].append(best_time(call, 0.3))
+                calls = max(1, round((CLOCK() - start) / times[path][-1]))
+                faults[path].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls)
+    F.PACKED_DENSE_GEMM, F.linear_backward = None, new_backward
+    return ({path: min(times[path]) for path in paths},
+            {path: statistics.median(o / p for o, p in zip(times[path], times["rule"])) for path in paths},
+            {path: statistics.median(faults[path]) for path in paths})
 
 
 def main(argv=None):
@@ -149,7 +183,11 @@ def main(argv=None):
     parser.add_argument("--networks", action="store_true", help="whole networks through fit / predict")
     parser.add_argument("--predict-batch", type=int, default=256,
                         help="also measure at this batch (Network.predict's default); 0: only the workload's")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: the process's CPU time (for one thread on a shared machine)")
     args = parser.parse_args(argv)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
 
     import numpy as np
     import cnnx
@@ -158,14 +196,16 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     print(f"kernels {cnnx._simd.ISA}, NumPy BLAS kernels {cnnx._simd.blas_isa()}, CPU {cnnx._simd.cpu_model()}")
     if args.networks:
-        print("| workload | mode | threads | all BLAS ms / call | rule ms / call | BLAS / rule | page faults / call (BLAS, rule) |")
+        print("| workload | mode | threads | ms / call: all BLAS, main's rule, new rule | all BLAS / new | main / new "
+              "| page faults / call (BLAS, main, new) |")
         print("|---|---|---|---|---|---|---|")
         for name in args.workloads:
             for mode in ("train", "infer"):
                 for threads in args.threads:
-                    old, new, ratio, f_old, f_new = measure_network(name, mode, threads, args.rounds)
-                    print(f"| {name} | {mode} | {threads} | {old * 1e3:.2f} | {new * 1e3:.2f} | {ratio:.2f} | "
-                          f"{f_old:.0f}, {f_new:.0f} |", flush=True)
+                    best, ratio, faults = measure_network(name, mode, threads, args.rounds)
+                    print(f"| {name} | {mode} | {threads} | {best['blas'] * 1e3:.2f}, {best['main'] * 1e3:.2f}, "
+                          f"{best['rule'] * 1e3:.2f} | {ratio['blas']:.2f} | {ratio['main']:.2f} | "
+                          f"{faults['blas']:.0f}, {faults['main']:.0f}, {faults['rule']:.0f} |", flush=True)
         return
     print("| layer (n, in, out) | form | threads | BLAS ms | cnnx ms | BLAS / cnnx |")
     print("|---|---|---|---|---|---|")
