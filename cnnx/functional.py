@@ -1119,9 +1119,9 @@ def packed_dense_forward(dtype, n, in_features, out_features):
     forced = _dense_forced()
     if forced is not None:
         return bool(forced)
-    # Measured per layer (docs/PERFORMANCE_LOG.md, Zen 5): 1.3-1.9x np.matmul + bias + activation
-    # against OpenBLAS's AVX2 kernels and 0.95-1.75x against its AVX-512 ones from 16 outputs on;
-    # 10-output heads lose (0.6-1.0x: 10 of the tile's 32 columns do work).
+    # Measured per layer (docs/PERFORMANCE_LOG.md, Zen 5): 1.2-2.5x np.matmul + bias + activation
+    # against OpenBLAS's AVX2 kernels and 1.07-2.4x against its AVX-512 ones from 16 outputs on;
+    # 10-output heads do not gain (0.84-1.17x: 10 of the tile's 32 columns do work).
     return out_features >= 16
 
 
@@ -1135,8 +1135,8 @@ def packed_dense_backward(dtype, n, in_features, out_features):
     if forced is not None:
         return bool(forced)
     # Measured per layer (docs/PERFORMANCE_LOG.md, Zen 5): against OpenBLAS's AVX2 kernels
-    # 1.05-2.3x except for 10 outputs from 16 inputs (0.8-1.0x); against its AVX-512 kernels only
-    # from 1024 inputs on (1.0-3.0x; the 10-output head of 2048 inputs included), 0.7-0.96x below.
+    # 1.0-2.3x except for 10 outputs from 16 inputs (0.77-0.97x); against its AVX-512 kernels from
+    # 1024 inputs on (0.92-2.6x; the 10-output head of 2048 inputs included), 0.65-0.95x below.
     if _simd.blas_narrower_than_kernels():
         return out_features >= 16 or in_features >= 64
     return in_features >= 1024
