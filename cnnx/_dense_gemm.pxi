@@ -32,7 +32,7 @@ cdef extern from *:
        bp[k * NR + j] = w[j * ldw + k]; zero for j >= valid. Blocks of 8 rows x 8 k, so that each
        row is read along its contiguous direction and each panel row is written 8 floats at once. */
     static void cnnx_dense_pack_b(const float *w, Py_ssize_t ldw, Py_ssize_t valid, Py_ssize_t kc,
-                                  float *restrict bp) {
+                                  float *bp) {
         Py_ssize_t j0 = 0, k, j;
         for (; j0 + 8 <= valid; j0 += 8) {
             const float *r0 = w + j0 * ldw;
@@ -54,7 +54,7 @@ cdef extern from *:
     /* A micro-panel from `rows` rows of x, columns k0 .. k0 + kc: ap[k * MR + r] = x[r * ldx + k];
        zero for r >= rows. Full panels in blocks of 8 k (each row read 8 floats at once). */
     static void cnnx_dense_pack_a(const float *x, Py_ssize_t ldx, int rows, Py_ssize_t kc,
-                                  float *restrict ap) {
+                                  float *ap) {
         Py_ssize_t k = 0;
         if (rows == CNNX_MR) {
             for (; k + 8 <= kc; k += 8) {
