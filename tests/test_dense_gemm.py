@@ -205,3 +205,25 @@ def test_dense_with_a_fused_rectifier_matches_the_separate_layers(packed, act, r
     np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-5)
     for (name, _, g_fused), (_, _, g_separate) in zip(fused.parameters(), separate.parameters(), strict=True):
         np.testing.assert_allclose(g_fused, g_separate, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("activation, slope", [("relu", 0.01), ("leaky_relu", 0.2), ("leaky_relu", -0.5), ("tanh", 0.01)])
+def test_dense_own_activation_in_float32_matches_float64(activation, slope, rng):
+    """``Dense(activation=...)``: ReLU / LeakyReLU(slope >= 0) go into ``linear``; a negative slope
+    or another activation keeps its own pass. Output and gradients against float64 NumPy."""
+    layer = Dense(70, 40, activation=activation, negative_slope=slope, rng=1)
+    x = rng.standard_normal((9, 70)).astype(np.float32)
+    dy = rng.standard_normal((9, 40)).astype(np.float32)
+    w, b = (layer.params[k].astype(np.float64) for k in ("weight", "bias"))
+    z = x.astype(np.float64) @ w.T + b
+    if activation == "tanh":
+        y, dz = np.tanh(z), dy * (1 - np.tanh(z) ** 2)
+    else:
+        a = 0.0 if activation == "relu" else slope
+        y, dz = np.where(z > 0, z, a * z), dy * np.where(z > 0, 1.0, a)
+    out = layer.forward(x, training=True)
+    dx = layer.backward(dy)
+    np.testing.assert_allclose(out, y, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dx, dz @ w, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(layer.grads["weight"], dz.T @ x, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(layer.grads["bias"], dz.sum(axis=0), rtol=1e-4, atol=1e-4)
