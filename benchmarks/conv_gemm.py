@@ -14,6 +14,12 @@ environment's OpenBLAS kernels and once with ``env -u OPENBLAS_CORETYPE`` (or an
 the old path depends on them, the new one does not.
 
     PYTHONPATH=$PWD python benchmarks/conv_gemm.py --threads 1 --rounds 5
+
+``--pool-store`` times the pooled inference form (``infer``) on the packed path both ways instead:
+old = the packed GEMM into its ``(out_c, m, P)`` layout, then the pooling pass
+(``functional.POOLED_TILE_STORE = False``), new = the pool in the GEMM's tile stores (``True``).
+
+    PYTHONPATH=$PWD python benchmarks/conv_gemm.py --pool-store --forms infer --threads 2
 """
 from __future__ import annotations
 
@@ -72,7 +78,11 @@ def main(argv=None):
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
     parser.add_argument("--forms", nargs="+", default=["conv", "infer", "train", "bwd", "dw"],
                         help="which of conv / infer / train / bwd / dw to time")
+    parser.add_argument("--pool-store", action="store_true",
+                        help="old / new = pooling pass / pool in the tile stores, both on the packed GEMM")
     args = parser.parse_args(argv)
+    # What a round switches between: (module attribute, old value, new value).
+    switch = ("POOLED_TILE_STORE", False, True) if args.pool_store else ("PACKED_CONV_GEMM", False, True)
     cnnx.parallel.set_num_threads(args.threads)
     print(f"cnnx {cnnx.__version__}, kernels {cnnx._simd.ISA}, {args.threads} thread(s), "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}, "
@@ -111,11 +121,13 @@ def main(argv=None):
                     continue
                 ws = F.Workspace()
                 times = {False: [], True: []}
+                attribute, old_value, new_value = switch
+                saved = getattr(F, attribute)
                 for _ in range(args.rounds):
-                    for packed in (False, True):
-                        F.PACKED_CONV_GEMM = packed
-                        times[packed].append(best_time(fn))
-                F.PACKED_CONV_GEMM = None
+                    for new in (False, True):
+                        setattr(F, attribute, new_value if new else old_value)
+                        times[new].append(best_time(fn))
+                setattr(F, attribute, saved)
                 ratio = statistics.median(o / n for o, n in zip(times[False], times[True]))
                 gemm = f"({out}, {shape[1] * k * k}, {pixels})"
                 print(f"{label:<18} {form:<6} {gemm:<20} {flops / min(times[False]) / 1e9:>11.1f} "

@@ -32,7 +32,11 @@ cdef extern from *:
       #define CNNX_GEMM_VECTOR 1
       #if defined(__AVX512F__)
         #define CNNX_VW 16
-        #define CNNX_MR 8
+        #ifndef CNNX_MR_AVX512  /* CFLAGS=-DCNNX_MR_AVX512=12 (or 14) builds a taller tile to measure:
+                                   slower on Zen 5 as GCC 12 compiles it (docs/PERFORMANCE_LOG.md) */
+          #define CNNX_MR_AVX512 8
+        #endif
+        #define CNNX_MR CNNX_MR_AVX512
       #elif defined(__AVX2__) || defined(__FMA__) || defined(__AVX__)
         #define CNNX_VW 8
         #define CNNX_MR 6
@@ -83,6 +87,31 @@ cdef extern from *:
             cnnx_vstore(cr, v0); cnnx_vstore(cr + CNNX_VW, v1); \
         }
     #define CNNX_ROW_DECL(r) cnnx_vf c##r##0 = {0}, c##r##1 = {0};
+    /* The register tile's sums over k < kc (shared by every tile store): accumulators c<r>0, c<r>1
+       of row r, from a (kc x MR packed) and b (kc x NR packed). */
+    #if CNNX_MR == 14
+      #define CNNX_ROWS_HI(op) op(6) op(7) op(8) op(9) op(10) op(11) op(12) op(13)
+      #define CNNX_ROW_PAIRS_HI(op) op(6, 7) op(8, 9) op(10, 11) op(12, 13)
+    #elif CNNX_MR == 12
+      #define CNNX_ROWS_HI(op) op(6) op(7) op(8) op(9) op(10) op(11)
+      #define CNNX_ROW_PAIRS_HI(op) op(6, 7) op(8, 9) op(10, 11)
+    #elif CNNX_MR == 8
+      #define CNNX_ROWS_HI(op) op(6) op(7)
+      #define CNNX_ROW_PAIRS_HI(op) op(6, 7)
+    #else
+      #define CNNX_ROWS_HI(op)
+      #define CNNX_ROW_PAIRS_HI(op)
+    #endif
+    #define CNNX_TILE_SUMS \
+        CNNX_ROW_DECL(0) CNNX_ROW_DECL(1) CNNX_ROW_DECL(2) CNNX_ROW_DECL(3) \
+        CNNX_ROW_DECL(4) CNNX_ROW_DECL(5) CNNX_ROWS_HI(CNNX_ROW_DECL) \
+        for (Py_ssize_t k = 0; k < kc; ++k) { \
+            cnnx_vf b0 = cnnx_vload(b), b1 = cnnx_vload(b + CNNX_VW); \
+            CNNX_ROW_FMA(0) CNNX_ROW_FMA(1) CNNX_ROW_FMA(2) CNNX_ROW_FMA(3) \
+            CNNX_ROW_FMA(4) CNNX_ROW_FMA(5) CNNX_ROWS_HI(CNNX_ROW_FMA) \
+            a += CNNX_MR; \
+            b += CNNX_NR; \
+        }
 
     /* One MR x NR tile: c[r, 0:NR] (row stride ldc) = (accumulate ? c : 0) + sum_k a[k, r] b[k, :],
        then + bias[r] and the leaky ReLU when given; only the first `rows` rows are written.
@@ -90,26 +119,9 @@ cdef extern from *:
     static void cnnx_sgemm_micro(Py_ssize_t kc, const float *restrict a, const float *restrict b,
                                  float *c, Py_ssize_t ldc, int rows, int accumulate,
                                  const float *bias, int rectify, float slope) {
-        CNNX_ROW_DECL(0) CNNX_ROW_DECL(1) CNNX_ROW_DECL(2) CNNX_ROW_DECL(3)
-        CNNX_ROW_DECL(4) CNNX_ROW_DECL(5)
-        #if CNNX_MR > 6
-        CNNX_ROW_DECL(6) CNNX_ROW_DECL(7)
-        #endif
-        for (Py_ssize_t k = 0; k < kc; ++k) {
-            cnnx_vf b0 = cnnx_vload(b), b1 = cnnx_vload(b + CNNX_VW);
-            CNNX_ROW_FMA(0) CNNX_ROW_FMA(1) CNNX_ROW_FMA(2) CNNX_ROW_FMA(3)
-            CNNX_ROW_FMA(4) CNNX_ROW_FMA(5)
-            #if CNNX_MR > 6
-            CNNX_ROW_FMA(6) CNNX_ROW_FMA(7)
-            #endif
-            a += CNNX_MR;
-            b += CNNX_NR;
-        }
+        CNNX_TILE_SUMS
         CNNX_ROW_STORE(0) CNNX_ROW_STORE(1) CNNX_ROW_STORE(2) CNNX_ROW_STORE(3)
-        CNNX_ROW_STORE(4) CNNX_ROW_STORE(5)
-        #if CNNX_MR > 6
-        CNNX_ROW_STORE(6) CNNX_ROW_STORE(7)
-        #endif
+        CNNX_ROW_STORE(4) CNNX_ROW_STORE(5) CNNX_ROWS_HI(CNNX_ROW_STORE)
     }
     #endif  /* CNNX_GEMM_VECTOR: the micro-kernel */
     /* Copy / zero n <= NR floats: the runs of the B packing (an output row of a panel at most), so
@@ -205,6 +217,14 @@ cdef struct _ConvGemm:
     const float* bias     # NULL without bias
     int rectify
     float slope
+
+
+cdef struct _PoolTiles:
+    # The floor 2x2 / stride-2 max-pool fused into the tile stores (``conv_gemm_nchw_max_pool_2x2``):
+    # the GEMM's columns are the pixels the pool keeps, 4 per window, see ``_pack_pool_panel``.
+    Py_ssize_t ph, pw     # pooled output size: out_h // 2, out_w // 2
+    Py_ssize_t windows    # images * ph * pw
+    int* code             # training: each window's argmax (2 * dy + dx) beside the output; NULL: none
 
 
 def gemm_config():
@@ -380,6 +400,11 @@ cdef void _gemm_block(const _ConvGemm* g, Py_ssize_t block, float* bp) noexcept 
 
 cdef int _conv_gemm(_ConvGemm* g, int n_threads) noexcept nogil:
     """Run the whole product (blocking set here); 0 on success, -1 when out of memory."""
+    return _conv_gemm_run(g, n_threads, NULL)
+
+
+cdef int _conv_gemm_run(_ConvGemm* g, int n_threads, const _PoolTiles* pool) noexcept nogil:
+    """``_conv_gemm``, or with ``pool`` its max-pooled form (``_gemm_pool_block``)."""
     cdef Py_ssize_t mr = CNNX_GEMM_MR, nr = CNNX_GEMM_NR
     cdef Py_ssize_t n_kblocks = (g.K + CNNX_GEMM_KC_MAX - 1) // CNNX_GEMM_KC_MAX
     # Balanced K blocks (576 -> 2 x 288, not 512 + 64).
@@ -394,6 +419,8 @@ cdef int _conv_gemm(_ConvGemm* g, int n_threads) noexcept nogil:
         n_threads = 1
     cdef float* ap = cnnx_alloc_floats(((g.M + mr - 1) // mr) * mr * g.K)
     cdef Py_ssize_t b_floats = g.kc_max * ((g.nc + nr - 1) // nr) * nr
+    if pool != NULL and g.kc_max < g.K:
+        b_floats += _pool_partial_floats(g)
     cdef float* bp = cnnx_alloc_floats(b_floats * n_threads)
     cdef Py_ssize_t block
     if ap == NULL or bp == NULL:
@@ -416,14 +443,21 @@ cdef int _conv_gemm(_ConvGemm* g, int n_threads) noexcept nogil:
             g.xpad = xpad
     if n_threads == 1:
         for block in range(n_blocks):
-            _gemm_block(g, block, bp)
+            _run_block(g, pool, block, bp)
     else:
         for block in prange(n_blocks, schedule="static", num_threads=n_threads):
-            _gemm_block(g, block, bp + threadid() * b_floats)
+            _run_block(g, pool, block, bp + threadid() * b_floats)
     cnnx_free_floats(ap)
     cnnx_free_floats(bp)
     cnnx_free_floats(xpad)
     return 0
+
+
+cdef inline void _run_block(const _ConvGemm* g, const _PoolTiles* pool, Py_ssize_t block, float* bp) noexcept nogil:
+    if pool == NULL:
+        _gemm_block(g, block, bp)
+    else:
+        _gemm_pool_block(g, pool, block, bp)
 
 
 cdef void _conv_gemm_setup(_ConvGemm* g, const float[:, :, :, ::1] x, Py_ssize_t first, Py_ssize_t g_images,
@@ -845,3 +879,444 @@ cdef int _conv_weight_grad(_ConvGemm* g, const float* dy, float* dw, int n_threa
     cnnx_free_floats(xpad)
     free(run_data)
     return 0
+
+
+# --- The convolution forward with a 2x2 / stride-2 max-pool fused into the tile stores ----------
+#
+# For inference (``conv2d(max_pool_2x2=True)``): the GEMM's columns are only the output pixels the
+# floor pool keeps (rows and columns 0 : 2 * ph, 0 : 2 * pw), ordered so that one NR-wide tile
+# holds whole windows: VW / 2 consecutive windows w0 .. w0 + VW/2 - 1 (numbered image by image,
+# pooled row by pooled row), their top pixels (2 per window, output row 2 * py) in the tile's first
+# vector and their bottom pixels (row 2 * py + 1) in the second. The packing reads each vector as
+# runs of consecutive pixels of one output row, like ``_pack_image_panel``. The tile store takes the
+# maximum of the two vectors (top against bottom), adds the bias, then the maximum of adjacent lane
+# pairs (left against right), applies the (leaky) ReLU and writes VW / 2 pooled values per row
+# straight to the NCHW output. The bias (x -> x + b, rounded) and the leaky ReLU with a slope >= 0
+# are monotone non-decreasing, float rounding included, so the maximum commutes with them: these
+# are exactly the values of activating all four pixels and pooling afterwards, for a quarter of the
+# epilogue, and the pixels the pool drops (an odd last row or column) are never computed. The sums
+# themselves are those of the unpooled GEMM (same packing values, K blocks and order); with more
+# than one K block, the earlier blocks' sums wait in a per-thread buffer of whole tiles.
+
+cdef extern from *:
+    """
+    #define CNNX_POOL_WINDOWS (CNNX_VW / 2)  /* windows per tile: NR = 4 * CNNX_POOL_WINDOWS columns */
+    static const int CNNX_GEMM_POOL_WINDOWS = CNNX_POOL_WINDOWS;
+    #if CNNX_GEMM_VECTOR
+    /* max(a, b), NaN when either is NaN (the pooled value of a window holding a NaN is NaN). */
+    static inline cnnx_vf cnnx_vmax_nan(cnnx_vf a, cnnx_vf b) {
+        cnnx_vi take_a = (a > b) | (a != a);
+        return (cnnx_vf)(((cnnx_vi)a & take_a) | ((cnnx_vi)b & ~take_a));
+    }
+    /* Lanes of two vectors x, y: (x0, x2, ..., y0, y2, ...) and (x1, x3, ..., y1, y3, ...). */
+    #if CNNX_VW == 16
+      #define CNNX_EVEN_LANES 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30
+      #define CNNX_ODD_LANES 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31
+    #elif CNNX_VW == 8
+      #define CNNX_EVEN_LANES 0, 2, 4, 6, 8, 10, 12, 14
+      #define CNNX_ODD_LANES 1, 3, 5, 7, 9, 11, 13, 15
+    #else
+      #define CNNX_EVEN_LANES 0, 2, 4, 6
+      #define CNNX_ODD_LANES 1, 3, 5, 7
+    #endif
+    #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+      #define CNNX_EVEN(x, y) __builtin_shufflevector(x, y, CNNX_EVEN_LANES)
+      #define CNNX_ODD(x, y) __builtin_shufflevector(x, y, CNNX_ODD_LANES)
+    #else
+      #define CNNX_EVEN(x, y) __builtin_shuffle(x, y, (cnnx_vi){CNNX_EVEN_LANES})
+      #define CNNX_ODD(x, y) __builtin_shuffle(x, y, (cnnx_vi){CNNX_ODD_LANES})
+    #endif
+    /* Row r of the tile, pooled over its top and bottom pixels, plus the bias: m<r>. */
+    #define CNNX_POOL_ROW(r) \\
+        cnnx_vf m##r = {0}; \\
+        if (r < rows) { \\
+            cnnx_vf t0 = c##r##0, t1 = c##r##1; \\
+            if (partial) { t0 += cnnx_vload(partial + (r) * CNNX_NR); t1 += cnnx_vload(partial + (r) * CNNX_NR + CNNX_VW); } \\
+            m##r = cnnx_vmax_nan(t0, t1); \\
+            if (bias) m##r += cnnx_splat(bias[r]); \\
+        }
+    /* Rows r and s = r + 1 together: their left and right pixels de-interleaved into one vector
+       (row r's windows in the low half, row s's in the high half), maximum, activation, store. */
+    #define CNNX_POOL_ROW_PAIR(r, s) \\
+        if (r < rows) { \\
+            CNNX_POOL_ROW(r) CNNX_POOL_ROW(s) \\
+            cnnx_vf p = cnnx_vmax_nan(CNNX_EVEN(m##r, m##s), CNNX_ODD(m##r, m##s)); \\
+            if (rectify) p = cnnx_vleaky(p, slope); \\
+            float lanes[CNNX_VW]; \\
+            cnnx_vstore(lanes, p); \\
+            memcpy(out + (Py_ssize_t)(r) * ldo, lanes, CNNX_POOL_WINDOWS * sizeof(float)); \\
+            if (s < rows) memcpy(out + (Py_ssize_t)(s) * ldo, lanes + CNNX_POOL_WINDOWS, CNNX_POOL_WINDOWS * sizeof(float)); \\
+        }
+    /* Training: every pixel activated first (slope 1 without activation), then compared as
+       max_pool2d does: left against right in each row, then the top row's winner against the
+       bottom's; the first maximum (or the first NaN) in row-major order wins. */
+    static inline cnnx_vi cnnx_vtakes(cnnx_vf v, cnnx_vf best) { return (v > best) | ((v != v) & (best == best)); }
+    static inline cnnx_vf cnnx_vselect(cnnx_vi take, cnnx_vf v, cnnx_vf other) {
+        return (cnnx_vf)(((cnnx_vi)v & take) | ((cnnx_vi)other & ~take));
+    }
+    #define CNNX_POOL_ACT(r) \
+        cnnx_vf top##r = {0}, bottom##r = {0}; \
+        if (r < rows) { \
+            top##r = c##r##0; bottom##r = c##r##1; \
+            if (partial) { top##r += cnnx_vload(partial + (r) * CNNX_NR); bottom##r += cnnx_vload(partial + (r) * CNNX_NR + CNNX_VW); } \
+            if (bias) { cnnx_vf br = cnnx_splat(bias[r]); top##r += br; bottom##r += br; } \
+            top##r = cnnx_vleaky(top##r, slope); bottom##r = cnnx_vleaky(bottom##r, slope); \
+        }
+    #define CNNX_POOL_ARGMAX_PAIR(r, s) \
+        if (r < rows) { \
+            CNNX_POOL_ACT(r) CNNX_POOL_ACT(s) \
+            cnnx_vf tl = CNNX_EVEN(top##r, top##s), tr = CNNX_ODD(top##r, top##s); \
+            cnnx_vf bl = CNNX_EVEN(bottom##r, bottom##s), br_ = CNNX_ODD(bottom##r, bottom##s); \
+            cnnx_vi right_top = cnnx_vtakes(tr, tl), right_bottom = cnnx_vtakes(br_, bl); \
+            cnnx_vf m_top = cnnx_vselect(right_top, tr, tl), m_bottom = cnnx_vselect(right_bottom, br_, bl); \
+            cnnx_vi take_bottom = cnnx_vtakes(m_bottom, m_top); /* the top wins ties */ \
+            cnnx_vi two = {0}; two += 2; \
+            cnnx_vi k = (take_bottom & (two - right_bottom)) | (~take_bottom & -right_top); \
+            cnnx_vf p = cnnx_vselect(take_bottom, m_bottom, m_top); \
+            float lanes[CNNX_VW]; int codes[CNNX_VW]; \
+            cnnx_vstore(lanes, p); memcpy(codes, &k, sizeof k); \
+            memcpy(out + (Py_ssize_t)(r) * ldo, lanes, CNNX_POOL_WINDOWS * sizeof(float)); \
+            memcpy(code + (Py_ssize_t)(r) * ldo, codes, CNNX_POOL_WINDOWS * sizeof(int)); \
+            if (s < rows) { \
+                memcpy(out + (Py_ssize_t)(s) * ldo, lanes + CNNX_POOL_WINDOWS, CNNX_POOL_WINDOWS * sizeof(float)); \
+                memcpy(code + (Py_ssize_t)(s) * ldo, codes + CNNX_POOL_WINDOWS, CNNX_POOL_WINDOWS * sizeof(int)); \
+            } \
+        }
+    #endif
+
+    /* The training form of cnnx_sgemm_micro_pool2x2: the activated pooled values and each window's
+       argmax code[r * ldo + i] = 2 * dy + dx, as gemm_to_nchw_max_pool_2x2_argmax computes them
+       (slope 1: no activation). */
+    static void cnnx_sgemm_micro_pool2x2_argmax(Py_ssize_t kc, const float *restrict a, const float *restrict b,
+                                                const float *partial, float *out, int *code, Py_ssize_t ldo,
+                                                int rows, const float *bias, float slope) {
+    #if CNNX_GEMM_VECTOR
+        CNNX_TILE_SUMS
+        CNNX_POOL_ARGMAX_PAIR(0, 1) CNNX_POOL_ARGMAX_PAIR(2, 3) CNNX_POOL_ARGMAX_PAIR(4, 5)
+        CNNX_ROW_PAIRS_HI(CNNX_POOL_ARGMAX_PAIR)
+    #else
+        float acc[CNNX_MR][CNNX_NR] = {{0}};
+        for (Py_ssize_t k = 0; k < kc; ++k) {
+            for (int r = 0; r < CNNX_MR; ++r)
+                for (int j = 0; j < CNNX_NR; ++j)
+                    acc[r][j] += a[r] * b[j];
+            a += CNNX_MR;
+            b += CNNX_NR;
+        }
+        for (int r = 0; r < rows; ++r) {
+            float v[CNNX_NR];
+            for (int j = 0; j < CNNX_NR; ++j) {
+                float t = acc[r][j] + (partial ? partial[r * CNNX_NR + j] : 0.0f) + (bias ? bias[r] : 0.0f);
+                float scaled = t * slope;
+                v[j] = t > 0 ? t : scaled;
+            }
+            for (int i = 0; i < CNNX_POOL_WINDOWS; ++i) {
+                float tl = v[2 * i], tr = v[2 * i + 1], bl = v[CNNX_VW + 2 * i], br = v[CNNX_VW + 2 * i + 1];
+                int right_top = tr > tl || (tr != tr && tl == tl), right_bottom = br > bl || (br != br && bl == bl);
+                float m_top = right_top ? tr : tl, m_bottom = right_bottom ? br : bl;
+                int take_bottom = m_bottom > m_top || (m_bottom != m_bottom && m_top == m_top);
+                out[(Py_ssize_t)r * ldo + i] = take_bottom ? m_bottom : m_top;
+                code[(Py_ssize_t)r * ldo + i] = take_bottom ? 2 + right_bottom : right_top;
+            }
+        }
+    #endif
+    }
+
+    /* One MR x NR tile of the pooled-order GEMM (a: kc x MR packed, b: kc x NR packed in the
+       order above), plus `partial` (the earlier K blocks' sums, MR x NR, row stride NR) when given,
+       max-pooled to MR x VW/2 windows, + bias[r] and the leaky ReLU when given: out[r * ldo + i]
+       for the first `rows` rows. */
+    static void cnnx_sgemm_micro_pool2x2(Py_ssize_t kc, const float *restrict a, const float *restrict b,
+                                         const float *partial, float *out, Py_ssize_t ldo, int rows,
+                                         const float *bias, int rectify, float slope) {
+    #if CNNX_GEMM_VECTOR
+        CNNX_TILE_SUMS
+        CNNX_POOL_ROW_PAIR(0, 1) CNNX_POOL_ROW_PAIR(2, 3) CNNX_POOL_ROW_PAIR(4, 5)
+        CNNX_ROW_PAIRS_HI(CNNX_POOL_ROW_PAIR)
+    #else
+        float acc[CNNX_MR][CNNX_NR] = {{0}};
+        for (Py_ssize_t k = 0; k < kc; ++k) {
+            for (int r = 0; r < CNNX_MR; ++r)
+                for (int j = 0; j < CNNX_NR; ++j)
+                    acc[r][j] += a[r] * b[j];
+            a += CNNX_MR;
+            b += CNNX_NR;
+        }
+        for (int r = 0; r < rows; ++r) {
+            float m[CNNX_VW];
+            for (int j = 0; j < CNNX_VW; ++j) {
+                float top = acc[r][j] + (partial ? partial[r * CNNX_NR + j] : 0.0f);
+                float bottom = acc[r][CNNX_VW + j] + (partial ? partial[r * CNNX_NR + CNNX_VW + j] : 0.0f);
+                m[j] = (top > bottom || top != top ? top : bottom) + (bias ? bias[r] : 0.0f);
+            }
+            for (int i = 0; i < CNNX_POOL_WINDOWS; ++i) {
+                float left = m[2 * i], right = m[2 * i + 1];
+                float v = left > right || left != left ? left : right;
+                if (rectify) v = v > 0 ? v : v * slope;
+                out[(Py_ssize_t)r * ldo + i] = v;
+            }
+        }
+    #endif
+    }
+    """
+    const int CNNX_GEMM_POOL_WINDOWS
+    void cnnx_sgemm_micro_pool2x2_argmax(Py_ssize_t kc, const float* a, const float* b, const float* partial,
+                                         float* out, int* code, Py_ssize_t ldo, int rows, const float* bias,
+                                         float slope) noexcept nogil
+    void cnnx_sgemm_micro_pool2x2(Py_ssize_t kc, const float* a, const float* b, const float* partial, float* out,
+                                  Py_ssize_t ldo, int rows, const float* bias, int rectify,
+                                  float slope) noexcept nogil
+
+
+cdef Py_ssize_t _pool_partial_floats(const _ConvGemm* g) noexcept nogil:
+    """Floats of the buffer that keeps one NC block's sums between K blocks: all MR panels x NC."""
+    cdef Py_ssize_t mr = CNNX_GEMM_MR
+    return ((g.M + mr - 1) // mr) * mr * g.nc
+
+
+cdef void _pack_pool_panel(const _ConvGemm* g, const _PoolTiles* pool, Py_ssize_t n_start, Py_ssize_t k0,
+                           Py_ssize_t kc, float* bp) noexcept nogil:
+    """One KC x NR panel of the pooled-order implicit im2col matrix, rows ``k0 : k0 + kc``: the windows
+    ``n_start // 4 ...`` (VW / 2 of them), top pixels in columns ``0 : VW``, bottom pixels in
+    ``VW : NR`` (left, right of each window in turn), read from the padded images. Columns of
+    windows past the last are zero."""
+    cdef Py_ssize_t nr = CNNX_GEMM_NR, vw = CNNX_GEMM_VW, per_tile = CNNX_GEMM_POOL_WINDOWS
+    cdef Py_ssize_t pq = pool.ph * pool.pw
+    cdef Py_ssize_t w0 = n_start // 4
+    cdef Py_ssize_t valid = pool.windows - w0 if pool.windows - w0 < per_tile else per_tile
+    cdef Py_ssize_t plane = g.hp * g.wp
+    # Each half's windows as runs of one pooled row of one image: 2 * run consecutive pixels of
+    # output row 2 * py + half. At most VW / 2 runs per half.
+    cdef Py_ssize_t seg_col[64]
+    cdef Py_ssize_t seg_len[64]
+    cdef Py_ssize_t seg_src[64]
+    cdef Py_ssize_t n_segs = 0, half, j, w, image, q, py, px, run
+    for half in range(2):
+        j = 0
+        while j < valid:
+            w = w0 + j
+            image = w // pq
+            q = w - image * pq
+            py = q // pool.pw
+            px = q - py * pool.pw
+            run = pool.pw - px if pool.pw - px < valid - j else valid - j
+            seg_col[n_segs] = half * vw + 2 * j
+            seg_len[n_segs] = 2 * run
+            seg_src[n_segs] = image * g.c * plane + (2 * py + half) * g.sy * g.wp + 2 * px * g.sx
+            n_segs += 1
+            j += run
+    cdef Py_ssize_t gap = vw - 2 * valid
+    cdef Py_ssize_t k, s, t, ci, ki, kj, offset
+    cdef float* dst
+    cdef const float* src
+    cdef const float* top
+    cdef const float* bottom
+    ci = k0 // (g.kh * g.kw)
+    ki = (k0 // g.kw) % g.kh
+    kj = k0 % g.kw
+    if g.sx == 1 and n_segs == 2 and seg_len[0] == vw and seg_len[1] == vw:
+        # The common case (pooled rows of a multiple of VW / 2 windows): each half is one whole
+        # vector of one output row, copied without the run loop.
+        top = g.xpad + seg_src[0]
+        bottom = g.xpad + seg_src[1]
+        for k in range(kc):
+            dst = bp + k * nr
+            offset = ci * plane + ki * g.wp + kj
+            cnnx_copy_run(dst, top + offset, CNNX_GEMM_VW)
+            cnnx_copy_run(dst + vw, bottom + offset, CNNX_GEMM_VW)
+            kj += 1
+            if kj == g.kw:
+                kj = 0
+                ki += 1
+                if ki == g.kh:
+                    ki = 0
+                    ci += 1
+        return
+    for k in range(kc):
+        dst = bp + k * nr
+        offset = ci * plane + ki * g.wp + kj  # row k's tap, relative to each window's corner
+        if g.sx == 1:
+            for s in range(n_segs):
+                cnnx_copy_run(dst + seg_col[s], g.xpad + seg_src[s] + offset, seg_len[s])
+        else:
+            for s in range(n_segs):
+                src = g.xpad + seg_src[s] + offset
+                for t in range(seg_len[s]):
+                    dst[seg_col[s] + t] = src[t * g.sx]
+        if gap > 0:
+            cnnx_zero_run(dst + 2 * valid, gap)
+            cnnx_zero_run(dst + vw + 2 * valid, gap)
+        kj += 1
+        if kj == g.kw:
+            kj = 0
+            ki += 1
+            if ki == g.kh:
+                ki = 0
+                ci += 1
+
+
+cdef void _store_pool_tile(const _ConvGemm* g, const _PoolTiles* pool, Py_ssize_t o0, Py_ssize_t n_start,
+                           const float* a, const float* b, Py_ssize_t kc, const float* partial) noexcept nogil:
+    """The last K block of tile rows ``o0 : o0 + MR``, columns ``n_start : n_start + NR``, pooled
+    into the NCHW output: straight there when its VW / 2 windows are consecutive in one image's
+    plane, else through a buffer."""
+    cdef Py_ssize_t mr = CNNX_GEMM_MR, per_tile = CNNX_GEMM_POOL_WINDOWS
+    cdef int rows = <int>(g.M - o0 if g.M - o0 < mr else mr)
+    cdef const float* bias = (g.bias + o0) if g.bias != NULL else NULL
+    cdef Py_ssize_t pq = pool.ph * pool.pw
+    cdef Py_ssize_t w0 = n_start // 4
+    cdef Py_ssize_t q = w0 % pq
+    cdef Py_ssize_t at = o0 * g.row_stride + (w0 // pq) * g.image_stride + q
+    # Training always activates (slope 1 without an activation), as the argmax pass it replaces.
+    cdef float slope = g.slope if g.rectify else 1
+    if w0 + per_tile <= pool.windows and q + per_tile <= pq:
+        if pool.code == NULL:
+            cnnx_sgemm_micro_pool2x2(kc, a, b, partial, g.out + at, g.row_stride, rows, bias, g.rectify, g.slope)
+        else:
+            cnnx_sgemm_micro_pool2x2_argmax(kc, a, b, partial, g.out + at, pool.code + at, g.row_stride, rows,
+                                            bias, slope)
+        return
+    cdef float tile[16 * 32]  # MR x VW / 2, MR <= 16 and VW <= 64 in every build
+    cdef int tile_code[16 * 32]
+    cdef Py_ssize_t r, j, w, valid = pool.windows - w0
+    if valid > per_tile:
+        valid = per_tile
+    if pool.code == NULL:
+        cnnx_sgemm_micro_pool2x2(kc, a, b, partial, tile, per_tile, rows, bias, g.rectify, g.slope)
+    else:
+        cnnx_sgemm_micro_pool2x2_argmax(kc, a, b, partial, tile, tile_code, per_tile, rows, bias, slope)
+    for j in range(valid):
+        w = w0 + j
+        at = o0 * g.row_stride + (w // pq) * g.image_stride + w % pq
+        for r in range(rows):
+            g.out[at + r * g.row_stride] = tile[r * per_tile + j]
+            if pool.code != NULL:
+                pool.code[at + r * g.row_stride] = tile_code[r * per_tile + j]
+
+
+cdef void _gemm_pool_block(const _ConvGemm* g, const _PoolTiles* pool, Py_ssize_t block, float* bp) noexcept nogil:
+    """``_gemm_block`` for the pooled-order columns: every K block but the last leaves its sums in
+    the buffer after the B panels (whole MR x NR tiles), the last one pools them into the output."""
+    cdef Py_ssize_t mr = CNNX_GEMM_MR, nr = CNNX_GEMM_NR
+    cdef Py_ssize_t n0 = block * g.nc
+    cdef Py_ssize_t n1 = n0 + g.nc if n0 + g.nc < g.N else g.N
+    cdef Py_ssize_t n_panels = (n1 - n0 + nr - 1) // nr
+    cdef float* partial = bp + g.kc_max * ((g.nc + nr - 1) // nr) * nr
+    cdef Py_ssize_t k0, kc, panel, o0
+    cdef const float* a
+    cdef float* tile_sums
+    k0 = 0
+    while k0 < g.K:
+        kc = g.K - k0 if g.K - k0 < g.kc_max else g.kc_max
+        for panel in range(n_panels):
+            _pack_pool_panel(g, pool, n0 + panel * nr, k0, kc, bp + panel * kc * nr)
+        o0 = 0
+        while o0 < g.M:
+            a = g.a_packed + (o0 // mr) * g.K * mr + k0 * mr
+            for panel in range(n_panels):
+                tile_sums = partial + ((o0 // mr) * n_panels + panel) * mr * nr
+                if k0 + kc < g.K:
+                    cnnx_sgemm_micro(kc, a, bp + panel * kc * nr, tile_sums, nr, <int>mr, k0 > 0, NULL, 0, 0)
+                else:
+                    _store_pool_tile(g, pool, o0, n0 + panel * nr, a, bp + panel * kc * nr, kc,
+                                     tile_sums if k0 > 0 else NULL)
+            o0 += mr
+        k0 += kc
+
+
+def conv_gemm_nchw_max_pool_2x2(
+    const float[:, :, :, ::1] x,
+    Py_ssize_t first,
+    Py_ssize_t count,
+    const float[:, ::1] weight,
+    Py_ssize_t kh,
+    Py_ssize_t kw,
+    Py_ssize_t sy,
+    Py_ssize_t sx,
+    Py_ssize_t pad_top,
+    Py_ssize_t pad_left,
+    Py_ssize_t out_h,
+    Py_ssize_t out_w,
+    const float[::1] bias,
+    bint has_bias,
+    bint leaky_relu,
+    double negative_slope,
+    float[:, :, ::1] y,
+    int n_threads,
+):
+    """``conv_gemm_nchw`` followed by the floor 2x2 / stride-2 max-pool, in one pass (inference):
+    ``y[first : first + count]`` of shape ``(n, out_c, (out_h // 2) * (out_w // 2))`` receives
+    ``max_pool2d(leaky_relu(conv(x) + bias), 2)`` with only the pixels the pool keeps computed and
+    no full-size output written. ``negative_slope`` must be >= 0 (the pool commutes with a
+    monotone activation only). The caller checks the geometry of ``x`` and ``weight``."""
+    _conv_gemm_pooled(x, first, count, weight, kh, kw, sy, sx, pad_top, pad_left, out_h, out_w, bias, has_bias,
+                      leaky_relu, negative_slope, y, NULL, n_threads)
+
+
+def conv_gemm_nchw_max_pool_2x2_argmax(
+    const float[:, :, :, ::1] x,
+    Py_ssize_t first,
+    Py_ssize_t count,
+    const float[:, ::1] weight,
+    Py_ssize_t kh,
+    Py_ssize_t kw,
+    Py_ssize_t sy,
+    Py_ssize_t sx,
+    Py_ssize_t pad_top,
+    Py_ssize_t pad_left,
+    Py_ssize_t out_h,
+    Py_ssize_t out_w,
+    const float[::1] bias,
+    bint has_bias,
+    bint leaky_relu,
+    double negative_slope,
+    float[:, :, ::1] y,
+    int[:, :, ::1] argmax,
+    int n_threads,
+):
+    """The training form of ``conv_gemm_nchw_max_pool_2x2``: also ``argmax`` (shaped as ``y``), each
+    window's winner ``2 * dy + dx``, with the values and codes of ``conv_gemm_columns`` +
+    ``gemm_to_nchw_max_pool_2x2_argmax`` (all four pixels activated, then compared; the first
+    maximum or the first NaN in row-major order wins)."""
+    if argmax.shape[0] != y.shape[0] or argmax.shape[1] != y.shape[1] or argmax.shape[2] != y.shape[2]:
+        raise ValueError(f"Expected argmax of y's shape ({y.shape[0]}, {y.shape[1]}, {y.shape[2]}), received: "
+                         f"({argmax.shape[0]}, {argmax.shape[1]}, {argmax.shape[2]})")
+    _conv_gemm_pooled(x, first, count, weight, kh, kw, sy, sx, pad_top, pad_left, out_h, out_w, bias, has_bias,
+                      leaky_relu, negative_slope, y, &argmax[0, 0, 0] if argmax.shape[0] > 0 and argmax.shape[1] > 0
+                      and argmax.shape[2] > 0 else NULL, n_threads)
+
+
+cdef _conv_gemm_pooled(const float[:, :, :, ::1] x, Py_ssize_t first, Py_ssize_t count, const float[:, ::1] weight,
+                       Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sy, Py_ssize_t sx, Py_ssize_t pad_top,
+                       Py_ssize_t pad_left, Py_ssize_t out_h, Py_ssize_t out_w, const float[::1] bias, bint has_bias,
+                       bint leaky_relu, double negative_slope, float[:, :, ::1] y, int* code, int n_threads):
+    cdef _ConvGemm g
+    cdef _PoolTiles pool
+    if weight.shape[1] == 0:
+        raise ValueError("Expected a weight with at least one column (c*kh*kw > 0), received: shape (%d, 0)" % weight.shape[0])
+    if leaky_relu and not negative_slope >= 0:
+        raise ValueError(f"Expected negative_slope >= 0 for the pooled leaky_relu, received: {negative_slope!r}")
+    pool.ph, pool.pw = out_h // 2, out_w // 2
+    if (y.shape[0] < first + count or y.shape[1] != weight.shape[0] or y.shape[2] != pool.ph * pool.pw
+            or (has_bias and bias.shape[0] < weight.shape[0])):
+        raise ValueError(f"Expected y of shape (>= {first + count}, {weight.shape[0]}, {pool.ph * pool.pw}) and a bias "
+                         f"of {weight.shape[0]}, received: y ({y.shape[0]}, {y.shape[1]}, {y.shape[2]}), "
+                         f"bias ({bias.shape[0]},)")
+    if count <= 0 or y.shape[1] == 0 or pool.ph == 0 or pool.pw == 0:
+        return
+    _conv_gemm_setup(&g, x, first, count, weight, kh, kw, sy, sx, pad_top, pad_left, out_h, out_w)
+    pool.windows = count * pool.ph * pool.pw
+    pool.code = code + first * y.shape[1] * y.shape[2] if code != NULL else NULL  # addressed as g.out
+    g.P = 4 * pool.ph * pool.pw  # the GEMM's columns: 4 pixels per window
+    g.N = count * g.P
+    g.out = &y[first, 0, 0]
+    g.row_stride = pool.ph * pool.pw
+    g.image_stride = g.M * pool.ph * pool.pw
+    g.bias = &bias[0] if has_bias else NULL
+    g.rectify = leaky_relu
+    g.slope = <float>negative_slope
+    cdef int status
+    with nogil:
+        status = _conv_gemm_run(&g, n_threads, &pool)
+    if status != 0:
+        raise MemoryError("cnnx: no memory for the packed GEMM panels")

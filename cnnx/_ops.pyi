@@ -110,6 +110,16 @@ def conv_gemm_nchw(
     out_h: int, out_w: int, bias: F32, has_bias: bool, leaky_relu: bool, negative_slope: float, y: F32,
     n_threads: int,
 ) -> None: ...
+def conv_gemm_nchw_max_pool_2x2(
+    x: F32, first: int, count: int, weight: F32, kh: int, kw: int, sy: int, sx: int, pad_top: int, pad_left: int,
+    out_h: int, out_w: int, bias: F32, has_bias: bool, leaky_relu: bool, negative_slope: float, y: F32,
+    n_threads: int,
+) -> None: ...
+def conv_gemm_nchw_max_pool_2x2_argmax(
+    x: F32, first: int, count: int, weight: F32, kh: int, kw: int, sy: int, sx: int, pad_top: int, pad_left: int,
+    out_h: int, out_w: int, bias: F32, has_bias: bool, leaky_relu: bool, negative_slope: float, y: F32,
+    argmax: NDArray[np.int32], n_threads: int,
+) -> None: ...
 def conv_gemm_columns(
     x: F32, first: int, weight: F32, kh: int, kw: int, sy: int, sx: int, pad_top: int, pad_left: int,
     out_h: int, out_w: int, y_gemm: F32, n_threads: int,

@@ -277,8 +277,11 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, out=
         else:
             _ops.gemm_to_nchw(y_gemm, b, has_bias, rectify, slope, first, y3, nt)
 
-    nchw = None if max_pool_2x2 else (b, has_bias, rectify, slope, y3)
-    _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace, nchw)
+    # On the packed path the tile stores write y3 themselves, pooled too unless POOLED_TILE_STORE
+    # says to pool in a second pass over the GEMM layout.
+    nchw = None if max_pool_2x2 and not POOLED_TILE_STORE else (b, has_bias, rectify, slope, y3)
+    tile_store = _ops.conv_gemm_nchw_max_pool_2x2 if max_pool_2x2 else _ops.conv_gemm_nchw
+    _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace, nchw, tile_store)
     return y
 
 
@@ -317,7 +320,7 @@ def _unfold(x, window, first, m, scratch, n_threads):
     return cols
 
 
-def _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace, nchw=None):
+def _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace, nchw=None, tile_store=None):
     """The im2col + GEMM forward of a convolution with this ``window`` and ``groups``, run by
     groups of images on cnnx's workers.
 
@@ -326,6 +329,8 @@ def _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace, n
     activation and pooling as the caller fuses them), with the worker's ``scratch`` for buffers.
     ``nchw = (bias, has_bias, rectify, slope, y3)`` (optional) is ``gemm_to_nchw``'s epilogue: where
     cnnx's packed GEMM runs, it writes ``y3`` directly and ``gemm_to_output`` is not called.
+    ``tile_store`` is the packed kernel that does it (default ``conv_gemm_nchw``; the pooled
+    ``conv_gemm_nchw_max_pool_2x2`` and its ``_argmax`` form, whose ``nchw`` ends with the argmax).
     """
     oc = weight.shape[0]
     k = x.shape[1] * window[0] * window[1]  # c * kh * kw
@@ -339,7 +344,7 @@ def _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace, n
 
     def forward(index, first, m, scratch, nt):
         if packed and nchw is not None:
-            _ops.conv_gemm_nchw(x, first, m, w3[0], *plain_window, *nchw, nt)
+            (tile_store or _ops.conv_gemm_nchw)(x, first, m, w3[0], *plain_window, *nchw, nt)
             return
         y_gemm = scratch.get("y_gemm", (oc, m, out_h * out_w), x.dtype)
         if packed:
@@ -359,6 +364,14 @@ def _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace, n
 # ``None`` follows the measured rules below; True / False force a path (benchmarks/conv_gemm.py
 # compares the two).
 PACKED_CONV_GEMM = None
+
+
+# Whether a pooled convolution on the packed path (``conv2d(max_pool_2x2=True)``, and
+# ``conv2d_max_pool_2x2_train`` with the argmax) pools in the GEMM's tile stores
+# (``_ops.conv_gemm_nchw_max_pool_2x2[_argmax]``: only the pixels the pool keeps are computed, no
+# full-size output is written) rather than writing the GEMM layout and pooling it in a second pass. Measured faster on every pooled layer of the benchmark workloads
+# (docs/PERFORMANCE_LOG.md); False keeps the two passes (benchmarks/conv_gemm.py --pool-store).
+POOLED_TILE_STORE = True
 
 
 def packed_conv_gemm(dtype, out_c, k, pixels):
@@ -1700,8 +1713,11 @@ def conv2d_max_pool_2x2_train(x, weight, bias=None, stride=1, padding=0, workspa
         _ops.gemm_to_nchw_max_pool_2x2_argmax(y_gemm, b, bias is not None, rectify, slope, first, out_w, y3, argmax3,
                                               pair_max, pair_arg, nt)
 
-    # The same schedule as conv2d's: the same GEMMs, so the pooled values equal the unfused ones.
-    _conv_forward_groups(x, weight, window, 1, gemm_to_output, workspace)
+    # The same schedule as conv2d's: the same GEMMs, so the pooled values equal the unfused ones. On
+    # the packed path the tile stores pool and keep the argmax themselves (see POOLED_TILE_STORE).
+    nchw = (b, bias is not None, rectify, slope, y3, argmax3) if POOLED_TILE_STORE else None
+    _conv_forward_groups(x, weight, window, 1, gemm_to_output, workspace, nchw,
+                         _ops.conv_gemm_nchw_max_pool_2x2_argmax)
     return y, argmax
 
 
