@@ -129,3 +129,7 @@ def conv_weight_grad(
     x: F32, first: int, dy_gemm: F32, kh: int, kw: int, sy: int, sx: int, pad_top: int, pad_left: int,
     out_h: int, out_w: int, dweight: F32, n_threads: int,
 ) -> None: ...
+def dense_gemm(
+    x: F32, weight: F32, bias: F32, has_bias: bool, leaky_relu: bool, negative_slope: float, z: F32,
+    n_threads: int,
+) -> None: ...

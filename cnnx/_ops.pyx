@@ -1930,3 +1930,5 @@ def gemm_to_nchw_max_pool_2x2_vectorised(
 
 # cnnx's packed float32 GEMM for convolutions (implicit im2col), see _gemm.pxi.
 include "_gemm.pxi"
+# cnnx's packed float32 GEMM for dense layers (x @ W^T with W in its own layout), see _dense_gemm.pxi.
+include "_dense_gemm.pxi"

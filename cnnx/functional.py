@@ -25,7 +25,8 @@ from .geometry import (
     positive_pair,
     windowed_output_size,
 )
-from .parallel import blas_product, for_each_group, matmul, threads_for
+from . import parallel
+from .parallel import for_each_group, matmul, threads_for
 from .validation import as_floating, check_int, float_array
 
 __all__ = [
@@ -1112,42 +1113,70 @@ def layer_norm_backward(dy3, x_hat, inv_std, weight, need_dx=True):
 
 # --- fully connected and transposed convolution --------------------------------------------------
 
-def packed_dense_gemm(dtype, out_features):
-    """Whether a dense layer's backward GEMMs (``linear_backward``: ``dW = dz.T @ x``, ``dx = dz @
-    W``) run cnnx's packed GEMM (``_ops.gemm``) instead of np.matmul (see ``PACKED_CONV_GEMM``,
-    which forces this one too). The forward stays on np.matmul."""
-    if dtype != np.float32:
+# Which dense-layer GEMMs run cnnx's packed GEMM instead of np.matmul: ``None`` follows the
+# measured rules below, True / False force a path (``benchmarks/dense_gemm.py`` compares them).
+# Unset, ``PACKED_CONV_GEMM`` forces these too.
+PACKED_DENSE_GEMM = None
+
+
+def _dense_forced():
+    return PACKED_DENSE_GEMM if PACKED_DENSE_GEMM is not None else PACKED_CONV_GEMM
+
+
+def packed_dense_forward(dtype, n, in_features, out_features):
+    """Whether ``linear`` (``x (n, in) @ W.T``) runs ``_ops.dense_gemm`` (the weight read in its own
+    layout, bias and (leaky) ReLU in the tile stores, the rows split over OpenMP threads) instead
+    of np.matmul by row blocks (see ``PACKED_DENSE_GEMM``; figures in docs/PERFORMANCE_LOG.md)."""
+    if dtype != np.float32 or n == 0 or in_features == 0 or out_features == 0:
         return False
-    if PACKED_CONV_GEMM is not None:
-        return bool(PACKED_CONV_GEMM)
-    # Measured (docs/PERFORMANCE_LOG.md, Zen 5): against the AVX2 kernels that
-    # OPENBLAS_CORETYPE=Haswell forces on AVX-512, cnnx's backward GEMMs are 1.17-1.89x faster from
-    # 120 outputs on (not at 10 outputs); its forward lost inside predict (seed-mnist 0.6x), so it
-    # is not used there. Against OpenBLAS's own AVX-512 kernels BLAS keeps them all.
-    return out_features >= 16 and _simd.blas_narrower_than_kernels()
+    forced = _dense_forced()
+    if forced is not None:
+        return bool(forced)
+    # Measured per layer (docs/PERFORMANCE_LOG.md, Zen 5): 1.2-2.5x np.matmul + bias + activation
+    # against OpenBLAS's AVX2 kernels and 1.07-2.4x against its AVX-512 ones from 16 outputs on;
+    # 10-output heads do not gain (0.84-1.17x: 10 of the tile's 32 columns do work).
+    return out_features >= 16
 
 
-def _dense_product(weight):
-    """The row-block product ``product(a, b, out)`` for ``parallel.matmul`` in a dense layer's
-    backward GEMMs (``packed_dense_gemm`` decides)."""
-    return _packed_product if packed_dense_gemm(weight.dtype, weight.shape[0]) else blas_product
+def packed_dense_backward(dtype, n, in_features, out_features):
+    """Whether ``linear_backward``'s GEMMs (``dW = dz.T @ x``, ``dx = dz @ W``) run ``_ops.gemm``
+    (its own threads split the in_features columns) instead of np.matmul by row blocks (see
+    ``PACKED_DENSE_GEMM``; figures in docs/PERFORMANCE_LOG.md)."""
+    if dtype != np.float32 or n == 0 or in_features == 0 or out_features == 0:
+        return False
+    forced = _dense_forced()
+    if forced is not None:
+        return bool(forced)
+    # Measured per layer (docs/PERFORMANCE_LOG.md, Zen 5): against OpenBLAS's AVX2 kernels
+    # 1.0-2.3x except for 10 outputs from 16 inputs (0.77-0.97x); against its AVX-512 kernels from
+    # 1024 inputs on (0.92-2.6x; the 10-output head of 2048 inputs included), 0.65-0.95x below.
+    if _simd.blas_narrower_than_kernels():
+        return out_features >= 16 or in_features >= 64
+    return in_features >= 1024
 
 
-def _packed_product(a, b, out):
-    if a.dtype == b.dtype == out.dtype:
-        _ops.gemm(a, b, out, 1)
-    else:  # mixed dtypes: NumPy casts, the compiled GEMM is float32 only
-        blas_product(a, b, out)
+def _gemm_threads(m, k, n):
+    """Threads for one compiled GEMM of ``m x k x n`` multiply-adds: the kernel threads, fewer for
+    a small product (``parallel.MIN_GEMM_WORK`` each), one inside a worker's task."""
+    if parallel.in_parallel_region():
+        return 1
+    return max(1, min(parallel.get_num_threads(), m * k * n // parallel.MIN_GEMM_WORK))
 
 
-def linear(x, weight, bias=None):
-    """``x @ weight.T + bias`` (PyTorch's ``F.linear``), the rows spread over the worker threads.
+def linear(x, weight, bias=None, activation=None, negative_slope=0.01):
+    """``activation(x @ weight.T + bias)`` (PyTorch's ``F.linear``, then the activation).
+
+    In float32 where ``packed_dense_forward`` says so, one call of cnnx's packed GEMM with the bias
+    and the activation applied to each finished tile; else np.matmul with the rows spread over the
+    worker threads, then the bias and ``ACTIVATIONS[activation]`` in place.
 
     Parameters
     ----------
     x : ndarray of shape (n, in_features)
     weight : ndarray of shape (out_features, in_features), the dtype of the result
     bias : ndarray of shape (out_features,) or None
+    activation : None, "relu" or "leaky_relu"
+    negative_slope : float >= 0, the leaky ReLU's slope (ignored otherwise)
 
     Returns
     -------
@@ -1161,29 +1190,49 @@ def linear(x, weight, bias=None):
         )
     if weight.dtype.kind != "f":
         raise TypeError(f"Expected a floating weight, received: weight.dtype={weight.dtype}")
+    rectify, slope = _rectifier(activation, negative_slope)
     x = x.astype(weight.dtype, copy=False)
     if bias is not None and np.shape(bias) != (weight.shape[0],):
         raise ValueError(f"Expected bias of shape ({weight.shape[0]},), received: bias.shape={np.shape(bias)}")
-    z = matmul(x, weight.T, np.empty((x.shape[0], weight.shape[0]), dtype=weight.dtype))
+    n, (d_out, d_in) = x.shape[0], weight.shape
+    z = np.empty((n, d_out), dtype=weight.dtype)
+    if packed_dense_forward(weight.dtype, n, d_in, d_out):
+        b = np.empty(0, np.float32) if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+        _ops.dense_gemm(np.ascontiguousarray(x), np.ascontiguousarray(weight), b, bias is not None, rectify,
+                        slope, z, _gemm_threads(n, d_in, d_out))
+        return z
+    matmul(x, weight.T, z)
     if bias is not None:
         z += bias
+    if rectify:
+        ACTIVATIONS[activation].forward(z, out=z, **({"negative_slope": slope} if activation == "leaky_relu" else {}))
     return z
 
 
 def linear_backward(dz, x, weight, dweight, dbias=None, need_dx=True):
-    """Gradients of ``linear``: ``dweight = dz.T @ x`` and ``dbias = dz.sum(0)`` written into the
-    given buffers (shapes of ``weight`` and ``(out_features,)``; ``dbias`` None: no bias).
+    """Gradients of ``linear`` (before its activation): ``dweight = dz.T @ x`` and ``dbias =
+    dz.sum(0)`` written into the given buffers (shapes of ``weight`` and ``(out_features,)``;
+    ``dbias`` None: no bias).
 
     Returns
     -------
     dx : ndarray of shape (n, in_features), or None when ``need_dx`` is False
     """
-    matmul(dz.T, x, dweight, _dense_product(weight))
+    n, (d_out, d_in) = dz.shape[0], weight.shape
+    packed = packed_dense_backward(weight.dtype, n, d_in, d_out) and dz.dtype == x.dtype == weight.dtype
+    if packed:
+        _ops.gemm(dz.T, x, dweight, _gemm_threads(d_out, n, d_in))
+    else:
+        matmul(dz.T, x, dweight)
     if dbias is not None:
         np.sum(dz, axis=0, out=dbias)
     if not need_dx:
         return None
-    return matmul(dz, weight, np.empty((dz.shape[0], weight.shape[1]), dtype=weight.dtype), _dense_product(weight))
+    dx = np.empty((n, d_in), dtype=weight.dtype)
+    if packed:
+        _ops.gemm(dz, weight, dx, _gemm_threads(n, d_out, d_in))
+        return dx
+    return matmul(dz, weight, dx)
 
 
 def _transpose_geometry(x_shape, weight_shape, stride, padding, output_padding):

@@ -279,19 +279,10 @@ def test_conv_weight_grad_of_empty_images_is_zero():
     assert np.array_equal(dweight, np.zeros((3, 2), np.float32))
 
 
-def test_dense_gemm_follows_the_blas_rule_and_is_float32_only(monkeypatch):
-    monkeypatch.setattr(_simd, "blas_narrower_than_kernels", lambda: False)
-    assert not F.packed_dense_gemm(np.dtype(np.float32), 128)
-    monkeypatch.setattr(_simd, "blas_narrower_than_kernels", lambda: True)
-    assert F.packed_dense_gemm(np.dtype(np.float32), 128)
-    assert not F.packed_dense_gemm(np.dtype(np.float32), 10)  # a 10-class head: BLAS either way
-    assert not F.packed_dense_gemm(np.dtype(np.float64), 128)
-
-
 @pytest.mark.parametrize("n, d_in, d_out", [(1, 5, 3), (37, 300, 17), (256, 784, 128)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_linear_and_its_backward_on_the_packed_path_match_float64(n, d_in, d_out, threads, rng, monkeypatch):
-    monkeypatch.setattr(F, "PACKED_CONV_GEMM", True)
+    monkeypatch.setattr(F, "PACKED_CONV_GEMM", True)  # forces the dense GEMMs too (tests/test_dense_gemm.py)
     monkeypatch.setattr(cnnx.parallel, "MIN_GEMM_WORK", 1)  # split rows even for the small cases
     x = rng.standard_normal((n, d_in)).astype(np.float32)
     w = rng.standard_normal((d_out, d_in)).astype(np.float32)

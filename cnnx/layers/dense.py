@@ -14,7 +14,7 @@ from .. import functional as F
 from .. import random as _random
 from ..init import check_initializer
 from ..validation import check_array, check_bool, check_dy, check_floating, positive_int
-from .activations import FusedActivation, check_activation, check_negative_slope
+from .activations import FusedActivation, check_activation, check_negative_slope, compiled_rectifier
 from .base import Layer, grad_buffer, init_weight_and_bias
 
 
@@ -93,9 +93,15 @@ class Dense(Layer):
         check_floating(self, x)
         w = self.params["weight"]
         x = x.astype(w.dtype, copy=False)
-        z = F.linear(x, w, self.params["bias"] if self.use_bias else None)
+        bias = self.params["bias"] if self.use_bias else None
         state.x, state.act = x, act
-        state.y, state.z = act.forward(z)
+        rectifier = _compiled_rectifier(act)
+        if rectifier is not None:
+            # (Leaky) ReLU with a slope >= 0: applied inside linear (in the packed GEMM's tile
+            # stores where it runs); its backward reads only the output, so no z is kept.
+            state.y, state.z = F.linear(x, w, bias, *rectifier), None
+        else:
+            state.y, state.z = act.forward(F.linear(x, w, bias))
         return state.y
 
     def call_backward(self, dy, state, need_input_grad):
@@ -130,6 +136,14 @@ class Dense(Layer):
 
 #: PyTorch's name for Dense.
 Linear = Dense
+
+
+def _compiled_rectifier(act):
+    """``(activation, negative_slope)`` for ``F.linear`` when ``act`` (a FusedActivation) is a ReLU or
+    a leaky ReLU with slope >= 0 (what the packed GEMM applies in its stores), else None."""
+    name = act.fn.name if act.fn is not None else None
+    slope = act.kw.get("negative_slope", 0.0)
+    return (name, slope) if name is not None and compiled_rectifier(name, slope) else None
 
 
 class Flatten(Layer):
