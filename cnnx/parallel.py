@@ -189,7 +189,8 @@ def matmul(a, b, out, product=blas_product):
     """``out = a @ b`` with the rows of ``a`` (and ``out``) spread over the worker threads.
 
     ``a`` may be a strided view (e.g. a transpose); ``out`` must be C-contiguous. ``product(a, b,
-    out)`` computes one block of rows (``functional`` passes cnnx's own GEMM where it is faster).
+    out)`` computes one block of rows (NumPy's BLAS by default; benchmarks/dense_gemm.py passes
+    cnnx's own GEMM to replay an earlier dense-layer rule).
     """
     rows = a.shape[0]
     parts = min(_num_threads, rows, max(1, rows * a.shape[1] * b.shape[1] // MIN_GEMM_WORK))
