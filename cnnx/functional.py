@@ -1682,12 +1682,15 @@ SOFTMAX = _SoftmaxFn()
 # written, read back by a pool, or scattered into by a pool's backward.
 
 def conv2d_max_pool_2x2_train(x, weight, bias=None, stride=1, padding=0, workspace=None, activation=None,
-                       negative_slope=0.01):
+                       negative_slope=0.01, out=None, argmax_out=None):
     """``max_pool2d(conv2d(x, ...), 2)`` with the pool's argmax, in one sweep over the GEMM output.
 
     Parameters
     ----------
     x, weight, bias, stride, padding, workspace, activation, negative_slope : as :func:`conv2d`
+    out, argmax_out : ndarray, optional
+        C-contiguous arrays of ``y``'s shape (``x``'s dtype, int32) to write ``y`` and ``argmax``
+        into (an execution plan reuses them from batch to batch); fresh arrays when None.
 
     Returns
     -------
@@ -1699,8 +1702,8 @@ def conv2d_max_pool_2x2_train(x, weight, bias=None, stride=1, padding=0, workspa
     x, weight, bias, _, window, _ = _conv_setup(x, weight, stride, padding, bias=bias, max_pool_2x2=True)
     n, oc, out_h, out_w = x.shape[0], weight.shape[0], window[-2], window[-1]
     dtype = x.dtype
-    y = np.empty((n, oc, out_h // 2, out_w // 2), dtype=dtype)
-    argmax = np.empty(y.shape, dtype=np.int32)
+    y = _check_out(out, (n, oc, out_h // 2, out_w // 2), dtype)
+    argmax = _check_out(argmax_out, y.shape, np.dtype(np.int32), "argmax_out")
     if n == 0 or oc == 0:
         return y, argmax
     b = bias if bias is not None else np.empty(0, dtype=dtype)

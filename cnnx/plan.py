@@ -112,13 +112,14 @@ class _ConvPoolTraining(Step):
     """Training: Conv2D (+ its own or a separate compiled activation) + 2x2 max-pool in one pass
     that also keeps the pool's argmax; the backward scatters through it into the conv's GEMM."""
 
-    def __init__(self, layers, indices):
-        super().__init__(layers, indices)
+    def __init__(self, layers, indices, reuse_output=False):
+        super().__init__(layers, indices, reuse_output)
         self.rectifier = _rectifier(layers[1]) if len(layers) == 3 else None
         self.kind = "conv+act+pool" if len(layers) == 3 else "conv+pool"
 
     def forward(self, x, training, states):
-        return self.layers[0].call_pooled(x, training, states[self.first], fused_activation=self.rectifier)
+        return self.layers[0].call_pooled(x, training, states[self.first], fused_activation=self.rectifier,
+                                          reuse_output=self.reuse_output)
 
     def backward(self, d, states, need_input_grad):
         return self.layers[0].call_pooled_backward(d, states[self.first], need_input_grad)
@@ -276,7 +277,7 @@ def _run(steps, x, training, states, timer):
 def _plan_steps(layers, fuse, inference):
     """The steps for ``layers``: which layers fuse (greedy, left to right, longest fusion first)
     and which steps may reuse their output buffer from batch to batch."""
-    from .layers import AvgPool2D, Conv1D, Conv2D, Dense, MaxPool2D
+    from .layers import Conv1D, Conv2D, Dense
 
     steps = []
     i, n = 0, len(layers)
@@ -296,18 +297,20 @@ def _plan_steps(layers, fuse, inference):
                 continue
             if not inference and layer.pools_in_training:
                 if act_fusable and _is_plain_max_pool_2x2(after_nxt):
-                    steps.append(_ConvPoolTraining(layers[i:i + 3], range(i, i + 3)))
+                    steps.append(_ConvPoolTraining(layers[i:i + 3], range(i, i + 3),
+                                                   reuse_output=_consumes_into_new_array(layers, i + 3)))
                     i += 3
                     continue
                 if _is_plain_max_pool_2x2(nxt):
-                    steps.append(_ConvPoolTraining(layers[i:i + 2], range(i, i + 2)))
+                    steps.append(_ConvPoolTraining(layers[i:i + 2], range(i, i + 2),
+                                                   reuse_output=_consumes_into_new_array(layers, i + 2)))
                     i += 2
                     continue
             if act_fusable:
                 # The output buffer can be reused from batch to batch when the next layer reads it
                 # and writes a new array (it never reaches the network's output, and only this
                 # step's backward reads it again within the same training step).
-                reuse = type(after_nxt) in (Conv2D, MaxPool2D, AvgPool2D, Dense)
+                reuse = _consumes_into_new_array(layers, i + 2)
                 steps.append(_ConvActivation(layers[i:i + 2], range(i, i + 2), reuse_output=reuse))
                 i += 2
                 continue
@@ -315,10 +318,22 @@ def _plan_steps(layers, fuse, inference):
             steps.append(_LinearActivation(layers[i:i + 2], range(i, i + 2)))
             i += 2
             continue
-        reuse = type(layer) is Conv2D and type(nxt) in (Conv2D, MaxPool2D, AvgPool2D, Dense)
+        reuse = type(layer) is Conv2D and _consumes_into_new_array(layers, i + 1)
         steps.append(Step([layer], [i], reuse_output=reuse))
         i += 1
     return steps
+
+
+def _consumes_into_new_array(layers, i):
+    """Whether ``layers[i]`` reads its input and writes a new array (so the step before it may
+    reuse its output buffer from batch to batch): a Conv2D, pool or Dense layer, or a Flatten
+    (a view) followed by a Dense layer. Never the network's output."""
+    from .layers import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D
+
+    kind = type(layers[i]) if i < len(layers) else None
+    if kind in (Conv2D, MaxPool2D, AvgPool2D, Dense):
+        return True
+    return kind is Flatten and i + 1 < len(layers) and type(layers[i + 1]) is Dense
 
 
 def _is_rectifier_layer(layer):

@@ -556,8 +556,8 @@ def test_reused_conv_outputs_are_invisible():
     import cnnx
 
     def build(reuse):
-        # conv -> conv: the first writes into a reused buffer (a conv followed by a 2x2 max-pool
-        # runs as one pooled step, which writes a new array).
+        # conv -> conv: the first writes into a reused buffer; so does the pooled conv + max-pool
+        # step, whose output a Flatten (a view) hands to a Dense layer.
         net = Network([Conv2D(1, 4, 3, padding=1, activation="leaky_relu", rng=0),
                        Conv2D(4, 4, 3, padding=1, activation="relu", rng=1), MaxPool2D(2), Flatten(),
                        Dense(4 * 14 * 14, 10, rng=2)], input_shape=(1, 28, 28))
@@ -568,7 +568,7 @@ def test_reused_conv_outputs_are_invisible():
         return net
 
     net = build(reuse=True)
-    assert [step.reuse_output for step in net.plan.train_steps][:3] == [True, False, False]
+    assert [step.reuse_output for step in net.plan.train_steps][:3] == [True, True, False]
     rng = np.random.default_rng(0)
     x1, x2 = rng.standard_normal((2, 4, 1, 28, 28)).astype(np.float32)
     first = net.forward(x1)
@@ -580,6 +580,20 @@ def test_reused_conv_outputs_are_invisible():
     y = rng.integers(0, 10, 32)
     histories = [build(reuse).fit(x, y, epochs=2, batch_size=8, shuffle=False, verbose=0) for reuse in (True, False)]
     assert histories[0] == histories[1]
+
+
+def test_pooled_training_step_never_reuses_the_network_output():
+    """A conv + max-pool training step whose output is the network's output (or goes to a
+    Flatten that is last) writes a new array each call: outputs returned earlier stay intact."""
+    for tail in ([], [Flatten()]):
+        net = Network([Conv2D(1, 2, 3, padding=1, rng=0), MaxPool2D(2)] + tail, input_shape=(1, 8, 8))
+        assert net.plan.train_steps[0].kind == "conv+pool"
+        assert net.plan.train_steps[0].reuse_output is False
+        rng = np.random.default_rng(0)
+        first = net.forward(rng.standard_normal((2, 1, 8, 8)).astype(np.float32), training=True)
+        kept = first.copy()
+        net.forward(rng.standard_normal((2, 1, 8, 8)).astype(np.float32), training=True)
+        np.testing.assert_array_equal(first, kept)  # exact: the same array, untouched
 
 
 def test_inference_fuses_conv_and_max_pool_without_changing_results():

@@ -2,6 +2,8 @@
 ``cnnx.functional.conv2d`` / ``conv2d_backward`` (which own the arithmetic)."""
 from __future__ import annotations
 
+import numpy as np
+
 from .. import functional as F
 from ..geometry import dilated_kernel_size, explicit_padding, positive_pair, windowed_output_size
 from ..init import check_initializer
@@ -224,9 +226,12 @@ class Conv2D(Layer):
         plain = self.groups == 1 and self.dilation == (1, 1)
         return plain and (self.activation is None or self._compiled_act is not None)
 
-    def call_pooled(self, x, training, state, *, fused_activation=None):
+    def call_pooled(self, x, training, state, *, fused_activation=None, reuse_output=False):
         """Forward of this layer (+ the activation layer an execution plan fuses) + a 2x2 / stride-2
         max-pool in one sweep, keeping the pool's argmax in ``state`` for ``call_pooled_backward``.
+
+        The argmax is written into a buffer of ``state`` reused from call to call (only this
+        state's backward reads it); so is the output with ``reuse_output`` (see ``call``).
 
         Returns
         -------
@@ -235,10 +240,16 @@ class Conv2D(Layer):
         if not self.pools_in_training:
             raise ValueError("Conv2D.call_pooled needs a plain convolution with a compiled activation or none")
         rectifier = self._rectifier(fused_activation)
-        x, pads, _ = self._checked(x)
-        y, argmax = F.conv2d_max_pool_2x2_train(x, self.params["weight"], self.params.get("bias"), self.stride, pads,
-                                         workspace=state.workspace, activation=rectifier[0],
-                                         negative_slope=rectifier[1])
+        x, pads, y_shape = self._checked(x)
+        w = self.params["weight"]
+        ws = state.workspace
+        # Fresh arrays every batch cost page faults and a one-threaded free (lenet5: ~130 faults per batch).
+        pooled_shape = y_shape[:2] + (y_shape[2] // 2, y_shape[3] // 2)
+        argmax_out = ws.get("pool_argmax", pooled_shape, np.dtype(np.int32))
+        out = ws.get("pooled_output", pooled_shape, w.dtype) if reuse_output else None
+        y, argmax = F.conv2d_max_pool_2x2_train(x, w, self.params.get("bias"), self.stride, pads,
+                                         workspace=ws, activation=rectifier[0],
+                                         negative_slope=rectifier[1], out=out, argmax_out=argmax_out)
         state.x, state.pads, state.rectifier, state.z = x, pads, rectifier, None
         state.y, state.pool_argmax = y, argmax
         return y
