@@ -1725,7 +1725,7 @@ def conv2d_max_pool_2x2_train(x, weight, bias=None, stride=1, padding=0, workspa
 
 
 def conv2d_max_pool_2x2_backward(dy, argmax, y, x, weight, stride=1, padding=0, need_dx=True, workspace=None,
-                          activation=None, negative_slope=0.01):
+                          activation=None, negative_slope=0.01, out=None):
     """Gradients of :func:`conv2d_max_pool_2x2_train` with respect to its input, weight and bias.
 
     Parameters
@@ -1734,6 +1734,7 @@ def conv2d_max_pool_2x2_backward(dy, argmax, y, x, weight, stride=1, padding=0, 
     argmax, y : the ``argmax`` and ``y`` that ``conv2d_max_pool_2x2_train`` returned
     x, weight, stride, padding, activation, negative_slope : as given to ``conv2d_max_pool_2x2_train``
     need_dx : bool, skip the input gradient when False
+    out : ndarray of shape (n, c, h, w), optional, receives dx (as in :func:`conv2d_backward`)
 
     Returns
     -------
@@ -1751,7 +1752,7 @@ def conv2d_max_pool_2x2_backward(dy, argmax, y, x, weight, stride=1, padding=0, 
         if a.shape != pooled:
             raise ValueError(f"Expected {name} of shape {pooled}, received: {name}.shape={a.shape}")
     argmax = np.ascontiguousarray(argmax, dtype=np.int32)
-    dx = np.empty(x.shape, dtype=dtype) if need_dx else None
+    dx = _check_out(out, x.shape, dtype, "out") if need_dx else None
     if n == 0 or oc == 0:
         if dx is not None:
             dx[...] = 0

@@ -46,6 +46,9 @@ class Step:
     """
 
     kind = "layer"
+    # Whether the backward may write its input gradient into a buffer reused from batch to batch:
+    # set by the plan when the step before consumes it without keeping it (see _plan_steps).
+    reuse_input_grad = False
 
     def __init__(self, layers, indices, reuse_output=False):
         self.layers = tuple(layers)
@@ -64,6 +67,8 @@ class Step:
         return layer.call(x, training, states[self.first])
 
     def backward(self, d, states, need_input_grad):
+        if self.reuse_input_grad:
+            return self.layers[0].call_backward(d, states[self.first], need_input_grad, reuse_input_grad=True)
         return self.layers[0].call_backward(d, states[self.first], need_input_grad)
 
     def __repr__(self):
@@ -90,7 +95,8 @@ class _ConvActivation(Step):
 
     def backward(self, d, states, need_input_grad):
         # The conv's state remembers the fused rectifier: its backward applies the activation's too.
-        return self.layers[0].call_backward(d, states[self.first], need_input_grad)
+        return self.layers[0].call_backward(d, states[self.first], need_input_grad,
+                                            reuse_input_grad=self.reuse_input_grad)
 
 
 class _ConvPool(Step):
@@ -122,7 +128,8 @@ class _ConvPoolTraining(Step):
                                           reuse_output=self.reuse_output)
 
     def backward(self, d, states, need_input_grad):
-        return self.layers[0].call_pooled_backward(d, states[self.first], need_input_grad)
+        return self.layers[0].call_pooled_backward(d, states[self.first], need_input_grad,
+                                                   reuse_input_grad=self.reuse_input_grad)
 
 
 class _LinearActivation(Step):
@@ -321,7 +328,20 @@ def _plan_steps(layers, fuse, inference):
         reuse = type(layer) is Conv2D and _consumes_into_new_array(layers, i + 1)
         steps.append(Step([layer], [i], reuse_output=reuse))
         i += 1
+    if not inference:
+        # A convolution step's input gradient goes only to the step before it; where that is a
+        # convolution step too, it reads the gradient and writes new arrays, so the buffer can be
+        # reused from batch to batch (the first step's input gradient, returned to the caller, never is).
+        for k in range(1, len(steps)):
+            steps[k].reuse_input_grad = _is_conv_step(steps[k]) and _is_conv_step(steps[k - 1])
     return steps
+
+
+def _is_conv_step(step):
+    """A step whose backward is a Conv2D's own (``call_backward`` / ``call_pooled_backward``)."""
+    from .layers import Conv2D
+
+    return type(step) in (Step, _ConvActivation, _ConvPoolTraining) and type(step.layers[0]) is Conv2D
 
 
 def _consumes_into_new_array(layers, i):

@@ -563,12 +563,14 @@ def test_reused_conv_outputs_are_invisible():
                        Dense(4 * 14 * 14, 10, rng=2)], input_shape=(1, 28, 28))
         if not reuse:
             for step in net.plan.train_steps + net.plan.infer_steps:
-                step.reuse_output = False
+                step.reuse_output = step.reuse_input_grad = False
         net.compile("softmax_cross_entropy", cnnx.optimizers.Adam(lr=1e-3))
         return net
 
     net = build(reuse=True)
     assert [step.reuse_output for step in net.plan.train_steps][:3] == [True, True, False]
+    # The second conv's input gradient goes to the first conv only: a reused buffer.
+    assert [step.reuse_input_grad for step in net.plan.train_steps] == [False, True, False, False]
     rng = np.random.default_rng(0)
     x1, x2 = rng.standard_normal((2, 4, 1, 28, 28)).astype(np.float32)
     first = net.forward(x1)

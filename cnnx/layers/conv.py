@@ -171,12 +171,15 @@ class Conv2D(Layer):
         """Inference: this layer followed by a 2x2 / stride-2 max-pool, in one pass (no caches)."""
         return self.call(x, False, self.own_state, max_pool_2x2=True)
 
-    def call_backward(self, dy, state, need_input_grad):
+    def call_backward(self, dy, state, need_input_grad, reuse_input_grad=False):
         """Parameters
         ----------
         dy : ndarray of shape (n, out_channels, out_h, out_w), the gradient of the last output
         state : the CallState the forward ``call`` filled
         need_input_grad : bool
+        reuse_input_grad : bool
+            Write ``dx`` into a buffer of ``state`` reused from call to call: only when the caller
+            knows ``dx`` is consumed (not kept) before the next backward (an execution plan).
 
         Returns
         -------
@@ -191,7 +194,8 @@ class Conv2D(Layer):
         if self._act.fn is not None and activation is None:
             dz = self._act.backward(dz, state.z, state.y)
         dx, dw, db = self._conv_backward(dz, state.x, state.pads, need_input_grad, state.workspace,
-                                         activation=activation, negative_slope=slope, y=state.y)
+                                         activation=activation, negative_slope=slope, y=state.y,
+                                         out=_input_grad_buffer(state, need_input_grad and reuse_input_grad))
         store_grads(self, weight=dw, bias=db)
         return dx if need_input_grad else None
 
@@ -254,8 +258,9 @@ class Conv2D(Layer):
         state.y, state.pool_argmax = y, argmax
         return y
 
-    def call_pooled_backward(self, dy, state, need_input_grad):
-        """Backward of ``call_pooled``: ``dy`` is the gradient of the pooled output."""
+    def call_pooled_backward(self, dy, state, need_input_grad, reuse_input_grad=False):
+        """Backward of ``call_pooled``: ``dy`` is the gradient of the pooled output
+        (``reuse_input_grad`` as in ``call_backward``)."""
         argmax = getattr(state, "pool_argmax", None)
         if state.x is None or argmax is None or argmax.shape != state.y.shape:
             raise RuntimeError("Conv2D.call_pooled_backward called before call_pooled")
@@ -265,6 +270,15 @@ class Conv2D(Layer):
         dx, dw, db = F.conv2d_max_pool_2x2_backward(dy.astype(w.dtype, copy=False), argmax, state.y, state.x, w,
                                              self.stride, state.pads, need_dx=need_input_grad,
                                              workspace=state.workspace, activation=activation,
-                                             negative_slope=slope)
+                                             negative_slope=slope,
+                                             out=_input_grad_buffer(state, need_input_grad and reuse_input_grad))
         store_grads(self, weight=dw, bias=db)
         return dx if need_input_grad else None
+
+
+def _input_grad_buffer(state, reuse):
+    """The reused input-gradient buffer of ``state`` (shaped like the cached input), or None for
+    a fresh array."""
+    if not reuse:
+        return None
+    return state.workspace.get("input_grad", state.x.shape, state.x.dtype)
