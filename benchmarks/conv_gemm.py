@@ -35,24 +35,16 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 
-def conv_layers(name, spec, batch):
+def conv_layers(name, batch):
     """(label, x shape, out_c, kernel, padding, activation, pooled) of each conv layer."""
-    c, h, w = spec
     layers = []
-    ops = SPECS[name]
-    for i, op in enumerate(ops):
+    ops = [op for op, _ in spec_input_shapes(name)]
+    for i, (op, (c, h, w)) in enumerate(spec_input_shapes(name)):
         if op[0] == "conv":
             _, out, k, pad, act = op
             pooled = i + 1 < len(ops) and ops[i + 1][0] == "pool"
             layers.append((f"{name} conv{len(layers) + 1}", (batch, c, h, w), out, k, pad,
                            "leaky_relu" if act == "lrelu" else act, pooled))
-            if pad == "valid":
-                h, w = h - k + 1, w - k + 1
-            elif not isinstance(pad, str):
-                h, w = h + 2 * pad - k + 1, w + 2 * pad - k + 1
-            c = out
-        elif op[0] == "pool":
-            h, w = h // 2, w // 2
     return layers
 
 
@@ -91,7 +83,7 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     for name in args.workloads:
         spec = WORKLOADS[name]
-        for label, shape, out, k, pad, act, pooled in conv_layers(name, spec["input"], spec["batch"]):
+        for label, shape, out, k, pad, act, pooled in conv_layers(name, spec["batch"]):
             x = rng.standard_normal(shape, dtype=np.float32)
             weight = rng.standard_normal((out, shape[1], k, k), dtype=np.float32) * 0.1
             bias = rng.standard_normal(out, dtype=np.float32)
@@ -135,7 +127,7 @@ def main(argv=None):
     return 0
 
 
-from workloads import SPECS, WORKLOADS  # noqa: E402  (after the path set-up above)
+from workloads import WORKLOADS, spec_input_shapes  # noqa: E402  (after the path set-up above)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -41,23 +41,12 @@ if str(HERE) not in sys.path:
 
 def dense_layers(name, batch):
     """(label, n, in_features, out_features, activation) of each Dense layer of workload ``name``."""
-    import numpy as np
-    from workloads import SPECS, WORKLOADS
+    from workloads import spec_input_shapes
 
-    c, h, w = WORKLOADS[name]["input"]
     layers, features = [], None
-    for op in SPECS[name]:
-        if op[0] == "conv":
-            _, out, k, pad, _ = op
-            if pad == "valid":
-                h, w = h - k + 1, w - k + 1
-            elif not isinstance(pad, str):
-                h, w = h + 2 * pad - k + 1, w + 2 * pad - k + 1
-            c = out
-        elif op[0] == "pool":
-            h, w = h // 2, w // 2
-        elif op[0] == "flat":
-            features = int(np.prod((c, h, w)))
+    for op, (c, h, w) in spec_input_shapes(name):
+        if op[0] == "flat":
+            features = c * h * w
         elif op[0] == "dense":
             _, out, act = op
             act = {"lrelu": "leaky_relu", "relu": "relu", None: None}[act]

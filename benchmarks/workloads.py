@@ -91,6 +91,23 @@ def cnnx_model(name, seed=0, fused=True):
     return net
 
 
+def spec_input_shapes(name):
+    """``(op, (c, h, w))`` for each op of ``SPECS[name]``: the op and the shape of one image
+    entering it (convolutions with integer or "valid" padding, 2x2 pools)."""
+    c, h, w = WORKLOADS[name]["input"]
+    for op in SPECS[name]:
+        yield op, (c, h, w)
+        if op[0] == "conv":
+            _, out, k, pad, _ = op
+            if pad == "valid":
+                h, w = h - k + 1, w - k + 1
+            elif not isinstance(pad, str):
+                h, w = h + 2 * pad - k + 1, w + 2 * pad - k + 1
+            c = out
+        elif op[0] == "pool":
+            h, w = h // 2, w // 2
+
+
 def cnnx_forward_flops(name):
     """Forward FLOPs per image, counted from the cnnx network's layer shapes."""
     from cnnx.models import build

@@ -36,6 +36,34 @@ def conv2d(x, weight, bias, stride, pads):
     return y
 
 
+def conv_case_id(shape):
+    """Test id of a convolution case ``(batch, channels, height, width, out_channels, kernel,
+    stride, padding)``."""
+    return "n{}c{}_{}x{}_o{}_k{}s{}p{}".format(*shape)
+
+
+def conv_operands(shape, rng):
+    """float32 ``x``, ``weight`` and ``bias`` of a convolution case (see ``conv_case_id``)."""
+    n, c, h, w, oc, k, s, p = shape
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    weight = rng.standard_normal((oc, c, k, k)).astype(np.float32)
+    bias = rng.standard_normal(oc).astype(np.float32)
+    return x, weight, bias
+
+
+def conv2d_and_float32_bound(x, weight, bias, stride, padding):
+    """The float64 convolution (square ``stride`` and ``padding``; ``bias`` may be None) and a
+    float32 round-off bound for each output: a sum of K products rounded in float32 is off by at
+    most about K * eps * sum |x w| (with the bias)."""
+    pads = ((padding, padding), (padding, padding))
+    b64 = None if bias is None else bias.astype(np.float64)
+    z = conv2d(x.astype(np.float64), weight.astype(np.float64), b64, (stride, stride), pads)
+    size = conv2d(np.abs(x).astype(np.float64), np.abs(weight).astype(np.float64),
+                  None if b64 is None else np.abs(b64), (stride, stride), pads)
+    k = weight[0].size + 1
+    return z, 2 * k * np.finfo(np.float32).eps * size + 1e-30
+
+
 def conv2d_backward(dy, x, weight, stride, pads):
     sy, sx = stride
     _, _, kh, kw = weight.shape

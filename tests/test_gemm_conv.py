@@ -30,27 +30,11 @@ SHAPES = [
 ]
 
 
-def shape_id(shape):
-    return "n{}c{}_{}x{}_o{}_k{}s{}p{}".format(*shape)
+shape_id = ref.conv_case_id
+operands = ref.conv_operands
 
 
-def operands(shape, rng):
-    n, c, h, w, oc, k, s, p = shape
-    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
-    weight = rng.standard_normal((oc, c, k, k)).astype(np.float32)
-    bias = rng.standard_normal(oc).astype(np.float32)
-    return x, weight, bias
-
-
-def reference_and_bound(x, weight, bias, stride, padding):
-    """The float64 convolution and a float32 round-off bound for each output: a sum of K products
-    rounded in float32 is off by at most about K * eps * sum |x w| (with bias)."""
-    pads = ((padding, padding), (padding, padding))
-    z = ref.conv2d(x.astype(np.float64), weight.astype(np.float64), bias.astype(np.float64), (stride, stride), pads)
-    size = ref.conv2d(np.abs(x).astype(np.float64), np.abs(weight).astype(np.float64),
-                      np.abs(bias).astype(np.float64), (stride, stride), pads)
-    k = weight[0].size + 1
-    return z, 2 * k * np.finfo(np.float32).eps * size + 1e-30
+reference_and_bound = ref.conv2d_and_float32_bound
 
 
 @pytest.mark.parametrize("isa", BUILDS)

@@ -30,16 +30,8 @@ SHAPES = [
 ]
 
 
-def shape_id(shape):
-    return "n{}c{}_{}x{}_o{}_k{}s{}p{}".format(*shape)
-
-
-def operands(shape, rng):
-    n, c, h, w, oc, k, s, p = shape
-    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
-    weight = rng.standard_normal((oc, c, k, k)).astype(np.float32)
-    bias = rng.standard_normal(oc).astype(np.float32)
-    return x, weight, bias
+shape_id = ref.conv_case_id
+operands = ref.conv_operands
 
 
 def pool_2x2(a):
@@ -51,16 +43,11 @@ def pool_2x2(a):
 
 def unfused_reference(x, weight, bias, stride, padding, activation, slope):
     """float64 convolution + bias + activation, then the pool; and a float32 round-off bound per
-    pooled value (each pixel's sum of K products is off by at most about K * eps * sum |x w|; the
-    maximum of values each within its bound is within the largest bound of its window)."""
-    pads = ((padding, padding), (padding, padding))
-    b64 = None if bias is None else bias.astype(np.float64)
-    z = ref.conv2d(x.astype(np.float64), weight.astype(np.float64), b64, (stride, stride), pads)
-    size = ref.conv2d(np.abs(x).astype(np.float64), np.abs(weight).astype(np.float64),
-                      None if bias is None else np.abs(b64), (stride, stride), pads)
+    pooled value (the maximum of values each within its bound is within the largest bound of its
+    window; the activation, slope <= 1, does not widen it)."""
+    z, bound = ref.conv2d_and_float32_bound(x, weight, bias, stride, padding)
     if activation is not None:
         z = np.where(z > 0, z, slope * z)
-    bound = 2 * (weight[0].size + 1) * np.finfo(np.float32).eps * size + 1e-30
     return pool_2x2(z), pool_2x2(bound), z.shape[2:]
 
 
