@@ -144,7 +144,7 @@ class Conv2D(Layer):
         """
         rectifier = self._rectifier(fused_activation)
         x, pads, y_shape = self._checked(x)
-        w = self.params["weight"]
+        w, b = self.params["weight"], self.params.get("bias")
         ws = state.workspace
         if max_pool_2x2:
             state.x = state.y = state.z = None
@@ -245,13 +245,15 @@ class Conv2D(Layer):
             raise ValueError("Conv2D.call_pooled needs a plain convolution with a compiled activation or none")
         rectifier = self._rectifier(fused_activation)
         x, pads, y_shape = self._checked(x)
-        w = self.params["weight"]
+        w, b = self.params["weight"], self.params.get("bias")
         ws = state.workspace
-        # Fresh arrays every batch cost page faults and a one-threaded free (lenet5: ~130 faults per batch).
+        # Fresh arrays every batch cost page faults and a one-threaded free (seed-mnist: ~690 per batch).
         pooled_shape = y_shape[:2] + (y_shape[2] // 2, y_shape[3] // 2)
         argmax_out = ws.get("pool_argmax", pooled_shape, np.dtype(np.int32))
+        # (A bias of another dtype than the weight makes the output float64: a fresh array then.)
+        reuse_output = reuse_output and (b is None or b.dtype == w.dtype)
         out = ws.get("pooled_output", pooled_shape, w.dtype) if reuse_output else None
-        y, argmax = F.conv2d_max_pool_2x2_train(x, w, self.params.get("bias"), self.stride, pads,
+        y, argmax = F.conv2d_max_pool_2x2_train(x, w, b, self.stride, pads,
                                          workspace=ws, activation=rectifier[0],
                                          negative_slope=rectifier[1], out=out, argmax_out=argmax_out)
         state.x, state.pads, state.rectifier, state.z = x, pads, rectifier, None
