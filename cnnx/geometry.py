@@ -8,13 +8,17 @@ from __future__ import annotations
 import numbers
 
 
+def _is_int_pair(value):
+    """A tuple of two exact ints (no bools, no other integer types)."""
+    return type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int
+
+
 def int_pair(value, name="value"):
     """Return ``value`` as a pair of ints: ``3 -> (3, 3)``, ``(2, 3) -> (2, 3)``."""
     # Fast path for what layers pass on every call (exact ints; bool is a subclass, not int itself).
-    kind = type(value)
-    if kind is int:
+    if type(value) is int:
         return (value, value)
-    if kind is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+    if _is_int_pair(value):
         return value
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return (int(value), int(value))
@@ -23,11 +27,6 @@ def int_pair(value, name="value"):
     ):
         return (int(value[0]), int(value[1]))
     raise TypeError(f"Expected {name} to be an int or a pair of ints, received: {name}={value!r}")
-
-
-def _is_int_pair(value):
-    """A tuple of two exact ints (no bools, no other integer types)."""
-    return type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int
 
 
 def positive_pair(value, name):
@@ -57,11 +56,8 @@ def explicit_padding(padding, kernel_size=None, stride=(1, 1), input_size=None):
     (output = ceil(input / stride)) and therefore needs ``input_size``.
     """
     if type(padding) is tuple and len(padding) == 2 and _is_int_pair(padding[0]) and _is_int_pair(padding[1]):
-        # Already explicit (what the layers pass on every call): checked as the general path does.
-        if min(padding[0]) < 0 or min(padding[1]) < 0:
-            raise ValueError(f"Expected padding >= 0, received: padding={padding!r}")
-        return padding
-    if isinstance(padding, str):
+        result = padding  # already explicit: what the layers pass on every call, so no conversion
+    elif isinstance(padding, str):
         mode = padding.lower()
         if mode == "valid":
             return ((0, 0), (0, 0))
@@ -83,7 +79,7 @@ def explicit_padding(padding, kernel_size=None, stride=(1, 1), input_size=None):
                 total = max((out - 1) * s + k - n, 0)
             pads.append((total // 2, total - total // 2))
         return (pads[0], pads[1])
-    if isinstance(padding, numbers.Integral) and not isinstance(padding, bool):
+    elif isinstance(padding, numbers.Integral) and not isinstance(padding, bool):
         result = ((int(padding), int(padding)), (int(padding), int(padding)))
     elif isinstance(padding, (tuple, list)) and len(padding) == 2:
         if all(isinstance(p, (tuple, list)) for p in padding):
