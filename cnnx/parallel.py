@@ -180,6 +180,14 @@ def single_threaded_blas():
 MIN_GEMM_WORK = 1 << 20
 
 
+def threads_for_gemm(m, k, n):
+    """Threads for one GEMM of ``m x k x n`` multiply-adds: at least ``MIN_GEMM_WORK`` each, and
+    one inside a worker's task (the other workers are busy with the outer call)."""
+    if in_parallel_region():
+        return 1
+    return max(1, min(_num_threads, m * k * n // MIN_GEMM_WORK))
+
+
 def blas_product(a, b, out):
     """``out = a @ b`` by NumPy's BLAS: ``matmul``'s default product for one block of rows."""
     np.matmul(a, b, out=out)
@@ -193,7 +201,7 @@ def matmul(a, b, out, product=blas_product):
     cnnx's own GEMM to replay an earlier dense-layer rule).
     """
     rows = a.shape[0]
-    parts = min(_num_threads, rows, max(1, rows * a.shape[1] * b.shape[1] // MIN_GEMM_WORK))
+    parts = min(rows, threads_for_gemm(rows, a.shape[1], b.shape[1]))
     if parts <= 1:
         product(a, b, out)
         return out
