@@ -374,13 +374,21 @@ PACKED_CONV_GEMM = None
 POOLED_TILE_STORE = True
 
 
+def _forced_path(dtype, empty, switch):
+    """What settles a packed-GEMM rule before its measurements: False where cnnx's GEMMs do not
+    run (not float32, or an empty product), else the path ``switch`` forces (True / False), else
+    None (the measured rule decides)."""
+    if dtype != np.float32 or empty:
+        return False
+    return None if switch is None else bool(switch)
+
+
 def packed_conv_gemm(dtype, out_c, k, pixels):
     """Whether a convolution forward with GEMM ``(out_c, k) @ (k, pixels per image)`` runs cnnx's
     packed GEMM (see ``PACKED_CONV_GEMM``; the figures behind the rule are in docs/PERFORMANCE_LOG.md)."""
-    if dtype != np.float32 or k == 0:
-        return False
-    if PACKED_CONV_GEMM is not None:
-        return bool(PACKED_CONV_GEMM)
+    forced = _forced_path(dtype, k == 0, PACKED_CONV_GEMM)
+    if forced is not None:
+        return forced
     # Measured per layer (docs/PERFORMANCE_LOG.md, Zen 5): 1.05-2.6x faster on every conv layer of
     # the benchmark workloads, against OpenBLAS with its AVX2 (Haswell) or AVX-512 kernels.
     return True
@@ -391,10 +399,9 @@ def packed_backward_gemm(dtype, out_c, k, pixels):
     dY @ cols.T``, ``dcols = W.T @ dY``) runs cnnx's packed GEMM (``_ops.gemm``) instead of np.matmul
     (see ``PACKED_CONV_GEMM``). The weight gradient's answer matters only where
     ``implicit_weight_grad`` does not apply (dilated convolutions)."""
-    if dtype != np.float32 or k == 0:
-        return False, False
-    if PACKED_CONV_GEMM is not None:
-        return bool(PACKED_CONV_GEMM), bool(PACKED_CONV_GEMM)
+    forced = _forced_path(dtype, k == 0, PACKED_CONV_GEMM)
+    if forced is not None:
+        return forced, forced
     # Measured (docs/PERFORMANCE_LOG.md, Zen 5): dcols wins or ties from k = 12 on, loses at k = 4;
     # dW (a reduction over the pixels, B packed transposed) wins only for k >= 288 and only against
     # a BLAS running narrower kernels than cnnx's build.
@@ -407,10 +414,9 @@ def implicit_weight_grad(dtype, out_c, k, pixels):
     (pixels, k)`` per image) runs ``_ops.conv_weight_grad``: the reduction over the pixels in the
     vectors, the taps read from the padded images (no im2col matrix), instead of im2col +
     np.matmul (see ``PACKED_CONV_GEMM``)."""
-    if dtype != np.float32 or k == 0:
-        return False
-    if PACKED_CONV_GEMM is not None:
-        return bool(PACKED_CONV_GEMM)
+    forced = _forced_path(dtype, k == 0, PACKED_CONV_GEMM)
+    if forced is not None:
+        return forced
     # Measured per layer (docs/PERFORMANCE_LOG.md, Zen 5): faster than im2col + OpenBLAS on every
     # conv layer of the benchmark workloads, with its AVX2 (Haswell) or AVX-512 kernels.
     return True
@@ -1119,7 +1125,7 @@ def layer_norm_backward(dy3, x_hat, inv_std, weight, need_dx=True):
 PACKED_DENSE_GEMM = None
 
 
-def _dense_forced():
+def _dense_switch():
     return PACKED_DENSE_GEMM if PACKED_DENSE_GEMM is not None else PACKED_CONV_GEMM
 
 
@@ -1127,11 +1133,9 @@ def packed_dense_forward(dtype, n, in_features, out_features):
     """Whether ``linear`` (``x (n, in) @ W.T``) runs ``_ops.dense_gemm`` (the weight read in its own
     layout, bias and (leaky) ReLU in the tile stores, the rows split over OpenMP threads) instead
     of np.matmul by row blocks (see ``PACKED_DENSE_GEMM``; figures in docs/PERFORMANCE_LOG.md)."""
-    if dtype != np.float32 or n == 0 or in_features == 0 or out_features == 0:
-        return False
-    forced = _dense_forced()
+    forced = _forced_path(dtype, 0 in (n, in_features, out_features), _dense_switch())
     if forced is not None:
-        return bool(forced)
+        return forced
     # Measured per layer (docs/PERFORMANCE_LOG.md, Zen 5): 1.2-2.5x np.matmul + bias + activation
     # against OpenBLAS's AVX2 kernels and 1.07-2.4x against its AVX-512 ones from 16 outputs on;
     # 10-output heads do not gain (0.84-1.17x: 10 of the tile's 32 columns do work).
@@ -1142,25 +1146,15 @@ def packed_dense_backward(dtype, n, in_features, out_features):
     """Whether ``linear_backward``'s GEMMs (``dW = dz.T @ x``, ``dx = dz @ W``) run ``_ops.gemm``
     (its own threads split the in_features columns) instead of np.matmul by row blocks (see
     ``PACKED_DENSE_GEMM``; figures in docs/PERFORMANCE_LOG.md)."""
-    if dtype != np.float32 or n == 0 or in_features == 0 or out_features == 0:
-        return False
-    forced = _dense_forced()
+    forced = _forced_path(dtype, 0 in (n, in_features, out_features), _dense_switch())
     if forced is not None:
-        return bool(forced)
+        return forced
     # Measured per layer (docs/PERFORMANCE_LOG.md, Zen 5): against OpenBLAS's AVX2 kernels
     # 1.0-2.3x except for 10 outputs from 16 inputs (0.77-0.97x); against its AVX-512 kernels from
     # 1024 inputs on (0.92-2.6x; the 10-output head of 2048 inputs included), 0.65-0.95x below.
     if _simd.blas_narrower_than_kernels():
         return out_features >= 16 or in_features >= 64
     return in_features >= 1024
-
-
-def _gemm_threads(m, k, n):
-    """Threads for one compiled GEMM of ``m x k x n`` multiply-adds: the kernel threads, fewer for
-    a small product (``parallel.MIN_GEMM_WORK`` each), one inside a worker's task."""
-    if parallel.in_parallel_region():
-        return 1
-    return max(1, min(parallel.get_num_threads(), m * k * n // parallel.MIN_GEMM_WORK))
 
 
 def linear(x, weight, bias=None, activation=None, negative_slope=0.01):
@@ -1199,7 +1193,7 @@ def linear(x, weight, bias=None, activation=None, negative_slope=0.01):
     if packed_dense_forward(weight.dtype, n, d_in, d_out):
         b = np.empty(0, np.float32) if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
         _ops.dense_gemm(np.ascontiguousarray(x), np.ascontiguousarray(weight), b, bias is not None, rectify,
-                        slope, z, _gemm_threads(n, d_in, d_out))
+                        slope, z, parallel.threads_for_gemm(n, d_in, d_out))
         return z
     matmul(x, weight.T, z)
     if bias is not None:
@@ -1221,7 +1215,7 @@ def linear_backward(dz, x, weight, dweight, dbias=None, need_dx=True):
     n, (d_out, d_in) = dz.shape[0], weight.shape
     packed = packed_dense_backward(weight.dtype, n, d_in, d_out) and dz.dtype == x.dtype == weight.dtype
     if packed:
-        _ops.gemm(dz.T, x, dweight, _gemm_threads(d_out, n, d_in))
+        _ops.gemm(dz.T, x, dweight, parallel.threads_for_gemm(d_out, n, d_in))
     else:
         matmul(dz.T, x, dweight)
     if dbias is not None:
@@ -1230,7 +1224,7 @@ def linear_backward(dz, x, weight, dweight, dbias=None, need_dx=True):
         return None
     dx = np.empty((n, d_in), dtype=weight.dtype)
     if packed:
-        _ops.gemm(dz, weight, dx, _gemm_threads(n, d_out, d_in))
+        _ops.gemm(dz, weight, dx, parallel.threads_for_gemm(n, d_out, d_in))
         return dx
     return matmul(dz, weight, dx)
 
