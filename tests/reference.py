@@ -141,3 +141,15 @@ def assert_identical_for_any_thread_count(run, threads):
     assert len(serial) == len(parallel)
     for a, b in zip(serial, parallel):
         np.testing.assert_array_equal(a, b)
+
+
+def assert_kernel_identical_for_thread_counts(run, thread_counts=(1, 2, 3)):
+    """``run(n_threads)`` (a compiled kernel's output, in a fresh array) has the same bits for every
+    thread count.
+
+    Bit-exact on purpose: cnnx's kernels give each output to one thread and sum it in the same
+    order whatever the split (a design property, not a float coincidence).
+    """
+    results = [run(threads) for threads in thread_counts]
+    for other in results[1:]:
+        np.testing.assert_array_equal(results[0], other)

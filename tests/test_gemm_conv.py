@@ -11,6 +11,7 @@ import pytest
 import cnnx
 import cnnx.functional as F
 from cnnx import _simd
+from cnnx.geometry import conv_output_size
 import reference as ref
 
 BUILDS = _simd.available_isas()
@@ -75,15 +76,15 @@ def test_conv_gemm_gives_the_same_values_on_any_thread_count(shape, rng):
     ops = _simd.load(BUILDS[0])
     x, weight, bias = operands(shape, rng)
     n, c, h, w, oc, k, s, p = shape
-    out_h, out_w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-    results = []
-    for threads in (1, 2, 3):
+    out_h, out_w = conv_output_size(h, k, s, p), conv_output_size(w, k, s, p)
+
+    def run(threads):
         y = np.empty((n, oc, out_h * out_w), np.float32)
         ops.conv_gemm_nchw(x, 0, n, weight.reshape(oc, -1), k, k, s, s, p, p, out_h, out_w,
                            bias, True, False, 0.0, y, threads)
-        results.append(y)
-    # Exact: each output is the same sum in the same order whichever thread computes its block.
-    assert np.array_equal(results[0], results[1]) and np.array_equal(results[0], results[2])
+        return y
+
+    ref.assert_kernel_identical_for_thread_counts(run)  # threads split the column blocks
 
 
 def test_conv_gemm_refuses_an_empty_weight():
@@ -227,15 +228,15 @@ def test_conv_weight_grad_gives_the_same_values_on_any_thread_count(shape, rng):
     ops = _simd.load(BUILDS[-1])
     x, weight, _ = operands(shape, rng)
     n, c, h, w, oc, k, s, p = shape
-    out_h, out_w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    out_h, out_w = conv_output_size(h, k, s, p), conv_output_size(w, k, s, p)
     dy_gemm = rng.standard_normal((oc, n, out_h * out_w)).astype(np.float32)
-    results = []
-    for threads in (1, 2, 3):
+
+    def run(threads):
         dweight = np.empty((oc, c * k * k), np.float32)
         ops.conv_weight_grad(x, 0, dy_gemm, k, k, s, s, p, p, out_h, out_w, dweight, threads)
-        results.append(dweight)
-    # Exact: threads split the taps; each value is the same sum in the same order on any split.
-    assert np.array_equal(results[0], results[1]) and np.array_equal(results[0], results[2])
+        return dweight
+
+    ref.assert_kernel_identical_for_thread_counts(run)  # threads split the taps
 
 
 def test_conv_weight_grad_refuses_mismatched_shapes():
