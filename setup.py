@@ -112,7 +112,7 @@ def kernels_extension(suffix, isa_flags):
         f"cnnx._ops{suffix}",
         sources=[f"cnnx/_ops{suffix}.pyx"],
         # Included sources: a change to either rebuilds every variant.
-        depends=["cnnx/_ops.pyx", "cnnx/_gemm.pxi", "cnnx/_dense_gemm.pxi"],
+        depends=["cnnx/_ops.pyx", "cnnx/_gemm.pxi", "cnnx/_dense_gemm.pxi", "cnnx/_winograd.pxi"],
         include_dirs=[np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"), ("CNNX_DEBUG_BUILD", "1" if DEBUG else "0")],
         extra_compile_args=opt_args + isa_flags + omp_compile,
