@@ -281,7 +281,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, out=
     # says to pool in a second pass over the GEMM layout.
     nchw = None if max_pool_2x2 and not POOLED_TILE_STORE else (b, has_bias, rectify, slope, y3)
     tile_store = _ops.conv_gemm_nchw_max_pool_2x2 if max_pool_2x2 else _ops.conv_gemm_nchw
-    _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace, nchw, tile_store)
+    winograd_store = _ops.winograd_conv_nchw_max_pool_2x2 if max_pool_2x2 else _ops.winograd_conv_nchw
+    _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace, nchw, tile_store, winograd_store)
     return y
 
 
@@ -320,7 +321,8 @@ def _unfold(x, window, first, m, scratch, n_threads):
     return cols
 
 
-def _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace, nchw=None, tile_store=None):
+def _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace, nchw=None, tile_store=None,
+                         winograd_store=None):
     """The im2col + GEMM forward of a convolution with this ``window`` and ``groups``, run by
     groups of images on cnnx's workers.
 
@@ -331,15 +333,21 @@ def _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace, n
     cnnx's packed GEMM runs, it writes ``y3`` directly and ``gemm_to_output`` is not called.
     ``tile_store`` is the packed kernel that does it (default ``conv_gemm_nchw``; the pooled
     ``conv_gemm_nchw_max_pool_2x2`` and its ``_argmax`` form, whose ``nchw`` ends with the argmax).
+    ``winograd_store`` is the Winograd kernel of the same form (same arguments), which replaces
+    ``tile_store`` where ``winograd_conv`` says so.
     """
     oc = weight.shape[0]
     k = x.shape[1] * window[0] * window[1]  # c * kh * kw
     w3 = weight.reshape(groups, oc // groups, k // groups)
     _, run = _image_groups(x, window, oc, k + oc, workspace)
     out_h, out_w = window[-2], window[-1]
-    # The packed GEMM takes the plain convolution (one group, no dilation); window without dilation.
-    packed = (groups == 1 and window[4:6] == (1, 1)
-              and packed_conv_gemm(x.dtype, oc, k, out_h * out_w))
+    if (nchw is not None and winograd_store is not None
+            and winograd_conv(x.dtype, oc, x.shape[1], window[:2], window[2:4], window[4:6], groups, (out_h, out_w))):
+        tile_store, packed = winograd_store, True
+    else:
+        # The packed GEMM takes the plain convolution (one group, no dilation); window without dilation.
+        packed = (groups == 1 and window[4:6] == (1, 1)
+                  and packed_conv_gemm(x.dtype, oc, k, out_h * out_w))
     plain_window = window[:4] + window[6:]
 
     def forward(index, first, m, scratch, nt):
@@ -372,6 +380,33 @@ PACKED_CONV_GEMM = None
 # full-size output is written) rather than writing the GEMM layout and pooling it in a second pass. Measured faster on every pooled layer of the benchmark workloads
 # (docs/PERFORMANCE_LOG.md); False keeps the two passes (benchmarks/conv_gemm.py --pool-store).
 POOLED_TILE_STORE = True
+
+
+# Whether float32 3x3 stride-1 convolutions (one group, no dilation) run Winograd F(2x2, 3x3)
+# (``_ops.winograd_conv_nchw`` and its pooled forms, cnnx/_winograd.pxi: 2.25x fewer multiplies,
+# a somewhat larger round-off) instead of the packed GEMM, in their forward (inference and
+# training). ``None`` follows the measured rule ``winograd_conv``, and only while
+# ``PACKED_CONV_GEMM`` is unset too (forcing that one forces its exact path); True / False force
+# Winograd on / off (benchmarks/winograd.py compares the two).
+WINOGRAD = None
+
+# The smallest input and output channel counts for which the rule picks Winograd: below, the
+# transforms (per input channel and per output channel) cost more than the saved multiplies.
+WINOGRAD_MIN_CHANNELS = 16
+
+
+def winograd_conv(dtype, out_c, in_c, kernel, stride, dilation, groups, out_hw):
+    """Whether a convolution forward runs Winograd F(2x2, 3x3) (see ``WINOGRAD``): float32, a 3x3
+    kernel, stride 1, no dilation, one group, non-empty; then the switch, then the rule measured
+    per layer (docs/PERFORMANCE_LOG.md)."""
+    if (dtype != np.float32 or tuple(kernel) != (3, 3) or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1)
+            or groups != 1 or out_c == 0 or in_c == 0 or 0 in out_hw):
+        return False
+    if WINOGRAD is not None:
+        return bool(WINOGRAD)
+    if PACKED_CONV_GEMM is not None:
+        return False
+    return in_c >= WINOGRAD_MIN_CHANNELS and out_c >= WINOGRAD_MIN_CHANNELS
 
 
 def _forced_path(dtype, empty, switch):
@@ -1714,7 +1749,7 @@ def conv2d_max_pool_2x2_train(x, weight, bias=None, stride=1, padding=0, workspa
     # the packed path the tile stores pool and keep the argmax themselves (see POOLED_TILE_STORE).
     nchw = (b, bias is not None, rectify, slope, y3, argmax3) if POOLED_TILE_STORE else None
     _conv_forward_groups(x, weight, window, 1, gemm_to_output, workspace, nchw,
-                         _ops.conv_gemm_nchw_max_pool_2x2_argmax)
+                         _ops.conv_gemm_nchw_max_pool_2x2_argmax, _ops.winograd_conv_nchw_max_pool_2x2_argmax)
     return y, argmax
 
 
