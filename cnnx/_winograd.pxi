@@ -335,10 +335,12 @@ cdef void _wino_input_block(const _Winograd* g, Py_ssize_t n_runs, _WinoScratch*
     v[xi * v_stride + (panel * c + ci) * NR + lane]."""
     cdef Py_ssize_t nr = CNNX_GEMM_NR, vw = CNNX_GEMM_VW
     cdef Py_ssize_t r, ci, q, n, tile, panel
-    for r in range(n_runs):
-        tile = s.run_tile[r]
-        panel = tile // nr
-        for ci in range(g.c):
+    # Channel by channel: each input plane is read in order (its rows stay in L1 between the
+    # overlapping tile rows).
+    for ci in range(g.c):
+        for r in range(n_runs):
+            tile = s.run_tile[r]
+            panel = tile // nr
             _wino_stage_rows(g, s.run_image[r], ci, s.run_ty[r], s.run_tx[r], s.run_length[r], s)
             q = 0
             while q < s.run_length[r]:
@@ -440,13 +442,13 @@ cdef int _wino_run(_Winograd* g, const float* weight, int n_threads) noexcept no
         free(runs)
         free(s)
         return -1
-    memset(scratch, 0, floats * n_threads * sizeof(float))  # the strips' slack is read (lanes never stored)
     for i in range(n_threads):
         f = scratch + i * floats
         s[i].v = f
         s[i].products = f + 16 * g.v_stride
         s[i].strip = s[i].products + 16 * mr * nr
         s[i].strip_stride = strip_stride
+        memset(s[i].strip, 0, 4 * strip_stride * sizeof(float))  # its slack is read (into lanes never stored)
         s[i].top = s[i].strip + 4 * strip_stride
         s[i].bottom = s[i].top + 2 * nr
         s[i].pooled = s[i].bottom + 2 * nr

@@ -339,15 +339,18 @@ def _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace, n
     oc = weight.shape[0]
     k = x.shape[1] * window[0] * window[1]  # c * kh * kw
     w3 = weight.reshape(groups, oc // groups, k // groups)
-    _, run = _image_groups(x, window, oc, k + oc, workspace)
     out_h, out_w = window[-2], window[-1]
     if (nchw is not None and winograd_store is not None
             and winograd_conv(x.dtype, oc, x.shape[1], window[:2], window[2:4], window[4:6], groups, (out_h, out_w))):
         tile_store, packed = winograd_store, True
+        # Winograd's buffers are per block of tiles, not per image: the largest groups that keep
+        # the workers busy (each group transforms the weights once).
+        _, run = _image_groups(x, window, oc, 0, workspace)
     else:
         # The packed GEMM takes the plain convolution (one group, no dilation); window without dilation.
         packed = (groups == 1 and window[4:6] == (1, 1)
                   and packed_conv_gemm(x.dtype, oc, k, out_h * out_w))
+        _, run = _image_groups(x, window, oc, k + oc, workspace)
     plain_window = window[:4] + window[6:]
 
     def forward(index, first, m, scratch, nt):

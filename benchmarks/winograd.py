@@ -1,0 +1,155 @@
+"""Winograd F(2x2, 3x3) against cnnx's packed GEMM, per 3x3 conv layer and for whole networks.
+
+Per layer (default): every 3x3 stride-1 conv layer of the chosen workloads (mind-cifar by default:
+conv1 3 -> 32 at 32x32, conv2 32 -> 64 at 32x32 and conv3 64 -> 128 at 16x16, batch 128, random
+float32 data) runs its forward as the networks run it: ``conv`` (conv2d + bias + activation), or,
+where a 2x2 max-pool follows, ``infer`` (``conv2d(max_pool_2x2=True)``) and ``train``
+(``conv2d_max_pool_2x2_train``, with the argmax). Each case alternates the two paths
+(``functional.WINOGRAD`` False / True) for ``--rounds`` rounds, takes the best time of each per
+round, and prints GFLOP/s of both (direct-convolution FLOPs: Winograd's are "effective") and the
+median of the per-round ratios old / new (above 1: Winograd is faster).
+
+    PYTHONPATH=$PWD python benchmarks/winograd.py --threads 1 --rounds 5
+
+``--network`` times the whole network instead, written as users write it (separate activation
+layers, as benchmarks/run.py's default style): ``predict`` over --batches batches and ``fit`` for
+one epoch of --batches batches, in the same process, alternating WINOGRAD False / True per round.
+
+    PYTHONPATH=$PWD python benchmarks/winograd.py --network --threads 2 --rounds 5
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+
+def conv3x3_layers(name, batch):
+    """(label, x shape, out_c, padding, activation, pooled) of each 3x3 conv layer of ``name``."""
+    from conv_gemm import conv_layers
+
+    return [(label, shape, out, pad, act, pooled)
+            for label, shape, out, k, pad, act, pooled in conv_layers(name, batch) if k == 3]
+
+
+def best_time(fn, min_seconds=0.2):
+    """Best of the calls made in ``min_seconds`` (at least 3)."""
+    best, spent, calls = float("inf"), 0.0, 0
+    while spent < min_seconds or calls < 3:
+        start = time.perf_counter()
+        fn()
+        took = time.perf_counter() - start
+        best, spent, calls = min(best, took), spent + took, calls + 1
+    return best
+
+
+def alternate(fn, rounds, min_seconds=0.2):
+    """Best time of ``fn`` with WINOGRAD False and True in each of ``rounds`` rounds:
+    ``{False: [...], True: [...]}``."""
+    from cnnx import functional as F
+
+    times = {False: [], True: []}
+    saved = F.WINOGRAD
+    try:
+        for _ in range(rounds):
+            for new in (False, True):
+                F.WINOGRAD = new
+                times[new].append(best_time(fn, min_seconds))
+    finally:
+        F.WINOGRAD = saved
+    return times
+
+
+def per_layer(args):
+    import numpy as np
+    from cnnx import functional as F
+
+    print(f"{'layer':<16} {'form':<6} {'old GFLOP/s':>11} {'new GFLOP/s':>11} {'old ms':>8} {'new ms':>8} "
+          f"{'old/new':>8}")
+    rng = np.random.default_rng(0)
+    for name in args.workloads:
+        for label, shape, out, pad, act, pooled in conv3x3_layers(name, args.batch or WORKLOADS[name]["batch"]):
+            x = rng.standard_normal(shape, dtype=np.float32)
+            weight = rng.standard_normal((out, shape[1], 3, 3), dtype=np.float32) * 0.1
+            bias = rng.standard_normal(out, dtype=np.float32)
+            ws = F.Workspace()
+            pixels = F.conv2d(x[:1], weight, bias, padding=pad).shape[2:]
+            flops = 2.0 * shape[0] * out * shape[1] * 9 * pixels[0] * pixels[1]
+            forms = {"conv": lambda: F.conv2d(x, weight, bias, padding=pad, activation=act, workspace=ws)}
+            if pooled:
+                forms["infer"] = lambda: F.conv2d(x, weight, bias, padding=pad, activation=act, workspace=ws,
+                                                  max_pool_2x2=True)
+                forms["train"] = lambda: F.conv2d_max_pool_2x2_train(x, weight, bias, padding=pad, activation=act,
+                                                                     workspace=ws)
+            for form, fn in forms.items():
+                if form not in args.forms:
+                    continue
+                times = alternate(fn, args.rounds)
+                ratio = statistics.median(o / n for o, n in zip(times[False], times[True]))
+                old, new = min(times[False]), min(times[True])
+                print(f"{label:<16} {form:<6} {flops / old / 1e9:>11.1f} {flops / new / 1e9:>11.1f} "
+                      f"{old * 1e3:>8.2f} {new * 1e3:>8.2f} {ratio:>8.2f}", flush=True)
+
+
+def network(args):
+    """predict and one epoch of fit, user-written style (separate activation layers)."""
+    import numpy as np
+    from workloads import cnnx_model
+
+    print(f"{'workload':<12} {'mode':<8} {'old ms/batch':>12} {'new ms/batch':>12} {'old/new':>8}")
+    for name in args.workloads:
+        spec = WORKLOADS[name]
+        batch = args.batch or spec["batch"]
+        n = batch * args.batches
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((n, *spec["input"]), dtype=np.float32)
+        labels = rng.integers(0, 10, n)
+        net = cnnx_model(name, seed=0, fused=False)
+        modes = {
+            "predict": lambda: net.predict(x, batch_size=batch),
+            "fit": lambda: net.fit(x, labels, epochs=1, batch_size=batch, shuffle=False, verbose=0),
+        }
+        for mode, fn in modes.items():
+            if mode not in args.modes:
+                continue
+            fn()  # warm-up: the plan and its buffers
+            times = alternate(fn, args.rounds, min_seconds=0.0)
+            ratio = statistics.median(o / w for o, w in zip(times[False], times[True]))
+            print(f"{name:<12} {mode:<8} {min(times[False]) / args.batches * 1e3:>12.2f} "
+                  f"{min(times[True]) / args.batches * 1e3:>12.2f} {ratio:>8.2f}", flush=True)
+
+
+def main(argv=None):
+    import cnnx
+    from cnnx import _simd
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--workloads", nargs="+", default=["mind-cifar"])
+    parser.add_argument("--batch", type=int, default=0, help="batch size (default: the workload's)")
+    parser.add_argument("--forms", nargs="+", default=["conv", "infer", "train"])
+    parser.add_argument("--network", action="store_true", help="time whole predict / fit instead of layers")
+    parser.add_argument("--modes", nargs="+", default=["predict", "fit"])
+    parser.add_argument("--batches", type=int, default=8, help="batches per predict / fit (--network)")
+    args = parser.parse_args(argv)
+    cnnx.parallel.set_num_threads(args.threads)
+    flags = " ".join(sorted(f for f in _simd.cpu_flags() if f in ("avx2", "avx512f", "amx_tile")))
+    print(f"cnnx {cnnx.__version__}, kernels {_simd.ISA}, {args.threads} thread(s), CPU {_simd.cpu_model()} "
+          f"({flags}), OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}, "
+          f"Winograd blocking {_simd.ops.winograd_config()}")
+    network(args) if args.network else per_layer(args)
+    return 0
+
+
+from workloads import WORKLOADS  # noqa: E402  (after the path set-up above)
+
+if __name__ == "__main__":
+    sys.exit(main())
