@@ -135,20 +135,25 @@ def dense_gemm(
 ) -> None: ...
 
 # Winograd F(2x2, 3x3) for float32 3x3 stride-1 convolutions (_winograd.pxi): the arguments of
-# the conv_gemm_nchw forms they replace.
+# the conv_gemm_nchw forms they replace, plus the weights transformed once (winograd_weights).
 def winograd_config() -> dict[str, int]: ...
+def winograd_weights(weight: F32, c: int) -> F32: ...
 def winograd_conv_nchw(
     x: F32, first: int, count: int, weight: F32, kh: int, kw: int, sy: int, sx: int, pad_top: int, pad_left: int,
     out_h: int, out_w: int, bias: F32, has_bias: bool, leaky_relu: bool, negative_slope: float, y: F32,
-    n_threads: int,
+    n_threads: int, transformed: F32 | None = None,
 ) -> None: ...
 def winograd_conv_nchw_max_pool_2x2(
     x: F32, first: int, count: int, weight: F32, kh: int, kw: int, sy: int, sx: int, pad_top: int, pad_left: int,
     out_h: int, out_w: int, bias: F32, has_bias: bool, leaky_relu: bool, negative_slope: float, y: F32,
-    n_threads: int,
+    n_threads: int, transformed: F32 | None = None,
 ) -> None: ...
 def winograd_conv_nchw_max_pool_2x2_argmax(
     x: F32, first: int, count: int, weight: F32, kh: int, kw: int, sy: int, sx: int, pad_top: int, pad_left: int,
     out_h: int, out_w: int, bias: F32, has_bias: bool, leaky_relu: bool, negative_slope: float, y: F32,
-    argmax: NDArray[np.int32], n_threads: int,
+    argmax: NDArray[np.int32], n_threads: int, transformed: F32 | None = None,
+) -> None: ...
+def winograd_conv_input_grad(
+    dy_gemm: F32, out_h: int, out_w: int, transformed: F32, pad_top: int, pad_left: int, dx: F32, first: int,
+    n_threads: int,
 ) -> None: ...

@@ -207,7 +207,8 @@ cdef extern from *:
 
 
 cdef struct _Winograd:
-    const float* x        # x[first]: the call's first image
+    const float* x        # the call's first image: x[image * x_image + ci * x_channel + iy * w + ix]
+    Py_ssize_t x_image, x_channel
     Py_ssize_t c, h, w    # input channels and size
     Py_ssize_t M          # output channels
     Py_ssize_t pad_top, pad_left, out_h, out_w
@@ -322,7 +323,7 @@ cdef void _wino_stage_rows(const _Winograd* g, Py_ssize_t image, Py_ssize_t ci, 
         if iy < 0 or iy >= g.h or hi <= lo:
             memset(dst, 0, width * sizeof(float))
             continue
-        src = g.x + ((image * g.c + ci) * g.h + iy) * g.w + ix0
+        src = g.x + image * g.x_image + ci * g.x_channel + iy * g.w + ix0
         if lo > 0:
             memset(dst, 0, lo * sizeof(float))
         cnnx_copy_long(dst + lo, src + lo, hi - lo)
@@ -412,8 +413,15 @@ cdef void _wino_block(const _Winograd* g, Py_ssize_t block, _WinoScratch* s) noe
                 _wino_store_row(g, op * mr + r, panel, s)
 
 
-cdef int _wino_run(_Winograd* g, const float* weight, int n_threads) noexcept nogil:
-    """Transform the weights, then every block of tiles (over ``n_threads``); 0, or -1 when out of memory."""
+cdef Py_ssize_t _wino_u_stride(Py_ssize_t M, Py_ssize_t c) noexcept nogil:
+    """Floats between two xi planes of the transformed weights of M output and c input channels."""
+    cdef Py_ssize_t mr = CNNX_GEMM_MR
+    return ((M + mr - 1) // mr) * mr * c + CNNX_GEMM_WINO_PAD
+
+
+cdef int _wino_run(_Winograd* g, const float* weight, const float* transformed, int n_threads) noexcept nogil:
+    """Transform the weights (unless ``transformed`` holds them already), then every block of tiles
+    (over ``n_threads``); 0, or -1 when out of memory."""
     cdef Py_ssize_t mr = CNNX_GEMM_MR, nr = CNNX_GEMM_NR, vw = CNNX_GEMM_VW, pad = CNNX_GEMM_WINO_PAD
     g.block = _wino_block_tiles(g.c)
     if g.block > (g.tiles + nr - 1) // nr * nr:
@@ -423,20 +431,20 @@ cdef int _wino_run(_Winograd* g, const float* weight, int n_threads) noexcept no
         n_threads = <int>n_blocks
     if n_threads < 1:
         n_threads = 1
-    g.u_stride = ((g.M + mr - 1) // mr) * mr * g.c + pad
+    g.u_stride = _wino_u_stride(g.M, g.c)
     g.v_stride = g.block * g.c + pad
     cdef Py_ssize_t strip_stride = (2 * nr + 2 * vw + 4 + 15) // 16 * 16
     # Per thread: V, products, strip, top, bottom, pooled, code (floats; int and float are 4 bytes).
     cdef Py_ssize_t floats = 16 * g.v_stride + 16 * mr * nr + 4 * strip_stride + 2 * 2 * nr + 2 * nr
     cdef Py_ssize_t ints = 5 * g.block + g.block // nr + 1
-    cdef float* u = cnnx_alloc_floats(16 * g.u_stride)
+    cdef float* u = cnnx_alloc_floats(16 * g.u_stride) if transformed == NULL else NULL
     cdef float* scratch = cnnx_alloc_floats(floats * n_threads)
     cdef Py_ssize_t* runs = <Py_ssize_t*>malloc(ints * n_threads * sizeof(Py_ssize_t))
     cdef _WinoScratch* s = <_WinoScratch*>malloc(n_threads * sizeof(_WinoScratch))
     cdef Py_ssize_t block, i
     cdef float* f
     cdef Py_ssize_t* p
-    if u == NULL or scratch == NULL or runs == NULL or s == NULL:
+    if (u == NULL and transformed == NULL) or scratch == NULL or runs == NULL or s == NULL:
         cnnx_free_floats(u)
         cnnx_free_floats(scratch)
         free(runs)
@@ -460,8 +468,11 @@ cdef int _wino_run(_Winograd* g, const float* weight, int n_threads) noexcept no
         s[i].run_ty = p + 3 * g.block
         s[i].run_tx = p + 4 * g.block
         s[i].panel_runs = p + 5 * g.block
-    _wino_pack_weights(g, weight, u)
-    g.u = u
+    if transformed == NULL:
+        _wino_pack_weights(g, weight, u)
+        g.u = u
+    else:
+        g.u = transformed
     if n_threads == 1:
         for block in range(n_blocks):
             _wino_block(g, block, &s[0])
@@ -475,20 +486,55 @@ cdef int _wino_run(_Winograd* g, const float* weight, int n_threads) noexcept no
     return 0
 
 
+def winograd_weights(const float[:, ::1] weight, Py_ssize_t c):
+    """The transformed weights U = G w G^T of ``weight (out_c, c * 9)`` (3x3 kernels) in the
+    layout the Winograd kernels read, as a float32 array to pass them as ``transformed`` (the
+    transform then runs once per convolution, not once per group of images)."""
+    cdef _Winograd g
+    if c <= 0 or weight.shape[1] != 9 * c:
+        raise ValueError(f"Expected a weight of shape (out_c, {9 * c}) for {c} input channels, received: "
+                         f"({weight.shape[0]}, {weight.shape[1]})")
+    g.M, g.c = weight.shape[0], c
+    import numpy
+    g.u_stride = _wino_u_stride(g.M, c)
+    u = numpy.zeros(16 * g.u_stride, numpy.float32)
+    cdef float[::1] u_view = u
+    if g.M > 0:
+        _wino_pack_weights(&g, &weight[0, 0], &u_view[0])
+    return u
+
+
+cdef _winograd_checks(Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sy, Py_ssize_t sx, Py_ssize_t M, Py_ssize_t c,
+                      Py_ssize_t weight_columns, transformed, Py_ssize_t out_h, Py_ssize_t out_w):
+    if kh != 3 or kw != 3 or sy != 1 or sx != 1:
+        raise ValueError(f"Expected a 3x3 kernel with stride 1 for Winograd F(2x2, 3x3), received: kernel "
+                         f"({kh}, {kw}), stride ({sy}, {sx})")
+    if weight_columns != 9 * c:
+        raise ValueError(f"Expected a weight of shape (out_c, {9 * c}) for {c} input channels, "
+                         f"received: ({M}, {weight_columns})")
+    if transformed is not None and len(transformed) != 16 * _wino_u_stride(M, c):
+        raise ValueError(f"Expected transformed weights of {16 * _wino_u_stride(M, c)} floats (winograd_weights), "
+                         f"received: {len(transformed)}")
+    if out_h < 0 or out_w < 0:
+        raise ValueError(f"Expected a non-negative output size, received: ({out_h}, {out_w})")
+
+
+cdef _winograd_run_checked(_Winograd* g, const float* weight, const float[::1] transformed, int n_threads):
+    cdef int status
+    cdef const float* u = &transformed[0] if transformed is not None else NULL
+    with nogil:
+        status = _wino_run(g, weight, u, n_threads)
+    if status != 0:
+        raise MemoryError("cnnx: no memory for the Winograd buffers")
+
+
 cdef _winograd_call(const float[:, :, :, ::1] x, Py_ssize_t first, Py_ssize_t count, const float[:, ::1] weight,
                     Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sy, Py_ssize_t sx, Py_ssize_t pad_top,
                     Py_ssize_t pad_left, Py_ssize_t out_h, Py_ssize_t out_w, const float[::1] bias, bint has_bias,
                     bint leaky_relu, double negative_slope, float[:, :, ::1] y, int[:, :, ::1] argmax, int mode,
-                    int n_threads):
+                    int n_threads, const float[::1] transformed):
     cdef _Winograd g
-    if kh != 3 or kw != 3 or sy != 1 or sx != 1:
-        raise ValueError(f"Expected a 3x3 kernel with stride 1 for Winograd F(2x2, 3x3), received: kernel "
-                         f"({kh}, {kw}), stride ({sy}, {sx})")
-    if weight.shape[1] != 9 * x.shape[1]:
-        raise ValueError(f"Expected a weight of shape (out_c, {9 * x.shape[1]}) for {x.shape[1]} input channels, "
-                         f"received: ({weight.shape[0]}, {weight.shape[1]})")
-    if out_h < 0 or out_w < 0:
-        raise ValueError(f"Expected a non-negative output size, received: ({out_h}, {out_w})")
+    _winograd_checks(kh, kw, sy, sx, weight.shape[0], x.shape[1], weight.shape[1], transformed, out_h, out_w)
     if mode != 0 and leaky_relu and not negative_slope >= 0:
         raise ValueError(f"Expected negative_slope >= 0 for the pooled leaky_relu, received: {negative_slope!r}")
     if first < 0 or count < 0 or first + count > x.shape[0]:
@@ -510,6 +556,7 @@ cdef _winograd_call(const float[:, :, :, ::1] x, Py_ssize_t first, Py_ssize_t co
         raise ValueError("Expected at least one input channel, received: x with 0 channels")
     g.x = &x[first, 0, 0, 0]
     g.c, g.h, g.w = x.shape[1], x.shape[2], x.shape[3]
+    g.x_image, g.x_channel = g.c * g.h * g.w, g.h * g.w
     g.M = weight.shape[0]
     g.pad_top, g.pad_left, g.out_h, g.out_w = pad_top, pad_left, out_h, out_w
     g.tiles = count * g.tiles_h * g.tiles_w
@@ -521,11 +568,7 @@ cdef _winograd_call(const float[:, :, :, ::1] x, Py_ssize_t first, Py_ssize_t co
     g.bias = &bias[0] if has_bias else NULL
     g.rectify = leaky_relu
     g.slope = <float>negative_slope
-    cdef int status
-    with nogil:
-        status = _wino_run(&g, &weight[0, 0], n_threads)
-    if status != 0:
-        raise MemoryError("cnnx: no memory for the Winograd buffers")
+    _winograd_run_checked(&g, &weight[0, 0], transformed, n_threads)
 
 
 def winograd_conv_nchw(
@@ -547,14 +590,17 @@ def winograd_conv_nchw(
     double negative_slope,
     float[:, :, ::1] y,
     int n_threads,
+    const float[::1] transformed=None,
 ):
     """``conv_gemm_nchw`` (same arguments) by Winograd F(2x2, 3x3): the float32 3x3 stride-1
     convolution of images ``x[first : first + count]`` into ``y[first : first + count]`` of shape
     ``(n, out_c, out_h * out_w)``, plus ``bias[o]`` when ``has_bias``, then a leaky ReLU with
     ``negative_slope`` when ``leaky_relu``. Any zero padding: windows read zeros outside the image.
-    Round-off is larger than the direct GEMM's (the transforms add and subtract up to 16 terms)."""
+    ``transformed``: ``winograd_weights(weight, c)``, when the caller has it (else computed here).
+    Round-off differs from the direct GEMM's (fewer products per sum, but transforms that add and
+    subtract; see tests/test_winograd.py for the bound)."""
     _winograd_call(x, first, count, weight, kh, kw, sy, sx, pad_top, pad_left, out_h, out_w, bias, has_bias,
-                   leaky_relu, negative_slope, y, None, 0, n_threads)
+                   leaky_relu, negative_slope, y, None, 0, n_threads, transformed)
 
 
 def winograd_conv_nchw_max_pool_2x2(
@@ -576,12 +622,13 @@ def winograd_conv_nchw_max_pool_2x2(
     double negative_slope,
     float[:, :, ::1] y,
     int n_threads,
+    const float[::1] transformed=None,
 ):
     """``conv_gemm_nchw_max_pool_2x2`` (same arguments) by Winograd F(2x2, 3x3): each 2x2 output
     tile is one pool window, so ``y (n, out_c, (out_h // 2) * (out_w // 2))`` receives the maximum
     of its four outputs, + bias, then the leaky ReLU (``negative_slope >= 0``)."""
     _winograd_call(x, first, count, weight, kh, kw, sy, sx, pad_top, pad_left, out_h, out_w, bias, has_bias,
-                   leaky_relu, negative_slope, y, None, 1, n_threads)
+                   leaky_relu, negative_slope, y, None, 1, n_threads, transformed)
 
 
 def winograd_conv_nchw_max_pool_2x2_argmax(
@@ -604,10 +651,62 @@ def winograd_conv_nchw_max_pool_2x2_argmax(
     float[:, :, ::1] y,
     int[:, :, ::1] argmax,
     int n_threads,
+    const float[::1] transformed=None,
 ):
     """The training form of ``winograd_conv_nchw_max_pool_2x2``, as
     ``conv_gemm_nchw_max_pool_2x2_argmax`` defines it: every output activated (+ bias), then each
     window's value and winner ``2 * dy + dx`` in ``argmax`` (the first maximum or the first NaN in
     row-major order)."""
     _winograd_call(x, first, count, weight, kh, kw, sy, sx, pad_top, pad_left, out_h, out_w, bias, has_bias,
-                   leaky_relu, negative_slope, y, argmax, 2, n_threads)
+                   leaky_relu, negative_slope, y, argmax, 2, n_threads, transformed)
+
+
+def winograd_conv_input_grad(
+    const float[:, :, ::1] dy_gemm,
+    Py_ssize_t out_h,
+    Py_ssize_t out_w,
+    const float[::1] transformed,
+    Py_ssize_t pad_top,
+    Py_ssize_t pad_left,
+    float[:, :, :, ::1] dx,
+    Py_ssize_t first,
+    int n_threads,
+):
+    """The input gradient of a 3x3 stride-1 convolution by Winograd F(2x2, 3x3): with ``dy_gemm
+    (out_c, m, out_h * out_w)`` the output gradient of images ``first : first + m`` in GEMM layout,
+    ``dx[first : first + m]`` (shape ``(n, c, h, w)``, overwritten) is the convolution of dy with
+    the flipped, transposed kernels w'[ci, o] = w[o, ci, ::-1, ::-1] with zero padding ``pad_top``,
+    ``pad_left`` (2 - the forward's top / left padding; dy's rows and columns past its end read as
+    zeros), ``transformed = winograd_weights(w' as (c, out_c * 9), out_c)``."""
+    cdef _Winograd g
+    cdef Py_ssize_t oc = dy_gemm.shape[0], m = dy_gemm.shape[1], c = dx.shape[1]
+    if transformed is None or len(transformed) != 16 * _wino_u_stride(c, oc):
+        raise ValueError(f"Expected transformed weights of {16 * _wino_u_stride(c, oc)} floats (winograd_weights), "
+                         f"received: {None if transformed is None else len(transformed)}")
+    if dy_gemm.shape[2] != out_h * out_w or first < 0 or first + m > dx.shape[0]:
+        raise ValueError(f"Expected dy_gemm (out_c, m, {out_h * out_w}) and images first : first + m within "
+                         f"dx's {dx.shape[0]}, received: dy_gemm ({oc}, {m}, {dy_gemm.shape[2]}), first={first}")
+    if pad_top < 0 or pad_left < 0:
+        raise ValueError(f"Expected a non-negative padding, received: ({pad_top}, {pad_left})")
+    if m == 0 or c == 0 or dx.shape[2] == 0 or dx.shape[3] == 0:
+        return
+    if oc == 0 or out_h * out_w == 0:
+        dx[first:first + m] = 0
+        return
+    g.x = &dy_gemm[0, 0, 0]
+    g.c, g.h, g.w = oc, out_h, out_w
+    g.x_image, g.x_channel = out_h * out_w, m * out_h * out_w
+    g.M = c
+    g.pad_top, g.pad_left = pad_top, pad_left
+    g.out_h, g.out_w = dx.shape[2], dx.shape[3]
+    g.tiles_h, g.tiles_w = (g.out_h + 1) // 2, (g.out_w + 1) // 2
+    g.tiles = m * g.tiles_h * g.tiles_w
+    g.mode = 0
+    g.plane = g.out_h * g.out_w
+    g.image_stride = c * g.plane
+    g.out = &dx[first, 0, 0, 0]
+    g.code = NULL
+    g.bias = NULL
+    g.rectify = 0
+    g.slope = 0
+    _winograd_run_checked(&g, NULL, transformed, n_threads)

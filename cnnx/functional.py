@@ -9,6 +9,7 @@ buffers are allocated once per batch shape, not once per call.
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 
@@ -342,9 +343,10 @@ def _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace, n
     out_h, out_w = window[-2], window[-1]
     if (nchw is not None and winograd_store is not None
             and winograd_conv(x.dtype, oc, x.shape[1], window[:2], window[2:4], window[4:6], groups, (out_h, out_w))):
-        tile_store, packed = winograd_store, True
-        # Winograd's buffers are per block of tiles, not per image: the largest groups that keep
-        # the workers busy (each group transforms the weights once).
+        # The weights transformed once for all groups; Winograd's buffers are per block of tiles,
+        # not per image: the largest groups that keep the workers busy.
+        transformed = _ops.winograd_weights(w3[0], x.shape[1])
+        tile_store, packed = functools.partial(winograd_store, transformed=transformed), True
         _, run = _image_groups(x, window, oc, 0, workspace)
     else:
         # The packed GEMM takes the plain convolution (one group, no dilation); window without dilation.
@@ -387,8 +389,9 @@ POOLED_TILE_STORE = True
 
 # Whether float32 3x3 stride-1 convolutions (one group, no dilation) run Winograd F(2x2, 3x3)
 # (``_ops.winograd_conv_nchw`` and its pooled forms, cnnx/_winograd.pxi: 2.25x fewer multiplies,
-# a somewhat larger round-off) instead of the packed GEMM, in their forward (inference and
-# training). ``None`` follows the measured rule ``winograd_conv``, and only while
+# a different round-off) instead of the packed GEMM, in their forward (inference and training)
+# and their input gradient (the same convolution of dy with the flipped, transposed kernels, for a
+# padding <= 2). ``None`` follows the measured rule ``winograd_conv``, and only while
 # ``PACKED_CONV_GEMM`` is unset too (forcing that one forces its exact path); True / False force
 # Winograd on / off (benchmarks/winograd.py compares the two).
 WINOGRAD = None
@@ -526,6 +529,14 @@ def _conv_backward_groups(x, weight, window, groups, dy_to_gemm, dx, workspace):
                         and implicit_weight_grad(x.dtype, oc, k, p))
     packed_dweight = groups == 1 and packed_backward_gemm(x.dtype, oc, k, p)[0]
     plain_window = window[:4] + window[6:]
+    # The input gradient by Winograd: the convolution of dy with the flipped, transposed kernels,
+    # padded 2 - the forward's padding (transformed once for all groups).
+    pt, pl = window[6:8]
+    winograd_dx = (dx is not None and pt <= 2 and pl <= 2
+                   and winograd_conv(x.dtype, x.shape[1], oc, window[:2], window[2:4], window[4:6], groups, x.shape[2:]))
+    if winograd_dx:
+        flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(x.shape[1], -1)
+        transformed_dx = _ops.winograd_weights(flipped, oc)
 
     def backward(index, first, m, scratch, nt):
         dy_gemm = scratch.get("dy_gemm", (oc, m, p), x.dtype)
@@ -539,7 +550,10 @@ def _conv_backward_groups(x, weight, window, groups, dy_to_gemm, dx, workspace):
                 _ops.gemm(dy_g[0], cols.reshape(kg, m * p).T, dweight_parts[index, 0], nt)
             else:
                 np.matmul(dy_g, cols.reshape(groups, kg, m * p).transpose(0, 2, 1), out=dweight_parts[index])
-        if dx is not None:
+        if winograd_dx:
+            _ops.winograd_conv_input_grad(dy_gemm, window[-2], window[-1], transformed_dx, 2 - pt, 2 - pl, dx, first,
+                                          nt)
+        elif dx is not None:
             _fold_input_grad(w3, dy_g, first, m, window, dx, scratch, nt)
 
     run(backward)

@@ -135,6 +135,34 @@ def test_pooled_winograd_matches_the_unfused_reference(isa, shape, rng):
         assert np.all(y[n] == 7.0) and np.all(code[n] == -1) and np.all((code[:n] >= 0) & (code[:n] <= 3))
 
 
+def input_grad_operands(shape, rng):
+    """dy, and the arguments of ``winograd_conv_input_grad`` for it: dy in GEMM layout, the
+    transformed flipped kernels, the padding; the float64 reference dx and its bound."""
+    x, weight, _ = ref.conv_operands(shape, rng)
+    n, c, h, w, oc, k, s, p = shape
+    out_h, out_w = conv_output_size(h, 3, 1, p), conv_output_size(w, 3, 1, p)
+    dy = rng.standard_normal((n, oc, out_h, out_w)).astype(np.float32)
+    expected, _, _ = ref.conv2d_backward(dy.astype(np.float64), x.astype(np.float64), weight.astype(np.float64),
+                                         (1, 1), ((p, p), (p, p)))
+    # dx is the convolution of dy with w'[ci, o] = w[o, ci, ::-1, ::-1], padded 2 - p: its bound.
+    flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+    bound = winograd_float32_bound(dy, flipped, None, 2 - p, (h, w))
+    dy_gemm = np.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(oc, n, -1)
+    return (x, weight, dy), (dy_gemm, out_h, out_w, flipped.reshape(c, -1), 2 - p), expected, bound
+
+
+@pytest.mark.parametrize("isa", BUILDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_winograd_input_gradient_matches_the_float64_reference(isa, shape, rng):
+    ops = _simd.load(isa)
+    n, c, h, w, oc, k, s, p = shape
+    _, (dy_gemm, out_h, out_w, flipped, pad), expected, bound = input_grad_operands(shape, rng)
+    dx = np.full((n + 1, c, h, w), 7.0, np.float32)
+    ops.winograd_conv_input_grad(dy_gemm, out_h, out_w, ops.winograd_weights(flipped, oc), pad, pad, dx, 1, 1 + n % 2)
+    assert np.all(np.abs(dx[1:] - expected) <= bound)
+    assert np.all(dx[0] == 7.0)  # exact: the image in front is never written
+
+
 def corners_reference(z):
     """Activated (n, oc, oh, ow) -> pooled values and codes 2 * dy + dx of each window's first
     maximum (or first NaN) in row-major order, as max_pool2d picks it."""
@@ -200,6 +228,15 @@ def test_winograd_gives_the_same_bits_on_any_thread_count(shape, rng):
 
     # Threads split the blocks of tiles; each output is the same sums in the same order.
     ref.assert_kernel_identical_for_thread_counts(run)
+    _, (dy_gemm, out_h, out_w, flipped, pad), _, _ = input_grad_operands(shape, rng)
+    transformed = ops.winograd_weights(flipped, oc)
+
+    def run_input_grad(threads):
+        dx = np.empty((n, c, h, w), np.float32)
+        ops.winograd_conv_input_grad(dy_gemm, out_h, out_w, transformed, pad, pad, dx, 0, threads)
+        return dx
+
+    ref.assert_kernel_identical_for_thread_counts(run_input_grad)
 
 
 def test_winograd_kernels_refuse_what_they_cannot_compute():
@@ -258,9 +295,9 @@ class _CallLog:
     def __getattr__(self, name):
         kernel = getattr(self._ops, name)
 
-        def call(*args):
+        def call(*args, **kwargs):
             self.called.append(name)
-            return kernel(*args)
+            return kernel(*args, **kwargs)
 
         return call
 
@@ -275,9 +312,14 @@ def test_the_switch_sends_conv2d_and_its_pooled_forms_to_the_kernel_it_names(swi
     F.conv2d(x, weight, bias, padding=1, activation="relu", max_pool_2x2=True)
     F.conv2d_max_pool_2x2_train(x, weight, bias, padding=1, activation="relu")
     F.conv2d(x.astype(np.float64), weight, bias, padding=1)  # float64: never Winograd
-    winograd = [name for name in log.called if name.startswith("winograd_")]
-    expected = ["winograd_conv_nchw", "winograd_conv_nchw_max_pool_2x2", "winograd_conv_nchw_max_pool_2x2_argmax"]
-    assert set(winograd) == (set(expected) if switch else set())
+    dy = rng.standard_normal((2, 5, 6, 6)).astype(np.float32)
+    F.conv2d_backward(dy, x, weight, padding=1)
+    F.conv2d_backward(dy, x, weight, padding=1, need_dx=False)
+    F.conv2d_backward(dy.astype(np.float64), x, weight, padding=1)
+    winograd = [name for name in log.called if name.startswith("winograd_conv")]
+    expected = ["winograd_conv_nchw", "winograd_conv_nchw_max_pool_2x2", "winograd_conv_nchw_max_pool_2x2_argmax",
+                "winograd_conv_input_grad"]
+    assert set(winograd) == (set(expected) if switch else set())  # once per group of images
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -303,3 +345,19 @@ def test_functional_winograd_matches_the_reference_forward_and_trains(shape, thr
     agree = (argmax.reshape(expected_code.shape) == expected_code).mean()
     assert agree > 0.99  # only near-ties (within round-off) may go the other way
     assert dx.shape == x.shape and dweight.shape == weight.shape and np.all(np.isfinite(dx))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[5]], ids=shape_id)
+def test_functional_input_gradient_by_winograd_matches_the_reference(shape, threads, rng, monkeypatch):
+    (x, weight, dy), _, expected, bound = input_grad_operands(shape, rng)
+    p = shape[-1]
+    with num_threads(threads):
+        monkeypatch.setattr(F, "WINOGRAD", True)
+        dx, dweight, dbias = F.conv2d_backward(dy, x, weight, padding=p)
+        monkeypatch.setattr(F, "WINOGRAD", False)
+        _, gemm_dweight, gemm_dbias = F.conv2d_backward(dy, x, weight, padding=p)
+    assert dx.dtype == np.float32 and np.all(np.abs(dx - expected) <= bound)
+    # Exact: the switch changes only the input gradient's kernel; dW and db run the same code.
+    np.testing.assert_array_equal(dweight, gemm_dweight)
+    np.testing.assert_array_equal(dbias, gemm_dbias)
