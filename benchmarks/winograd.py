@@ -4,7 +4,8 @@ Per layer (default): every 3x3 stride-1 conv layer of the chosen workloads (mind
 conv1 3 -> 32 at 32x32, conv2 32 -> 64 at 32x32 and conv3 64 -> 128 at 16x16, batch 128, random
 float32 data) runs its forward as the networks run it: ``conv`` (conv2d + bias + activation), or,
 where a 2x2 max-pool follows, ``infer`` (``conv2d(max_pool_2x2=True)``) and ``train``
-(``conv2d_max_pool_2x2_train``, with the argmax). Each case alternates the two paths
+(``conv2d_max_pool_2x2_train``, with the argmax); and ``bwd``, its backward with the input
+gradient (``conv2d_backward``: Winograd computes dx, dW and db are unchanged). Each case alternates the two paths
 (``functional.WINOGRAD`` False / True) for ``--rounds`` rounds, takes the best time of each per
 round, and prints GFLOP/s of both (direct-convolution FLOPs: Winograd's are "effective") and the
 median of the per-round ratios old / new (above 1: Winograd is faster).
@@ -68,6 +69,7 @@ def alternate(fn, rounds, min_seconds=0.2):
 
 
 def per_layer(args):
+    """Each 3x3 layer's forms, old (GEMM) against new (Winograd)."""
     import numpy as np
     from cnnx import functional as F
 
@@ -81,16 +83,23 @@ def per_layer(args):
             bias = rng.standard_normal(out, dtype=np.float32)
             ws = F.Workspace()
             pixels = F.conv2d(x[:1], weight, bias, padding=pad).shape[2:]
-            flops = 2.0 * shape[0] * out * shape[1] * 9 * pixels[0] * pixels[1]
+            forward_flops = 2.0 * shape[0] * out * shape[1] * 9 * pixels[0] * pixels[1]
             forms = {"conv": lambda: F.conv2d(x, weight, bias, padding=pad, activation=act, workspace=ws)}
             if pooled:
                 forms["infer"] = lambda: F.conv2d(x, weight, bias, padding=pad, activation=act, workspace=ws,
                                                   max_pool_2x2=True)
                 forms["train"] = lambda: F.conv2d_max_pool_2x2_train(x, weight, bias, padding=pad, activation=act,
                                                                      workspace=ws)
+            # The backward as training runs it: the input gradient (Winograd's part) with the weight
+            # and bias gradients, through the activation.
+            y_full = F.conv2d(x, weight, bias, padding=pad, activation=act)
+            dy = rng.standard_normal(y_full.shape, dtype=np.float32)
+            forms["bwd"] = lambda: F.conv2d_backward(dy, x, weight, padding=pad, workspace=ws, activation=act,
+                                                     y=y_full)
             for form, fn in forms.items():
                 if form not in args.forms:
                     continue
+                flops = forward_flops * (2 if form == "bwd" else 1)  # bwd: dx and dW, each a forward's
                 times = alternate(fn, args.rounds)
                 ratio = statistics.median(o / n for o, n in zip(times[False], times[True]))
                 old, new = min(times[False]), min(times[True])
@@ -135,7 +144,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workloads", nargs="+", default=["mind-cifar"])
     parser.add_argument("--batch", type=int, default=0, help="batch size (default: the workload's)")
-    parser.add_argument("--forms", nargs="+", default=["conv", "infer", "train"])
+    parser.add_argument("--forms", nargs="+", default=["conv", "infer", "train", "bwd"])
     parser.add_argument("--network", action="store_true", help="time whole predict / fit instead of layers")
     parser.add_argument("--modes", nargs="+", default=["predict", "fit"])
     parser.add_argument("--batches", type=int, default=8, help="batches per predict / fit (--network)")

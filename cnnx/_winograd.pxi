@@ -34,6 +34,15 @@ cdef extern from *:
     static const int CNNX_GEMM_WINO_MAX_BLOCK = CNNX_WINO_MAX_BLOCK;
     static const int CNNX_GEMM_WINO_PAD = CNNX_WINO_PAD;
 
+    /* Ask for the cache lines of n floats from p (the next channel's rows, while this one's are
+       transformed). */
+    static inline void cnnx_prefetch_floats(const float *p, Py_ssize_t n) {
+    #if defined(__GNUC__) || defined(__clang__)
+        for (Py_ssize_t t = 0; t < n; t += 16) __builtin_prefetch(p + t);
+        __builtin_prefetch(p + n - 1);
+    #endif
+    }
+
     /* U = G g G^T of one 3x3 kernel g (row-major), in double, rounded once: u[4 * i + j]. */
     static void cnnx_wino_kernel(const float *g, float *u) {
         double t[4][3];
@@ -201,6 +210,7 @@ cdef extern from *:
     const int CNNX_GEMM_WINO_MAX_BLOCK
     const int CNNX_GEMM_WINO_PAD
     void cnnx_wino_kernel(const float* g, float* u) noexcept nogil
+    void cnnx_prefetch_floats(const float* p, Py_ssize_t n) noexcept nogil
     void cnnx_wino_input(const float* strip, Py_ssize_t ws, float* v, Py_ssize_t xs, int n) noexcept nogil
     void cnnx_wino_output(const float* m, Py_ssize_t ms, int mode, float bias, int rectify, float slope,
                           float* top, float* bottom, float* pooled, int* code) noexcept nogil
@@ -314,7 +324,7 @@ cdef void _wino_stage_rows(const _Winograd* g, Py_ssize_t image, Py_ssize_t ci, 
     cdef Py_ssize_t ix0 = 2 * tx - g.pad_left
     cdef Py_ssize_t lo = -ix0 if ix0 < 0 else 0
     cdef Py_ssize_t hi = g.w - ix0 if g.w - ix0 < width else width
-    cdef Py_ssize_t i, iy
+    cdef Py_ssize_t i, iy, t
     cdef float* dst
     cdef const float* src
     for i in range(4):
@@ -324,11 +334,14 @@ cdef void _wino_stage_rows(const _Winograd* g, Py_ssize_t image, Py_ssize_t ci, 
             memset(dst, 0, width * sizeof(float))
             continue
         src = g.x + image * g.x_image + ci * g.x_channel + iy * g.w + ix0
-        if lo > 0:
-            memset(dst, 0, lo * sizeof(float))
+        # The padding's few columns as plain stores (a memset call costs more).
+        for t in range(lo):
+            dst[t] = 0
         cnnx_copy_long(dst + lo, src + lo, hi - lo)
-        if hi < width:
-            memset(dst + hi, 0, (width - hi) * sizeof(float))
+        for t in range(hi, width):
+            dst[t] = 0
+        if ci + 1 < g.c:
+            cnnx_prefetch_floats(src + lo + g.x_channel, hi - lo)
 
 
 cdef void _wino_input_block(const _Winograd* g, Py_ssize_t n_runs, _WinoScratch* s) noexcept nogil:
