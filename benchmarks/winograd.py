@@ -17,6 +17,9 @@ layers, as benchmarks/run.py's default style): ``predict`` over --batches batche
 one epoch of --batches batches, in the same process, alternating WINOGRAD False / True per round.
 
     PYTHONPATH=$PWD python benchmarks/winograd.py --network --threads 2 --rounds 5
+
+``--sweep`` times the grid behind ``functional.winograd_conv``'s channel threshold (forward and
+backward of 3x3 'same' layers with 3-64 channels at 32x32, 16x16, 8x8, batch 64).
 """
 from __future__ import annotations
 
@@ -107,6 +110,30 @@ def per_layer(args):
                       f"{old * 1e3:>8.2f} {new * 1e3:>8.2f} {ratio:>8.2f}", flush=True)
 
 
+def sweep(args):
+    """The rule's grid: forward (conv, relu) and backward of 3x3 'same' layers with few channels,
+    batch 64, both paths forced, ratio old / new per (c, out_c, size)."""
+    import numpy as np
+    from cnnx import functional as F
+
+    print(f"{'c':>4} {'out_c':>5} {'size':>5} {'fwd old/new':>11} {'bwd old/new':>11}")
+    rng = np.random.default_rng(0)
+    for size in (32, 16, 8):
+        for c, oc in ((3, 32), (8, 16), (8, 32), (16, 16), (16, 32), (32, 16), (32, 32), (64, 8)):
+            x = rng.standard_normal((64, c, size, size), dtype=np.float32)
+            weight = rng.standard_normal((oc, c, 3, 3), dtype=np.float32) * 0.1
+            bias = rng.standard_normal(oc, dtype=np.float32)
+            ws = F.Workspace()
+            y = F.conv2d(x, weight, bias, padding=1, activation="relu")
+            dy = rng.standard_normal(y.shape, dtype=np.float32)
+            ratios = []
+            for fn in (lambda: F.conv2d(x, weight, bias, padding=1, activation="relu", workspace=ws),
+                       lambda: F.conv2d_backward(dy, x, weight, padding=1, workspace=ws, activation="relu", y=y)):
+                times = alternate(fn, args.rounds, min_seconds=0.1)
+                ratios.append(statistics.median(o / n for o, n in zip(times[False], times[True])))
+            print(f"{c:>4} {oc:>5} {size:>5} {ratios[0]:>11.2f} {ratios[1]:>11.2f}", flush=True)
+
+
 def network(args):
     """predict and one epoch of fit, user-written style (separate activation layers)."""
     import numpy as np
@@ -146,6 +173,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=0, help="batch size (default: the workload's)")
     parser.add_argument("--forms", nargs="+", default=["conv", "infer", "train", "bwd"])
     parser.add_argument("--network", action="store_true", help="time whole predict / fit instead of layers")
+    parser.add_argument("--sweep", action="store_true", help="time the rule's grid of small channel counts")
     parser.add_argument("--modes", nargs="+", default=["predict", "fit"])
     parser.add_argument("--batches", type=int, default=8, help="batches per predict / fit (--network)")
     args = parser.parse_args(argv)
@@ -154,7 +182,7 @@ def main(argv=None):
     print(f"cnnx {cnnx.__version__}, kernels {_simd.ISA}, {args.threads} thread(s), CPU {_simd.cpu_model()} "
           f"({flags}), OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}, "
           f"Winograd blocking {_simd.ops.winograd_config()}")
-    network(args) if args.network else per_layer(args)
+    (network if args.network else sweep if args.sweep else per_layer)(args)
     return 0
 
 

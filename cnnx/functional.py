@@ -391,28 +391,52 @@ POOLED_TILE_STORE = True
 # (``_ops.winograd_conv_nchw`` and its pooled forms, cnnx/_winograd.pxi: 2.25x fewer multiplies,
 # a different round-off) instead of the packed GEMM, in their forward (inference and training)
 # and their input gradient (the same convolution of dy with the flipped, transposed kernels, for a
-# padding <= 2). ``None`` follows the measured rule ``winograd_conv``, and only while
-# ``PACKED_CONV_GEMM`` is unset too (forcing that one forces its exact path); True / False force
-# Winograd on / off (benchmarks/winograd.py compares the two).
+# padding <= 2). ``None`` follows the measured rules ``winograd_conv`` and ``winograd_input_grad``,
+# and only while ``PACKED_CONV_GEMM`` is unset too (forcing that one forces its exact path);
+# True / False force Winograd on / off (benchmarks/winograd.py compares the two).
 WINOGRAD = None
 
-# The smallest input and output channel counts for which the rule picks Winograd: below, the
-# transforms (per input channel and per output channel) cost more than the saved multiplies.
-WINOGRAD_MIN_CHANNELS = 16
 
-
-def winograd_conv(dtype, out_c, in_c, kernel, stride, dilation, groups, out_hw):
-    """Whether a convolution forward runs Winograd F(2x2, 3x3) (see ``WINOGRAD``): float32, a 3x3
-    kernel, stride 1, no dilation, one group, non-empty; then the switch, then the rule measured
-    per layer (docs/PERFORMANCE_LOG.md)."""
+def _winograd_forced(dtype, out_c, in_c, kernel, stride, dilation, groups, out_hw):
+    """What settles a Winograd rule before its measurements: False where the kernels do not apply
+    (not float32, not a 3x3 stride-1 undilated single-group convolution, or empty), else the path
+    ``WINOGRAD`` forces, else False while ``PACKED_CONV_GEMM`` forces a GEMM path, else None."""
     if (dtype != np.float32 or tuple(kernel) != (3, 3) or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1)
             or groups != 1 or out_c == 0 or in_c == 0 or 0 in out_hw):
         return False
     if WINOGRAD is not None:
         return bool(WINOGRAD)
-    if PACKED_CONV_GEMM is not None:
+    return False if PACKED_CONV_GEMM is not None else None
+
+
+def winograd_conv(dtype, out_c, in_c, kernel, stride, dilation, groups, out_hw):
+    """Whether a convolution forward runs Winograd F(2x2, 3x3) (see ``WINOGRAD``) rather than the
+    packed GEMM: a float32 3x3 stride-1 convolution, one group, no dilation, of ``in_c`` to
+    ``out_c`` channels and output size ``out_hw``."""
+    forced = _winograd_forced(dtype, out_c, in_c, kernel, stride, dilation, groups, out_hw)
+    if forced is not None:
+        return forced
+    # Measured (benchmarks/winograd.py --sweep, docs/PERFORMANCE_LOG.md, Zen 5): the transforms
+    # are per input and per output channel, the multiplies saved per pair, so few input channels
+    # lose (3 -> 32: 0.70-0.86x); 8 input channels win at 32x32 (1.26-1.29x) and tie below; 16 or
+    # more win everywhere measured (1.04-1.76x), down to 8 output channels.
+    if out_c < 8:
         return False
-    return in_c >= WINOGRAD_MIN_CHANNELS and out_c >= WINOGRAD_MIN_CHANNELS
+    return in_c >= 16 or (in_c >= 8 and out_hw[0] * out_hw[1] >= 1024)
+
+
+def winograd_input_grad(dtype, out_c, in_c, kernel, stride, dilation, groups, in_hw, padding):
+    """Whether a convolution's input gradient runs Winograd F(2x2, 3x3) (see ``WINOGRAD``): the
+    convolution of dy (``out_c`` channels) with the flipped, transposed kernels into ``in_c``
+    channels of size ``in_hw``, padded 2 - the forward's top / left ``padding`` (so at most 2)."""
+    if padding[0] > 2 or padding[1] > 2:
+        return False
+    forced = _winograd_forced(dtype, in_c, out_c, kernel, stride, dilation, groups, in_hw)
+    if forced is not None:
+        return forced
+    # Measured (benchmarks/winograd.py --sweep): here the output side is the input channels, and
+    # few of them lose (8: 0.80-1.10x of the whole backward); 16 or more win (1.0-1.7x).
+    return in_c >= 16 and out_c >= 8
 
 
 def _forced_path(dtype, empty, switch):
@@ -532,8 +556,8 @@ def _conv_backward_groups(x, weight, window, groups, dy_to_gemm, dx, workspace):
     # The input gradient by Winograd: the convolution of dy with the flipped, transposed kernels,
     # padded 2 - the forward's padding (transformed once for all groups).
     pt, pl = window[6:8]
-    winograd_dx = (dx is not None and pt <= 2 and pl <= 2
-                   and winograd_conv(x.dtype, x.shape[1], oc, window[:2], window[2:4], window[4:6], groups, x.shape[2:]))
+    winograd_dx = dx is not None and winograd_input_grad(x.dtype, oc, x.shape[1], window[:2], window[2:4], window[4:6],
+                                                         groups, x.shape[2:], (pt, pl))
     if winograd_dx:
         flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(x.shape[1], -1)
         transformed_dx = _ops.winograd_weights(flipped, oc)

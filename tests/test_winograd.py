@@ -263,27 +263,40 @@ def test_winograd_kernels_refuse_what_they_cannot_compute():
 
 # --- the rule and the switch in functional ------------------------------------------------------
 
-def test_the_rule_takes_float32_3x3_stride_1_convolutions_with_enough_channels(monkeypatch):
+def test_the_rules_take_float32_3x3_stride_1_convolutions_with_enough_channels(monkeypatch):
     monkeypatch.setattr(F, "WINOGRAD", None)
     monkeypatch.setattr(F, "PACKED_CONV_GEMM", None)
-    take = lambda *a: F.winograd_conv(*a)  # noqa: E731
-    f32 = np.dtype(np.float32)
-    assert take(f32, 64, 32, (3, 3), (1, 1), (1, 1), 1, (32, 32))      # mind-cifar conv2
-    assert take(f32, 128, 64, (3, 3), (1, 1), (1, 1), 1, (16, 16))     # mind-cifar conv3
-    assert not take(f32, 32, 3, (3, 3), (1, 1), (1, 1), 1, (32, 32))   # mind-cifar conv1: 3 channels
-    assert not take(np.dtype(np.float64), 64, 32, (3, 3), (1, 1), (1, 1), 1, (32, 32))
-    assert not take(f32, 64, 32, (3, 3), (2, 2), (1, 1), 1, (16, 16))
-    assert not take(f32, 64, 32, (2, 2), (1, 1), (1, 1), 1, (32, 32))
-    assert not take(f32, 64, 32, (3, 3), (1, 1), (2, 2), 1, (32, 32))
-    assert not take(f32, 64, 32, (3, 3), (1, 1), (1, 1), 2, (32, 32))
+    f32, f64 = np.dtype(np.float32), np.dtype(np.float64)
+    plain = ((3, 3), (1, 1), (1, 1), 1)
+
+    def forward(out_c, in_c, out_hw, dtype=f32, kernel=(3, 3), stride=(1, 1), dilation=(1, 1), groups=1):
+        return F.winograd_conv(dtype, out_c, in_c, kernel, stride, dilation, groups, out_hw)
+
+    def input_grad(out_c, in_c, in_hw, padding=(1, 1)):
+        return F.winograd_input_grad(f32, out_c, in_c, *plain, in_hw, padding)
+
+    assert forward(64, 32, (32, 32)) and forward(128, 64, (16, 16))        # mind-cifar conv2, conv3
+    assert input_grad(64, 32, (32, 32)) and input_grad(128, 64, (16, 16))
+    assert not forward(32, 3, (32, 32)) and not input_grad(32, 3, (32, 32))  # conv1: 3 input channels
+    assert forward(16, 8, (32, 32)) and not forward(16, 8, (16, 16))        # 8 channels: 32x32 only
+    assert not forward(4, 64, (32, 32)) and forward(8, 64, (8, 8))
+    assert not input_grad(32, 8, (32, 32)) and input_grad(8, 64, (8, 8))   # dx has in_c channels
+    assert not input_grad(64, 32, (32, 32), padding=(3, 3))                # dx's padding 2 - 3 < 0
+    assert not forward(64, 32, (32, 32), dtype=f64)
+    assert not forward(64, 32, (16, 16), stride=(2, 2))
+    assert not forward(64, 32, (32, 32), kernel=(2, 2))
+    assert not forward(64, 32, (32, 32), dilation=(2, 2))
+    assert not forward(64, 32, (32, 32), groups=2)
+    assert not forward(64, 32, (0, 32))
     monkeypatch.setattr(F, "WINOGRAD", True)  # forced on: any 3x3 stride-1 float32 shape
-    assert take(f32, 32, 3, (3, 3), (1, 1), (1, 1), 1, (32, 32))
-    assert not take(f32, 64, 32, (3, 3), (2, 2), (1, 1), 1, (16, 16))
+    assert forward(32, 3, (32, 32)) and input_grad(32, 3, (32, 32))
+    assert not forward(64, 32, (16, 16), stride=(2, 2))
+    assert not input_grad(64, 32, (32, 32), padding=(3, 3))
     monkeypatch.setattr(F, "WINOGRAD", False)
-    assert not take(f32, 64, 32, (3, 3), (1, 1), (1, 1), 1, (32, 32))
+    assert not forward(64, 32, (32, 32)) and not input_grad(64, 32, (32, 32))
     monkeypatch.setattr(F, "WINOGRAD", None)
     monkeypatch.setattr(F, "PACKED_CONV_GEMM", True)  # a forced GEMM path is that exact path
-    assert not take(f32, 64, 32, (3, 3), (1, 1), (1, 1), 1, (32, 32))
+    assert not forward(64, 32, (32, 32)) and not input_grad(64, 32, (32, 32))
 
 
 class _CallLog:
