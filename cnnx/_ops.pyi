@@ -157,3 +157,6 @@ def winograd_conv_input_grad(
     dy_gemm: F32, out_h: int, out_w: int, transformed: F32, pad_top: int, pad_left: int, dx: F32, first: int,
     n_threads: int,
 ) -> None: ...
+def winograd_conv_weight_grad(
+    x: F32, first: int, dy_gemm: F32, pad_top: int, pad_left: int, out_h: int, out_w: int, dweight: F32,
+) -> None: ...

@@ -723,3 +723,239 @@ def winograd_conv_input_grad(
     g.rectify = 0
     g.slope = 0
     _winograd_run_checked(&g, NULL, transformed, n_threads)
+
+
+# --- The weight gradient by Winograd F(2x2, 3x3) -------------------------------------------------
+#
+# y = A^T [(G w G^T) * (B^T d B)] A is linear in U = G w G^T, so for one tile dL/dU = (A dy A^T) *
+# (B^T d B) (entrywise) and dL/dw = G^T (dL/dU) G: the weight gradient is, per position xi, the
+# GEMM M_xi (out_c, c) = sum over tiles of Y_xi (out_c, tile) V_xi (c, tile)^T with Y = A dy A^T,
+# then dW = G^T M G per (o, ci). The tiles are the GEMM's K, so both transforms run with the
+# channels in the vectors: the group's images and dy are first copied channels-last (zero padded,
+# channels rounded up), then per block of tiles Y goes to the micro-kernel's packed A (MR output
+# channels per tile) and V to its packed B (NR input channels per tile), and the 16 products
+# accumulate into M (16 x out_c x c, in L2) block after block, in one fixed order.
+
+cdef extern from *:
+    """
+    /* Y = A dy A^T of one tile for MR output channels: dy at d00, d01 (its top row) and d10, d11
+       (bottom), MR floats each; y[xi * ys + r]. */
+    static inline void cnnx_wino_dy_tile(const float *restrict d00, const float *restrict d01,
+                                         const float *restrict d10, const float *restrict d11,
+                                         float *restrict y, Py_ssize_t ys) {
+        /* Rows of A dy (A = [[1, 0], [1, 1], [1, -1], [0, -1]]), then its columns; each step over
+           the MR channels at once (a loop the compiler vectorises). */
+        float t[4][2][CNNX_MR];
+        for (int r = 0; r < CNNX_MR; ++r) {
+            float a0 = d00[r], a1 = d01[r], b0 = d10[r], b1 = d11[r];
+            t[0][0][r] = a0; t[0][1][r] = a1;
+            t[1][0][r] = a0 + b0; t[1][1][r] = a1 + b1;
+            t[2][0][r] = a0 - b0; t[2][1][r] = a1 - b1;
+            t[3][0][r] = -b0; t[3][1][r] = -b1;
+        }
+        for (int i = 0; i < 4; ++i) {
+            float *y0 = y + (4 * i) * ys, *y1 = y0 + ys, *y2 = y1 + ys, *y3 = y2 + ys;
+            for (int r = 0; r < CNNX_MR; ++r) {
+                y0[r] = t[i][0][r];
+                y1[r] = t[i][0][r] + t[i][1][r];
+                y2[r] = t[i][0][r] - t[i][1][r];
+                y3[r] = -t[i][1][r];
+            }
+        }
+    }
+
+    /* V = B^T d B of one tile for NR input channels: d[i][j] at p + i * row + j * pixel (NR floats
+       each); v[xi * vs + 0 : NR]. */
+    static inline void cnnx_wino_x_tile(const float *p, Py_ssize_t row, Py_ssize_t pixel, float *v, Py_ssize_t vs) {
+    #if CNNX_GEMM_VECTOR
+        for (int h = 0; h < CNNX_NR / CNNX_VW; ++h) {
+            cnnx_vf r[4][4];
+            for (int i = 0; i < 4; ++i) {
+                const float *q = p + i * row + h * CNNX_VW;
+                cnnx_vf x0 = cnnx_vload(q), x1 = cnnx_vload(q + pixel);
+                cnnx_vf x2 = cnnx_vload(q + 2 * pixel), x3 = cnnx_vload(q + 3 * pixel);
+                r[i][0] = x0 - x2; r[i][1] = x1 + x2; r[i][2] = x2 - x1; r[i][3] = x1 - x3;
+            }
+            for (int j = 0; j < 4; ++j) {
+                cnnx_vstore(v + (0 + j) * vs + h * CNNX_VW, r[0][j] - r[2][j]);
+                cnnx_vstore(v + (4 + j) * vs + h * CNNX_VW, r[1][j] + r[2][j]);
+                cnnx_vstore(v + (8 + j) * vs + h * CNNX_VW, r[2][j] - r[1][j]);
+                cnnx_vstore(v + (12 + j) * vs + h * CNNX_VW, r[1][j] - r[3][j]);
+            }
+        }
+    #else
+        for (int ch = 0; ch < CNNX_NR; ++ch) {
+            float r[4][4];
+            for (int i = 0; i < 4; ++i) {
+                const float *q = p + i * row + ch;
+                float x0 = q[0], x1 = q[pixel], x2 = q[2 * pixel], x3 = q[3 * pixel];
+                r[i][0] = x0 - x2; r[i][1] = x1 + x2; r[i][2] = x2 - x1; r[i][3] = x1 - x3;
+            }
+            for (int j = 0; j < 4; ++j) {
+                v[(0 + j) * vs + ch] = r[0][j] - r[2][j];
+                v[(4 + j) * vs + ch] = r[1][j] + r[2][j];
+                v[(8 + j) * vs + ch] = r[2][j] - r[1][j];
+                v[(12 + j) * vs + ch] = r[1][j] - r[3][j];
+            }
+        }
+    #endif
+    }
+
+    /* dw[a * 3 + b] = (G^T m G)[a][b] for the 16 sums m[xi * ms], in double. */
+    static inline void cnnx_wino_dw_kernel(const float *m, Py_ssize_t ms, float *dw) {
+        double t[3][4];
+        for (int j = 0; j < 4; ++j) {
+            double m0 = m[j * ms], m1 = m[(4 + j) * ms], m2 = m[(8 + j) * ms], m3 = m[(12 + j) * ms];
+            t[0][j] = m0 + 0.5 * (m1 + m2); t[1][j] = 0.5 * (m1 - m2); t[2][j] = 0.5 * (m1 + m2) + m3;
+        }
+        for (int a = 0; a < 3; ++a) {
+            dw[a * 3 + 0] = (float)(t[a][0] + 0.5 * (t[a][1] + t[a][2]));
+            dw[a * 3 + 1] = (float)(0.5 * (t[a][1] - t[a][2]));
+            dw[a * 3 + 2] = (float)(0.5 * (t[a][1] + t[a][2]) + t[a][3]);
+        }
+    }
+    """
+    void cnnx_wino_dy_tile(const float* d00, const float* d01, const float* d10, const float* d11, float* y,
+                           Py_ssize_t ys) noexcept nogil
+    void cnnx_wino_x_tile(const float* p, Py_ssize_t row, Py_ssize_t pixel, float* v, Py_ssize_t vs) noexcept nogil
+    void cnnx_wino_dw_kernel(const float* m, Py_ssize_t ms, float* dw) noexcept nogil
+
+
+cdef struct _WinoGrad:
+    Py_ssize_t m, c, oc, cp, ocp   # images; channels and their padded counts (NR, MR multiples)
+    Py_ssize_t th, tw, hp, wp      # tile grid; the channels-last images' padded size (2 th + 2, 2 tw + 2)
+    float* xcl                     # (m, hp, wp, cp)
+    float* dycl                    # (m, 2 th, 2 tw, ocp)
+    Py_ssize_t block               # tiles per block
+    float* ya                      # per xi: ocp / MR panels of (block x MR)
+    float* vb                      # per xi: cp / NR panels of (block x NR)
+    Py_ssize_t ya_stride, vb_stride
+    float* sums                    # M: per xi (ocp x cp), row stride cp
+    Py_ssize_t sums_stride
+
+
+cdef void _wino_grad_block(_WinoGrad* g, Py_ssize_t t0, Py_ssize_t t1) noexcept nogil:
+    """Tiles t0 : t1 (image by image, row-major): transforms into the packed operands, then the 16
+    GEMMs accumulated into the sums."""
+    cdef Py_ssize_t mr = CNNX_GEMM_MR, nr = CNNX_GEMM_NR
+    cdef Py_ssize_t per_image = g.th * g.tw
+    cdef Py_ssize_t kc = t1 - t0
+    cdef Py_ssize_t t, k, j, q, ty, tx, panel, xi, op, cpn
+    cdef const float* base
+    cdef Py_ssize_t dyrow = 2 * g.tw * g.ocp
+    for t in range(t0, t1):
+        k = t - t0
+        j = t // per_image
+        q = t - j * per_image
+        ty = q // g.tw
+        tx = q - ty * g.tw
+        base = g.dycl + ((j * 2 * g.th + 2 * ty) * 2 * g.tw + 2 * tx) * g.ocp
+        for panel in range(g.ocp // mr):
+            cnnx_wino_dy_tile(base + panel * mr, base + g.ocp + panel * mr, base + dyrow + panel * mr,
+                              base + dyrow + g.ocp + panel * mr, g.ya + (panel * g.block + k) * mr, g.ya_stride)
+        base = g.xcl + ((j * g.hp + 2 * ty) * g.wp + 2 * tx) * g.cp
+        for panel in range(g.cp // nr):
+            cnnx_wino_x_tile(base + panel * nr, g.wp * g.cp, g.cp, g.vb + (panel * g.block + k) * nr, g.vb_stride)
+    for xi in range(16):
+        for op in range(g.ocp // mr):
+            for cpn in range(g.cp // nr):
+                cnnx_sgemm_micro(kc, g.ya + xi * g.ya_stride + op * g.block * mr,
+                                 g.vb + xi * g.vb_stride + cpn * g.block * nr,
+                                 g.sums + xi * g.sums_stride + op * mr * g.cp + cpn * nr, g.cp, <int>mr, 1, NULL, 0, 0)
+
+
+def winograd_conv_weight_grad(
+    const float[:, :, :, ::1] x,
+    Py_ssize_t first,
+    const float[:, :, ::1] dy_gemm,
+    Py_ssize_t pad_top,
+    Py_ssize_t pad_left,
+    Py_ssize_t out_h,
+    Py_ssize_t out_w,
+    float[:, ::1] dweight,
+):
+    """``conv_weight_grad`` (its arguments, less kernel and stride) of a 3x3 stride-1 convolution by
+    Winograd F(2x2, 3x3): ``dweight (out_c, c * 9) = dy_gemm @ im2col(x[first : first + m])^T``
+    with ``dy_gemm (out_c, m, out_h * out_w)`` the output gradient in GEMM layout (overwritten).
+    One thread (callers run groups of images on their workers)."""
+    cdef _WinoGrad g
+    cdef Py_ssize_t mr = CNNX_GEMM_MR, nr = CNNX_GEMM_NR
+    g.oc, g.m, g.c = dy_gemm.shape[0], dy_gemm.shape[1], x.shape[1]
+    if dweight.shape[0] != g.oc or dweight.shape[1] != 9 * g.c or dy_gemm.shape[2] != out_h * out_w:
+        raise ValueError(f"Expected dweight ({g.oc}, {9 * g.c}) and dy_gemm (out_c, m, {out_h * out_w}), received: "
+                         f"dweight ({dweight.shape[0]}, {dweight.shape[1]}), dy_gemm ({g.oc}, {g.m}, {dy_gemm.shape[2]})")
+    if first < 0 or first + g.m > x.shape[0] or pad_top < 0 or pad_left < 0 or out_h < 0 or out_w < 0:
+        raise ValueError(f"Expected images first : first + m within x's {x.shape[0]} and a non-negative geometry, "
+                         f"received: first={first}, m={g.m}, padding ({pad_top}, {pad_left}), output ({out_h}, {out_w})")
+    dweight[:, :] = 0
+    if g.oc == 0 or g.c == 0 or g.m == 0 or out_h * out_w == 0:
+        return
+    g.th, g.tw = (out_h + 1) // 2, (out_w + 1) // 2
+    g.hp, g.wp = 2 * g.th + 2, 2 * g.tw + 2
+    g.cp = (g.c + nr - 1) // nr * nr
+    g.ocp = (g.oc + mr - 1) // mr * mr
+    # Blocks: both packed operands (16 x tiles x (ocp + cp) floats) within CNNX_WINO_V_BYTES.
+    g.block = CNNX_GEMM_WINO_V_BYTES // (16 * 4 * (g.ocp + g.cp))
+    if g.block < 16:
+        g.block = 16
+    if g.block > 1024:
+        g.block = 1024
+    g.ya_stride = g.ocp * g.block + CNNX_GEMM_WINO_PAD
+    g.vb_stride = g.cp * g.block + CNNX_GEMM_WINO_PAD
+    g.sums_stride = g.ocp * g.cp + CNNX_GEMM_WINO_PAD
+    cdef Py_ssize_t h = x.shape[2], w = x.shape[3]
+    cdef Py_ssize_t xcl_floats = g.m * g.hp * g.wp * g.cp
+    cdef Py_ssize_t dycl_floats = g.m * 2 * g.th * 2 * g.tw * g.ocp
+    cdef float* buf = cnnx_alloc_floats(xcl_floats + dycl_floats + 16 * (g.ya_stride + g.vb_stride + g.sums_stride))
+    if buf == NULL:
+        raise MemoryError("cnnx: no memory for the Winograd weight gradient's buffers")
+    g.xcl = buf
+    g.dycl = buf + xcl_floats
+    g.ya = g.dycl + dycl_floats
+    g.vb = g.ya + 16 * g.ya_stride
+    g.sums = g.vb + 16 * g.vb_stride
+    cdef const float* xs = &x[first, 0, 0, 0]
+    cdef const float* dys = &dy_gemm[0, 0, 0]
+    cdef float* dw = &dweight[0, 0]
+    cdef Py_ssize_t j, ci, iy, ix, o, oy, ox, t0, tiles, xi, n, q
+    cdef Py_ssize_t P = out_h * out_w
+    cdef float* dst
+    cdef const float* src
+    cdef float kernel9[9]
+    with nogil:
+        memset(buf, 0, (xcl_floats + dycl_floats) * sizeof(float))
+        memset(g.sums, 0, 16 * g.sums_stride * sizeof(float))
+        # Channels-last copies, zero where padded: xcl[j, pad_top + iy, pad_left + ix, ci], dycl[j, oy, ox, o].
+        # In chunks of 16 pixels of a row: the chunk's destination lines (16 pixels x all channels)
+        # stay in L1 while every channel's 16 values are written.
+        for j in range(g.m):
+            for iy in range(h if h + pad_top <= g.hp else g.hp - pad_top):
+                ix = 0
+                while ix < w and ix + pad_left < g.wp:
+                    n = min(16, w - ix, g.wp - pad_left - ix)
+                    dst = g.xcl + ((j * g.hp + iy + pad_top) * g.wp + pad_left + ix) * g.cp
+                    for ci in range(g.c):
+                        src = xs + ((j * g.c + ci) * h + iy) * w + ix
+                        for q in range(n):
+                            dst[q * g.cp + ci] = src[q]
+                    ix += n
+            for oy in range(out_h):
+                ox = 0
+                while ox < out_w:
+                    n = min(16, out_w - ox)
+                    dst = g.dycl + ((j * 2 * g.th + oy) * 2 * g.tw + ox) * g.ocp
+                    for o in range(g.oc):
+                        src = dys + (o * g.m + j) * P + oy * out_w + ox
+                        for q in range(n):
+                            dst[q * g.ocp + o] = src[q]
+                    ox += n
+        tiles = g.m * g.th * g.tw
+        t0 = 0
+        while t0 < tiles:
+            _wino_grad_block(&g, t0, t0 + g.block if t0 + g.block < tiles else tiles)
+            t0 += g.block
+        for o in range(g.oc):
+            for ci in range(g.c):
+                cnnx_wino_dw_kernel(g.sums + o * g.cp + ci, g.sums_stride, kernel9)
+                memcpy(dw + o * 9 * g.c + ci * 9, kernel9, 9 * sizeof(float))
+    cnnx_free_floats(buf)

@@ -439,6 +439,15 @@ def winograd_input_grad(dtype, out_c, in_c, kernel, stride, dilation, groups, in
     return in_c >= 16 and out_c >= 8
 
 
+def winograd_weight_grad(dtype, out_c, in_c, kernel, stride, dilation, groups, out_hw):
+    """Whether a convolution's weight gradient runs Winograd F(2x2, 3x3) (see ``WINOGRAD``): the
+    16 GEMMs over the tiles of ``(A dy A^T)`` and ``(B^T x B)``, channels-last."""
+    forced = _winograd_forced(dtype, out_c, in_c, kernel, stride, dilation, groups, out_hw)
+    if forced is not None:
+        return forced
+    return in_c >= 16 and out_c >= 16
+
+
 def _forced_path(dtype, empty, switch):
     """What settles a packed-GEMM rule before its measurements: False where cnnx's GEMMs do not
     run (not float32, or an empty product), else the path ``switch`` forces (True / False), else
@@ -558,6 +567,8 @@ def _conv_backward_groups(x, weight, window, groups, dy_to_gemm, dx, workspace):
     pt, pl = window[6:8]
     winograd_dx = dx is not None and winograd_input_grad(x.dtype, oc, x.shape[1], window[:2], window[2:4], window[4:6],
                                                          groups, x.shape[2:], (pt, pl))
+    winograd_dweight = winograd_weight_grad(x.dtype, oc, x.shape[1], window[:2], window[2:4], window[4:6], groups,
+                                            window[-2:])
     if winograd_dx:
         flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(x.shape[1], -1)
         transformed_dx = _ops.winograd_weights(flipped, oc)
@@ -566,7 +577,9 @@ def _conv_backward_groups(x, weight, window, groups, dy_to_gemm, dx, workspace):
         dy_gemm = scratch.get("dy_gemm", (oc, m, p), x.dtype)
         dy_to_gemm(first, dy_gemm, dbias_partial[first:first + m], nt)
         dy_g = dy_gemm.reshape(groups, ocg, m * p)
-        if implicit_dweight:
+        if winograd_dweight:
+            _ops.winograd_conv_weight_grad(x, first, dy_gemm, pt, pl, window[-2], window[-1], dweight_parts[index, 0])
+        elif implicit_dweight:
             _ops.conv_weight_grad(x, first, dy_gemm, *plain_window, dweight_parts[index, 0], nt)
         else:
             cols = _unfold(x, window, first, m, scratch, nt)
