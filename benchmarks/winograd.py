@@ -111,12 +111,13 @@ def per_layer(args):
 
 
 def sweep(args):
-    """The rule's grid: forward (conv, relu) and backward of 3x3 'same' layers with few channels,
-    batch 64, both paths forced, ratio old / new per (c, out_c, size)."""
+    """The rules' grid: forward (conv, relu), backward (dx and dW) and the weight gradient alone
+    (``need_dx=False``) of 3x3 'same' layers with few channels, batch 64, both paths forced, ratio
+    old / new per (c, out_c, size)."""
     import numpy as np
     from cnnx import functional as F
 
-    print(f"{'c':>4} {'out_c':>5} {'size':>5} {'fwd old/new':>11} {'bwd old/new':>11}")
+    print(f"{'c':>4} {'out_c':>5} {'size':>5} {'fwd old/new':>11} {'bwd old/new':>11} {'dW old/new':>11}")
     rng = np.random.default_rng(0)
     for size in (32, 16, 8):
         for c, oc in ((3, 32), (8, 16), (8, 32), (16, 16), (16, 32), (32, 16), (32, 32), (64, 8)):
@@ -128,10 +129,12 @@ def sweep(args):
             dy = rng.standard_normal(y.shape, dtype=np.float32)
             ratios = []
             for fn in (lambda: F.conv2d(x, weight, bias, padding=1, activation="relu", workspace=ws),
-                       lambda: F.conv2d_backward(dy, x, weight, padding=1, workspace=ws, activation="relu", y=y)):
+                       lambda: F.conv2d_backward(dy, x, weight, padding=1, workspace=ws, activation="relu", y=y),
+                       lambda: F.conv2d_backward(dy, x, weight, padding=1, workspace=ws, activation="relu", y=y,
+                                                 need_dx=False)):
                 times = alternate(fn, args.rounds, min_seconds=0.1)
                 ratios.append(statistics.median(o / n for o, n in zip(times[False], times[True])))
-            print(f"{c:>4} {oc:>5} {size:>5} {ratios[0]:>11.2f} {ratios[1]:>11.2f}", flush=True)
+            print(f"{c:>4} {oc:>5} {size:>5} {ratios[0]:>11.2f} {ratios[1]:>11.2f} {ratios[2]:>11.2f}", flush=True)
 
 
 def network(args):
@@ -139,7 +142,7 @@ def network(args):
     import numpy as np
     from workloads import cnnx_model
 
-    print(f"{'workload':<12} {'mode':<8} {'old ms/batch':>12} {'new ms/batch':>12} {'old/new':>8}")
+    print(f"{'workload':<12} {'mode':<8} {'old ms/batch':>12} {'new ms/batch':>12} {'old/new':>8} (range)")
     for name in args.workloads:
         spec = WORKLOADS[name]
         batch = args.batch or spec["batch"]
@@ -157,9 +160,10 @@ def network(args):
                 continue
             fn()  # warm-up: the plan and its buffers
             times = alternate(fn, args.rounds, min_seconds=0.0)
-            ratio = statistics.median(o / w for o, w in zip(times[False], times[True]))
+            ratios = sorted(o / w for o, w in zip(times[False], times[True]))
             print(f"{name:<12} {mode:<8} {min(times[False]) / args.batches * 1e3:>12.2f} "
-                  f"{min(times[True]) / args.batches * 1e3:>12.2f} {ratio:>8.2f}", flush=True)
+                  f"{min(times[True]) / args.batches * 1e3:>12.2f} {statistics.median(ratios):>8.2f} "
+                  f"({ratios[0]:.2f}-{ratios[-1]:.2f})", flush=True)
 
 
 def main(argv=None):

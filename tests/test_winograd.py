@@ -339,6 +339,8 @@ def test_the_rules_take_float32_3x3_stride_1_convolutions_with_enough_channels(m
     assert not input_grad(64, 32, (32, 32), padding=(3, 3))                # dx's padding 2 - 3 < 0
     assert F.winograd_weight_grad(f32, 64, 32, *plain, (32, 32))
     assert not F.winograd_weight_grad(f32, 32, 3, *plain, (32, 32))
+    assert not F.winograd_weight_grad(f32, 32, 16, *plain, (32, 32)) and F.winograd_weight_grad(f32, 8, 64, *plain,
+                                                                                                 (8, 8))
     assert not F.winograd_weight_grad(f64, 64, 32, *plain, (32, 32))
     assert not forward(64, 32, (32, 32), dtype=f64)
     assert not forward(64, 32, (16, 16), stride=(2, 2))
