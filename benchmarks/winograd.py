@@ -5,7 +5,7 @@ conv1 3 -> 32 at 32x32, conv2 32 -> 64 at 32x32 and conv3 64 -> 128 at 16x16, ba
 float32 data) runs its forward as the networks run it: ``conv`` (conv2d + bias + activation), or,
 where a 2x2 max-pool follows, ``infer`` (``conv2d(max_pool_2x2=True)``) and ``train``
 (``conv2d_max_pool_2x2_train``, with the argmax); and ``bwd``, its backward with the input
-gradient (``conv2d_backward``: Winograd computes dx, dW and db are unchanged). Each case alternates the two paths
+gradient (``conv2d_backward``: Winograd computes dx and dW, db is unchanged). Each case alternates the two paths
 (``functional.WINOGRAD`` False / True) for ``--rounds`` rounds, takes the best time of each per
 round, and prints GFLOP/s of both (direct-convolution FLOPs: Winograd's are "effective") and the
 median of the per-round ratios old / new (above 1: Winograd is faster).
@@ -93,8 +93,8 @@ def per_layer(args):
                                                   max_pool_2x2=True)
                 forms["train"] = lambda: F.conv2d_max_pool_2x2_train(x, weight, bias, padding=pad, activation=act,
                                                                      workspace=ws)
-            # The backward as training runs it: the input gradient (Winograd's part) with the weight
-            # and bias gradients, through the activation.
+            # The backward as training runs it: input, weight and bias gradients through the
+            # activation (Winograd computes dx and dW where the rules say so, here forced).
             y_full = F.conv2d(x, weight, bias, padding=pad, activation=act)
             dy = rng.standard_normal(y_full.shape, dtype=np.float32)
             forms["bwd"] = lambda: F.conv2d_backward(dy, x, weight, padding=pad, workspace=ws, activation=act,

@@ -1932,5 +1932,5 @@ def gemm_to_nchw_max_pool_2x2_vectorised(
 include "_gemm.pxi"
 # cnnx's packed float32 GEMM for dense layers (x @ W^T with W in its own layout), see _dense_gemm.pxi.
 include "_dense_gemm.pxi"
-# Winograd F(2x2, 3x3) for float32 3x3 stride-1 convolutions (forward), see _winograd.pxi.
+# Winograd F(2x2, 3x3) for float32 3x3 stride-1 convolutions (forward, input and weight gradients), see _winograd.pxi.
 include "_winograd.pxi"

@@ -20,6 +20,8 @@
 # The tiles' grid is the output's (ceil(out / 2), a last partial row / column clipped), or with the
 # pool the pooled output's (out // 2: the pixels the floor pool drops are never computed).
 # Threads split the blocks; every output is the same sums in the same order whatever the split.
+# The input gradient is the same kernel (``winograd_conv_input_grad``); the weight gradient, at the
+# end of this file, is the transposed algebra with the tiles as the GEMMs' K.
 
 cdef extern from *:
     """

@@ -389,11 +389,12 @@ POOLED_TILE_STORE = True
 
 # Whether float32 3x3 stride-1 convolutions (one group, no dilation) run Winograd F(2x2, 3x3)
 # (``_ops.winograd_conv_nchw`` and its pooled forms, cnnx/_winograd.pxi: 2.25x fewer multiplies,
-# a different round-off) instead of the packed GEMM, in their forward (inference and training)
-# and their input gradient (the same convolution of dy with the flipped, transposed kernels, for a
-# padding <= 2). ``None`` follows the measured rules ``winograd_conv`` and ``winograd_input_grad``,
-# and only while ``PACKED_CONV_GEMM`` is unset too (forcing that one forces its exact path);
-# True / False force Winograd on / off (benchmarks/winograd.py compares the two).
+# a different round-off) instead of the packed GEMM, in their forward (inference and training),
+# their input gradient (the same convolution of dy with the flipped, transposed kernels, for a
+# padding <= 2) and their weight gradient. ``None`` follows the measured rules ``winograd_conv``,
+# ``winograd_input_grad`` and ``winograd_weight_grad``, and only while ``PACKED_CONV_GEMM`` is
+# unset too (forcing that one forces its exact path); True / False force Winograd on / off
+# (benchmarks/winograd.py compares the two).
 WINOGRAD = None
 
 
