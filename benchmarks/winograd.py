@@ -4,9 +4,9 @@ Per layer (default): every 3x3 stride-1 conv layer of the chosen workloads (mind
 conv1 3 -> 32 at 32x32, conv2 32 -> 64 at 32x32 and conv3 64 -> 128 at 16x16, batch 128, random
 float32 data) runs its forward as the networks run it: ``conv`` (conv2d + bias + activation), or,
 where a 2x2 max-pool follows, ``infer`` (``conv2d(max_pool_2x2=True)``) and ``train``
-(``conv2d_max_pool_2x2_train``, with the argmax); and ``bwd``, its backward with the input
-gradient (``conv2d_backward``: Winograd computes dx and dW, db is unchanged). Each case alternates the two paths
-(``functional.WINOGRAD`` False / True) for ``--rounds`` rounds, takes the best time of each per
+(``conv2d_max_pool_2x2_train``, with the argmax); and ``bwd``, its backward
+(``conv2d_backward``: Winograd computes dx and dW, db is unchanged). Each case alternates the two
+paths (``functional.WINOGRAD`` False / True) for ``--rounds`` rounds, takes the best time of each per
 round, and prints GFLOP/s of both (direct-convolution FLOPs: Winograd's are "effective") and the
 median of the per-round ratios old / new (above 1: Winograd is faster).
 

@@ -170,7 +170,8 @@ cdef extern from *:
             cnnx_vf m_top = cnnx_vselect(right_top, y01, y00), m_bottom = cnnx_vselect(right_bottom, y11, y10);
             cnnx_vi take_bottom = cnnx_vtakes(m_bottom, m_top);  /* the top wins ties */
             cnnx_vi two = {0}; two += 2;
-            /* Comparisons are -1 where true: two - right_bottom = 2 + [right wins below], -right_top = [right wins above]. */
+            /* Comparisons are -1 where true: two - right_bottom = 2 + [right wins below],
+               -right_top = [right wins above]. */
             cnnx_vi k = (take_bottom & (two - right_bottom)) | (~take_bottom & -right_top);
             cnnx_vstore(pooled + h * CNNX_VW, cnnx_vselect(take_bottom, m_bottom, m_top));
             memcpy(code + h * CNNX_VW, &k, sizeof k);
@@ -393,7 +394,8 @@ cdef void _wino_store_row(const _Winograd* g, Py_ssize_t o, Py_ssize_t panel, _W
         while r < s.panel_runs[panel + 1] and s.run_image[r] == s.run_image[first_run]:
             count += s.run_length[r]
             r += 1
-        at = s.run_image[first_run] * g.image_stride + o * g.plane + s.run_ty[first_run] * g.tiles_w + s.run_tx[first_run]
+        at = (s.run_image[first_run] * g.image_stride + o * g.plane + s.run_ty[first_run] * g.tiles_w
+              + s.run_tx[first_run])
         cnnx_copy_long(g.out + at, s.pooled + lane, count)
         if g.mode == 2:
             memcpy(g.code + at, s.code + lane, count * sizeof(int))
@@ -412,7 +414,8 @@ cdef void _wino_block(const _Winograd* g, Py_ssize_t block, _WinoScratch* s) noe
     if valid < nr:  # the last panel's unused lanes: zeros (their products are never stored)
         for xi in range(16):
             for ci in range(g.c):
-                memset(s.v + xi * g.v_stride + ((n_panels - 1) * g.c + ci) * nr + valid, 0, (nr - valid) * sizeof(float))
+                memset(s.v + xi * g.v_stride + ((n_panels - 1) * g.c + ci) * nr + valid, 0,
+                       (nr - valid) * sizeof(float))
     _wino_input_block(g, s.panel_runs[n_panels], s)
     for op in range((g.M + mr - 1) // mr):
         rows = g.M - op * mr if g.M - op * mr < mr else mr
@@ -885,10 +888,12 @@ def winograd_conv_weight_grad(
     g.oc, g.m, g.c = dy_gemm.shape[0], dy_gemm.shape[1], x.shape[1]
     if dweight.shape[0] != g.oc or dweight.shape[1] != 9 * g.c or dy_gemm.shape[2] != out_h * out_w:
         raise ValueError(f"Expected dweight ({g.oc}, {9 * g.c}) and dy_gemm (out_c, m, {out_h * out_w}), received: "
-                         f"dweight ({dweight.shape[0]}, {dweight.shape[1]}), dy_gemm ({g.oc}, {g.m}, {dy_gemm.shape[2]})")
+                         f"dweight ({dweight.shape[0]}, {dweight.shape[1]}), "
+                         f"dy_gemm ({g.oc}, {g.m}, {dy_gemm.shape[2]})")
     if first < 0 or first + g.m > x.shape[0] or pad_top < 0 or pad_left < 0 or out_h < 0 or out_w < 0:
         raise ValueError(f"Expected images first : first + m within x's {x.shape[0]} and a non-negative geometry, "
-                         f"received: first={first}, m={g.m}, padding ({pad_top}, {pad_left}), output ({out_h}, {out_w})")
+                         f"received: first={first}, m={g.m}, padding ({pad_top}, {pad_left}), "
+                         f"output ({out_h}, {out_w})")
     dweight[:, :] = 0
     if g.oc == 0 or g.c == 0 or g.m == 0 or out_h * out_w == 0:
         return

@@ -299,7 +299,8 @@ def test_winograd_kernels_refuse_what_they_cannot_compute():
     x = np.zeros((1, 2, 6, 6), np.float32)
     bias = np.zeros(3, np.float32)
     y = np.zeros((1, 3, 16), np.float32)
-    with pytest.raises(ValueError, match=r"Expected a 3x3 kernel with stride 1.*received: kernel \(3, 3\), stride \(2, 2\)"):
+    expected = r"Expected a 3x3 kernel with stride 1.*received: kernel \(3, 3\), stride \(2, 2\)"
+    with pytest.raises(ValueError, match=expected):
         ops.winograd_conv_nchw(x, 0, 1, np.zeros((3, 18), np.float32), 3, 3, 2, 2, 0, 0, 4, 4, bias, True, False,
                                0.0, y, 1)
     with pytest.raises(ValueError, match=r"Expected a weight of shape \(out_c, 18\).*received: \(3, 12\)"):
@@ -437,3 +438,17 @@ def test_functional_backward_by_winograd_matches_the_reference(shape, threads, r
     assert np.all(np.abs(dweight - expected_dweight) <= dweight_bound)
     np.testing.assert_allclose(dweight, gemm_dweight, rtol=1e-4, atol=1e-4 * np.abs(gemm_dweight).max())
     np.testing.assert_array_equal(dbias, gemm_dbias)  # exact: the bias gradient's code is the same
+
+
+def test_functional_winograd_gives_the_same_bits_on_any_thread_count(rng, monkeypatch):
+    monkeypatch.setattr(F, "WINOGRAD", True)
+    x, weight, bias = ref.conv_operands(SHAPES[5], rng)
+    dy = rng.standard_normal((3, 40, 5, 5)).astype(np.float32)
+
+    def run():
+        y, argmax = F.conv2d_max_pool_2x2_train(x, weight, bias, padding=1, activation="relu")
+        dx, dweight, dbias = F.conv2d_max_pool_2x2_backward(dy, argmax, y, x, weight, padding=1, activation="relu")
+        return [y, argmax, dx, dweight, dbias, F.conv2d(x, weight, bias, padding=1)]
+
+    # Groups of images do not depend on the thread count, each kernel call's split neither.
+    ref.assert_identical_for_any_thread_count(run, 2)
