@@ -460,6 +460,49 @@ cdef inline void _run_block(const _ConvGemm* g, const _PoolTiles* pool, Py_ssize
         _gemm_pool_block(g, pool, block, bp)
 
 
+cdef int _run_image_group(const _ConvGemm* whole, const _PoolTiles* whole_pool, Py_ssize_t first,
+                          Py_ssize_t count) noexcept nogil:
+    """Images ``first : first + count`` of the call ``whole`` describes (set up for all its images),
+    on the calling thread alone."""
+    cdef _ConvGemm g = whole[0]
+    cdef _PoolTiles pool
+    g.x = whole.x + first * whole.c * whole.h * whole.w
+    g.images = count
+    g.N = count * whole.P
+    g.out = whole.out + first * whole.image_stride
+    if whole_pool == NULL:
+        return _conv_gemm_run(&g, 1, NULL)
+    pool = whole_pool[0]
+    pool.windows = count * pool.ph * pool.pw
+    if pool.code != NULL:
+        pool.code = whole_pool.code + first * whole.image_stride  # addressed as g.out
+    return _conv_gemm_run(&g, 1, &pool)
+
+
+cdef int _conv_gemm_groups(_ConvGemm* whole, const _PoolTiles* pool, Py_ssize_t group, int n_threads) noexcept nogil:
+    """The call ``whole`` by groups of ``group`` images, each group on one thread, handed out as
+    threads free up; 0 on success, -1 when out of memory. ``group <= 0``: one call, its column
+    blocks split over ``n_threads`` (``_conv_gemm_run``).
+
+    Why in here rather than in Python worker threads: each group is one compiled call, so the
+    whole loop runs without the GIL. On a machine whose idle cores sleep (virtual machines), a
+    Python worker woken for a call and handed the GIL between groups cost 40-70 us per call."""
+    if group <= 0 or group >= whole.images:
+        return _conv_gemm_run(whole, n_threads, pool)
+    cdef Py_ssize_t n_groups = (whole.images + group - 1) // group
+    cdef Py_ssize_t i
+    cdef int failures = 0
+    if n_threads > n_groups:
+        n_threads = <int>n_groups
+    if n_threads <= 1:
+        for i in range(n_groups):
+            failures += _run_image_group(whole, pool, i * group, min(group, whole.images - i * group)) != 0
+    else:
+        for i in prange(n_groups, schedule="dynamic", num_threads=n_threads):
+            failures += _run_image_group(whole, pool, i * group, min(group, whole.images - i * group)) != 0
+    return -1 if failures else 0
+
+
 cdef void _conv_gemm_setup(_ConvGemm* g, const float[:, :, :, ::1] x, Py_ssize_t first, Py_ssize_t g_images,
                            const float[:, ::1] weight, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sy,
                            Py_ssize_t sx, Py_ssize_t pad_top, Py_ssize_t pad_left, Py_ssize_t out_h,
@@ -507,12 +550,14 @@ def conv_gemm_nchw(
     double negative_slope,
     float[:, :, ::1] y,
     int n_threads,
+    Py_ssize_t group=0,
 ):
     """The float32 convolution forward of images ``x[first : first + count]`` into
     ``y[first : first + count]`` of shape ``(n, out_c, out_h * out_w)``, in one pass: the packed
     GEMM with ``weight`` of shape ``(out_c, c*kh*kw)`` over the implicit im2col matrix, plus
     ``bias[o]`` when ``has_bias``, then a leaky ReLU with ``negative_slope`` when ``leaky_relu``
-    (as ``im2col`` + GEMM + ``gemm_to_nchw``). The caller checks the geometry."""
+    (as ``im2col`` + GEMM + ``gemm_to_nchw``). ``group > 0``: by groups of that many images, one
+    thread each (see ``_conv_gemm_groups``). The caller checks the geometry."""
     cdef _ConvGemm g
     if weight.shape[1] == 0:
         raise ValueError("Expected a weight with at least one column (c*kh*kw > 0), received: shape (%d, 0)" % weight.shape[0])
@@ -527,7 +572,7 @@ def conv_gemm_nchw(
     g.slope = <float>negative_slope
     cdef int status
     with nogil:
-        status = _conv_gemm(&g, n_threads)
+        status = _conv_gemm_groups(&g, NULL, group, n_threads)
     if status != 0:
         raise MemoryError("cnnx: no memory for the packed GEMM panels")
 
@@ -1243,14 +1288,16 @@ def conv_gemm_nchw_max_pool_2x2(
     double negative_slope,
     float[:, :, ::1] y,
     int n_threads,
+    Py_ssize_t group=0,
 ):
     """``conv_gemm_nchw`` followed by the floor 2x2 / stride-2 max-pool, in one pass (inference):
     ``y[first : first + count]`` of shape ``(n, out_c, (out_h // 2) * (out_w // 2))`` receives
     ``max_pool2d(leaky_relu(conv(x) + bias), 2)`` with only the pixels the pool keeps computed and
     no full-size output written. ``negative_slope`` must be >= 0 (the pool commutes with a
-    monotone activation only). The caller checks the geometry of ``x`` and ``weight``."""
+    monotone activation only). ``group`` as in ``conv_gemm_nchw``. The caller checks the geometry
+    of ``x`` and ``weight``."""
     _conv_gemm_pooled(x, first, count, weight, kh, kw, sy, sx, pad_top, pad_left, out_h, out_w, bias, has_bias,
-                      leaky_relu, negative_slope, y, NULL, n_threads)
+                      leaky_relu, negative_slope, y, NULL, n_threads, group)
 
 
 def conv_gemm_nchw_max_pool_2x2_argmax(
@@ -1273,6 +1320,7 @@ def conv_gemm_nchw_max_pool_2x2_argmax(
     float[:, :, ::1] y,
     int[:, :, ::1] argmax,
     int n_threads,
+    Py_ssize_t group=0,
 ):
     """The training form of ``conv_gemm_nchw_max_pool_2x2``: also ``argmax`` (shaped as ``y``), each
     window's winner ``2 * dy + dx``, with the values and codes of ``conv_gemm_columns`` +
@@ -1283,13 +1331,14 @@ def conv_gemm_nchw_max_pool_2x2_argmax(
                          f"({argmax.shape[0]}, {argmax.shape[1]}, {argmax.shape[2]})")
     _conv_gemm_pooled(x, first, count, weight, kh, kw, sy, sx, pad_top, pad_left, out_h, out_w, bias, has_bias,
                       leaky_relu, negative_slope, y, &argmax[0, 0, 0] if argmax.shape[0] > 0 and argmax.shape[1] > 0
-                      and argmax.shape[2] > 0 else NULL, n_threads)
+                      and argmax.shape[2] > 0 else NULL, n_threads, group)
 
 
 cdef _conv_gemm_pooled(const float[:, :, :, ::1] x, Py_ssize_t first, Py_ssize_t count, const float[:, ::1] weight,
                        Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sy, Py_ssize_t sx, Py_ssize_t pad_top,
                        Py_ssize_t pad_left, Py_ssize_t out_h, Py_ssize_t out_w, const float[::1] bias, bint has_bias,
-                       bint leaky_relu, double negative_slope, float[:, :, ::1] y, int* code, int n_threads):
+                       bint leaky_relu, double negative_slope, float[:, :, ::1] y, int* code, int n_threads,
+                       Py_ssize_t group):
     cdef _ConvGemm g
     cdef _PoolTiles pool
     if weight.shape[1] == 0:
@@ -1317,6 +1366,6 @@ cdef _conv_gemm_pooled(const float[:, :, :, ::1] x, Py_ssize_t first, Py_ssize_t
     g.slope = <float>negative_slope
     cdef int status
     with nogil:
-        status = _conv_gemm_run(&g, n_threads, &pool)
+        status = _conv_gemm_groups(&g, &pool, group, n_threads)
     if status != 0:
         raise MemoryError("cnnx: no memory for the packed GEMM panels")

@@ -285,6 +285,17 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, out=
     return y
 
 
+def _group_split(x, window, oc, rows_per_pixel):
+    """``(images per group, groups, threads inside a group)`` of an im2col + GEMM pass (see
+    ``_image_groups``): one group runs OpenMP loops inside it; several run one thread each."""
+    n, c = x.shape[:2]
+    kh, kw, out_h, out_w = window[0], window[1], window[-2], window[-1]
+    k, p = c * kh * kw, out_h * out_w
+    g = _group_size(n, rows_per_pixel * p * x.dtype.itemsize)
+    n_groups = -(-n // g)
+    return g, n_groups, (threads_for(n * (k + oc) * p) if n_groups == 1 else 1)
+
+
 def _image_groups(x, window, oc, rows_per_pixel, workspace):
     """Split the batch for an im2col + GEMM pass: groups of images whose buffers (``rows_per_pixel``
     rows of ``x``'s dtype per output pixel and image) stay within COLUMN_BUFFER_BYTES.
@@ -293,14 +304,9 @@ def _image_groups(x, window, oc, rows_per_pixel, workspace):
     for every group (images ``first : first + m``) on cnnx's workers, with the worker's
     ``scratch`` and the threads the group's own loops may use.
     """
-    n, c = x.shape[:2]
-    kh, kw, out_h, out_w = window[0], window[1], window[-2], window[-1]
-    k, p = c * kh * kw, out_h * out_w
+    n = x.shape[0]
     ws = workspace if workspace is not None else Workspace()
-    g = _group_size(n, rows_per_pixel * p * x.dtype.itemsize)
-    n_groups = -(-n // g)
-    # One group: OpenMP loops and BLAS threads inside it; several: one thread per group.
-    nt = threads_for(n * (k + oc) * p) if n_groups == 1 else 1
+    g, n_groups, nt = _group_split(x, window, oc, rows_per_pixel)
 
     def run(body):
         def run_group(worker, index):
@@ -335,17 +341,21 @@ def _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace, n
     oc = weight.shape[0]
     k = x.shape[1] * window[0] * window[1]  # c * kh * kw
     w3 = weight.reshape(groups, oc // groups, k // groups)
-    _, run = _image_groups(x, window, oc, k + oc, workspace)
     out_h, out_w = window[-2], window[-1]
     # The packed GEMM takes the plain convolution (one group, no dilation); window without dilation.
     packed = (groups == 1 and window[4:6] == (1, 1)
               and packed_conv_gemm(x.dtype, oc, k, out_h * out_w))
     plain_window = window[:4] + window[6:]
 
+    if packed and nchw is not None:
+        # Each group is one compiled call: the kernel runs the groups on its own threads.
+        g, n_groups, nt = _group_split(x, window, oc, k + oc)
+        threads = nt if n_groups == 1 else parallel.threads_for_groups(n_groups)
+        (tile_store or _ops.conv_gemm_nchw)(x, 0, x.shape[0], w3[0], *plain_window, *nchw, threads, g)
+        return
+    _, run = _image_groups(x, window, oc, k + oc, workspace)
+
     def forward(index, first, m, scratch, nt):
-        if packed and nchw is not None:
-            (tile_store or _ops.conv_gemm_nchw)(x, first, m, w3[0], *plain_window, *nchw, nt)
-            return
         y_gemm = scratch.get("y_gemm", (oc, m, out_h * out_w), x.dtype)
         if packed:
             _ops.conv_gemm_columns(x, first, w3[0], *plain_window, y_gemm, nt)
