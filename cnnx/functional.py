@@ -469,35 +469,50 @@ def conv2d_backward(dy, x, weight, stride=1, padding=0, dilation=1, groups=1, ne
     def dy_to_gemm(first, dy_gemm, dbias_part, nt):
         _ops.nchw_to_gemm(dy3, y3, rectify, slope, first, dy_gemm, dbias_part, nt)
 
-    dweight, dbias = _conv_backward_groups(x, weight, window, groups, dy_to_gemm, dx, workspace)
+    dweight, dbias = _conv_backward_groups(x, weight, window, groups, dy_to_gemm, dx, workspace,
+                                           (dy3, y3, None, rectify, slope))
     return dx, dweight, dbias
 
 
-def _conv_backward_groups(x, weight, window, groups, dy_to_gemm, dx, workspace):
+def _conv_backward_groups(x, weight, window, groups, dy_to_gemm, dx, workspace, layout=None):
     """The im2col + GEMM backward of a convolution with this ``window`` and ``groups``, run by
     groups of images on cnnx's workers.
 
     ``dy_to_gemm(first, dy_gemm, dbias_part, n_threads)`` writes the output gradient of images
     ``first : first + m`` in GEMM layout ``(out_c, m, P)`` (through the fused activation, and the
     pool's argmax where there is one) and their per-image bias gradients ``(m, out_c)``. ``dx``
-    (or None) receives the input gradient. Returns ``(dweight, dbias)``.
+    (or None) receives the input gradient. ``layout = (dy3, y3, argmax3 or None, rectify, slope)``,
+    what ``dy_to_gemm`` reads, lets the plain float32 convolution run all of it in one compiled
+    call (``_ops.conv_backward_groups``, the same kernels). Returns ``(dweight, dbias)``.
     """
     n, oc = x.shape[0], weight.shape[0]
     k = x.shape[1] * window[0] * window[1]  # c * kh * kw
     kg, ocg = k // groups, oc // groups
     w3 = weight.reshape(groups, ocg, kg)
     ws = workspace if workspace is not None else Workspace()
-    n_groups, run = _image_groups(x, window, oc, 2 * k + oc, ws)
     dbias_partial = np.empty((n, oc), dtype=np.float64)
-    # Each group's weight gradient is kept apart and the parts summed in group order afterwards:
-    # the same sums in the same order whichever thread computed which part.
-    dweight_parts = ws.get("dweight_parts", (n_groups, groups, ocg, kg), x.dtype)
     p = window[-2] * window[-1]
     # The weight gradient straight from the images (no column matrix) for the plain convolution.
     implicit_dweight = (groups == 1 and window[4:6] == (1, 1)
                         and implicit_weight_grad(x.dtype, oc, k, p))
     packed_dweight = groups == 1 and packed_backward_gemm(x.dtype, oc, k, p)[0]
     plain_window = window[:4] + window[6:]
+    g, n_groups, nt = _group_split(x, window, oc, 2 * k + oc)
+    # Each group's weight gradient is kept apart and the parts summed in group order afterwards:
+    # the same sums in the same order whichever thread computed which part.
+    dweight_parts = ws.get("dweight_parts", (n_groups, groups, ocg, kg), x.dtype)
+    compiled = (layout is not None and implicit_dweight and n_groups > 1 and p > 0
+                and (dx is None or packed_backward_gemm(x.dtype, oc, k, p)[1]))
+    if compiled:
+        threads = parallel.threads_for_groups(n_groups)
+        scratch = ws.get("backward_scratch", (threads, (oc + k) * g * p), x.dtype)
+        dy3, y3, argmax3, rectify, slope = layout
+        pooled = argmax3 is not None
+        _ops.conv_backward_groups(x, dy3, y3, argmax3 if pooled else _NO_CODES, pooled, rectify, slope, w3[0],
+                                  *plain_window, g, dbias_partial, dweight_parts.reshape(n_groups, oc, k),
+                                  dx if dx is not None else _NO_IMAGES, dx is not None, scratch, threads)
+        return _sum_group_gradients(dweight_parts, dbias_partial, weight.shape, x.dtype)
+    n_groups, run = _image_groups(x, window, oc, 2 * k + oc, ws)
 
     def backward(index, first, m, scratch, nt):
         dy_gemm = scratch.get("dy_gemm", (oc, m, p), x.dtype)
@@ -515,10 +530,21 @@ def _conv_backward_groups(x, weight, window, groups, dy_to_gemm, dx, workspace):
             _fold_input_grad(w3, dy_g, first, m, window, dx, scratch, nt)
 
     run(backward)
+    return _sum_group_gradients(dweight_parts, dbias_partial, weight.shape, x.dtype)
+
+
+# Placeholders for ``_ops.conv_backward_groups``'s arguments it does not read (no pool, no dx).
+_NO_CODES = np.zeros((1, 1, 1), dtype=np.int32)
+_NO_IMAGES = np.zeros((1, 1, 1, 1), dtype=np.float32)
+
+
+def _sum_group_gradients(dweight_parts, dbias_partial, weight_shape, dtype):
+    """``(dweight, dbias)`` from the groups' weight gradients, summed in group order, and the
+    per-image bias-gradient sums."""
     dweight = dweight_parts[0].copy()
     for part in dweight_parts[1:]:
         dweight += part
-    return dweight.reshape(weight.shape), dbias_partial.sum(axis=0).astype(x.dtype)
+    return dweight.reshape(weight_shape), dbias_partial.sum(axis=0).astype(dtype)
 
 
 def _fold_input_grad(w3, dy3, first, m, window, dx, scratch, n_threads):
@@ -1766,5 +1792,6 @@ def conv2d_max_pool_2x2_backward(dy, argmax, y, x, weight, stride=1, padding=0, 
     def dy_to_gemm(first, dy_gemm, dbias_part, nt):
         _ops.max_pool_2x2_argmax_to_gemm(dy3, y3, argmax3, rectify, slope, first, out_w, dy_gemm, dbias_part, nt)
 
-    dweight, dbias = _conv_backward_groups(x, weight, window, 1, dy_to_gemm, dx, workspace)
+    dweight, dbias = _conv_backward_groups(x, weight, window, 1, dy_to_gemm, dx, workspace,
+                                           (dy3, y3, argmax3, rectify, slope))
     return dx, dweight, dbias
