@@ -460,6 +460,49 @@ cdef inline void _run_block(const _ConvGemm* g, const _PoolTiles* pool, Py_ssize
         _gemm_pool_block(g, pool, block, bp)
 
 
+cdef int _run_image_group(const _ConvGemm* whole, const _PoolTiles* whole_pool, Py_ssize_t first,
+                          Py_ssize_t count) noexcept nogil:
+    """Images ``first : first + count`` of the call ``whole`` describes (set up for all its images),
+    on the calling thread alone."""
+    cdef _ConvGemm g = whole[0]
+    cdef _PoolTiles pool
+    g.x = whole.x + first * whole.c * whole.h * whole.w
+    g.images = count
+    g.N = count * whole.P
+    g.out = whole.out + first * whole.image_stride
+    if whole_pool == NULL:
+        return _conv_gemm_run(&g, 1, NULL)
+    pool = whole_pool[0]
+    pool.windows = count * pool.ph * pool.pw
+    if pool.code != NULL:
+        pool.code = whole_pool.code + first * whole.image_stride  # addressed as g.out
+    return _conv_gemm_run(&g, 1, &pool)
+
+
+cdef int _conv_gemm_groups(_ConvGemm* whole, const _PoolTiles* pool, Py_ssize_t group, int n_threads) noexcept nogil:
+    """The call ``whole`` by groups of ``group`` images, each group on one thread, handed out as
+    threads free up; 0 on success, -1 when out of memory. ``group <= 0``: one call, its column
+    blocks split over ``n_threads`` (``_conv_gemm_run``).
+
+    Why in here rather than in Python worker threads: each group is one compiled call, so the
+    whole loop runs without the GIL. On a machine whose idle cores sleep (virtual machines), a
+    Python worker woken for a call and handed the GIL between groups cost 40-70 us per call."""
+    if group <= 0 or group >= whole.images:
+        return _conv_gemm_run(whole, n_threads, pool)
+    cdef Py_ssize_t n_groups = (whole.images + group - 1) // group
+    cdef Py_ssize_t i
+    cdef int failures = 0
+    if n_threads > n_groups:
+        n_threads = <int>n_groups
+    if n_threads <= 1:
+        for i in range(n_groups):
+            failures += _run_image_group(whole, pool, i * group, min(group, whole.images - i * group)) != 0
+    else:
+        for i in prange(n_groups, schedule="dynamic", num_threads=n_threads):
+            failures += _run_image_group(whole, pool, i * group, min(group, whole.images - i * group)) != 0
+    return -1 if failures else 0
+
+
 cdef void _conv_gemm_setup(_ConvGemm* g, const float[:, :, :, ::1] x, Py_ssize_t first, Py_ssize_t g_images,
                            const float[:, ::1] weight, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sy,
                            Py_ssize_t sx, Py_ssize_t pad_top, Py_ssize_t pad_left, Py_ssize_t out_h,
@@ -507,12 +550,14 @@ def conv_gemm_nchw(
     double negative_slope,
     float[:, :, ::1] y,
     int n_threads,
+    Py_ssize_t group=0,
 ):
     """The float32 convolution forward of images ``x[first : first + count]`` into
     ``y[first : first + count]`` of shape ``(n, out_c, out_h * out_w)``, in one pass: the packed
     GEMM with ``weight`` of shape ``(out_c, c*kh*kw)`` over the implicit im2col matrix, plus
     ``bias[o]`` when ``has_bias``, then a leaky ReLU with ``negative_slope`` when ``leaky_relu``
-    (as ``im2col`` + GEMM + ``gemm_to_nchw``). The caller checks the geometry."""
+    (as ``im2col`` + GEMM + ``gemm_to_nchw``). ``group > 0``: by groups of that many images, one
+    thread each (see ``_conv_gemm_groups``). The caller checks the geometry."""
     cdef _ConvGemm g
     if weight.shape[1] == 0:
         raise ValueError("Expected a weight with at least one column (c*kh*kw > 0), received: shape (%d, 0)" % weight.shape[0])
@@ -527,7 +572,7 @@ def conv_gemm_nchw(
     g.slope = <float>negative_slope
     cdef int status
     with nogil:
-        status = _conv_gemm(&g, n_threads)
+        status = _conv_gemm_groups(&g, NULL, group, n_threads)
     if status != 0:
         raise MemoryError("cnnx: no memory for the packed GEMM panels")
 
@@ -1243,14 +1288,16 @@ def conv_gemm_nchw_max_pool_2x2(
     double negative_slope,
     float[:, :, ::1] y,
     int n_threads,
+    Py_ssize_t group=0,
 ):
     """``conv_gemm_nchw`` followed by the floor 2x2 / stride-2 max-pool, in one pass (inference):
     ``y[first : first + count]`` of shape ``(n, out_c, (out_h // 2) * (out_w // 2))`` receives
     ``max_pool2d(leaky_relu(conv(x) + bias), 2)`` with only the pixels the pool keeps computed and
     no full-size output written. ``negative_slope`` must be >= 0 (the pool commutes with a
-    monotone activation only). The caller checks the geometry of ``x`` and ``weight``."""
+    monotone activation only). ``group`` as in ``conv_gemm_nchw``. The caller checks the geometry
+    of ``x`` and ``weight``."""
     _conv_gemm_pooled(x, first, count, weight, kh, kw, sy, sx, pad_top, pad_left, out_h, out_w, bias, has_bias,
-                      leaky_relu, negative_slope, y, NULL, n_threads)
+                      leaky_relu, negative_slope, y, NULL, n_threads, group)
 
 
 def conv_gemm_nchw_max_pool_2x2_argmax(
@@ -1273,6 +1320,7 @@ def conv_gemm_nchw_max_pool_2x2_argmax(
     float[:, :, ::1] y,
     int[:, :, ::1] argmax,
     int n_threads,
+    Py_ssize_t group=0,
 ):
     """The training form of ``conv_gemm_nchw_max_pool_2x2``: also ``argmax`` (shaped as ``y``), each
     window's winner ``2 * dy + dx``, with the values and codes of ``conv_gemm_columns`` +
@@ -1283,13 +1331,14 @@ def conv_gemm_nchw_max_pool_2x2_argmax(
                          f"({argmax.shape[0]}, {argmax.shape[1]}, {argmax.shape[2]})")
     _conv_gemm_pooled(x, first, count, weight, kh, kw, sy, sx, pad_top, pad_left, out_h, out_w, bias, has_bias,
                       leaky_relu, negative_slope, y, &argmax[0, 0, 0] if argmax.shape[0] > 0 and argmax.shape[1] > 0
-                      and argmax.shape[2] > 0 else NULL, n_threads)
+                      and argmax.shape[2] > 0 else NULL, n_threads, group)
 
 
 cdef _conv_gemm_pooled(const float[:, :, :, ::1] x, Py_ssize_t first, Py_ssize_t count, const float[:, ::1] weight,
                        Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sy, Py_ssize_t sx, Py_ssize_t pad_top,
                        Py_ssize_t pad_left, Py_ssize_t out_h, Py_ssize_t out_w, const float[::1] bias, bint has_bias,
-                       bint leaky_relu, double negative_slope, float[:, :, ::1] y, int* code, int n_threads):
+                       bint leaky_relu, double negative_slope, float[:, :, ::1] y, int* code, int n_threads,
+                       Py_ssize_t group):
     cdef _ConvGemm g
     cdef _PoolTiles pool
     if weight.shape[1] == 0:
@@ -1317,6 +1366,209 @@ cdef _conv_gemm_pooled(const float[:, :, :, ::1] x, Py_ssize_t first, Py_ssize_t
     g.slope = <float>negative_slope
     cdef int status
     with nogil:
-        status = _conv_gemm_run(&g, n_threads, &pool)
+        status = _conv_gemm_groups(&g, &pool, group, n_threads)
     if status != 0:
         raise MemoryError("cnnx: no memory for the packed GEMM panels")
+
+
+# --- A convolution's backward by groups of images, inside one compiled call ---------------------
+#
+# What functional._conv_backward_groups does per group with Python worker threads, for the packed
+# float32 path (one convolution group, no dilation, the implicit weight gradient, the packed dcols
+# GEMM): the output gradient into GEMM layout (through the fused activation, and the pool's
+# argmax where there is one) with each image's bias-gradient sums, the group's weight gradient,
+# then dcols = W^T @ dY and col2im into dx. Here each group is one thread's task in an OpenMP loop
+# (dynamic schedule) that never takes the GIL: with worker threads, the four kernel calls of each
+# group and the Python between them passed the GIL back and forth, and on a virtual machine whose
+# idle vCPUs halt every wait for it cost a wake-up. Same kernels, same sums in the same order:
+# the results are the Python path's bit for bit.
+
+cdef double _rectified_row(const float* dy, const float* y, float low, Py_ssize_t n, float* out) noexcept nogil:
+    """``out[p] = dy[p]`` times the leaky ReLU's derivative read from its output (``low`` where
+    ``y <= 0``; ``low`` 1: no activation); returns the row's sum, added in order (``nchw_to_gemm``)."""
+    cdef float derivative[2]
+    cdef double acc = 0
+    cdef float v
+    cdef Py_ssize_t p
+    derivative[0] = low
+    derivative[1] = 1
+    for p in range(n):
+        v = dy[p] * derivative[y[p] > 0]
+        out[p] = v
+        acc = acc + v
+    return acc
+
+
+cdef double _unpooled_row(const float* dy, const float* y, const int* code, Py_ssize_t oh, Py_ssize_t out_w,
+                          float low, float* out) noexcept nogil:
+    """One image-channel plane of ``max_pool_2x2_argmax_to_gemm``: the pooled gradient (times the
+    derivative, as ``_rectified_row``) at each window's argmax, zero elsewhere; returns its sum."""
+    cdef Py_ssize_t pw = out_w // 2, ph = oh // 2
+    cdef Py_ssize_t py, px, cell, k, p
+    cdef float derivative[2]
+    cdef double acc = 0
+    cdef float v
+    if CNNX_POOL_SIMD and ph * pw > 0 and _pool_rows_need_chunks(pw):
+        return cnnx_unpool2x2_f32(dy, y, code, oh, out_w, ph, pw, low, out)
+    derivative[0] = low
+    derivative[1] = 1
+    for p in range(oh * out_w):
+        out[p] = 0
+    for py in range(ph):
+        for px in range(pw):
+            cell = py * pw + px
+            v = dy[cell] * derivative[y[cell] > 0]
+            k = code[cell] & 3
+            out[(2 * py + k // 2) * out_w + 2 * px + k % 2] = v
+            acc = acc + v
+    return acc
+
+
+cdef struct _ConvBackward:
+    # One backward call: the forward's input and output gradient, the weight, and where each
+    # group's results go. Planes are (image, channel) rows of `plane` floats.
+    _ConvGemm geo          # the whole batch's geometry (as for the forward)
+    const float* dy        # (n, out_c, dy_plane): the output gradient (pooled with `code`)
+    const float* y         # the forward's (activated, pooled) output, shaped as dy
+    const int* code        # the pool's argmax codes, shaped as dy; NULL: no pool
+    Py_ssize_t dy_plane
+    float low              # the activation's derivative where y <= 0 (1: none)
+    double* dbias          # (n, out_c) per-image bias-gradient sums
+    float* dweight_parts   # (groups, out_c, K)
+    float* dx              # (n, c, h, w), or NULL
+    float* scratch         # per thread: dY (out_c x group x P) then dcols (K x group x P)
+    Py_ssize_t scratch_floats, group
+
+
+cdef int _backward_group(const _ConvBackward* b, Py_ssize_t index, float* scratch) noexcept nogil:
+    cdef const _ConvGemm* whole = &b.geo
+    cdef Py_ssize_t first = index * b.group
+    cdef Py_ssize_t m = min(b.group, whole.images - first)
+    cdef Py_ssize_t oc = whole.M, K = whole.K, P = whole.P
+    cdef Py_ssize_t j, o, ci, ki, kj, row
+    cdef float* dy_gemm = scratch
+    cdef float* dcols = scratch + oc * b.group * P
+    cdef float* dw = b.dweight_parts + index * oc * K
+    cdef _ConvGemm g
+    cdef Geometry geo
+    cdef TapRange t
+    cdef float* plane
+    # 1. dY of the group in GEMM layout (out_c, m, P), and each image's bias-gradient sums.
+    for j in range(m):
+        for o in range(oc):
+            row = (first + j) * oc + o
+            if b.code != NULL:
+                b.dbias[row] = _unpooled_row(b.dy + row * b.dy_plane, b.y + row * b.dy_plane,
+                                             b.code + row * b.dy_plane, whole.out_h, whole.out_w, b.low,
+                                             dy_gemm + (o * m + j) * P)
+            else:
+                b.dbias[row] = _rectified_row(b.dy + row * b.dy_plane, b.y + row * b.dy_plane, b.low, P,
+                                              dy_gemm + (o * m + j) * P)
+    # 2. The group's weight gradient, straight from the images (``conv_weight_grad``).
+    memset(dw, 0, oc * K * sizeof(float))
+    g = whole[0]
+    g.x = whole.x + first * whole.c * whole.h * whole.w
+    g.images = m
+    g.N = m * P
+    if _conv_weight_grad(&g, dy_gemm, dw, 1) != 0:
+        return -1
+    if b.dx == NULL:
+        return 0
+    # 3. dcols (K, m * P) = W^T @ dY (the weight read transposed, as ``gemm(w.T, dy, dcols)``).
+    g.M, g.K, g.N, g.P = K, oc, m * P, m * P
+    g.a_src, g.a_rs, g.a_cs = whole.a_src, 1, K
+    g.b_src, g.b_rs, g.b_cs = dy_gemm, m * P, 1
+    g.out, g.row_stride, g.image_stride = dcols, m * P, 0
+    g.bias, g.rectify, g.slope = NULL, 0, 0
+    if _conv_gemm(&g, 1) != 0:
+        return -1
+    # 4. col2im of the group's images into dx (``col2im_dilated``, dilation 1).
+    geo = Geometry(whole.h, whole.w, whole.out_h, whole.out_w, whole.sy, whole.sx, 1, 1, whole.pad_top,
+                   whole.pad_left)
+    for j in range(m):
+        for ci in range(whole.c):
+            plane = b.dx + ((first + j) * whole.c + ci) * whole.h * whole.w
+            memset(plane, 0, whole.h * whole.w * sizeof(float))
+            for ki in range(whole.kh):
+                for kj in range(whole.kw):
+                    t = _tap_range(ki, kj, &geo)
+                    _tap_scatter_add(plane, dcols + ((ci * whole.kh + ki) * whole.kw + kj) * m * P + j * P,
+                                     1, &t, &geo)
+    return 0
+
+
+def conv_backward_groups(
+    const float[:, :, :, ::1] x,
+    const float[:, :, ::1] dy,
+    const float[:, :, ::1] y,
+    const int[:, :, ::1] argmax,
+    bint pooled,
+    bint leaky_relu,
+    double negative_slope,
+    const float[:, ::1] weight,
+    Py_ssize_t kh,
+    Py_ssize_t kw,
+    Py_ssize_t sy,
+    Py_ssize_t sx,
+    Py_ssize_t pad_top,
+    Py_ssize_t pad_left,
+    Py_ssize_t out_h,
+    Py_ssize_t out_w,
+    Py_ssize_t group,
+    double[:, ::1] dbias_partial,
+    float[:, :, ::1] dweight_parts,
+    float[:, :, :, ::1] dx,
+    bint need_dx,
+    float[:, ::1] scratch,
+    int n_threads,
+):
+    """The float32 backward of a plain convolution (``weight (out_c, c*kh*kw)``, no dilation) by
+    groups of ``group`` images, one thread each, in one call (see the comment above):
+    ``dbias_partial (n, out_c)`` gets each image's bias-gradient sums, ``dweight_parts (groups,
+    out_c, c*kh*kw)`` each group's weight gradient, ``dx`` the input gradient when ``need_dx``.
+    ``dy`` and ``y`` are ``(n, out_c, pixels)``: the output's gradient and the output itself (read
+    for the leaky ReLU with ``negative_slope`` when ``leaky_relu``), pooled 2x2 with ``argmax``
+    (its codes, shaped as ``dy``) when ``pooled``. ``scratch`` has one row per thread of at least
+    ``(out_c + c*kh*kw) * group * out_h * out_w`` floats. The caller checks the geometry."""
+    cdef _ConvBackward b
+    cdef Py_ssize_t n = x.shape[0], oc = weight.shape[0], K = weight.shape[1]
+    cdef Py_ssize_t P = out_h * out_w
+    cdef Py_ssize_t dy_plane = (out_h // 2) * (out_w // 2) if pooled else P
+    cdef Py_ssize_t n_groups, i
+    cdef int failures = 0
+    if group <= 0 or n == 0 or oc == 0 or K == 0 or P == 0:
+        raise ValueError("conv_backward_groups: expected at least one image, output channel, tap and pixel")
+    n_groups = (n + group - 1) // group
+    if n_threads > n_groups:
+        n_threads = <int>n_groups
+    if n_threads < 1:
+        n_threads = 1
+    if (dy.shape[0] != n or dy.shape[1] != oc or dy.shape[2] != dy_plane or y.shape[0] != n or y.shape[1] != oc
+            or y.shape[2] != dy_plane or (pooled and (argmax.shape[0] != n or argmax.shape[1] != oc
+                                                       or argmax.shape[2] != dy_plane))
+            or dbias_partial.shape[0] != n or dbias_partial.shape[1] != oc or dweight_parts.shape[0] < n_groups
+            or dweight_parts.shape[1] != oc or dweight_parts.shape[2] != K or scratch.shape[0] < n_threads
+            or scratch.shape[1] < (oc + K) * group * P or K != x.shape[1] * kh * kw
+            or (need_dx and (dx.shape[0] != n or dx.shape[1] != x.shape[1] or dx.shape[2] != x.shape[2]
+                             or dx.shape[3] != x.shape[3]))):
+        raise ValueError("conv_backward_groups: dy, y, argmax, dbias_partial, dweight_parts, dx or scratch "
+                         "do not match x, the weight and the geometry")
+    _conv_gemm_setup(&b.geo, x, 0, n, weight, kh, kw, sy, sx, pad_top, pad_left, out_h, out_w)
+    b.dy, b.y, b.dy_plane = &dy[0, 0, 0], &y[0, 0, 0], dy_plane
+    b.code = &argmax[0, 0, 0] if pooled else NULL
+    b.low = <float>negative_slope if leaky_relu else 1
+    b.dbias = &dbias_partial[0, 0]
+    b.dweight_parts = &dweight_parts[0, 0, 0]
+    b.dx = &dx[0, 0, 0, 0] if need_dx else NULL
+    b.scratch = &scratch[0, 0]
+    b.scratch_floats = scratch.shape[1]
+    b.group = group
+    with nogil:
+        if n_threads == 1:
+            for i in range(n_groups):
+                failures += _backward_group(&b, i, b.scratch) != 0
+        else:
+            for i in prange(n_groups, schedule="dynamic", num_threads=n_threads):
+                failures += _backward_group(&b, i, b.scratch + threadid() * b.scratch_floats) != 0
+    if failures:
+        raise MemoryError("cnnx: no memory for the convolution backward's panels")

@@ -9,7 +9,6 @@ buffers are allocated once per batch shape, not once per call.
 """
 from __future__ import annotations
 
-import functools
 import math
 import operator
 
@@ -287,6 +286,17 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, out=
     return y
 
 
+def _group_split(x, window, oc, rows_per_pixel):
+    """``(images per group, groups, threads inside a group)`` of an im2col + GEMM pass (see
+    ``_image_groups``): one group runs OpenMP loops inside it; several run one thread each."""
+    n, c = x.shape[:2]
+    kh, kw, out_h, out_w = window[0], window[1], window[-2], window[-1]
+    k, p = c * kh * kw, out_h * out_w
+    g = _group_size(n, rows_per_pixel * p * x.dtype.itemsize)
+    n_groups = -(-n // g)
+    return g, n_groups, (threads_for(n * (k + oc) * p) if n_groups == 1 else 1)
+
+
 def _image_groups(x, window, oc, rows_per_pixel, workspace):
     """Split the batch for an im2col + GEMM pass: groups of images whose buffers (``rows_per_pixel``
     rows of ``x``'s dtype per output pixel and image) stay within COLUMN_BUFFER_BYTES.
@@ -295,14 +305,9 @@ def _image_groups(x, window, oc, rows_per_pixel, workspace):
     for every group (images ``first : first + m``) on cnnx's workers, with the worker's
     ``scratch`` and the threads the group's own loops may use.
     """
-    n, c = x.shape[:2]
-    kh, kw, out_h, out_w = window[0], window[1], window[-2], window[-1]
-    k, p = c * kh * kw, out_h * out_w
+    n = x.shape[0]
     ws = workspace if workspace is not None else Workspace()
-    g = _group_size(n, rows_per_pixel * p * x.dtype.itemsize)
-    n_groups = -(-n // g)
-    # One group: OpenMP loops and BLAS threads inside it; several: one thread per group.
-    nt = threads_for(n * (k + oc) * p) if n_groups == 1 else 1
+    g, n_groups, nt = _group_split(x, window, oc, rows_per_pixel)
 
     def run(body):
         def run_group(worker, index):
@@ -334,31 +339,35 @@ def _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace, n
     cnnx's packed GEMM runs, it writes ``y3`` directly and ``gemm_to_output`` is not called.
     ``tile_store`` is the packed kernel that does it (default ``conv_gemm_nchw``; the pooled
     ``conv_gemm_nchw_max_pool_2x2`` and its ``_argmax`` form, whose ``nchw`` ends with the argmax).
-    ``winograd_store`` is the Winograd kernel of the same form (same arguments), which replaces
-    ``tile_store`` where ``winograd_conv`` says so.
+    ``winograd_store`` is the Winograd kernel of the same form, which replaces ``tile_store``
+    where ``winograd_conv`` says so.
     """
     oc = weight.shape[0]
     k = x.shape[1] * window[0] * window[1]  # c * kh * kw
     w3 = weight.reshape(groups, oc // groups, k // groups)
     out_h, out_w = window[-2], window[-1]
+    plain_window = window[:4] + window[6:]
     if (nchw is not None and winograd_store is not None
             and winograd_conv(x.dtype, oc, x.shape[1], window[:2], window[2:4], window[4:6], groups, (out_h, out_w))):
-        # The weights transformed once for all groups; Winograd's buffers are per block of tiles,
-        # not per image: the largest groups that keep the workers busy.
+        # One compiled call for the whole batch: its threads split the blocks of tiles (no groups
+        # of images: the buffers are per block), the weights transformed once.
+        threads = 1 if parallel.in_parallel_region() else threads_for(x.shape[0] * (k + oc) * out_h * out_w)
         transformed = _ops.winograd_weights(w3[0], x.shape[1])
-        tile_store, packed = functools.partial(winograd_store, transformed=transformed), True
-        _, run = _image_groups(x, window, oc, 0, workspace)
-    else:
-        # The packed GEMM takes the plain convolution (one group, no dilation); window without dilation.
-        packed = (groups == 1 and window[4:6] == (1, 1)
-                  and packed_conv_gemm(x.dtype, oc, k, out_h * out_w))
-        _, run = _image_groups(x, window, oc, k + oc, workspace)
-    plain_window = window[:4] + window[6:]
+        winograd_store(x, 0, x.shape[0], w3[0], *plain_window, *nchw, threads, transformed)
+        return
+    # The packed GEMM takes the plain convolution (one group, no dilation); window without dilation.
+    packed = (groups == 1 and window[4:6] == (1, 1)
+              and packed_conv_gemm(x.dtype, oc, k, out_h * out_w))
+
+    if packed and nchw is not None:
+        # Each group is one compiled call: the kernel runs the groups on its own threads.
+        g, n_groups, nt = _group_split(x, window, oc, k + oc)
+        threads = nt if n_groups == 1 else parallel.threads_for_groups(n_groups)
+        (tile_store or _ops.conv_gemm_nchw)(x, 0, x.shape[0], w3[0], *plain_window, *nchw, threads, g)
+        return
+    _, run = _image_groups(x, window, oc, k + oc, workspace)
 
     def forward(index, first, m, scratch, nt):
-        if packed and nchw is not None:
-            (tile_store or _ops.conv_gemm_nchw)(x, first, m, w3[0], *plain_window, *nchw, nt)
-            return
         y_gemm = scratch.get("y_gemm", (oc, m, out_h * out_w), x.dtype)
         if packed:
             _ops.conv_gemm_columns(x, first, w3[0], *plain_window, y_gemm, nt)
@@ -538,29 +547,28 @@ def conv2d_backward(dy, x, weight, stride=1, padding=0, dilation=1, groups=1, ne
     def dy_to_gemm(first, dy_gemm, dbias_part, nt):
         _ops.nchw_to_gemm(dy3, y3, rectify, slope, first, dy_gemm, dbias_part, nt)
 
-    dweight, dbias = _conv_backward_groups(x, weight, window, groups, dy_to_gemm, dx, workspace)
+    dweight, dbias = _conv_backward_groups(x, weight, window, groups, dy_to_gemm, dx, workspace,
+                                           (dy3, y3, None, rectify, slope))
     return dx, dweight, dbias
 
 
-def _conv_backward_groups(x, weight, window, groups, dy_to_gemm, dx, workspace):
+def _conv_backward_groups(x, weight, window, groups, dy_to_gemm, dx, workspace, layout=None):
     """The im2col + GEMM backward of a convolution with this ``window`` and ``groups``, run by
     groups of images on cnnx's workers.
 
     ``dy_to_gemm(first, dy_gemm, dbias_part, n_threads)`` writes the output gradient of images
     ``first : first + m`` in GEMM layout ``(out_c, m, P)`` (through the fused activation, and the
     pool's argmax where there is one) and their per-image bias gradients ``(m, out_c)``. ``dx``
-    (or None) receives the input gradient. Returns ``(dweight, dbias)``.
+    (or None) receives the input gradient. ``layout = (dy3, y3, argmax3 or None, rectify, slope)``,
+    what ``dy_to_gemm`` reads, lets the plain float32 convolution run all of it in one compiled
+    call (``_ops.conv_backward_groups``, the same kernels). Returns ``(dweight, dbias)``.
     """
     n, oc = x.shape[0], weight.shape[0]
     k = x.shape[1] * window[0] * window[1]  # c * kh * kw
     kg, ocg = k // groups, oc // groups
     w3 = weight.reshape(groups, ocg, kg)
     ws = workspace if workspace is not None else Workspace()
-    n_groups, run = _image_groups(x, window, oc, 2 * k + oc, ws)
     dbias_partial = np.empty((n, oc), dtype=np.float64)
-    # Each group's weight gradient is kept apart and the parts summed in group order afterwards:
-    # the same sums in the same order whichever thread computed which part.
-    dweight_parts = ws.get("dweight_parts", (n_groups, groups, ocg, kg), x.dtype)
     p = window[-2] * window[-1]
     # The weight gradient straight from the images (no column matrix) for the plain convolution.
     implicit_dweight = (groups == 1 and window[4:6] == (1, 1)
@@ -568,7 +576,7 @@ def _conv_backward_groups(x, weight, window, groups, dy_to_gemm, dx, workspace):
     packed_dweight = groups == 1 and packed_backward_gemm(x.dtype, oc, k, p)[0]
     plain_window = window[:4] + window[6:]
     # The input gradient by Winograd: the convolution of dy with the flipped, transposed kernels,
-    # padded 2 - the forward's padding (transformed once for all groups).
+    # padded 2 - the forward's padding (transformed once for all groups); the weight gradient too.
     pt, pl = window[6:8]
     winograd_dx = dx is not None and winograd_input_grad(x.dtype, oc, x.shape[1], window[:2], window[2:4], window[4:6],
                                                          groups, x.shape[2:], (pt, pl))
@@ -577,6 +585,22 @@ def _conv_backward_groups(x, weight, window, groups, dy_to_gemm, dx, workspace):
     if winograd_dx:
         flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(x.shape[1], -1)
         transformed_dx = _ops.winograd_weights(flipped, oc)
+    g, n_groups, nt = _group_split(x, window, oc, 2 * k + oc)
+    # Each group's weight gradient is kept apart and the parts summed in group order afterwards:
+    # the same sums in the same order whichever thread computed which part.
+    dweight_parts = ws.get("dweight_parts", (n_groups, groups, ocg, kg), x.dtype)
+    compiled = (layout is not None and implicit_dweight and n_groups > 1 and p > 0 and not winograd_dx
+                and not winograd_dweight and (dx is None or packed_backward_gemm(x.dtype, oc, k, p)[1]))
+    if compiled:
+        threads = parallel.threads_for_groups(n_groups)
+        scratch = ws.get("backward_scratch", (threads, (oc + k) * g * p), x.dtype)
+        dy3, y3, argmax3, rectify, slope = layout
+        pooled = argmax3 is not None
+        _ops.conv_backward_groups(x, dy3, y3, argmax3 if pooled else _NO_CODES, pooled, rectify, slope, w3[0],
+                                  *plain_window, g, dbias_partial, dweight_parts.reshape(n_groups, oc, k),
+                                  dx if dx is not None else _NO_IMAGES, dx is not None, scratch, threads)
+        return _sum_group_gradients(dweight_parts, dbias_partial, weight.shape, x.dtype)
+    n_groups, run = _image_groups(x, window, oc, 2 * k + oc, ws)
 
     def backward(index, first, m, scratch, nt):
         dy_gemm = scratch.get("dy_gemm", (oc, m, p), x.dtype)
@@ -599,10 +623,21 @@ def _conv_backward_groups(x, weight, window, groups, dy_to_gemm, dx, workspace):
             _fold_input_grad(w3, dy_g, first, m, window, dx, scratch, nt)
 
     run(backward)
+    return _sum_group_gradients(dweight_parts, dbias_partial, weight.shape, x.dtype)
+
+
+# Placeholders for ``_ops.conv_backward_groups``'s arguments it does not read (no pool, no dx).
+_NO_CODES = np.zeros((1, 1, 1), dtype=np.int32)
+_NO_IMAGES = np.zeros((1, 1, 1, 1), dtype=np.float32)
+
+
+def _sum_group_gradients(dweight_parts, dbias_partial, weight_shape, dtype):
+    """``(dweight, dbias)`` from the groups' weight gradients, summed in group order, and the
+    per-image bias-gradient sums."""
     dweight = dweight_parts[0].copy()
     for part in dweight_parts[1:]:
         dweight += part
-    return dweight.reshape(weight.shape), dbias_partial.sum(axis=0).astype(x.dtype)
+    return dweight.reshape(weight_shape), dbias_partial.sum(axis=0).astype(dtype)
 
 
 def _fold_input_grad(w3, dy3, first, m, window, dx, scratch, n_threads):
@@ -1850,5 +1885,6 @@ def conv2d_max_pool_2x2_backward(dy, argmax, y, x, weight, stride=1, padding=0, 
     def dy_to_gemm(first, dy_gemm, dbias_part, nt):
         _ops.max_pool_2x2_argmax_to_gemm(dy3, y3, argmax3, rectify, slope, first, out_w, dy_gemm, dbias_part, nt)
 
-    dweight, dbias = _conv_backward_groups(x, weight, window, 1, dy_to_gemm, dx, workspace)
+    dweight, dbias = _conv_backward_groups(x, weight, window, 1, dy_to_gemm, dx, workspace,
+                                           (dy3, y3, argmax3, rectify, slope))
     return dx, dweight, dbias

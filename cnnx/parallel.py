@@ -176,8 +176,11 @@ def single_threaded_blas():
                 _blas_limiter = None
 
 
-# Below this many multiply-adds a GEMM runs in the calling thread.
-MIN_GEMM_WORK = 1 << 20
+# Below this many multiply-adds per thread a GEMM runs in the calling thread. Waking a sleeping
+# thread costs 40-70 us on a virtual machine whose idle vCPUs halt (AMD EPYC Zen 5, 2 vCPUs): the
+# dense GEMMs of the benchmark networks ran no faster on 2 threads than on 1 below ~15 M
+# multiply-adds (128 x 400 -> 120: 73 us on 1 thread, 97 us on 2; 256 x 1024 -> 128: 339 / 244 us).
+MIN_GEMM_WORK = 1 << 23
 
 
 def threads_for_gemm(m, k, n):
@@ -186,6 +189,14 @@ def threads_for_gemm(m, k, n):
     if in_parallel_region():
         return 1
     return max(1, min(_num_threads, m * k * n // MIN_GEMM_WORK))
+
+
+def threads_for_groups(n_groups):
+    """Threads for a compiled kernel that runs ``n_groups`` groups of images one thread each (as
+    ``for_each_group`` would): one inside a worker's task."""
+    if in_parallel_region():
+        return 1
+    return max(1, min(_num_threads, n_groups))
 
 
 def blas_product(a, b, out):

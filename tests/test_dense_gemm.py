@@ -56,16 +56,19 @@ def test_dense_gemm_matches_float64(isa, shape, activation, slope, has_bias, rng
 
 
 @pytest.mark.parametrize("isa", BUILDS)
-def test_dense_gemm_gives_the_same_values_on_any_thread_count(isa, rng):
+@pytest.mark.parametrize("shape", [(77, 1030, 45), (9, 1030, 200)], ids=["rows split", "outputs split"])
+def test_dense_gemm_gives_the_same_values_on_any_thread_count(isa, shape, rng):
+    # Threads split the rows, or the outputs when the weight is the larger operand (more outputs
+    # than rows): either way each output is one thread's sum in the same order.
     ops = _simd.load(isa)
-    x, w, b = operands(77, 1030, 45, rng)
+    x, w, b = operands(*shape, rng)
 
     def run(threads):
-        z = np.empty((77, 45), np.float32)
+        z = np.empty((shape[0], shape[2]), np.float32)
         ops.dense_gemm(x, w, b, True, True, 0.01, z, threads)
         return z
 
-    ref.assert_kernel_identical_for_thread_counts(run)  # threads split the rows
+    ref.assert_kernel_identical_for_thread_counts(run)
 
 
 def test_dense_gemm_with_no_inputs_gives_the_activated_bias():
