@@ -600,7 +600,17 @@ def _conv_backward_groups(x, weight, window, groups, dy_to_gemm, dx, workspace, 
                                   *plain_window, g, dbias_partial, dweight_parts.reshape(n_groups, oc, k),
                                   dx if dx is not None else _NO_IMAGES, dx is not None, scratch, threads)
         return _sum_group_gradients(dweight_parts, dbias_partial, weight.shape, x.dtype)
-    n_groups, run = _image_groups(x, window, oc, 2 * k + oc, ws)
+    if winograd_dx or winograd_dweight:
+        # Groups by what they hold per pixel: dy in GEMM layout, the Winograd weight gradient's
+        # channels-last copies, and the column buffers of the GEMM steps that remain (larger
+        # groups than the GEMM path's: fewer calls from Python).
+        rows = 2 * oc + x.shape[1] if winograd_dweight else oc + (0 if implicit_dweight else k)
+        rows += 0 if dx is None or winograd_dx else k
+        g, n_groups, nt = _group_split(x, window, oc, rows)
+        dweight_parts = ws.get("dweight_parts", (n_groups, groups, ocg, kg), x.dtype)
+        n_groups, run = _image_groups(x, window, oc, rows, ws)
+    else:
+        n_groups, run = _image_groups(x, window, oc, 2 * k + oc, ws)
 
     def backward(index, first, m, scratch, nt):
         dy_gemm = scratch.get("dy_gemm", (oc, m, p), x.dtype)
