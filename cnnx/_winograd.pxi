@@ -821,6 +821,45 @@ cdef extern from *:
     #endif
     }
 
+    /* dst[q * ld + r] = src[r * ls + q] for r < rows, q < cols (rows, cols <= 16): a 16 x 16 block
+       transposed in registers on AVX-512 (four shuffle stages), smaller blocks element by element. */
+    #if defined(__AVX512F__)
+    #include <immintrin.h>
+    #endif
+    static inline void cnnx_transpose_block(const float *src, Py_ssize_t ls, float *dst, Py_ssize_t ld,
+                                            int rows, int cols) {
+    #if defined(__AVX512F__)
+        if (rows == 16 && cols == 16) {
+            __m512 r[16], t[16];
+            for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ls);
+            for (int i = 0; i < 16; i += 2) {
+                t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+                t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+            }
+            for (int i = 0; i < 16; i += 4) {
+                r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+                r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+                r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+                r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+            }
+            for (int i = 0; i < 16; i += 8) {
+                for (int k = 0; k < 4; ++k) {
+                    t[i + k] = _mm512_shuffle_f32x4(r[i + k], r[i + 4 + k], 0x88);
+                    t[i + 4 + k] = _mm512_shuffle_f32x4(r[i + k], r[i + 4 + k], 0xDD);
+                }
+            }
+            for (int k = 0; k < 8; ++k) {
+                r[k] = _mm512_shuffle_f32x4(t[k], t[8 + k], 0x88);
+                r[8 + k] = _mm512_shuffle_f32x4(t[k], t[8 + k], 0xDD);
+            }
+            for (int q = 0; q < 16; ++q) _mm512_storeu_ps(dst + q * ld, r[q]);
+            return;
+        }
+    #endif
+        for (int q = 0; q < cols; ++q)
+            for (int i = 0; i < rows; ++i) dst[q * ld + i] = src[i * ls + q];
+    }
+
     /* dw[a * 3 + b] = (G^T m G)[a][b] for the 16 sums m[xi * ms], in double. */
     static inline void cnnx_wino_dw_kernel(const float *m, Py_ssize_t ms, float *dw) {
         double t[3][4];
@@ -839,6 +878,8 @@ cdef extern from *:
                            Py_ssize_t ys) noexcept nogil
     void cnnx_wino_x_tile(const float* p, Py_ssize_t row, Py_ssize_t pixel, float* v, Py_ssize_t vs) noexcept nogil
     void cnnx_wino_dw_kernel(const float* m, Py_ssize_t ms, float* dw) noexcept nogil
+    void cnnx_transpose_block(const float* src, Py_ssize_t ls, float* dst, Py_ssize_t ld, int rows,
+                              int cols) noexcept nogil
 
 
 cdef struct _WinoGrad:
@@ -948,28 +989,26 @@ def winograd_conv_weight_grad(
         memset(buf, 0, (xcl_floats + dycl_floats) * sizeof(float))
         memset(g.sums, 0, 16 * g.sums_stride * sizeof(float))
         # Channels-last copies, zero where padded: xcl[j, pad_top + iy, pad_left + ix, ci], dycl[j, oy, ox, o].
-        # In chunks of 16 pixels of a row: the chunk's destination lines (16 pixels x all channels)
-        # stay in L1 while every channel's 16 values are written.
+        # In blocks of 16 pixels of a row x 16 channels, transposed in registers where the build
+        # has AVX-512 (the chunk's destination lines stay in L1 meanwhile).
         for j in range(g.m):
             for iy in range(h if h + pad_top <= g.hp else g.hp - pad_top):
                 ix = 0
                 while ix < w and ix + pad_left < g.wp:
                     n = min(16, w - ix, g.wp - pad_left - ix)
                     dst = g.xcl + ((j * g.hp + iy + pad_top) * g.wp + pad_left + ix) * g.cp
-                    for ci in range(g.c):
-                        src = xs + ((j * g.c + ci) * h + iy) * w + ix
-                        for q in range(n):
-                            dst[q * g.cp + ci] = src[q]
+                    for ci in range(0, g.c, 16):
+                        cnnx_transpose_block(xs + ((j * g.c + ci) * h + iy) * w + ix, h * w, dst + ci, g.cp,
+                                             <int>min(16, g.c - ci), <int>n)
                     ix += n
             for oy in range(out_h):
                 ox = 0
                 while ox < out_w:
                     n = min(16, out_w - ox)
                     dst = g.dycl + ((j * 2 * g.th + oy) * 2 * g.tw + ox) * g.ocp
-                    for o in range(g.oc):
-                        src = dys + (o * g.m + j) * P + oy * out_w + ox
-                        for q in range(n):
-                            dst[q * g.ocp + o] = src[q]
+                    for o in range(0, g.oc, 16):
+                        cnnx_transpose_block(dys + (o * g.m + j) * P + oy * out_w + ox, g.m * P, dst + o, g.ocp,
+                                             <int>min(16, g.oc - o), <int>n)
                     ox += n
         tiles = g.m * g.th * g.tw
         t0 = 0
