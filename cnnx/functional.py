@@ -4,8 +4,9 @@ Owns validation (ndim, dtypes, channel counts, geometry), contiguity, output all
 one im2col + GEMM schedule of every convolution (plain, strided, dilated, grouped; its backward;
 the pooled training pass; the transposed convolution): images are processed in groups small
 enough that a group's column matrix stays in cache, each group is one BLAS GEMM per pass over all
-its output pixels, and groups are spread over worker threads (``parallel.for_each_group``). Layers pass a ``Workspace`` so
-buffers are allocated once per batch shape, not once per call.
+its output pixels, and groups are spread over threads: inside one compiled call on the packed
+float32 path, else over worker threads (``parallel.for_each_group``). Layers pass a ``Workspace``
+so buffers are allocated once per batch shape, not once per call.
 """
 from __future__ import annotations
 
