@@ -498,7 +498,7 @@ def _conv_backward_groups(x, weight, window, groups, dy_to_gemm, dx, workspace, 
                         and implicit_weight_grad(x.dtype, oc, k, p))
     packed_dweight = groups == 1 and packed_backward_gemm(x.dtype, oc, k, p)[0]
     plain_window = window[:4] + window[6:]
-    g, n_groups, nt = _group_split(x, window, oc, 2 * k + oc)
+    g, n_groups, _ = _group_split(x, window, oc, 2 * k + oc)
     # Each group's weight gradient is kept apart and the parts summed in group order afterwards:
     # the same sums in the same order whichever thread computed which part.
     dweight_parts = ws.get("dweight_parts", (n_groups, groups, ocg, kg), x.dtype)
