@@ -4,8 +4,9 @@ Owns validation (ndim, dtypes, channel counts, geometry), contiguity, output all
 one im2col + GEMM schedule of every convolution (plain, strided, dilated, grouped; its backward;
 the pooled training pass; the transposed convolution): images are processed in groups small
 enough that a group's column matrix stays in cache, each group is one BLAS GEMM per pass over all
-its output pixels, and groups are spread over worker threads (``parallel.for_each_group``). Layers pass a ``Workspace`` so
-buffers are allocated once per batch shape, not once per call.
+its output pixels, and groups are spread over threads: inside one compiled call on the packed
+float32 path, else over worker threads (``parallel.for_each_group``). Layers pass a ``Workspace``
+so buffers are allocated once per batch shape, not once per call.
 """
 from __future__ import annotations
 
@@ -585,7 +586,7 @@ def _conv_backward_groups(x, weight, window, groups, dy_to_gemm, dx, workspace, 
     if winograd_dx:
         flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(x.shape[1], -1)
         transformed_dx = _ops.winograd_weights(flipped, oc)
-    g, n_groups, nt = _group_split(x, window, oc, 2 * k + oc)
+    g, n_groups, _ = _group_split(x, window, oc, 2 * k + oc)
     # Each group's weight gradient is kept apart and the parts summed in group order afterwards:
     # the same sums in the same order whichever thread computed which part.
     dweight_parts = ws.get("dweight_parts", (n_groups, groups, ocg, kg), x.dtype)
@@ -606,7 +607,7 @@ def _conv_backward_groups(x, weight, window, groups, dy_to_gemm, dx, workspace, 
         # groups than the GEMM path's: fewer calls from Python).
         rows = 2 * oc + x.shape[1] if winograd_dweight else oc + (0 if implicit_dweight else k)
         rows += 0 if dx is None or winograd_dx else k
-        g, n_groups, nt = _group_split(x, window, oc, rows)
+        _, n_groups, _ = _group_split(x, window, oc, rows)
         dweight_parts = ws.get("dweight_parts", (n_groups, groups, ocg, kg), x.dtype)
         n_groups, run = _image_groups(x, window, oc, rows, ws)
     else:

@@ -3,11 +3,12 @@
 Two mechanisms, chosen by what a call does:
 - element-wise and pooling kernels run OpenMP loops over images (``threads_for`` keeps small
   calls serial);
-- a convolution's groups of images (im2col, GEMM, layout pass) are handed to worker threads
-  (``for_each_group``) while BLAS runs one thread each: a worker runs a whole group without
-  waiting for the others, where OpenMP and multi-threaded BLAS would meet at a barrier three times
-  per group (measured: 10% faster forward and more on backward for the CIFAR networks' convolutions
-  on 2 cores).
+- a convolution's groups of images (im2col, GEMM, layout pass) run one thread each: a thread runs
+  a whole group without waiting for the others, where OpenMP and multi-threaded BLAS would meet at
+  a barrier three times per group (measured: 10% faster forward and more on backward for the CIFAR
+  networks' convolutions on 2 cores). On the packed float32 path the groups are one compiled
+  call's OpenMP loop (``threads_for_groups``); elsewhere they are handed to worker threads
+  (``for_each_group``) while BLAS runs one thread each.
 Neither changes the arithmetic: results are identical whatever the thread count.
 ``set_num_threads`` sets the count for both and, through threadpoolctl, BLAS's own.
 
