@@ -27,12 +27,13 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
+
+from conv_gemm import best_time  # noqa: E402  (this folder's sibling script)
 
 
 def conv3x3_layers(name, batch):
@@ -41,17 +42,6 @@ def conv3x3_layers(name, batch):
 
     return [(label, shape, out, pad, act, pooled)
             for label, shape, out, k, pad, act, pooled in conv_layers(name, batch) if k == 3]
-
-
-def best_time(fn, min_seconds=0.2):
-    """Best of the calls made in ``min_seconds`` (at least 3)."""
-    best, spent, calls = float("inf"), 0.0, 0
-    while spent < min_seconds or calls < 3:
-        start = time.perf_counter()
-        fn()
-        took = time.perf_counter() - start
-        best, spent, calls = min(best, took), spent + took, calls + 1
-    return best
 
 
 def alternate(fn, rounds, min_seconds=0.2):
