@@ -360,7 +360,7 @@ def _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace, n
     packed = (groups == 1 and window[4:6] == (1, 1)
               and packed_conv_gemm(x.dtype, oc, k, out_h * out_w))
 
-    if packed and nchw is not None:
+    if packed and nchw is not None and COMPILED_GROUPS:
         # Each group is one compiled call: the kernel runs the groups on its own threads.
         g, n_groups, nt = _group_split(x, window, oc, k + oc)
         threads = nt if n_groups == 1 else parallel.threads_for_groups(n_groups)
@@ -369,6 +369,9 @@ def _conv_forward_groups(x, weight, window, groups, gemm_to_output, workspace, n
     _, run = _image_groups(x, window, oc, k + oc, workspace)
 
     def forward(index, first, m, scratch, nt):
+        if packed and nchw is not None:
+            (tile_store or _ops.conv_gemm_nchw)(x, first, m, w3[0], *plain_window, *nchw, nt)
+            return
         y_gemm = scratch.get("y_gemm", (oc, m, out_h * out_w), x.dtype)
         if packed:
             _ops.conv_gemm_columns(x, first, w3[0], *plain_window, y_gemm, nt)
@@ -395,6 +398,13 @@ PACKED_CONV_GEMM = None
 # full-size output is written) rather than writing the GEMM layout and pooling it in a second pass. Measured faster on every pooled layer of the benchmark workloads
 # (docs/PERFORMANCE_LOG.md); False keeps the two passes (benchmarks/conv_gemm.py --pool-store).
 POOLED_TILE_STORE = True
+
+
+# Whether the packed float32 convolution's groups of images run inside one compiled call (an
+# OpenMP loop, no GIL: ``_ops.conv_gemm_nchw(..., group)`` and its pooled forms, and
+# ``_ops.conv_backward_groups``) rather than one call per group on Python worker threads. The
+# results are the same bits; False is for comparison (docs/PERFORMANCE_LOG.md).
+COMPILED_GROUPS = True
 
 
 # Whether float32 3x3 stride-1 convolutions (one group, no dilation) run Winograd F(2x2, 3x3)
@@ -590,8 +600,9 @@ def _conv_backward_groups(x, weight, window, groups, dy_to_gemm, dx, workspace, 
     # Each group's weight gradient is kept apart and the parts summed in group order afterwards:
     # the same sums in the same order whichever thread computed which part.
     dweight_parts = ws.get("dweight_parts", (n_groups, groups, ocg, kg), x.dtype)
-    compiled = (layout is not None and implicit_dweight and n_groups > 1 and p > 0 and not winograd_dx
-                and not winograd_dweight and (dx is None or packed_backward_gemm(x.dtype, oc, k, p)[1]))
+    compiled = (COMPILED_GROUPS and layout is not None and implicit_dweight and n_groups > 1 and p > 0
+                and not winograd_dx and not winograd_dweight
+                and (dx is None or packed_backward_gemm(x.dtype, oc, k, p)[1]))
     if compiled:
         threads = parallel.threads_for_groups(n_groups)
         scratch = ws.get("backward_scratch", (threads, (oc + k) * g * p), x.dtype)

@@ -1,7 +1,8 @@
 """The packed float32 convolution's groups of images run inside one compiled call (OpenMP threads,
 no GIL): ``_ops.conv_gemm_nchw(..., group)`` and its pooled forms in the forward,
 ``_ops.conv_backward_groups`` in the backward. They must give exactly what the per-group calls
-gave (the forward as one call, the backward on Python worker threads).
+gave: one call per group on Python worker threads (``functional.COMPILED_GROUPS = False``), and
+for the kernels, one call for all the images.
 
 Bit-exact on purpose: the same kernels compute each value as the same sum in the same order;
 only which thread runs which group differs, and each group's results are written apart."""
@@ -52,6 +53,25 @@ def test_forward_by_groups_in_one_call_equals_one_call_for_all_images(isa, shape
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=ref.conv_case_id)
+@pytest.mark.parametrize("form", ["conv", "infer", "train"])
+def test_forward_in_one_call_equals_the_worker_threads(shape, form, rng, monkeypatch):
+    x, weight, bias = ref.conv_operands(shape, rng)
+    stride, padding = shape[6], shape[7]
+
+    def forward():
+        if form == "train":
+            return F.conv2d_max_pool_2x2_train(x, weight, bias, stride, padding, activation="relu")
+        return (F.conv2d(x, weight, bias, stride, padding, activation="relu", max_pool_2x2=form == "infer"),)
+
+    with num_threads(2):
+        compiled = forward()
+        monkeypatch.setattr(F, "COMPILED_GROUPS", False)
+        workers = forward()
+    for a, b in zip(compiled, workers):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=ref.conv_case_id)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("pooled", [False, True], ids=["plain", "pooled"])
 @pytest.mark.parametrize("need_dx", [True, False], ids=["dx", "no dx"])
@@ -77,8 +97,7 @@ def test_backward_in_one_call_equals_the_worker_threads(shape, activation, poole
             results[threads] = backward()
     thin = shape[1] * shape[5] ** 2 < 8
     assert len(compiled) == (3 if not (need_dx and thin) else 0)  # thin K with dx: BLAS, worker threads
-    worker_path = F._conv_backward_groups
-    monkeypatch.setattr(F, "_conv_backward_groups", lambda *args: worker_path(*args[:7]))
+    monkeypatch.setattr(F, "COMPILED_GROUPS", False)
     with num_threads(2):
         expected = backward()
     for threads, got in results.items():
