@@ -596,7 +596,14 @@ def _conv_backward_groups(x, weight, window, groups, dy_to_gemm, dx, workspace, 
     if winograd_dx:
         flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(x.shape[1], -1)
         transformed_dx = _ops.winograd_weights(flipped, oc)
-    g, n_groups, _ = _group_split(x, window, oc, 2 * k + oc)
+    # Rows per output pixel a group holds: dy in GEMM layout and the column buffers; on the Winograd
+    # steps its weight gradient's channels-last copies and the GEMM steps that remain (larger
+    # groups than the GEMM path's: fewer calls from Python).
+    rows = 2 * k + oc
+    if winograd_dx or winograd_dweight:
+        rows = 2 * oc + x.shape[1] if winograd_dweight else oc + (0 if implicit_dweight else k)
+        rows += 0 if dx is None or winograd_dx else k
+    g, n_groups, _ = _group_split(x, window, oc, rows)
     # Each group's weight gradient is kept apart and the parts summed in group order afterwards:
     # the same sums in the same order whichever thread computed which part.
     dweight_parts = ws.get("dweight_parts", (n_groups, groups, ocg, kg), x.dtype)
@@ -612,17 +619,7 @@ def _conv_backward_groups(x, weight, window, groups, dy_to_gemm, dx, workspace, 
                                   *plain_window, g, dbias_partial, dweight_parts.reshape(n_groups, oc, k),
                                   dx if dx is not None else _NO_IMAGES, dx is not None, scratch, threads)
         return _sum_group_gradients(dweight_parts, dbias_partial, weight.shape, x.dtype)
-    if winograd_dx or winograd_dweight:
-        # Groups by what they hold per pixel: dy in GEMM layout, the Winograd weight gradient's
-        # channels-last copies, and the column buffers of the GEMM steps that remain (larger
-        # groups than the GEMM path's: fewer calls from Python).
-        rows = 2 * oc + x.shape[1] if winograd_dweight else oc + (0 if implicit_dweight else k)
-        rows += 0 if dx is None or winograd_dx else k
-        _, n_groups, _ = _group_split(x, window, oc, rows)
-        dweight_parts = ws.get("dweight_parts", (n_groups, groups, ocg, kg), x.dtype)
-        n_groups, run = _image_groups(x, window, oc, rows, ws)
-    else:
-        n_groups, run = _image_groups(x, window, oc, 2 * k + oc, ws)
+    _, run = _image_groups(x, window, oc, rows, ws)
 
     def backward(index, first, m, scratch, nt):
         dy_gemm = scratch.get("dy_gemm", (oc, m, p), x.dtype)
