@@ -129,19 +129,14 @@ def measure_network(name, mode, threads, rounds):
     import numpy as np
     import cnnx
     import cnnx.functional as F
-    from workloads import WORKLOADS, cnnx_model
+    from workloads import WORKLOADS, cnnx_model, user_step
 
     batch = WORKLOADS[name]["batch"]
     rng = np.random.default_rng(0)
     x = rng.standard_normal((8 * batch,) + WORKLOADS[name]["input"]).astype(np.float32)
     y = rng.integers(0, 10, size=8 * batch)
     net = cnnx_model(name, fused=False)
-    if mode == "train":
-        def call():
-            net.fit(x, y, epochs=1, batch_size=batch, shuffle=False, verbose=0)
-    else:
-        def call():
-            net.predict(x, batch_size=batch)
+    call = user_step(net, x, y, batch, mode)
     paths = ("blas", "main", "rule")
     times = {path: [] for path in paths}
     faults = {path: [] for path in paths}

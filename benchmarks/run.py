@@ -106,7 +106,7 @@ def _run_steps(step, seconds, warmup, min_steps=3):
 def _worker_cnnx(workload, mode, threads, x, y, style="user"):
     import cnnx
     import numpy as np
-    from workloads import cnnx_model
+    from workloads import cnnx_model, user_step
 
     cnnx.parallel.set_num_threads(threads)
     net = cnnx_model(workload, fused=(style == "zoo"))
@@ -114,13 +114,7 @@ def _worker_cnnx(workload, mode, threads, x, y, style="user"):
         # BATCHES_PER_CALL batches per call: the driver counts images with images_per_step.
         xs = np.concatenate([x] * BATCHES_PER_CALL)
         ys = np.concatenate([y] * BATCHES_PER_CALL)
-        batch = len(x)
-        if mode == "train":
-            def step():
-                net.fit(xs, ys, epochs=1, batch_size=batch, shuffle=False, verbose=0)
-        else:
-            def step():
-                net.predict(xs, batch_size=batch)
+        step = user_step(net, xs, ys, len(x), mode)
     elif mode == "train":
         loss, opt = net.loss, net.optimizer
 

@@ -130,7 +130,7 @@ def sweep(args):
 def network(args):
     """predict and one epoch of fit, user-written style (separate activation layers)."""
     import numpy as np
-    from workloads import cnnx_model
+    from workloads import cnnx_model, user_step
 
     print(f"{'workload':<12} {'mode':<8} {'old ms/batch':>12} {'new ms/batch':>12} {'old/new':>8} (range)")
     for name in args.workloads:
@@ -141,10 +141,8 @@ def network(args):
         x = rng.standard_normal((n, *spec["input"]), dtype=np.float32)
         labels = rng.integers(0, 10, n)
         net = cnnx_model(name, seed=0, fused=False)
-        modes = {
-            "predict": lambda: net.predict(x, batch_size=batch),
-            "fit": lambda: net.fit(x, labels, epochs=1, batch_size=batch, shuffle=False, verbose=0),
-        }
+        modes = {"predict": user_step(net, x, labels, batch, "infer"),
+                 "fit": user_step(net, x, labels, batch, "train")}
         for mode, fn in modes.items():
             if mode not in args.modes:
                 continue

@@ -77,6 +77,14 @@ def canonical(name):
 
 
 # ---------------------------------------------------------------------- cnnx -----------------
+def user_step(net, x, y, batch, mode):
+    """A call of what a user runs on ``x`` (and labels ``y``) in batches of ``batch``: one epoch of
+    ``fit`` in order (``mode`` "train") or ``predict`` (any other mode)."""
+    if mode == "train":
+        return lambda: net.fit(x, y, epochs=1, batch_size=batch, shuffle=False, verbose=0)
+    return lambda: net.predict(x, batch_size=batch)
+
+
 def cnnx_model(name, seed=0, fused=True):
     """The zoo network, compiled with its workload's optimizer and softmax cross-entropy.
 
