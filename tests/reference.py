@@ -2,6 +2,8 @@
 
 Explicit padding with np.pad and a Python loop over output positions; nothing here is fast.
 """
+import threading
+
 import numpy as np
 
 
@@ -153,3 +155,24 @@ def assert_kernel_identical_for_thread_counts(run, thread_counts=(1, 2, 3)):
     results = [run(threads) for threads in thread_counts]
     for other in results[1:]:
         np.testing.assert_array_equal(results[0], other)
+
+
+def run_in_threads(work, count, timeout=60):
+    """Call ``work(k)`` for k in 0 .. count - 1, each in its own thread, all at once; re-raise the
+    first exception a thread raised, and fail if a thread has not returned after ``timeout`` s."""
+    errors = []
+
+    def target(k):
+        try:
+            work(k)
+        except BaseException as exc:  # re-raised below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=target, args=(k,)) for k in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads), "a thread never returned"
+    if errors:
+        raise errors[0]

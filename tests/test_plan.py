@@ -13,6 +13,7 @@ from cnnx.layers import (GELU, AvgPool2D, Conv2D, Dense, Dropout, Flatten, Leaky
                          Sigmoid, Tanh)
 from cnnx.network import Network
 from cnnx.plan import Plan
+import reference as ref
 
 
 def user_style(dtype="float32", seed=0):
@@ -167,25 +168,15 @@ def test_predict_from_four_threads_equals_serial_predict(rng):
     inputs = [rng.standard_normal((40, 1, 28, 28)).astype(np.float32) for _ in range(4)]
     serial = [net.predict(x, batch_size=16) for x in inputs]
     results = [None] * 4
-    errors = []
     start = threading.Barrier(4)
 
     def work(k):
-        try:
-            start.wait()
-            for _ in range(3):
-                results[k] = net.predict(inputs[k], batch_size=16)
-        except BaseException as exc:  # reported below, with the thread's traceback
-            errors.append(exc)
+        start.wait()
+        for _ in range(3):
+            results[k] = net.predict(inputs[k], batch_size=16)
 
     with parallel.num_threads(2):
-        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-    assert not errors, errors
-    assert not any(t.is_alive() for t in threads), "a predict thread hung"
+        ref.run_in_threads(work, 4, timeout=120)
     for k in range(4):
         # A race (a shared buffer) would give wildly different numbers; round-off would not.
         np.testing.assert_allclose(results[k], serial[k], rtol=1e-5, atol=1e-6)
