@@ -141,6 +141,17 @@ def blas_narrower_than_kernels():
     return blas is not None and ISAS.index(blas) > ISAS.index(ISA)
 
 
+def openmp_idle_wait():
+    """How idle OpenMP threads wait, as cnnx loaded the kernels: e.g. "OMP_WAIT_POLICY=PASSIVE,
+    GOMP_SPINCOUNT=10000" (spin, then sleep), or a note that OpenMP was loaded before cnnx."""
+    from . import OPENMP_WAIT
+
+    if OPENMP_WAIT is None:
+        return "set before cnnx was imported (libgomp was already loaded)"
+    settings = [f"{key}={value}" for key, value in OPENMP_WAIT.items() if value is not None]
+    return ", ".join(settings) or "libgomp's defaults"
+
+
 def config():
     """What the compiled kernels run with: a dict of ISA, OpenMP, threads, debug build, CPU."""
     from . import __version__, parallel
@@ -152,6 +163,7 @@ def config():
         "cpu": cpu_model(),
         "cpu_simd_flags": sorted(f for f in cpu_flags() if f.startswith(("avx", "fma", "amx", "sse4"))),
         "openmp": bool(ops.openmp_enabled()),
+        "openmp_idle_wait": openmp_idle_wait(),
         "threads": parallel.get_num_threads(),
         "debug_build": bool(ops.debug_build()),
         "blas_kernels": blas_isa(),
@@ -179,6 +191,7 @@ def show_config(file=None):
         f"kernels: {c['kernels']} (available on this CPU: {', '.join(c['kernels_available'])}; "
         "CNNX_ISA forces one)",
         f"OpenMP: {'yes' if c['openmp'] else 'no (serial kernels)'}",
+        f"OpenMP idle threads: {c['openmp_idle_wait']}",
         f"threads: {c['threads']} (CNNX_NUM_THREADS / OMP_NUM_THREADS, cnnx.parallel.set_num_threads)",
         f"debug build: {'yes' if c['debug_build'] else 'no'}",
         f"CPU: {c['cpu']}",

@@ -119,6 +119,7 @@ def test_show_config_and_version_name_the_kernels(capsys):
     out = capsys.readouterr().out
     assert f"kernels: {_simd.ISA}" in out
     assert "OpenMP:" in out and "threads:" in out
+    assert f"OpenMP idle threads: {_simd.openmp_idle_wait()}" in out
     assert f"NumPy BLAS kernels: {_simd.blas_isa() or 'not OpenBLAS'}" in out
     text = _simd.version_text()
     assert text.startswith(f"cnnx {cnnx.__version__} (kernels: {_simd.ISA}")
