@@ -29,6 +29,8 @@ import threading
 
 import numpy as np
 
+from . import backoff
+
 
 def _available_cores():
     try:
@@ -57,12 +59,18 @@ def threads_for(work):
     """Threads to use for a kernel call touching about ``work`` elements."""
     if work < 2 * MIN_WORK_PER_THREAD:
         return 1
-    return max(1, min(_num_threads, work // MIN_WORK_PER_THREAD))
+    return max(1, min(backoff.allowed(_num_threads), work // MIN_WORK_PER_THREAD))
 
 
 def get_num_threads():
-    """Threads the compiled kernels use (``CNNX_NUM_THREADS``, else ``OMP_NUM_THREADS``, else the cores)."""
+    """Threads the compiled kernels use (``CNNX_NUM_THREADS``, else ``OMP_NUM_THREADS``, else the cores).
+    While other processes compete for the cores, fewer may run (``cnnx.backoff``)."""
     return _num_threads
+
+
+def note_batch():
+    """The plan ran a batch: lets ``cnnx.backoff`` judge whether the threads get their cores."""
+    backoff.observe(_num_threads)
 
 
 def set_num_threads(n, blas=True):
@@ -189,7 +197,7 @@ def threads_for_gemm(m, k, n):
     one inside a worker's task (the other workers are busy with the outer call)."""
     if in_parallel_region():
         return 1
-    return max(1, min(_num_threads, m * k * n // MIN_GEMM_WORK))
+    return max(1, min(backoff.allowed(_num_threads), m * k * n // MIN_GEMM_WORK))
 
 
 def threads_for_groups(n_groups):
@@ -197,7 +205,7 @@ def threads_for_groups(n_groups):
     ``for_each_group`` would): one inside a worker's task."""
     if in_parallel_region():
         return 1
-    return max(1, min(_num_threads, n_groups))
+    return max(1, min(backoff.allowed(_num_threads), n_groups))
 
 
 def blas_product(a, b, out):
@@ -296,7 +304,7 @@ def for_each_group(n_groups, work, n_threads=None):
     pool it is running in. The calling thread works too and never waits for a helper that has not
     started: a helper still busy elsewhere (another caller's groups) simply finds nothing left.
     """
-    n_threads = min(_num_threads if n_threads is None else n_threads, n_groups)
+    n_threads = min(backoff.allowed(_num_threads) if n_threads is None else n_threads, n_groups)
     if n_threads <= 1 or in_parallel_region():
         for group in range(n_groups):
             work(0, group)

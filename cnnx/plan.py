@@ -28,6 +28,8 @@ from __future__ import annotations
 import threading
 import time
 
+from . import parallel
+
 __all__ = ["Plan", "Step", "layer_label"]
 
 
@@ -220,6 +222,7 @@ class Plan:
             Seconds spent in each step are added to it (the profiler).
         """
         ctx = self.context()
+        parallel.note_batch()
         fast = not training and not keep_caches
         steps = self.infer_steps if fast else self.train_steps
         ctx.replay = x if steps is not self.train_steps else None
