@@ -246,7 +246,15 @@ def worker(framework, workload, mode, seconds, threads, warmup, gemm_size, style
         "flops_per_image": flops, "gflops": ips * flops / 1e9,
         "cores_used": cpu / wall if wall > 0 else None,
         "rss_mb": _rss_mb(), "loadavg": _loadavg(), "versions": versions,
+        # How often cnnx.backoff halved its threads because other processes were busy.
+        "backoff_halvings": _cnnx_backoff_halvings() if framework == "cnnx" else None,
     }
+
+
+def _cnnx_backoff_halvings():
+    import cnnx
+
+    return cnnx.backoff._guard.halvings
 
 
 # ============================================================================ driver ============
@@ -522,7 +530,9 @@ def main(argv=None):
                     else:
                         print(f"[round {rnd + 1}] {fw:5s} {wl:10s} {mode:5s} {r['images_per_s']:9,.0f} img/s  "
                               f"{r['gflops']:6.2f} GFLOP/s  {r['rss_mb']:5.0f} MB  {r['cores_used']:.2f} cores  "
-                              f"({r['steps']} steps)",
+                              f"({r['steps']} steps"
+                              + (f", threads halved {r['backoff_halvings']}x" if r.get("backoff_halvings") else "")
+                              + ")",
                               file=sys.stderr)
     machine["loadavg_end"] = _loadavg()
     summary, gemm = summarise(runs, frameworks, workloads, args.modes)
