@@ -13,13 +13,13 @@ if not _source_tree.has_compiled_ops(_os.path.dirname(__file__)):
     _source_tree.hand_over_to_installed(__name__, _os.path.dirname(__file__))
 
 
-# Spins of an idle OpenMP thread (one PAUSE each) before it sleeps: about 0.3 ms on an AMD EPYC
+# Spins of an idle OpenMP thread (one PAUSE each) before it sleeps: about 0.6 ms on an AMD EPYC
 # Zen 5 (29 ns per PAUSE), longer on CPUs with a slower PAUSE (~140 cycles on recent Intel Xeons).
-# Long enough that the next parallel call of a training step finds the thread awake (on a virtual
-# machine whose idle vCPUs halt, waking one costs 40-70 us per call); short enough that a thread
-# spinning on a busy machine holds its CPU for at most that long. Measured in
-# docs/PERFORMANCE_LOG.md ("sixth session").
-IDLE_SPINS = 10_000
+# Long enough that the next parallel call of a training step usually finds the thread awake (on a
+# virtual machine whose idle vCPUs halt, waking one costs 40-70 us per call); bounded, so that a
+# thread holds a core it does not use for at most that long. Other busy processes are
+# cnnx.backoff's job. Measured in docs/PERFORMANCE_LOG.md ("sixth session").
+IDLE_SPINS = 20_000
 
 # The OpenMP wait settings cnnx loaded its kernels with (for show_config).
 OPENMP_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")

@@ -4,8 +4,8 @@ cnnx's idle OpenMP threads spin briefly after each parallel call (``cnnx.IDLE_SP
 the next call of a step finds them awake. When another busy process shares the cores, a
 parallel call instead waits at its end for a thread the scheduler has set aside, and the spin
 holds a core the other process needs: with one busy process on a 2-vCPU machine, lenet5 training
-on 2 threads ran 30-35 % slower than with threads that sleep at once, and 1.6-2x slower than on
-one thread (docs/PERFORMANCE_LOG.md, sixth session).
+on 2 threads ran 30-50 % slower (10,000-20,000 spins) than with threads that sleep at once, and
+1.6-2x slower than on one thread (docs/PERFORMANCE_LOG.md, sixth session).
 
 The sign is the process's threads being preempted: ``getrusage``'s involuntary context switches
 were ~15 per thread-second on a quiet machine and ~300 with one busy process. The plan calls
