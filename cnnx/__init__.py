@@ -29,7 +29,7 @@ def _load_runtimes():
     """Import NumPy (OpenBLAS) and the compiled kernels (OpenMP) with idle threads that wait briefly.
 
     OpenMP's idle threads spin ``IDLE_SPINS`` times after each parallel loop, then sleep
-    (``OMP_WAIT_POLICY=PASSIVE`` with ``GOMP_SPINCOUNT``; libgomp's default spins ~10x longer and
+    (``OMP_WAIT_POLICY=PASSIVE`` with ``GOMP_SPINCOUNT``; libgomp's default spins ~15x longer and
     PASSIVE alone not at all). libgomp also stops spinning when it runs more threads than there
     are CPUs (several Python threads calling cnnx at once). OpenBLAS's idle threads sleep at once:
     on a 2-core machine a spinning BLAS thread halves the speed of the OpenMP loop that runs next

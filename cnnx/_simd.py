@@ -143,7 +143,7 @@ def blas_narrower_than_kernels():
 
 def openmp_idle_wait():
     """How idle OpenMP threads wait, as cnnx loaded the kernels: e.g. "OMP_WAIT_POLICY=PASSIVE,
-    GOMP_SPINCOUNT=10000" (spin, then sleep), or a note that OpenMP was loaded before cnnx."""
+    GOMP_SPINCOUNT=20000" (spin, then sleep), or a note that OpenMP was loaded before cnnx."""
     from . import OPENMP_WAIT
 
     if OPENMP_WAIT is None:

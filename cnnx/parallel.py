@@ -12,7 +12,8 @@ Two mechanisms, chosen by what a call does:
 Neither changes the arithmetic: results are identical whatever the thread count.
 ``set_num_threads`` sets the count for both and, through threadpoolctl, BLAS's own.
 
-This module is the one place thread policy lives: the count, the worker pool, the BLAS limit
+This module is the one place thread policy lives: the count (lowered by ``cnnx.backoff`` while
+other processes keep the cores busy), the worker pool, the BLAS limit
 (one process-wide setting shared by concurrent callers, restored by the last to leave), and the
 rule that a parallel call made from inside a worker runs inline (no nested pool, no deadlock).
 Nothing here depends on whether NumPy, torch or cnnx was imported first: the BLAS libraries are
