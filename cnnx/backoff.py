@@ -10,8 +10,8 @@ on 2 threads ran 30-50 % slower (10,000-20,000 spins) than with threads that sle
 The sign is the process's threads being preempted: ``getrusage``'s involuntary context switches
 were ~15 per thread-second on a quiet machine and ~300 with one busy process. The plan calls
 ``observe()`` once per batch; over windows of ``WINDOW_S`` it counts preemptions per thread, and
-past ``PREEMPTIONS_PER_THREAD_S`` it halves the threads the kernels may use (down to one) for
-``HOLD_S``, then tries the full count again. The thread count never changes a result (the kernels
+after ``BUSY_WINDOWS`` windows in a row past ``PREEMPTIONS_PER_THREAD_S`` it halves the threads the
+kernels may use (down to one) for ``HOLD_S``, then tries the full count again. The thread count never changes a result (the kernels
 are thread-count invariant), only how fast it comes.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ except ImportError:  # not a Unix: no preemption counts, never backs off
 ENABLED = True  # False keeps the full thread count whatever the load (for comparisons)
 WINDOW_S = 0.1
 PREEMPTIONS_PER_THREAD_S = 100.0
+BUSY_WINDOWS = 2  # in a row before halving: a burst of kernel work on a quiet machine is not load
 HOLD_S = 2.0
 
 
@@ -43,6 +44,7 @@ class Guard:
         self.limit = None  # None: no limit
         self.until = 0.0  # when a limit lapses
         self.window = None  # (start time, preemptions at start, threads allowed during it)
+        self.busy_windows = 0  # windows in a row past the threshold
         self.halvings = 0  # how often it backed off (benchmarks report it)
         self._lock = threading.Lock()
 
@@ -69,8 +71,10 @@ class Guard:
             if now - start < WINDOW_S:
                 return
             rate = (preemptions - start_count) / (now - start) / used
-            if rate > PREEMPTIONS_PER_THREAD_S and used > 1:
+            self.busy_windows = self.busy_windows + 1 if rate > PREEMPTIONS_PER_THREAD_S else 0
+            if self.busy_windows >= BUSY_WINDOWS and used > 1:
                 self.limit, self.until = max(1, used // 2), now + HOLD_S
+                self.busy_windows = 0
                 self.halvings += 1
             elif self.limit is not None and now >= self.until:
                 self.limit = None  # try the full count again; the next window judges it

@@ -38,21 +38,39 @@ def test_a_quiet_machine_keeps_every_thread():
     assert guard.limit is None and guard.allowed(4) == 4
 
 
+def busy_windows(guard, count, threads, start, windows, per_thread_second=300):
+    """Feed ``windows`` windows of ``threads`` preempted threads from time ``start``; returns the end."""
+    now = start
+    for _ in range(windows):
+        count.value += busy(per_thread_second, threads, W)
+        now += W * 1.001  # just past the window's end, whatever the rounding of sums of 0.1
+        guard.observe(threads, now, count)
+    return now
+
+
 def test_preempted_threads_are_halved_down_to_one_then_tried_again_after_the_hold():
     guard, count = backoff.Guard(), Counter()
     guard.observe(4, 0.0, count)
-    count.value += busy(300, 4, W)
-    guard.observe(4, W, count)
+    now = busy_windows(guard, count, 4, 0.0, backoff.BUSY_WINDOWS - 1)
+    assert guard.allowed(4) == 4  # not yet: a single busy window may be a burst
+    now = busy_windows(guard, count, 4, now, 1)
     assert guard.allowed(4) == 2
-    count.value += busy(300, 2, W)  # still preempted on 2 threads
-    guard.observe(4, 2 * W, count)
+    now = busy_windows(guard, count, 2, now, backoff.BUSY_WINDOWS)  # still preempted on 2 threads
     assert guard.allowed(4) == 1
-    count.value += busy(300, 1, W)  # one thread cannot be halved: it stays at one
-    guard.observe(4, 3 * W, count)
+    halved_at = now
+    now = busy_windows(guard, count, 1, now, backoff.BUSY_WINDOWS)  # one thread stays at one
     assert guard.allowed(4) == 1
-    t = 2 * W + backoff.HOLD_S  # the hold set by the last halving lapses
-    guard.observe(4, t, count)
+    guard.observe(4, halved_at + backoff.HOLD_S, count)  # the hold set by the last halving lapses
     assert guard.limit is None and guard.allowed(4) == 4
+
+
+def test_a_burst_between_quiet_windows_changes_nothing():
+    guard, count = backoff.Guard(), Counter()
+    guard.observe(2, 0.0, count)
+    now = 0.0
+    for k in range(10):
+        now = busy_windows(guard, count, 2, now, 1, per_thread_second=300 if k % 2 else 15)
+    assert guard.limit is None and guard.halvings == 0
 
 
 def test_a_window_is_judged_only_once_complete_and_the_counter_read_only_then():
@@ -61,16 +79,15 @@ def test_a_window_is_judged_only_once_complete_and_the_counter_read_only_then():
     count.value += 10_000
     for now in np.linspace(0.0, 0.9 * W, 10):
         guard.observe(2, float(now), count)
-    assert guard.limit is None and count.reads == 1
+    assert count.reads == 1 and guard.busy_windows == 0
     guard.observe(2, W, count)
-    assert guard.allowed(2) == 1 and count.reads == 2
+    assert count.reads == 2 and guard.busy_windows == 1
 
 
 def test_the_limit_never_raises_a_lower_thread_count():
     guard, count = backoff.Guard(), Counter()
     guard.observe(8, 0.0, count)
-    count.value += busy(300, 8, W)
-    guard.observe(8, W, count)
+    busy_windows(guard, count, 8, 0.0, backoff.BUSY_WINDOWS)
     assert guard.allowed(8) == 4 and guard.allowed(3) == 3 and guard.allowed(1) == 1
 
 
@@ -97,7 +114,7 @@ def test_a_network_under_load_runs_on_fewer_threads_with_the_same_results(preemp
         with backoff_disabled():
             expected = net.predict(x, batch_size=16)
         assert parallel.threads_for(1 << 24) == 2
-        got = net.predict(x, batch_size=16)  # each batch tells backoff: the second one halves
+        got = net.predict(x, batch_size=16)  # each batch tells backoff: the third one halves
         assert parallel.threads_for(1 << 24) == 1 and parallel.threads_for_groups(8) == 1
         assert parallel.get_num_threads() == 2  # what the user set is unchanged
     # Exact: the kernels sum in the same order whatever the thread count (thread-count invariance).
