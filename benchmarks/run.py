@@ -254,7 +254,7 @@ def worker(framework, workload, mode, seconds, threads, warmup, gemm_size, style
 def _cnnx_backoff_halvings():
     import cnnx
 
-    return cnnx.backoff._guard.halvings
+    return cnnx.backoff.halvings()
 
 
 # ============================================================================ driver ============

@@ -91,6 +91,11 @@ def allowed(threads):
     return _guard.allowed(threads) if ENABLED else threads
 
 
+def halvings():
+    """How often the threads were halved in this process so far (benchmarks report it)."""
+    return _guard.halvings
+
+
 def observe(threads):
     """One batch went by with ``threads`` asked for: judge the window when it is complete."""
     if ENABLED and threads > 1 and resource is not None:

@@ -111,19 +111,14 @@ def test_a_network_under_load_runs_on_fewer_threads_with_the_same_results(preemp
     x = rng.standard_normal((64, 1, 28, 28)).astype(np.float32)
     net = _small_net()
     with parallel.num_threads(2):
-        with backoff_disabled():
+        with pytest.MonkeyPatch.context() as full_count:
+            full_count.setattr(backoff, "ENABLED", False)
             expected = net.predict(x, batch_size=16)
         assert parallel.threads_for(1 << 24) == 2
         got = net.predict(x, batch_size=16)  # each batch tells backoff: the third one halves
         assert parallel.threads_for(1 << 24) == 1 and parallel.threads_for_groups(8) == 1
         assert parallel.get_num_threads() == 2  # what the user set is unchanged
+        assert backoff.halvings() == 1
     # Exact: the kernels sum in the same order whatever the thread count (thread-count invariance).
     np.testing.assert_array_equal(got, expected)
 
-
-class backoff_disabled:
-    def __enter__(self):
-        self.saved, backoff.ENABLED = backoff.ENABLED, False
-
-    def __exit__(self, *exc):
-        backoff.ENABLED = self.saved
