@@ -9,10 +9,12 @@ on 2 threads ran 30-50 % slower (10,000-20,000 spins) than with threads that sle
 
 The sign is the process's threads being preempted: ``getrusage``'s involuntary context switches
 were ~15 per thread-second on a quiet machine and ~300 with one busy process. The plan calls
-``observe()`` once per batch; over windows of ``WINDOW_S`` it counts preemptions per thread, and
-after ``BUSY_WINDOWS`` windows in a row past ``PREEMPTIONS_PER_THREAD_S`` it halves the threads the
-kernels may use (down to one) for ``HOLD_S``, then tries the full count again. The thread count never changes a result (the kernels
-are thread-count invariant), only how fast it comes.
+``observe()`` once per batch (through ``parallel.note_batch``); over windows of ``WINDOW_S`` it
+counts preemptions per thread, and after ``BUSY_WINDOWS`` windows in a row past
+``PREEMPTIONS_PER_THREAD_S`` it halves the threads the kernels may use (down to one) for
+``HOLD_S``, then tries the full count again. The thread count never changes a result (the kernels
+are thread-count invariant), only how fast it comes. Time the host takes from a virtual machine
+(steal) is invisible here: only other processes inside the machine are seen.
 """
 from __future__ import annotations
 
