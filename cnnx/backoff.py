@@ -3,12 +3,13 @@
 cnnx's idle OpenMP threads spin briefly after each parallel call (``cnnx.IDLE_SPINS``), so that
 the next call of a step finds them awake. When another busy process shares the cores, a
 parallel call instead waits at its end for a thread the scheduler has set aside, and the spin
-holds a core the other process needs: with one busy process on a 2-vCPU machine, lenet5 training
-on 2 threads ran 30-50 % slower (10,000-20,000 spins) than with threads that sleep at once, and
-1.6-2x slower than on one thread (docs/PERFORMANCE_LOG.md, sixth session).
+holds a core the other process needs: with one busy process on a 2-vCPU AMD EPYC Zen 5 (avx512f)
+virtual machine, lenet5 training on 2 threads ran 30-50 % slower (10,000-20,000 spins) than with
+threads that sleep at once, and 1.6-2x slower than on one thread (docs/PERFORMANCE_LOG.md, sixth
+session).
 
 The sign is the process's threads being preempted: ``getrusage``'s involuntary context switches
-were ~15 per thread-second on a quiet machine and ~300 with one busy process. The plan calls
+were ~15 per thread-second there on a quiet machine and ~300 with one busy process. The plan calls
 ``observe()`` once per batch (through ``parallel.note_batch``); over windows of ``WINDOW_S`` it
 counts preemptions per thread, and after ``BUSY_WINDOWS`` windows in a row past
 ``PREEMPTIONS_PER_THREAD_S`` it halves the threads the kernels may use (down to one) for
